@@ -1,0 +1,535 @@
+"""Request and response schemas of the HTTP API, with vLLM's field names, defaults and shapes.
+
+The same pydantic objects travel through Ray Serve handles, so a Python caller of a model
+deployment gets exactly what the HTTP route would have serialized.
+
+Errors everywhere use OpenAI's shape (see `ErrorResponse`):
+    {"error": {"message": str, "type": str, "param": str | null, "code": int}}
+`type` is OpenAI's error type ("invalid_request_error", "authentication_error",
+"not_found_error", "rate_limit_error", "server_error", ...); `code` is the HTTP status, as
+vLLM sends it. Unknown request fields are ignored, as vLLM does (e.g. rerank's
+`return_documents`).
+"""
+import time
+import uuid
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+# Which engine tasks serve which API. Embedding models score by cosine, as in vLLM.
+API_TASKS = {
+    "embeddings": ("embed",),
+    "score": ("score", "embed"),
+    "rerank": ("score", "embed"),
+    "classify": ("classify",),
+    "completions": ("generate",),
+    "chat": ("generate",),
+    "tokenize": ("generate", "embed", "score", "classify"),
+    "detokenize": ("generate", "embed", "score", "classify"),
+}
+API_NAMES = {"embeddings": "Embeddings API", "score": "Score API", "rerank": "Rerank API",
+             "classify": "Classification API", "completions": "Completions API",
+             "chat": "Chat Completions API", "tokenize": "Tokenize API", "detokenize": "Detokenize API"}
+
+
+def random_id(prefix: str) -> str:
+    return f"{prefix}-{uuid.uuid4().hex}"
+
+
+def now() -> int:
+    return int(time.time())
+
+
+class Request(BaseModel):
+    """Base of every request body: unknown fields are accepted and dropped."""
+    model_config = ConfigDict(extra="ignore")
+
+
+# ---------------------------------------------------------------- errors
+
+class ErrorInfo(BaseModel):
+    message: str
+    type: str
+    param: str | None = None
+    code: int
+
+
+class ErrorResponse(BaseModel):
+    error: ErrorInfo
+
+
+# ---------------------------------------------------------------- models
+
+class ModelPermission(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("modelperm"))
+    object: str = "model_permission"
+    created: int = Field(default_factory=now)
+    allow_create_engine: bool = False
+    allow_sampling: bool = True
+    allow_logprobs: bool = True
+    allow_search_indices: bool = False
+    allow_view: bool = True
+    allow_fine_tuning: bool = False
+    organization: str = "*"
+    group: str | None = None
+    is_blocking: bool = False
+
+
+class ModelCard(BaseModel):
+    id: str
+    object: str = "model"
+    created: int = Field(default_factory=now)
+    owned_by: str = "servecluster"
+    root: str | None = None
+    parent: str | None = None
+    max_model_len: int | None = None
+    permission: list[ModelPermission] = Field(default_factory=list)
+
+
+class ModelList(BaseModel):
+    object: str = "list"
+    data: list[ModelCard] = Field(default_factory=list)
+
+
+class ModelInfo(BaseModel):
+    """What the ingress learns from a model deployment at start: its card and resolved task."""
+    card: ModelCard
+    task: str
+
+
+class PromptTokenUsageInfo(BaseModel):
+    cached_tokens: int | None = None
+
+
+class UsageInfo(BaseModel):
+    prompt_tokens: int = 0
+    total_tokens: int = 0
+    completion_tokens: int | None = 0
+    prompt_tokens_details: PromptTokenUsageInfo | None = None
+
+
+# ---------------------------------------------------------------- embeddings
+
+class EmbeddingRequest(Request):
+    model: str | None = None
+    input: list[int] | list[list[int]] | str | list[str]
+    encoding_format: Literal["float", "base64"] = "float"
+    dimensions: int | None = None
+    user: str | None = None
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    add_special_tokens: bool = True
+    normalize: bool | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self):
+        if not self.input:
+            raise ValueError("input must not be empty")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        """One prompt per embedding: a string, or a list of token ids."""
+        if isinstance(self.input, str):
+            return [self.input]
+        if isinstance(self.input[0], int):
+            return [self.input]
+        return list(self.input)
+
+
+class EmbeddingResponseData(BaseModel):
+    index: int
+    object: str = "embedding"
+    embedding: list[float] | str
+
+
+class EmbeddingResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("embd"))
+    object: str = "list"
+    created: int = Field(default_factory=now)
+    model: str
+    data: list[EmbeddingResponseData]
+    usage: UsageInfo
+
+
+# ---------------------------------------------------------------- score and rerank
+
+class ScoreRequest(Request):
+    model: str | None = None
+    text_1: list[str] | str
+    text_2: list[str] | str
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    activation: bool | None = None
+
+
+class ScoreResponseData(BaseModel):
+    index: int
+    object: str = "score"
+    score: float
+
+
+class ScoreResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("score"))
+    object: str = "list"
+    created: int = Field(default_factory=now)
+    model: str
+    data: list[ScoreResponseData]
+    usage: UsageInfo
+
+
+class RerankRequest(Request):
+    model: str | None = None
+    query: str
+    documents: list[str]
+    top_n: int = 0  # 0: all documents
+    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    activation: bool | None = None
+
+
+class RerankDocument(BaseModel):
+    text: str | None = None
+
+
+class RerankResult(BaseModel):
+    index: int
+    document: RerankDocument
+    relevance_score: float
+
+
+class RerankUsage(BaseModel):
+    total_tokens: int
+
+
+class RerankResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("rerank"))
+    model: str
+    usage: RerankUsage
+    results: list[RerankResult]
+
+
+# ---------------------------------------------------------------- classification
+
+class ClassificationRequest(Request):
+    model: str | None = None
+    input: list[str] | str
+    truncate_prompt_tokens: int | None = None
+    user: str | None = None
+    activation: bool | None = None
+
+    @model_validator(mode="after")
+    def _not_empty(self):
+        if not self.input:
+            raise ValueError("input must not be empty")
+        return self
+
+
+class ClassificationData(BaseModel):
+    index: int
+    label: str | None
+    probs: list[float]
+    num_classes: int
+
+
+class ClassificationResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("classify"))
+    object: str = "list"
+    created: int = Field(default_factory=now)
+    model: str
+    data: list[ClassificationData]
+    usage: UsageInfo
+
+
+# ---------------------------------------------------------------- generation, shared
+
+class StreamOptions(BaseModel):
+    include_usage: bool | None = True
+    continuous_usage_stats: bool | None = False
+
+
+class SamplingFields(Request):
+    """Sampling fields common to completions and chat (vLLM's extra sampling params included)."""
+    model: str | None = None
+    frequency_penalty: float | None = 0.0
+    presence_penalty: float | None = 0.0
+    n: int = 1
+    seed: int | None = None
+    stop: str | list[str] | None = Field(default_factory=list)
+    stream: bool = False
+    stream_options: StreamOptions | None = None
+    temperature: float | None = None
+    top_p: float | None = None
+    user: str | None = None
+    top_k: int | None = None
+    min_p: float | None = None
+    repetition_penalty: float | None = None
+    stop_token_ids: list[int] | None = Field(default_factory=list)
+    ignore_eos: bool = False
+    min_tokens: int = 0
+    skip_special_tokens: bool = True
+    truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    @model_validator(mode="after")
+    def _stream_options_need_stream(self):
+        if self.stream_options is not None and not self.stream:
+            raise ValueError("stream_options can only be defined when stream=True")
+        return self
+
+    def sampling_kwargs(self) -> dict[str, Any]:
+        """Keyword arguments for engine.SamplingParams, defaults filled as vLLM fills them."""
+        return dict(
+            n=self.n, seed=self.seed,
+            temperature=1.0 if self.temperature is None else self.temperature,
+            top_p=1.0 if self.top_p is None else self.top_p,
+            top_k=self.top_k or 0, min_p=self.min_p or 0.0,
+            presence_penalty=self.presence_penalty or 0.0,
+            frequency_penalty=self.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if self.repetition_penalty is None else self.repetition_penalty,
+            stop=[self.stop] if isinstance(self.stop, str) else list(self.stop or []),
+            stop_token_ids=list(self.stop_token_ids or []),
+            ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
+            skip_special_tokens=self.skip_special_tokens,
+            truncate_prompt_tokens=self.truncate_prompt_tokens,
+        )
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream and self.stream_options and self.stream_options.include_usage)
+
+
+# ---------------------------------------------------------------- completions
+
+class CompletionRequest(SamplingFields):
+    prompt: list[int] | list[list[int]] | str | list[str]
+    echo: bool = False
+    logprobs: int | None = None
+    max_tokens: int | None = 16
+    suffix: str | None = None
+    add_special_tokens: bool = True
+
+    @model_validator(mode="after")
+    def _not_empty(self):
+        if not self.prompt:
+            raise ValueError("prompt must not be empty")
+        return self
+
+    def prompts(self) -> list[str | list[int]]:
+        if isinstance(self.prompt, str):
+            return [self.prompt]
+        if isinstance(self.prompt[0], int):
+            return [self.prompt]
+        return list(self.prompt)
+
+
+class CompletionLogProbs(BaseModel):
+    text_offset: list[int] = Field(default_factory=list)
+    token_logprobs: list[float | None] = Field(default_factory=list)
+    tokens: list[str] = Field(default_factory=list)
+    top_logprobs: list[dict[str, float] | None] = Field(default_factory=list)
+
+
+class CompletionResponseChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("cmpl"))
+    object: Literal["text_completion"] = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionResponseChoice]
+    system_fingerprint: str | None = None
+    usage: UsageInfo
+
+
+class CompletionResponseStreamChoice(BaseModel):
+    index: int
+    text: str
+    logprobs: CompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class CompletionStreamResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("cmpl"))
+    object: str = "text_completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[CompletionResponseStreamChoice]
+    usage: UsageInfo | None = None
+
+
+# ---------------------------------------------------------------- chat
+
+class ChatMessageParam(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    role: str
+    content: str | list[dict[str, Any]] | None = None
+    name: str | None = None
+
+    def template_dict(self) -> dict[str, Any]:
+        """The message as chat templates expect it: text parts joined into one string."""
+        message = self.model_dump(exclude_none=True)
+        if isinstance(self.content, list):
+            message["content"] = "".join(part.get("text", "") for part in self.content
+                                         if part.get("type", "text") == "text")
+        return message
+
+
+class ChatCompletionRequest(SamplingFields):
+    messages: list[ChatMessageParam]
+    logprobs: bool = False
+    top_logprobs: int | None = 0
+    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: int | None = None
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    add_special_tokens: bool = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _check(self):
+        if not self.messages:
+            raise ValueError("messages must not be empty")
+        if self.top_logprobs and not self.logprobs:
+            raise ValueError("top_logprobs requires logprobs to be true")
+        if self.continue_final_message and self.add_generation_prompt:
+            raise ValueError("Cannot set both continue_final_message and add_generation_prompt to true")
+        return self
+
+    def output_limit(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+class ChatMessage(BaseModel):
+    role: str
+    content: str | None = None
+    tool_calls: list[dict[str, Any]] = Field(default_factory=list)
+    reasoning_content: str | None = None
+
+
+class ChatCompletionLogProb(BaseModel):
+    token: str
+    logprob: float = -9999.0
+    bytes: list[int] | None = None
+
+
+class ChatCompletionLogProbsContent(ChatCompletionLogProb):
+    top_logprobs: list[ChatCompletionLogProb] = Field(default_factory=list)
+
+
+class ChatCompletionLogProbs(BaseModel):
+    content: list[ChatCompletionLogProbsContent] | None = None
+
+
+class ChatCompletionResponseChoice(BaseModel):
+    index: int
+    message: ChatMessage
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = "stop"
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl"))
+    object: Literal["chat.completion"] = "chat.completion"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatCompletionResponseChoice]
+    system_fingerprint: str | None = None
+    usage: UsageInfo
+
+
+class DeltaMessage(BaseModel):
+    role: str | None = None
+    content: str | None = None
+
+
+class ChatCompletionResponseStreamChoice(BaseModel):
+    index: int
+    delta: DeltaMessage
+    logprobs: ChatCompletionLogProbs | None = None
+    finish_reason: str | None = None
+    stop_reason: int | str | None = None
+
+
+class ChatCompletionStreamResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("chatcmpl"))
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int = Field(default_factory=now)
+    model: str
+    choices: list[ChatCompletionResponseStreamChoice]
+    usage: UsageInfo | None = None
+
+
+# ---------------------------------------------------------------- tokenizer
+
+class TokenizeRequest(Request):
+    """vLLM's TokenizeCompletionRequest and TokenizeChatRequest in one: give prompt or messages."""
+    model: str | None = None
+    prompt: str | None = None
+    messages: list[ChatMessageParam] | None = None
+    add_special_tokens: bool | None = None  # None: True for a prompt, False for messages
+    add_generation_prompt: bool = True
+    continue_final_message: bool = False
+    return_token_strs: bool | None = False
+    chat_template_kwargs: dict[str, Any] | None = None
+
+    @model_validator(mode="after")
+    def _one_of(self):
+        if (self.prompt is None) == (self.messages is None):
+            raise ValueError("give exactly one of prompt or messages")
+        return self
+
+
+class TokenizeResponse(BaseModel):
+    count: int
+    max_model_len: int
+    tokens: list[int]
+    token_strs: list[str] | None = None
+
+
+class DetokenizeRequest(Request):
+    model: str | None = None
+    tokens: list[int]
+
+
+class DetokenizeResponse(BaseModel):
+    prompt: str
+
+
+# ---------------------------------------------------------------- RAG
+
+class RAGDocumentsRequest(Request):
+    documents: list[str] = Field(min_length=1)
+
+
+class RAGDocumentsResponse(BaseModel):
+    ids: list[int]
+    count: int  # documents in the index after this call
+
+
+class RAGQueryRequest(Request):
+    query: str
+    top_k: int = Field(default=8, ge=1)  # retrieved by FAISS
+    top_n: int = Field(default=3, ge=1)  # kept after reranking, given to the generator
+    max_tokens: int | None = Field(default=256, ge=1)
+    temperature: float = 0.0
+
+
+class RAGDocument(BaseModel):
+    id: int
+    text: str
+    score: float  # inner product of normalized embeddings, or the reranker's relevance
+
+
+class RAGQueryResponse(BaseModel):
+    id: str = Field(default_factory=lambda: random_id("rag"))
+    object: str = "rag.answer"
+    created: int = Field(default_factory=now)
+    query: str
+    retrieved: list[RAGDocument]
+    reranked: list[RAGDocument]
+    answer: str
+    usage: UsageInfo

@@ -1,0 +1,211 @@
+"""The engine for servers: a background thread runs steps while asyncio callers await results.
+
+All engine state, tokenizer included, is touched only by that thread; callers hand it work through
+an inbox. PyTorch releases the GIL inside its kernels, so the event loop stays responsive."""
+import asyncio
+import logging
+import queue
+import threading
+import uuid
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine, Pooled, PoolingJob
+from engine.outputs import PoolingRequestOutput, RequestOutput
+from engine.params import PoolingParams, SamplingParams
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class _Waiter:
+    loop: asyncio.AbstractEventLoop
+    future: asyncio.Future | None = None  # pooling jobs
+    stream: asyncio.Queue | None = None  # generations
+
+    def send(self, fn: Callable, *args) -> None:
+        self.loop.call_soon_threadsafe(fn, *args)
+
+
+@dataclass(slots=True)
+class _JobState:
+    job: PoolingJob
+    waiter: _Waiter
+    results: dict[str, Pooled]
+
+
+class AsyncLLM:
+    def __init__(self, config: EngineConfig):
+        self.engine = LLMEngine(config)
+        self.config = config
+        self.task = self.engine.task
+        self.max_model_len = self.engine.max_model_len
+        self.tokenizer = self.engine.tokenizer
+        self.id2label = self.engine.id2label
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._streams: dict[str, _Waiter] = {}
+        self._jobs: dict[str, _JobState] = {}  # by engine request id
+        self._snapshot = self.engine.stats_snapshot()
+        self._running = True
+        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
+        self._thread.start()
+
+    @classmethod
+    def from_args(cls, **kwargs) -> "AsyncLLM":
+        return cls(EngineConfig(**kwargs))
+
+    # ---- the engine thread --------------------------------------------------------------------
+    def _loop(self) -> None:
+        while self._running:
+            block = not self.engine.has_unfinished()
+            try:
+                while True:
+                    self._inbox.get(block=block)()
+                    block = False
+            except queue.Empty:
+                pass
+            if not self.engine.has_unfinished():
+                continue
+            try:
+                outputs = self.engine.step()
+            except Exception as e:  # a bug must not leave callers waiting or blocks allocated
+                log.exception("engine step failed")
+                self._fail_all(e)
+                continue
+            for out in outputs:
+                self._dispatch(out)
+            self._snapshot = self.engine.stats_snapshot()
+
+    def _dispatch(self, out: RequestOutput | Pooled) -> None:
+        if isinstance(out, RequestOutput):
+            waiter = self._streams.get(out.request_id)
+            if waiter is not None:
+                waiter.send(waiter.stream.put_nowait, out)
+            return
+        state = self._jobs.pop(out.request_id, None)
+        if state is None:
+            return
+        state.results[out.request_id] = out
+        if len(state.results) == len(state.job.requests):
+            results = state.job.combine([state.results[r.request_id] for r in state.job.requests])
+            state.waiter.send(_resolve, state.waiter.future, results)
+
+    def _fail_all(self, error: Exception) -> None:
+        for rid in list(self._streams):
+            self.engine.abort(rid)
+            waiter = self._streams[rid]
+            waiter.send(waiter.stream.put_nowait, error)
+        for rid, state in list(self._jobs.items()):
+            self.engine.abort(rid)
+            state.waiter.send(_reject, state.waiter.future, error)
+        self._jobs.clear()
+
+    def _start_job(self, job: PoolingJob, waiter: _Waiter) -> None:
+        state = _JobState(job, waiter, {})
+        for req in job.requests:
+            self._jobs[req.request_id] = state
+        self.engine.add_pooling_requests(job)
+
+    def _abort_job(self, job: PoolingJob) -> None:
+        for req in job.requests:
+            if self._jobs.pop(req.request_id, None) is not None:
+                self.engine.abort(req.request_id)
+
+    async def _call(self, fn: Callable):
+        """Run fn on the engine thread and await its result (or its exception)."""
+        loop = asyncio.get_running_loop()
+        future = loop.create_future()
+
+        def run():
+            try:
+                result = fn()
+            except Exception as e:
+                loop.call_soon_threadsafe(_reject, future, e)
+            else:
+                loop.call_soon_threadsafe(_resolve, future, result)
+        self._inbox.put(run)
+        return await future
+
+    # ---- the API ------------------------------------------------------------------------------
+    async def generate(self, prompt: str | list[int], params: SamplingParams,
+                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
+        """Yields cumulative outputs after each step that made tokens. Closing the iterator early
+        aborts the request and frees its KV blocks."""
+        rid = request_id or f"gen-{uuid.uuid4().hex}"
+        waiter = _Waiter(asyncio.get_running_loop(), stream=asyncio.Queue())
+        self._streams[rid] = waiter
+        finished = False
+        try:
+            await self._call(lambda: self.engine.add_generation(rid, prompt, params))
+            while not finished:
+                out = await waiter.stream.get()
+                if isinstance(out, Exception):
+                    raise out
+                finished = out.finished
+                yield out
+        finally:
+            self._streams.pop(rid, None)
+            if not finished:
+                self._inbox.put(lambda: self.engine.abort(rid))
+
+    async def embed(self, prompts: list[str | list[int]], params: PoolingParams | None = None) -> list[PoolingRequestOutput]:
+        return await self._pool(lambda: self.engine.embed_job(prompts, params))
+
+    async def score(self, text_1: str | list[str], text_2: str | list[str],
+                    params: PoolingParams | None = None) -> list[PoolingRequestOutput]:
+        return await self._pool(lambda: self.engine.score_job(text_1, text_2, params))
+
+    async def classify(self, prompts: list[str | list[int]], params: PoolingParams | None = None) -> list[PoolingRequestOutput]:
+        return await self._pool(lambda: self.engine.classify_job(prompts, params))
+
+    async def _pool(self, make_job: Callable[[], PoolingJob]) -> list[PoolingRequestOutput]:
+        waiter = _Waiter(asyncio.get_running_loop())
+        waiter.future = waiter.loop.create_future()
+        holder: list[PoolingJob] = []
+
+        def start():
+            holder.append(make_job())
+            self._start_job(holder[0], waiter)
+        await self._call(start)
+        try:
+            return await waiter.future
+        finally:
+            if not waiter.future.done():  # cancelled: its requests leave the engine
+                self._inbox.put(lambda: self._abort_job(holder[0]))
+
+    async def tokenize_async(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return await self._call(lambda: self.tokenize(text, add_special_tokens))
+
+    def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
+
+    def detokenize(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids)
+
+    def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
+                            **chat_template_kwargs) -> str:
+        if self.tokenizer.chat_template is None:
+            raise ValueError(f"model {self.config.served_name} has no chat template; use /v1/completions")
+        return self.tokenizer.apply_chat_template(messages, tokenize=False,
+                                                  add_generation_prompt=add_generation_prompt, **chat_template_kwargs)
+
+    def stats(self) -> dict:
+        """The snapshot taken after the latest step: counters, running/waiting, KV usage, and
+        histograms as {"buckets", "counts" (per bucket, last is +Inf), "sum", "count"}."""
+        return self._snapshot
+
+    def shutdown(self) -> None:
+        self._running = False
+        self._inbox.put(lambda: None)
+        self._thread.join(timeout=10)
+
+
+def _resolve(future: asyncio.Future, value) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _reject(future: asyncio.Future, error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)

@@ -1,0 +1,45 @@
+"""Attention over a packed step: per-sequence prefill chunks, one batched call for all decodes.
+Pure PyTorch so the same code runs on CPU and CUDA."""
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.context import get_context
+
+
+class Attention(nn.Module):
+    def __init__(self, num_heads: int, num_kv_heads: int, head_dim: int, scale: float):
+        super().__init__()
+        self.num_heads, self.num_kv_heads, self.head_dim, self.scale = num_heads, num_kv_heads, head_dim, scale
+        # Views of this layer's part of the block pool: [num_slots, num_kv_heads, head_dim].
+        self.k_cache: torch.Tensor | None = None
+        self.v_cache: torch.Tensor | None = None
+
+    def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim] -> [tokens, heads * dim]"""
+        ctx = get_context()
+        if self.k_cache is not None and ctx.slot_mapping is not None:
+            self.k_cache.index_copy_(0, ctx.slot_mapping, k)
+            self.v_cache.index_copy_(0, ctx.slot_mapping, v)
+        out = torch.empty_like(q)
+        for span in ctx.prefills:
+            if span.context_slots is None:
+                kk, vv = k[span.start:span.end], v[span.start:span.end]
+            else:
+                kk, vv = self.k_cache[span.context_slots], self.v_cache[span.context_slots]
+            out[span.start:span.end] = self._sdpa(
+                q[span.start:span.end].transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1),
+                span.mask, ctx.causal and span.mask is None).transpose(0, 1)
+        if ctx.decode_slots is not None:
+            p = ctx.num_prefill_tokens
+            kk = self.k_cache[ctx.decode_slots].transpose(1, 2)  # [batch, kv_heads, context, dim]
+            vv = self.v_cache[ctx.decode_slots].transpose(1, 2)
+            out[p:] = self._sdpa(q[p:].unsqueeze(2), kk, vv, ctx.decode_mask, False).squeeze(2)
+        return out.flatten(1)
+
+    def _sdpa(self, q, k, v, mask, causal):
+        if self.num_kv_heads != self.num_heads:
+            # Explicit repeat: CPU SDPA kernels take no GQA fast path.
+            rep = self.num_heads // self.num_kv_heads
+            k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)

@@ -1,0 +1,81 @@
+"""Engine configuration: what the user sets, checked once."""
+import os
+from dataclasses import dataclass
+
+import torch
+
+TASKS = ("auto", "generate", "embed", "score", "classify")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
+          "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16,
+          "float": torch.float32}
+
+
+@dataclass(slots=True)
+class EngineConfig:
+    model: str
+    task: str = "auto"
+    dtype: str = "auto"
+    device: str = "auto"
+    max_model_len: int | None = None  # None: the model's own limit
+    max_num_batched_tokens: int = 8192
+    max_num_seqs: int = 128
+    # One long prompt may take at most this many tokens of a step, so decodes keep flowing.
+    long_prefill_token_threshold: int | None = None
+    block_size: int = 16
+    num_blocks: int | None = None
+    kv_cache_memory_bytes: int = 1 << 30  # CPU pool size when num_blocks is not given
+    gpu_memory_utilization: float = 0.9
+    enable_prefix_caching: bool = True
+    num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    served_model_name: str | None = None
+    seed: int = 0
+    # Decoder-only yes/no rerankers (Qwen3-Reranker style).
+    score_tokens: tuple[str, ...] | None = None  # e.g. ("no", "yes") or ("Yes",)
+    score_template: str | None = None  # None: Qwen3-Reranker's prompt
+    score_instruction: str | None = None
+    # Pooling override for embedding models: "cls" | "mean" | "last"; None reads the model files.
+    pooling: str | None = None
+    normalize: bool | None = None
+
+    def __post_init__(self):
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.dtype != "auto" and self.dtype not in DTYPES:
+            raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if self.score_tokens is not None:
+            self.score_tokens = tuple(self.score_tokens)
+
+    @property
+    def served_name(self) -> str:
+        return self.served_model_name or self.model
+
+    def torch_device(self) -> torch.device:
+        if self.device != "auto":
+            return torch.device(self.device)
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def torch_dtype(self, device: torch.device) -> torch.dtype:
+        if self.dtype != "auto":
+            return DTYPES[self.dtype]
+        return torch.bfloat16 if bf16_is_fast(device) else torch.float32
+
+
+def bf16_is_fast(device: torch.device) -> bool:
+    """bf16 pays only with hardware support; on a CPU without it bf16 matmuls are ~500x slower."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    try:
+        with open("/proc/cpuinfo") as f:
+            flags = f.read()
+    except OSError:
+        return False
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def set_num_threads(n: int | None) -> None:
+    if n:
+        torch.set_num_threads(n)
+        os.environ.setdefault("OMP_NUM_THREADS", str(n))

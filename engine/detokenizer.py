@@ -1,0 +1,88 @@
+"""Incremental detokenization with stop strings, vLLM style.
+
+Each update decodes a short window of ids twice, with and without the new ones, and keeps the
+difference (vLLM's prefix_offset/read_offset): context tokens give WordPiece/SentencePiece their
+leading spaces, and byte-level tokens that end inside a UTF-8 character wait for the rest."""
+from engine.params import SamplingParams
+
+REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete UTF-8 sequence
+INITIAL_OFFSET = 5  # prompt tokens used as context for the first output token, as in vLLM
+# A model emitting invalid bytes must not grow the window forever: past this many pending tokens
+# the replacement characters are taken as final (a real character spans at most 4 byte tokens).
+MAX_PENDING = 16
+
+
+class IncrementalDetokenizer:
+    __slots__ = ("tokenizer", "skip_special_tokens", "stop", "_max_hold", "_ids", "_prefix_offset",
+                 "_read_offset", "_text", "_tail", "_sent")
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = params.skip_special_tokens
+        self.stop = list(params.stop)
+        self._max_hold = max(map(len, self.stop), default=1) - 1
+        self._ids = list(prompt_token_ids[-INITIAL_OFFSET:])
+        self._prefix_offset = 0
+        self._read_offset = len(self._ids)
+        self._text = ""  # decoded ids[:read_offset], output part only
+        self._tail = ""  # decoded ids[read_offset:]; ends with U+FFFD while a character is unfinished
+        self._sent = 0  # chars of output_text already handed out by take_delta
+
+    @property
+    def output_text(self) -> str:
+        return self._text + self._tail if self._tail else self._text
+
+    def update(self, token_ids: list[int]) -> str | None:
+        """Append new output tokens; returns the stop string found (output_text then ends before it)."""
+        if not token_ids:
+            return None
+        self._ids.extend(token_ids)
+        start = len(self._text)  # the old tail may be rewritten, so new text starts where it began
+        p, r = self._prefix_offset, self._read_offset
+        prefix = self._decode(self._ids[p:r])
+        full = self._decode(self._ids[p:])
+        self._tail = full[len(prefix):]
+        unfinished = self._tail.endswith(REPLACEMENT) and len(self._ids) - r < MAX_PENDING
+        # An empty difference (e.g. a skipped special token) keeps the context window as it is.
+        if self._tail and not unfinished:
+            self._text += self._tail
+            self._tail = ""
+            self._prefix_offset, self._read_offset = r, len(self._ids)
+        return self._check_stop(start) if self.stop else None
+
+    def take_delta(self, finished: bool) -> str:
+        """Text not handed out yet; until finished, holds back what may still change or be cut."""
+        text = self.output_text
+        end = len(text)
+        if not finished:
+            while end > self._sent and text[end - 1] == REPLACEMENT:
+                end -= 1
+            end -= self._stop_prefix_len(text, end)
+        if end <= self._sent:
+            return ""
+        delta, self._sent = text[self._sent:end], end
+        return delta
+
+    def _decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _check_stop(self, start: int) -> str | None:
+        text = self.output_text
+        best: tuple[int, str] | None = None
+        for s in self.stop:
+            i = text.find(s, max(0, start - len(s) + 1))
+            if i != -1 and (best is None or i < best[0]):
+                best = (i, s)
+        if best is None:
+            return None
+        # vLLM: the stop string is not part of the output.
+        self._text, self._tail = text[:best[0]], ""
+        return best[1]
+
+    def _stop_prefix_len(self, text: str, end: int) -> int:
+        """Length of the longest text[:end] suffix that could still grow into a stop string."""
+        for k in range(min(self._max_hold, end - self._sent), 0, -1):
+            piece = text[end - k:end]
+            if any(s.startswith(piece) for s in self.stop):
+                return k
+        return 0

@@ -1,0 +1,77 @@
+"""Gives each request KV-cache blocks from the pool; finds shared prompt prefixes by hash."""
+from engine.block_pool import Block, BlockPool, hash_block
+from engine.request import Request
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+class KVCacheManager:
+    def __init__(self, num_blocks: int, block_size: int, enable_prefix_caching: bool = True):
+        self.block_size = block_size
+        self.pool = BlockPool(num_blocks, enable_prefix_caching)
+        self.req_blocks: dict[str, list[Block]] = {}
+        self.req_hashes: dict[str, list[bytes]] = {}  # chain hashes of the request's full blocks
+        self.req_num_cached: dict[str, int] = {}  # how many of its blocks are registered
+
+    def get_computed_blocks(self, req: Request) -> tuple[list[Block], int]:
+        """Cached blocks matching the request's leading tokens; the last token is always computed,
+        because its logits (or hidden state) are what the request needs."""
+        if not self.pool.enable_prefix_caching:
+            return [], 0
+        bs, hashes, blocks = self.block_size, self._hashes(req), []
+        for i in range((req.num_tokens - 1) // bs):
+            block_hash = self._hash_at(req, hashes, i)
+            block = self.pool.lookup(block_hash, tuple(req.token_ids[i * bs:(i + 1) * bs]))
+            if block is None:
+                break
+            blocks.append(block)
+        return blocks, len(blocks) * bs
+
+    def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[Block] = ()) -> bool:
+        """Make room for num_new_tokens after the request's computed (and newly hit) tokens.
+        All or nothing: on False the pool is untouched."""
+        blocks = self.req_blocks.setdefault(req.request_id, [])
+        num_tokens = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
+        num_new_blocks = cdiv(num_tokens, self.block_size) - len(blocks) - len(computed)
+        num_revived = sum(1 for b in computed if b.ref_count == 0)
+        if num_new_blocks + num_revived > self.pool.num_free:
+            return False
+        for b in computed:
+            self.pool.touch(b)
+        blocks.extend(computed)
+        blocks.extend(self.pool.allocate() for _ in range(num_new_blocks))
+        req.block_ids = [b.block_id for b in blocks]
+        self._cache_full_blocks(req, blocks, num_tokens)
+        return True
+
+    def free(self, req: Request) -> None:
+        # Tail blocks first, so they are evicted before the shared heads of prefixes.
+        for block in reversed(self.req_blocks.pop(req.request_id, [])):
+            self.pool.release(block)
+        self.req_hashes.pop(req.request_id, None)
+        self.req_num_cached.pop(req.request_id, None)
+        req.block_ids = []
+
+    def _cache_full_blocks(self, req: Request, blocks: list[Block], num_tokens: int) -> None:
+        # A block is registered once the step that fills it is scheduled: its tokens are known,
+        # and every layer writes K/V before any attention reads it, even within the same step.
+        if not self.pool.enable_prefix_caching:
+            return
+        hashes, bs = self._hashes(req), self.block_size
+        num_full = num_tokens // bs
+        for i in range(self.req_num_cached.get(req.request_id, 0), num_full):
+            self.pool.cache(blocks[i], self._hash_at(req, hashes, i),
+                            tuple(req.token_ids[i * bs:(i + 1) * bs]))
+        self.req_num_cached[req.request_id] = max(num_full, self.req_num_cached.get(req.request_id, 0))
+
+    def _hashes(self, req: Request) -> list[bytes]:
+        return self.req_hashes.setdefault(req.request_id, [])
+
+    def _hash_at(self, req: Request, hashes: list[bytes], i: int) -> bytes:
+        while len(hashes) <= i:
+            j = len(hashes)
+            hashes.append(hash_block(hashes[-1] if hashes else None,
+                                     req.token_ids[j * self.block_size:(j + 1) * self.block_size]))
+        return hashes[i]

@@ -1,0 +1,97 @@
+"""The offline API, mirroring vLLM's `LLM`: swap the import and the code runs."""
+from engine.config import EngineConfig
+from engine.llm_engine import LLMEngine, Pooled, PoolingJob
+from engine.outputs import PoolingRequestOutput, RequestOutput
+from engine.params import PoolingParams, SamplingParams
+
+Prompt = str | list[int] | dict
+
+
+def prompt_of(p: Prompt) -> str | list[int]:
+    """vLLM's prompt forms: a string, token ids, {"prompt": ...} or {"prompt_token_ids": [...]}."""
+    if isinstance(p, dict):
+        if "prompt_token_ids" in p:
+            return list(p["prompt_token_ids"])
+        return p["prompt"]
+    return p
+
+
+class LLM:
+    def __init__(self, model: str, task: str = "auto", dtype: str = "auto", max_model_len: int | None = None,
+                 **kwargs):
+        self.engine = LLMEngine(EngineConfig(model=model, task=task, dtype=dtype, max_model_len=max_model_len,
+                                             **kwargs))
+
+    def get_tokenizer(self):
+        return self.engine.tokenizer
+
+    def generate(self, prompts: Prompt | list[Prompt],
+                 sampling_params: SamplingParams | list[SamplingParams] | None = None,
+                 use_tqdm: bool = False) -> list[RequestOutput]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            prompts = [prompts]
+        params = sampling_params or SamplingParams()
+        params = params if isinstance(params, list) else [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
+        ids = []
+        try:
+            for p, sp in zip(prompts, params):
+                ids.append(self.engine.new_id())
+                self.engine.add_generation(ids[-1], prompt_of(p), sp)
+        except ValueError:
+            for rid in ids:
+                self.engine.abort(rid)
+            raise
+        done: dict[str, RequestOutput] = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if out.finished:
+                    done[out.request_id] = out
+        return [done[rid] for rid in ids]
+
+    def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
+             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
+             use_tqdm: bool = False) -> list[RequestOutput]:
+        conversations = [messages] if messages and isinstance(messages[0], dict) else messages
+        prompts = [self.engine.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt,
+                                                             **(chat_template_kwargs or {}))
+                   for c in conversations]
+        return self.generate(prompts, sampling_params)
+
+    def embed(self, prompts: Prompt | list[Prompt], truncate_prompt_tokens: int | None = None,
+              pooling_params: PoolingParams | None = None, use_tqdm: bool = False) -> list[PoolingRequestOutput]:
+        params = self._pooling_params(pooling_params, truncate_prompt_tokens)
+        return self._run(self.engine.embed_job([prompt_of(p) for p in self._as_list(prompts)], params))
+
+    def classify(self, prompts: Prompt | list[Prompt], truncate_prompt_tokens: int | None = None,
+                 pooling_params: PoolingParams | None = None, use_tqdm: bool = False) -> list[PoolingRequestOutput]:
+        params = self._pooling_params(pooling_params, truncate_prompt_tokens)
+        return self._run(self.engine.classify_job([prompt_of(p) for p in self._as_list(prompts)], params))
+
+    def score(self, data_1: str | list[str], data_2: str | list[str], truncate_prompt_tokens: int | None = None,
+              pooling_params: PoolingParams | None = None, use_tqdm: bool = False) -> list[PoolingRequestOutput]:
+        params = self._pooling_params(pooling_params, truncate_prompt_tokens)
+        return self._run(self.engine.score_job(data_1, data_2, params))
+
+    @staticmethod
+    def _as_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:
+        if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
+            return [prompts]
+        return list(prompts)
+
+    @staticmethod
+    def _pooling_params(params: PoolingParams | None, truncate: int | None) -> PoolingParams:
+        params = params or PoolingParams()
+        if truncate is not None:
+            params.truncate_prompt_tokens = truncate
+        return params
+
+    def _run(self, job: PoolingJob) -> list[PoolingRequestOutput]:
+        self.engine.add_pooling_requests(job)
+        done: dict[str, Pooled] = {}
+        while self.engine.has_unfinished():
+            for out in self.engine.step():
+                if isinstance(out, Pooled):
+                    done[out.request_id] = out
+        return job.combine([done[r.request_id] for r in job.requests])

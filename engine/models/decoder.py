@@ -1,0 +1,149 @@
+"""Decoder-only transformers: Llama, Mistral, Qwen2, Qwen3, Gemma as one implementation.
+
+Their differences are config: QKV bias (Qwen2), per-head q/k RMSNorm (Qwen3), scaled embeddings,
+`1 + weight` RMSNorm and GeGLU (Gemma), RoPE scaling (Llama 3), GQA, tied embeddings."""
+from dataclasses import dataclass
+from typing import Iterable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from engine.attention import Attention
+from engine.models.rotary import RotaryEmbedding, rope_parameters
+from engine.models.weights import load_into
+
+DECODER_ARCHITECTURES = {f"{family}For{head}" for family in ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma")
+                         for head in ("CausalLM", "SequenceClassification")}
+# Hugging Face keeps q/k/v and gate/up apart; one fused matmul each is faster.
+STACKED = (("qkv_proj", "q_proj", 0), ("qkv_proj", "k_proj", 1), ("qkv_proj", "v_proj", 2),
+           ("gate_up_proj", "gate_proj", 0), ("gate_up_proj", "up_proj", 1))
+
+
+@dataclass(slots=True, frozen=True)
+class DecoderSpec:
+    hidden_size: int
+    num_layers: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    eps: float
+    qkv_bias: bool
+    o_bias: bool
+    qk_norm: bool
+    gemma: bool  # scaled embeddings, 1 + weight norms
+    gelu: bool
+    tie_word_embeddings: bool
+    num_labels: int | None  # set for *ForSequenceClassification
+
+    @classmethod
+    def from_hf(cls, c) -> "DecoderSpec":
+        heads = c.num_attention_heads
+        attention_bias = bool(getattr(c, "attention_bias", False))
+        act = getattr(c, "hidden_activation", None) or c.hidden_act
+        arch = (c.architectures or [""])[0]
+        return cls(
+            hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, num_heads=heads,
+            num_kv_heads=getattr(c, "num_key_value_heads", None) or heads,
+            head_dim=getattr(c, "head_dim", None) or c.hidden_size // heads,
+            intermediate_size=c.intermediate_size, vocab_size=c.vocab_size, eps=c.rms_norm_eps,
+            qkv_bias=attention_bias or c.model_type == "qwen2", o_bias=attention_bias,
+            qk_norm=c.model_type == "qwen3", gemma=c.model_type == "gemma", gelu="gelu" in act,
+            tie_word_embeddings=bool(getattr(c, "tie_word_embeddings", False)),
+            num_labels=c.num_labels if arch.endswith("SequenceClassification") else None)
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float, gemma: bool):
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(dim) if gemma else torch.ones(dim))
+        self.eps, self.gemma = eps, gemma
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        xf = x.float()
+        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.gemma:  # Gemma scales by (1 + w) in float32, then casts
+            return (xf * (1.0 + self.weight.float())).to(x.dtype)
+        return self.weight * xf.to(x.dtype)
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, s: DecoderSpec, rotary: RotaryEmbedding):
+        super().__init__()
+        self.s, self.rotary = s, rotary
+        q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
+        self.input_layernorm = RMSNorm(s.hidden_size, s.eps, s.gemma)
+        self.post_attention_layernorm = RMSNorm(s.hidden_size, s.eps, s.gemma)
+        self.self_attn = nn.Module()
+        self.self_attn.qkv_proj = nn.Linear(s.hidden_size, q_size + 2 * kv_size, bias=s.qkv_bias)
+        self.self_attn.qkv_proj.shard_sizes = (q_size, kv_size, kv_size)
+        self.self_attn.o_proj = nn.Linear(q_size, s.hidden_size, bias=s.o_bias)
+        if s.qk_norm:
+            self.self_attn.q_norm = RMSNorm(s.head_dim, s.eps, False)
+            self.self_attn.k_norm = RMSNorm(s.head_dim, s.eps, False)
+        self.attn = Attention(s.num_heads, s.num_kv_heads, s.head_dim, s.head_dim ** -0.5)
+        self.mlp = nn.Module()
+        self.mlp.gate_up_proj = nn.Linear(s.hidden_size, 2 * s.intermediate_size, bias=False)
+        self.mlp.gate_up_proj.shard_sizes = (s.intermediate_size, s.intermediate_size)
+        self.mlp.down_proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=False)
+
+    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        s, attn = self.s, self.self_attn
+        q, k, v = attn.qkv_proj(self.input_layernorm(x)).split(attn.qkv_proj.shard_sizes, dim=-1)
+        q = q.view(-1, s.num_heads, s.head_dim)
+        k = k.view(-1, s.num_kv_heads, s.head_dim)
+        if s.qk_norm:
+            q, k = attn.q_norm(q), attn.k_norm(k)
+        q, k = self.rotary(positions, q), self.rotary(positions, k)
+        x = x + attn.o_proj(self.attn(q, k, v.view(-1, s.num_kv_heads, s.head_dim)))
+        gate, up = self.mlp.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
+        act = F.gelu(gate, approximate="tanh") if s.gelu else F.silu(gate)
+        return x + self.mlp.down_proj(act * up)
+
+
+class DecoderModel(nn.Module):
+    is_decoder = True
+
+    def __init__(self, config, max_model_len: int):
+        super().__init__()
+        s = self.spec = DecoderSpec.from_hf(config)
+        rotary = RotaryEmbedding(s.head_dim, max_model_len, rope_parameters(config))
+        self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(s, rotary) for _ in range(s.num_layers))
+        self.norm = RMSNorm(s.hidden_size, s.eps, s.gemma)
+        self.rotary = rotary
+        if s.num_labels is not None:
+            self.score = nn.Linear(s.hidden_size, s.num_labels, bias=False)
+        elif not s.tie_word_embeddings:
+            self.lm_head = nn.Linear(s.hidden_size, s.vocab_size, bias=False)
+
+    @property
+    def attention_layers(self) -> list[Attention]:
+        return [layer.attn for layer in self.layers]
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids=None) -> torch.Tensor:
+        x = self.embed_tokens(input_ids)
+        if self.spec.gemma:
+            x = x * torch.tensor(self.spec.hidden_size ** 0.5, dtype=x.dtype)
+        for layer in self.layers:
+            x = layer(positions, x)
+        return self.norm(x)
+
+    def output_embeddings(self) -> torch.Tensor:
+        return self.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
+
+    def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return F.linear(hidden, self.output_embeddings())
+
+    def classify(self, pooled: torch.Tensor) -> torch.Tensor:
+        return self.score(pooled)
+
+    def load_weights(self, weights: Iterable[tuple[str, torch.Tensor]]) -> None:
+        def rename(name: str) -> str | None:
+            name = name.removeprefix("model.")
+            if name == "lm_head.weight" and not hasattr(self, "lm_head"):
+                return None  # tied, or a classifier checkpoint that still carries it
+            return name
+        load_into(self, weights, rename, STACKED)

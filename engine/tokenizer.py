@@ -1,0 +1,116 @@
+"""Prompt encoding with vLLM's truncation rules, and score-pair building."""
+from transformers import AutoTokenizer, PreTrainedTokenizerBase
+
+
+def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
+    return AutoTokenizer.from_pretrained(model_dir)
+
+
+def length_error(num_tokens: int, limit: int) -> ValueError:
+    return ValueError(f"This model's maximum context length is {limit} tokens. However, your request has "
+                      f"{num_tokens} input tokens. Please reduce the length of the input, or set "
+                      f"truncate_prompt_tokens to truncate it.")
+
+
+def truncation_length(max_model_len: int, truncate_prompt_tokens: int | None) -> int | None:
+    """vLLM's semantics: None means no truncation, -1 means max_model_len, k means k tokens."""
+    if truncate_prompt_tokens is None:
+        return None
+    if truncate_prompt_tokens == -1:
+        return max_model_len
+    if not 1 <= truncate_prompt_tokens <= max_model_len:
+        raise ValueError(f"truncate_prompt_tokens must be -1 or between 1 and max_model_len "
+                         f"({max_model_len}), got {truncate_prompt_tokens}")
+    return truncate_prompt_tokens
+
+
+def check_token_ids(ids: list[int], vocab_size: int) -> list[int]:
+    bad = [t for t in ids if not isinstance(t, int) or not 0 <= t < vocab_size]
+    if bad:
+        raise ValueError(f"prompt token ids must be in [0, {vocab_size}), got {bad[:5]}")
+    return ids
+
+
+def encode(tokenizer, prompt: str | list[int], max_model_len: int, truncate_prompt_tokens: int | None,
+           vocab_size: int, add_special_tokens: bool = True, keep_end: bool = False) -> list[int]:
+    """keep_end: decoders keep a truncated prompt's end (what the model continues from); encoders
+    keep its beginning, as Hugging Face tokenizers truncate."""
+    if isinstance(prompt, str):
+        ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
+    else:
+        ids = check_token_ids(list(prompt), vocab_size)
+    if not ids:
+        raise ValueError("prompt must not be empty")
+    limit = truncation_length(max_model_len, truncate_prompt_tokens)
+    if limit is None:
+        if len(ids) > max_model_len:
+            raise length_error(len(ids), max_model_len)
+        return ids
+    if len(ids) <= limit:
+        return ids
+    if keep_end or not isinstance(prompt, str):
+        return ids[-limit:]
+    return tokenizer(prompt, add_special_tokens=add_special_tokens, truncation=True, max_length=limit)["input_ids"]
+
+
+def encode_pair(tokenizer, text_1: str, text_2: str, max_model_len: int,
+                truncate_prompt_tokens: int | None) -> tuple[list[int], list[int] | None]:
+    """[CLS] q [SEP] d [SEP] with token types, as cross-encoders were trained."""
+    limit = truncation_length(max_model_len, truncate_prompt_tokens)
+    enc = tokenizer(text_1, text_2, truncation=limit is not None, max_length=limit)
+    ids = enc["input_ids"]
+    if len(ids) > max_model_len:
+        raise length_error(len(ids), max_model_len)
+    return ids, enc.get("token_type_ids")
+
+
+def pair_texts(text_1: str | list[str], text_2: str | list[str]) -> list[tuple[str, str]]:
+    """vLLM's score pairing: 1:1, 1:N, N:N (zipped); anything else is an error."""
+    a = [text_1] if isinstance(text_1, str) else list(text_1)
+    b = [text_2] if isinstance(text_2, str) else list(text_2)
+    if not a:
+        raise ValueError("text_1 must not be empty")
+    if not b:
+        raise ValueError("text_2 must not be empty")
+    if len(a) == 1:
+        return [(a[0], t) for t in b]
+    if len(a) != len(b):
+        raise ValueError(f"text_1 and text_2 must have the same length (N:N) or text_1 must be a single "
+                         f"text (1:N); got {len(a)} and {len(b)}")
+    return list(zip(a, b))
+
+
+QWEN3_RERANKER_TEMPLATE = (
+    "<|im_start|>system\nJudge whether the Document meets the requirements based on the Query and the "
+    "Instruct provided. Note that the answer can only be \"yes\" or \"no\".<|im_end|>\n<|im_start|>user\n"
+    "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}<|im_end|>\n"
+    "<|im_start|>assistant\n<think>\n\n</think>\n\n")
+QWEN3_RERANKER_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+
+
+class YesNoPrompt:
+    """Builds a decoder reranker's prompt with instruction and query before the document, tokenized
+    in pieces so every document of one query shares the same leading token blocks (prefix cache)."""
+
+    def __init__(self, tokenizer, template: str | None, instruction: str | None):
+        template = template or QWEN3_RERANKER_TEMPLATE
+        if template.count("{document}") != 1 or "{query}" not in template.split("{document}")[0]:
+            raise ValueError("score_template must contain {query} before one {document}")
+        self.tokenizer = tokenizer
+        self.head, self.tail = template.split("{document}")
+        self.instruction = instruction or QWEN3_RERANKER_INSTRUCTION
+        self.tail_ids = self._ids(self.tail)
+
+    def _ids(self, text: str) -> list[int]:
+        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+    def encode(self, query: str, document: str, max_model_len: int, truncate_prompt_tokens: int | None) -> list[int]:
+        head = self._ids(self.head.format(query=query, instruction=self.instruction))
+        doc = self._ids(document)
+        total = len(head) + len(doc) + len(self.tail_ids)
+        limit = truncation_length(max_model_len, truncate_prompt_tokens)
+        if limit is None and total > max_model_len:
+            raise length_error(total, max_model_len)
+        if limit is not None and total > limit:  # cut the document, keep the question and the answer cue
+            doc = doc[:max(0, limit - len(head) - len(self.tail_ids))]
+        return head + doc + self.tail_ids

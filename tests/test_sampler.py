@@ -1,0 +1,237 @@
+import math
+
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+
+from engine.params import SamplingParams
+from engine.request import Request
+from engine.sampler import SampledToken, Sampler
+
+V = 64
+EOS = 3
+
+
+def req(prompt=(1, 2), output=(), seed=None, **params) -> Request:
+    gen = torch.Generator().manual_seed(seed) if seed is not None else None
+    return Request("r", list(prompt) + list(output), SamplingParams(**params),
+                   num_prompt_tokens=len(prompt), generator=gen)
+
+
+def ids(out: list[SampledToken]) -> list[int]:
+    return [t.token_id for t in out]
+
+
+@pytest.fixture
+def sampler() -> Sampler:
+    return Sampler({EOS})
+
+
+def test_greedy_is_argmax(sampler):
+    logits = torch.randn(5, V, generator=torch.Generator().manual_seed(0))
+    out = sampler(logits, [req(temperature=0.0) for _ in range(5)])
+    assert ids(out) == logits.argmax(-1).tolist()
+    assert all(t.logprob is None and t.logprobs is None for t in out)
+
+
+def test_greedy_accepts_half_precision_and_leaves_logits_alone(sampler):
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(1)).bfloat16()
+    before = logits.clone()
+    out = sampler(logits, [req(temperature=0.0, repetition_penalty=1.5, output=(5,)) for _ in range(3)])
+    assert torch.equal(logits, before)
+    assert len(out) == 3
+
+
+def test_top_k_1_is_greedy(sampler):
+    logits = torch.randn(8, V, generator=torch.Generator().manual_seed(2))
+    out = sampler(logits, [req(temperature=1.5, top_k=1, seed=i) for i in range(8)])
+    assert ids(out) == logits.argmax(-1).tolist()
+
+
+def test_mixed_batch_greedy_rows_stay_argmax(sampler):
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(3))
+    out = sampler(logits, [req(temperature=0.0), req(temperature=1.0), req(temperature=0.0, seed=1),
+                           req(temperature=0.7, top_p=0.5)])
+    assert [ids(out)[0], ids(out)[2]] == [logits[0].argmax().item(), logits[2].argmax().item()]
+
+
+def test_seeded_request_is_reproducible_in_any_batch():
+    gen = torch.Generator().manual_seed(4)
+    target_logits = torch.randn(1, V, generator=gen)
+    target = dict(temperature=0.9, top_p=0.95, top_k=40, min_p=0.01)
+
+    def run(others) -> list[int]:
+        sampler, r, picked = Sampler({EOS}), req(seed=1234, **target), []
+        for _ in range(30):
+            batch = others[:2] + [r] + others[2:]
+            logits = torch.cat([torch.randn(2, V, generator=gen), target_logits,
+                                torch.randn(len(others) - 2, V, generator=gen)]) if others else target_logits
+            picked.append(sampler(logits, batch)[len(others[:2])].token_id)
+        return picked
+
+    alone = run([])
+    crowded = run([req(temperature=1.0), req(seed=7, temperature=0.5, top_k=5), req(temperature=0.0),
+                   req(temperature=1.3, repetition_penalty=1.2, output=(4, 5)), req(temperature=2.0, top_p=0.5)])
+    assert alone == crowded
+    assert len(set(alone)) > 1  # it really sampled
+
+
+def test_unseeded_requests_do_not_consume_a_seeded_generator(sampler):
+    r = req(seed=99, temperature=1.0)
+    sampler(torch.zeros(3, V), [req(temperature=1.0), r, req(temperature=1.0)])
+    fresh = torch.Generator().manual_seed(99)
+    torch.multinomial(torch.full((V,), 1.0 / V), 1, generator=fresh)
+    assert torch.equal(r.generator.get_state(), fresh.get_state())
+
+
+def forced(probs: list[float]) -> torch.Tensor:
+    """One row whose softmax is `probs` on the first tokens and 0 elsewhere."""
+    x = torch.full((1, V), float("-inf"))
+    x[0, :len(probs)] = torch.tensor(probs).log()
+    return x
+
+
+@pytest.mark.parametrize("params, allowed", [
+    (dict(top_k=2), {0, 1}),
+    (dict(top_k=3), {0, 1, 2}),
+    (dict(top_p=0.6), {0, 1}),  # 0.4 + 0.3 reaches 0.6, 0.4 alone does not
+    (dict(top_p=0.3), {0}),
+    (dict(top_p=0.75), {0, 1, 2}),
+    (dict(min_p=0.6), {0, 1}),  # 0.2 < 0.6 * 0.4
+    (dict(min_p=0.9), {0}),
+    (dict(top_k=3, top_p=0.5), {0, 1}),
+    (dict(top_k=2, min_p=0.5), {0, 1}),
+])
+def test_truncation_never_picks_an_excluded_token(sampler, params, allowed):
+    logits = forced([0.4, 0.3, 0.2, 0.1]).expand(300, V).clone()
+    out = sampler(logits, [req(temperature=1.0, **params) for _ in range(300)])
+    assert set(ids(out)) == allowed
+
+
+def allowed_by_hand(row: list[float], temperature, top_k, top_p, min_p) -> set[int] | None:
+    """temperature -> top_k -> top_p -> min_p in float64; None when a threshold is too close to call."""
+    z = [v / temperature for v in row]
+    order = sorted(range(len(z)), key=lambda i: -z[i])[:top_k]
+    weights = [math.exp(z[i] - z[order[0]]) for i in order]
+    total, mass, kept = sum(weights), 0.0, []
+    for i, w in zip(order, weights):
+        if abs(mass - top_p) < 1e-4:
+            return None
+        if mass >= top_p:
+            break
+        kept.append((i, w))
+        mass += w / total
+    threshold = min_p * kept[0][1]
+    if any(abs(w - threshold) < 1e-4 for _, w in kept):
+        return None
+    return {i for i, w in kept if w >= threshold}
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.lists(st.integers(-500, 500), min_size=8, max_size=8, unique=True), st.integers(1, 8),
+       st.floats(0.05, 1.0), st.floats(0.0, 1.0), st.floats(0.2, 3.0), st.integers(0, 2**32 - 1))
+def test_sampled_token_is_always_inside_the_truncated_set(row, top_k, top_p, min_p, temperature, seed):
+    row = [v / 100 for v in row]  # distinct logits, so no ties decide anything
+    allowed = allowed_by_hand(row, temperature, top_k, top_p, min_p)
+    assume(allowed is not None)
+    sampler = Sampler(set())
+    params = dict(top_k=top_k, top_p=top_p, min_p=min_p, temperature=temperature)
+    logits = torch.tensor([row] * 20)
+    got = ids(sampler(logits, [req(seed=seed + i, **params) for i in range(10)]
+                      + [req(**params) for _ in range(10)]))
+    assert set(got) <= allowed
+
+
+def test_penalties_match_hand_computation(sampler):
+    logits = torch.tensor([[2.0, -1.0, 0.5, -0.5, 1.0, 3.0]])
+    r = req(prompt=(0, 1), output=(2, 2, 3), temperature=0.0, repetition_penalty=2.0,
+            presence_penalty=0.5, frequency_penalty=0.25)
+    got = logits.clone()
+    sampler._apply_penalties(got, [r])
+    # repetition over prompt+output (0, 1, 2, 3); frequency/presence over output (2 twice, 3 once).
+    want = torch.tensor([[2.0 / 2, -1.0 * 2, 0.5 / 2 - 2 * 0.25 - 0.5, -0.5 * 2 - 0.25 - 0.5, 1.0, 3.0]])
+    torch.testing.assert_close(got, want)
+
+
+def test_penalties_only_touch_their_own_rows(sampler):
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(5))
+    got = logits.clone()
+    sampler._apply_penalties(got, [req(output=(1, 2)), req(output=(1, 2), frequency_penalty=1.0),
+                                   req(output=(7,))])
+    assert torch.equal(got[[0, 2]], logits[[0, 2]])
+    assert got[1, 1] == logits[1, 1] - 1.0 and got[1, 9] == logits[1, 9]
+
+
+def test_penalty_changes_the_greedy_choice(sampler):
+    logits = torch.tensor([[1.0, 5.0, 4.0]])
+    assert ids(sampler(logits, [req(prompt=(0,), output=(1,), temperature=0.0)])) == [1]
+    assert ids(sampler(logits, [req(prompt=(0,), output=(1,), temperature=0.0, repetition_penalty=2.0)])) == [2]
+    assert ids(sampler(logits, [req(prompt=(0,), output=(1,), temperature=0.0, presence_penalty=1.5)])) == [2]
+    # Repetition counts the prompt too.
+    assert ids(sampler(logits, [req(prompt=(1,), temperature=0.0, repetition_penalty=2.0)])) == [2]
+    # The prompt does not count for the OpenAI penalties.
+    assert ids(sampler(logits, [req(prompt=(1,), temperature=0.0, frequency_penalty=2.0)])) == [1]
+
+
+def test_min_tokens_blocks_eos_and_stop_ids(sampler):
+    logits = torch.zeros(1, V)
+    logits[0, EOS] = 10.0
+    logits[0, 7] = 9.0
+    logits[0, 8] = 8.0
+    blocked = dict(temperature=0.0, min_tokens=2, stop_token_ids=[7])
+    assert ids(sampler(logits, [req(output=(5,), **blocked)])) == [8]
+    assert ids(sampler(logits, [req(output=(5, 5), **blocked)])) == [EOS]  # min_tokens reached
+    assert ids(sampler(logits, [req(output=(5,), ignore_eos=True, **blocked)])) == [EOS]
+    sampled = sampler(logits.expand(200, V).clone(), [req(output=(), temperature=1.0, min_tokens=1)
+                                                      for _ in range(200)])
+    assert EOS not in ids(sampled)
+
+
+def test_logprobs_are_raw_log_softmax_with_ranks(sampler):
+    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(6))
+    reqs = [req(temperature=0.0, logprobs=5), req(temperature=1.0, seed=3, logprobs=2, presence_penalty=1.0,
+                                                  output=(int(logits[1].argmax()),)),
+            req(temperature=0.0, logprobs=0)]
+    out = sampler(logits, reqs)
+    raw = torch.log_softmax(logits, -1)
+    for row, (t, n) in enumerate(zip(out, (5, 2, 0))):
+        assert t.logprob == pytest.approx(raw[row, t.token_id].item(), abs=1e-6)
+        assert next(iter(t.logprobs)) == t.token_id  # sampled token first
+        rank = int((raw[row] > raw[row, t.token_id]).sum()) + 1
+        assert t.logprobs[t.token_id].rank == rank
+        top = raw[row].topk(n) if n else None
+        want = {t.token_id} | (set(top.indices.tolist()) if n else set())
+        assert set(t.logprobs) == want
+        for r, (v, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()) if n else [], start=1):
+            assert t.logprobs[i].rank == r
+            assert t.logprobs[i].logprob == pytest.approx(v, abs=1e-6)
+    assert out[0].logprobs[out[0].token_id].rank == 1  # greedy picks rank 1
+
+
+def test_logprobs_in_the_greedy_fast_path_of_half_logits(sampler):
+    logits = torch.randn(2, V, generator=torch.Generator().manual_seed(7)).to(torch.bfloat16)
+    out = sampler(logits, [req(temperature=0.0, logprobs=1), req(temperature=0.0)])
+    raw = torch.log_softmax(logits.float(), -1)
+    assert out[0].logprob == pytest.approx(raw[0].max().item(), abs=1e-6)
+    assert out[1].logprobs is None
+
+
+def test_temperature_sampling_follows_the_distribution(sampler):
+    # p = (0.75, 0.25) at temperature 1; 2000 draws from one seeded generator.
+    logits = torch.full((2000, V), float("-inf"))
+    logits[:, 0], logits[:, 1] = math.log(0.75), math.log(0.25)
+    sampler.generator.manual_seed(0)
+    got = ids(sampler(logits, [req(temperature=1.0) for _ in range(2000)]))
+    assert set(got) == {0, 1}
+    assert abs(got.count(0) / 2000 - 0.75) < 0.05
+    # Temperature 0.5 sharpens to 0.9 / 0.1.
+    got = ids(sampler(logits, [req(temperature=0.5) for _ in range(2000)]))
+    assert abs(got.count(0) / 2000 - 0.9) < 0.04
+
+
+def test_seeded_sequence_matches_its_own_repeated_draws():
+    logits = forced([0.5, 0.5]).expand(1, V)
+    r = req(seed=42, temperature=1.0)
+    draws = [Sampler(set())(logits, [r])[0].token_id for _ in range(200)]
+    assert 70 < draws.count(0) < 130
