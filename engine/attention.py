@@ -31,10 +31,13 @@ class Attention(nn.Module):
                 q[span.start:span.end].transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1),
                 span.mask, ctx.causal and span.mask is None).transpose(0, 1)
         if ctx.decode_slots is not None:
-            p = ctx.num_prefill_tokens
+            p, b = ctx.num_prefill_tokens, ctx.decode_slots.shape[0]
             kk = self.k_cache[ctx.decode_slots].transpose(1, 2)  # [batch, kv_heads, context, dim]
             vv = self.v_cache[ctx.decode_slots].transpose(1, 2)
-            out[p:] = self._sdpa(q[p:].unsqueeze(2), kk, vv, ctx.decode_mask, False).squeeze(2)
+            # GQA without copying K/V: a kv head's query heads become its rows of queries.
+            qd = q[p:].view(b, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
+            od = F.scaled_dot_product_attention(qd, kk, vv, attn_mask=ctx.decode_mask, scale=self.scale)
+            out[p:] = od.reshape(b, self.num_heads, self.head_dim)
         return out.flatten(1)
 
     def _sdpa(self, q, k, v, mask, causal):

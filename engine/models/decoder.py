@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import Attention
-from engine.models.rotary import RotaryEmbedding, rope_parameters
+from engine.models.rotary import RotaryEmbedding, apply_rotary, rope_parameters
 from engine.models.weights import load_into
 
 DECODER_ARCHITECTURES = {f"{family}For{head}" for family in ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma")
@@ -70,9 +70,9 @@ class RMSNorm(nn.Module):
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, s: DecoderSpec, rotary: RotaryEmbedding):
+    def __init__(self, s: DecoderSpec):
         super().__init__()
-        self.s, self.rotary = s, rotary
+        self.s = s
         q_size, kv_size = s.num_heads * s.head_dim, s.num_kv_heads * s.head_dim
         self.input_layernorm = RMSNorm(s.hidden_size, s.eps, s.gemma)
         self.post_attention_layernorm = RMSNorm(s.hidden_size, s.eps, s.gemma)
@@ -89,14 +89,14 @@ class DecoderLayer(nn.Module):
         self.mlp.gate_up_proj.shard_sizes = (s.intermediate_size, s.intermediate_size)
         self.mlp.down_proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=False)
 
-    def forward(self, positions: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, rotary: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         s, attn = self.s, self.self_attn
         q, k, v = attn.qkv_proj(self.input_layernorm(x)).split(attn.qkv_proj.shard_sizes, dim=-1)
         q = q.view(-1, s.num_heads, s.head_dim)
         k = k.view(-1, s.num_kv_heads, s.head_dim)
         if s.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        q, k = self.rotary(positions, q), self.rotary(positions, k)
+        q, k = apply_rotary(q, *rotary), apply_rotary(k, *rotary)
         x = x + attn.o_proj(self.attn(q, k, v.view(-1, s.num_kv_heads, s.head_dim)))
         gate, up = self.mlp.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
         act = F.gelu(gate, approximate="tanh") if s.gelu else F.silu(gate)
@@ -109,11 +109,10 @@ class DecoderModel(nn.Module):
     def __init__(self, config, max_model_len: int):
         super().__init__()
         s = self.spec = DecoderSpec.from_hf(config)
-        rotary = RotaryEmbedding(s.head_dim, max_model_len, rope_parameters(config))
+        self.rotary = RotaryEmbedding(s.head_dim, max_model_len, rope_parameters(config))
         self.embed_tokens = nn.Embedding(s.vocab_size, s.hidden_size)
-        self.layers = nn.ModuleList(DecoderLayer(s, rotary) for _ in range(s.num_layers))
+        self.layers = nn.ModuleList(DecoderLayer(s) for _ in range(s.num_layers))
         self.norm = RMSNorm(s.hidden_size, s.eps, s.gemma)
-        self.rotary = rotary
         if s.num_labels is not None:
             self.score = nn.Linear(s.hidden_size, s.num_labels, bias=False)
         elif not s.tie_word_embeddings:
@@ -127,8 +126,9 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.spec.gemma:
             x = x * torch.tensor(self.spec.hidden_size ** 0.5, dtype=x.dtype)
+        rotary = self.rotary.tables(positions)
         for layer in self.layers:
-            x = layer(positions, x)
+            x = layer(rotary, x)
         return self.norm(x)
 
     def output_embeddings(self) -> torch.Tensor:
