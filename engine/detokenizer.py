@@ -1,14 +1,16 @@
 """Incremental detokenization with stop strings, vLLM style.
 
-Each update decodes a short window of ids twice, with and without the new ones, and keeps the
-difference (vLLM's prefix_offset/read_offset): context tokens give WordPiece/SentencePiece their
-leading spaces, and byte-level tokens that end inside a UTF-8 character wait for the rest."""
+Each new token decodes a short window of ids twice, with and without it, and keeps the difference
+(vLLM's prefix_offset/read_offset): context tokens give WordPiece/SentencePiece their leading
+spaces, and byte-level tokens that end inside a UTF-8 character wait for the rest. Stop strings
+are searched only in the new text and the len(stop) - 1 characters before it."""
 from engine.params import SamplingParams
 
 REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete UTF-8 sequence
 INITIAL_OFFSET = 5  # prompt tokens used as context for the first output token, as in vLLM
 # A model emitting invalid bytes must not grow the window forever: past this many pending tokens
-# the replacement characters are taken as final (a real character spans at most 4 byte tokens).
+# the replacement characters are taken as final (real text reaches a character boundary within
+# a few tokens).
 MAX_PENDING = 16
 
 
@@ -34,21 +36,11 @@ class IncrementalDetokenizer:
 
     def update(self, token_ids: list[int]) -> str | None:
         """Append new output tokens; returns the stop string found (output_text then ends before it)."""
-        if not token_ids:
-            return None
-        self._ids.extend(token_ids)
         start = len(self._text)  # the old tail may be rewritten, so new text starts where it began
-        p, r = self._prefix_offset, self._read_offset
-        prefix = self._decode(self._ids[p:r])
-        full = self._decode(self._ids[p:])
-        self._tail = full[len(prefix):]
-        unfinished = self._tail.endswith(REPLACEMENT) and len(self._ids) - r < MAX_PENDING
-        # An empty difference (e.g. a skipped special token) keeps the context window as it is.
-        if self._tail and not unfinished:
-            self._text += self._tail
-            self._tail = ""
-            self._prefix_offset, self._read_offset = r, len(self._ids)
-        return self._check_stop(start) if self.stop else None
+        for token_id in token_ids:  # one at a time, so every clean character boundary is seen
+            self._ids.append(token_id)
+            self._decode_next()
+        return self._check_stop(start) if self.stop and token_ids else None
 
     def take_delta(self, finished: bool) -> str:
         """Text not handed out yet; until finished, holds back what may still change or be cut."""
@@ -65,6 +57,17 @@ class IncrementalDetokenizer:
 
     def _decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=self.skip_special_tokens)
+
+    def _decode_next(self) -> None:
+        p, r = self._prefix_offset, self._read_offset
+        prefix = self._decode(self._ids[p:r])
+        self._tail = self._decode(self._ids[p:])[len(prefix):]
+        unfinished = self._tail.endswith(REPLACEMENT) and len(self._ids) - r < MAX_PENDING
+        # An empty difference (e.g. a skipped special token) keeps the context window as it is.
+        if self._tail and not unfinished:
+            self._text += self._tail
+            self._tail = ""
+            self._prefix_offset, self._read_offset = r, len(self._ids)
 
     def _check_stop(self, start: int) -> str | None:
         text = self.output_text

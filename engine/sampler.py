@@ -85,7 +85,7 @@ def _apply_penalties(row: torch.Tensor, r: Request) -> None:
     p = r.sampling_params
     if p.repetition_penalty != 1.0:
         # vLLM/HF: over prompt and output; shrinks positive logits, grows negative ones.
-        seen = torch.tensor(r.token_ids).unique()
+        seen = torch.tensor(r.token_ids, dtype=torch.long).unique()
         v = row[seen]
         row[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
     if p.frequency_penalty or p.presence_penalty:
@@ -131,7 +131,8 @@ def _top_p_drop(w: torch.Tensor, top_p: torch.Tensor, k: int) -> torch.Tensor:
     return drop
 
 
-def _outputs(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> list[SampledToken]:
+def _outputs(logits: torch.Tensor, token_ids: torch.Tensor,
+             params: list[SamplingParams]) -> list[SampledToken]:
     ids = token_ids.tolist()
     out = [SampledToken(t, None, None) for t in ids]
     rows = [i for i, p in enumerate(params) if p.logprobs is not None]

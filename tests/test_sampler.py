@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from engine.params import SamplingParams
 from engine.request import Request
-from engine.sampler import SampledToken, Sampler
+from engine.sampler import TOP_P_CANDIDATES, SampledToken, Sampler, _apply_penalties
 
 V = 64
 EOS = 3
@@ -35,12 +35,15 @@ def test_greedy_is_argmax(sampler):
     assert all(t.logprob is None and t.logprobs is None for t in out)
 
 
-def test_greedy_accepts_half_precision_and_leaves_logits_alone(sampler):
-    logits = torch.randn(3, V, generator=torch.Generator().manual_seed(1)).bfloat16()
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_callers_logits_are_never_written(sampler, dtype):
+    logits = torch.randn(4, V, generator=torch.Generator().manual_seed(1)).to(dtype)
     before = logits.clone()
-    out = sampler(logits, [req(temperature=0.0, repetition_penalty=1.5, output=(5,)) for _ in range(3)])
+    sampler(logits, [req(temperature=0.0, repetition_penalty=1.5, output=(5,)), req(temperature=0.0),
+                     req(temperature=0.8, top_p=0.9, min_p=0.1, top_k=10),
+                     req(temperature=1.0, min_tokens=3)])
+    sampler(logits, [req(temperature=1.0, logprobs=3) for _ in range(4)])
     assert torch.equal(logits, before)
-    assert len(out) == 3
 
 
 def test_top_k_1_is_greedy(sampler):
@@ -72,7 +75,8 @@ def test_seeded_request_is_reproducible_in_any_batch():
 
     alone = run([])
     crowded = run([req(temperature=1.0), req(seed=7, temperature=0.5, top_k=5), req(temperature=0.0),
-                   req(temperature=1.3, repetition_penalty=1.2, output=(4, 5)), req(temperature=2.0, top_p=0.5)])
+                   req(temperature=1.3, repetition_penalty=1.2, output=(4, 5)),
+                   req(temperature=2.0, top_p=0.5)])
     assert alone == crowded
     assert len(set(alone)) > 1  # it really sampled
 
@@ -81,7 +85,7 @@ def test_unseeded_requests_do_not_consume_a_seeded_generator(sampler):
     r = req(seed=99, temperature=1.0)
     sampler(torch.zeros(3, V), [req(temperature=1.0), r, req(temperature=1.0)])
     fresh = torch.Generator().manual_seed(99)
-    torch.multinomial(torch.full((V,), 1.0 / V), 1, generator=fresh)
+    torch.rand(1, generator=fresh)  # one uniform per request and step
     assert torch.equal(r.generator.get_state(), fresh.get_state())
 
 
@@ -107,6 +111,20 @@ def test_truncation_never_picks_an_excluded_token(sampler, params, allowed):
     logits = forced([0.4, 0.3, 0.2, 0.1]).expand(300, V).clone()
     out = sampler(logits, [req(temperature=1.0, **params) for _ in range(300)])
     assert set(ids(out)) == allowed
+
+
+def test_top_p_beyond_the_candidates_looks_at_the_whole_vocabulary(sampler):
+    vocab = 2000
+    flat = torch.linspace(0, -0.5, vocab)  # sorted; half the mass takes 877 tokens, not 256
+    peaky = torch.zeros(vocab)
+    peaky[7] = 30.0
+    logits = torch.stack([flat, peaky] * 100)
+    probs = flat.double().softmax(-1)
+    allowed = int((probs.cumsum(-1) - probs < 0.5).sum())
+    assert allowed > TOP_P_CANDIDATES
+    got = ids(sampler(logits, [req(temperature=1.0, top_p=0.5, seed=i) for i in range(200)]))
+    assert set(got[1::2]) == {7}
+    assert max(got[::2]) < allowed and max(got[::2]) >= TOP_P_CANDIDATES
 
 
 def allowed_by_hand(row: list[float], temperature, top_k, top_p, min_p) -> set[int] | None:
@@ -148,7 +166,7 @@ def test_penalties_match_hand_computation(sampler):
     r = req(prompt=(0, 1), output=(2, 2, 3), temperature=0.0, repetition_penalty=2.0,
             presence_penalty=0.5, frequency_penalty=0.25)
     got = logits.clone()
-    sampler._apply_penalties(got, [r])
+    _apply_penalties(got[0], r)
     # repetition over prompt+output (0, 1, 2, 3); frequency/presence over output (2 twice, 3 once).
     want = torch.tensor([[2.0 / 2, -1.0 * 2, 0.5 / 2 - 2 * 0.25 - 0.5, -0.5 * 2 - 0.25 - 0.5, 1.0, 3.0]])
     torch.testing.assert_close(got, want)
@@ -156,22 +174,25 @@ def test_penalties_match_hand_computation(sampler):
 
 def test_penalties_only_touch_their_own_rows(sampler):
     logits = torch.randn(3, V, generator=torch.Generator().manual_seed(5))
-    got = logits.clone()
-    sampler._apply_penalties(got, [req(output=(1, 2)), req(output=(1, 2), frequency_penalty=1.0),
-                                   req(output=(7,))])
-    assert torch.equal(got[[0, 2]], logits[[0, 2]])
-    assert got[1, 1] == logits[1, 1] - 1.0 and got[1, 9] == logits[1, 9]
+    reqs = [req(temperature=0.0, output=(1, 2)), req(temperature=0.0, output=(1, 2), frequency_penalty=1.0),
+            req(temperature=0.0, output=(7,))]
+    logits[1, 1] = logits[1].max() + 0.5  # the best token until the penalty applies
+    out = sampler(logits, reqs)
+    assert ids(out)[0] == logits[0].argmax() and ids(out)[2] == logits[2].argmax()
+    assert ids(out)[1] == logits[1].topk(2).indices[1]
 
 
 def test_penalty_changes_the_greedy_choice(sampler):
     logits = torch.tensor([[1.0, 5.0, 4.0]])
-    assert ids(sampler(logits, [req(prompt=(0,), output=(1,), temperature=0.0)])) == [1]
-    assert ids(sampler(logits, [req(prompt=(0,), output=(1,), temperature=0.0, repetition_penalty=2.0)])) == [2]
-    assert ids(sampler(logits, [req(prompt=(0,), output=(1,), temperature=0.0, presence_penalty=1.5)])) == [2]
-    # Repetition counts the prompt too.
-    assert ids(sampler(logits, [req(prompt=(1,), temperature=0.0, repetition_penalty=2.0)])) == [2]
-    # The prompt does not count for the OpenAI penalties.
-    assert ids(sampler(logits, [req(prompt=(1,), temperature=0.0, frequency_penalty=2.0)])) == [1]
+
+    def pick(prompt, output=(), **params) -> int:
+        return sampler(logits, [req(prompt, output, temperature=0.0, **params)])[0].token_id
+
+    assert pick((0,), (1,)) == 1
+    assert pick((0,), (1,), repetition_penalty=2.0) == 2
+    assert pick((0,), (1,), presence_penalty=1.5) == 2
+    assert pick((1,), repetition_penalty=2.0) == 2  # repetition counts the prompt too
+    assert pick((1,), frequency_penalty=2.0) == 1  # the OpenAI penalties do not
 
 
 def test_min_tokens_blocks_eos_and_stop_ids(sampler):
@@ -200,10 +221,9 @@ def test_logprobs_are_raw_log_softmax_with_ranks(sampler):
         assert next(iter(t.logprobs)) == t.token_id  # sampled token first
         rank = int((raw[row] > raw[row, t.token_id]).sum()) + 1
         assert t.logprobs[t.token_id].rank == rank
-        top = raw[row].topk(n) if n else None
-        want = {t.token_id} | (set(top.indices.tolist()) if n else set())
-        assert set(t.logprobs) == want
-        for r, (v, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()) if n else [], start=1):
+        top = raw[row].topk(n)
+        assert set(t.logprobs) == {t.token_id} | set(top.indices.tolist())
+        for r, (v, i) in enumerate(zip(top.values.tolist(), top.indices.tolist()), start=1):
             assert t.logprobs[i].rank == r
             assert t.logprobs[i].logprob == pytest.approx(v, abs=1e-6)
     assert out[0].logprobs[out[0].token_id].rank == 1  # greedy picks rank 1
@@ -230,8 +250,10 @@ def test_temperature_sampling_follows_the_distribution(sampler):
     assert abs(got.count(0) / 2000 - 0.9) < 0.04
 
 
-def test_seeded_sequence_matches_its_own_repeated_draws():
-    logits = forced([0.5, 0.5]).expand(1, V)
-    r = req(seed=42, temperature=1.0)
-    draws = [Sampler(set())(logits, [r])[0].token_id for _ in range(200)]
-    assert 70 < draws.count(0) < 130
+def test_the_seeded_stream_lives_in_the_request():
+    logits = forced([0.5, 0.5])
+    a, b = req(seed=42, temperature=1.0), req(seed=42, temperature=1.0)
+    draws_a = [Sampler(set())(logits, [a])[0].token_id for _ in range(200)]  # a new sampler each step
+    draws_b = [Sampler(set())(logits, [b])[0].token_id for _ in range(200)]
+    assert draws_a == draws_b
+    assert 70 < draws_a.count(0) < 130
