@@ -8,7 +8,7 @@ from typing import Callable
 
 import torch
 
-from engine.config import EngineConfig, set_num_threads
+from engine.config import EngineConfig, keep_freed_memory, set_num_threads
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache_manager import KVCacheManager, cdiv
 from engine.metrics import Stats
@@ -64,6 +64,8 @@ class LLMEngine:
         self.max_model_len = self._max_model_len(hf)
         self.task = self._task(hf)
         device = config.torch_device()
+        if device.type == "cpu":
+            keep_freed_memory()
         self.runner = ModelRunner(hf, iter_weights(self.model_dir), self.max_model_len, device,
                                   config.torch_dtype(device))
         self.vocab_size = self.runner.model.spec.vocab_size if self.is_decoder else hf.vocab_size
