@@ -16,11 +16,11 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
-# Which engine tasks serve which API. Embedding models score by cosine, as in vLLM.
+# Which engine tasks serve which API. A bi-encoder scores by cosine when served with task "score".
 API_TASKS = {
     "embeddings": ("embed",),
-    "score": ("score", "embed"),
-    "rerank": ("score", "embed"),
+    "score": ("score",),
+    "rerank": ("score",),
     "classify": ("classify",),
     "completions": ("generate",),
     "chat": ("generate",),
@@ -40,7 +40,7 @@ def now() -> int:
     return int(time.time())
 
 
-class Request(BaseModel):
+class RequestModel(BaseModel):
     """Base of every request body: unknown fields are accepted and dropped."""
     model_config = ConfigDict(extra="ignore")
 
@@ -110,7 +110,7 @@ class UsageInfo(BaseModel):
 
 # ---------------------------------------------------------------- embeddings
 
-class EmbeddingRequest(Request):
+class EmbeddingRequest(RequestModel):
     model: str | None = None
     input: list[int] | list[list[int]] | str | list[str]
     encoding_format: Literal["float", "base64"] = "float"
@@ -152,7 +152,7 @@ class EmbeddingResponse(BaseModel):
 
 # ---------------------------------------------------------------- score and rerank
 
-class ScoreRequest(Request):
+class ScoreRequest(RequestModel):
     model: str | None = None
     text_1: list[str] | str
     text_2: list[str] | str
@@ -175,7 +175,7 @@ class ScoreResponse(BaseModel):
     usage: UsageInfo
 
 
-class RerankRequest(Request):
+class RerankRequest(RequestModel):
     model: str | None = None
     query: str
     documents: list[str]
@@ -207,7 +207,7 @@ class RerankResponse(BaseModel):
 
 # ---------------------------------------------------------------- classification
 
-class ClassificationRequest(Request):
+class ClassificationRequest(RequestModel):
     model: str | None = None
     input: list[str] | str
     truncate_prompt_tokens: int | None = None
@@ -244,7 +244,7 @@ class StreamOptions(BaseModel):
     continuous_usage_stats: bool | None = False
 
 
-class SamplingFields(Request):
+class SamplingFields(RequestModel):
     """Sampling fields common to completions and chat (vLLM's extra sampling params included)."""
     model: str | None = None
     frequency_penalty: float | None = 0.0
@@ -331,6 +331,7 @@ class CompletionResponseChoice(BaseModel):
     logprobs: CompletionLogProbs | None = None
     finish_reason: str | None = None
     stop_reason: int | str | None = None
+    prompt_logprobs: list[dict[int, Any] | None] | None = None  # vLLM's field; not computed here
 
 
 class CompletionResponse(BaseModel):
@@ -339,8 +340,10 @@ class CompletionResponse(BaseModel):
     created: int = Field(default_factory=now)
     model: str
     choices: list[CompletionResponseChoice]
+    service_tier: str | None = None
     system_fingerprint: str | None = None
     usage: UsageInfo
+    kv_transfer_params: dict[str, Any] | None = None  # vLLM's field; always null here
 
 
 class CompletionResponseStreamChoice(BaseModel):
@@ -405,6 +408,10 @@ class ChatCompletionRequest(SamplingFields):
 class ChatMessage(BaseModel):
     role: str
     content: str | None = None
+    refusal: str | None = None
+    annotations: Any | None = None
+    audio: Any | None = None
+    function_call: Any | None = None
     tool_calls: list[dict[str, Any]] = Field(default_factory=list)
     reasoning_content: str | None = None
 
@@ -437,8 +444,11 @@ class ChatCompletionResponse(BaseModel):
     created: int = Field(default_factory=now)
     model: str
     choices: list[ChatCompletionResponseChoice]
+    service_tier: str | None = None
     system_fingerprint: str | None = None
     usage: UsageInfo
+    prompt_logprobs: list[dict[int, Any] | None] | None = None  # vLLM's field; not computed here
+    kv_transfer_params: dict[str, Any] | None = None  # vLLM's field; always null here
 
 
 class DeltaMessage(BaseModel):
@@ -465,7 +475,7 @@ class ChatCompletionStreamResponse(BaseModel):
 
 # ---------------------------------------------------------------- tokenizer
 
-class TokenizeRequest(Request):
+class TokenizeRequest(RequestModel):
     """vLLM's TokenizeCompletionRequest and TokenizeChatRequest in one: give prompt or messages."""
     model: str | None = None
     prompt: str | None = None
@@ -490,7 +500,7 @@ class TokenizeResponse(BaseModel):
     token_strs: list[str] | None = None
 
 
-class DetokenizeRequest(Request):
+class DetokenizeRequest(RequestModel):
     model: str | None = None
     tokens: list[int]
 
@@ -501,7 +511,7 @@ class DetokenizeResponse(BaseModel):
 
 # ---------------------------------------------------------------- RAG
 
-class RAGDocumentsRequest(Request):
+class RAGDocumentsRequest(RequestModel):
     documents: list[str] = Field(min_length=1)
 
 
@@ -510,7 +520,7 @@ class RAGDocumentsResponse(BaseModel):
     count: int  # documents in the index after this call
 
 
-class RAGQueryRequest(Request):
+class RAGQueryRequest(RequestModel):
     query: str
     top_k: int = Field(default=8, ge=1)  # retrieved by FAISS
     top_n: int = Field(default=3, ge=1)  # kept after reranking, given to the generator

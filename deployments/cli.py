@@ -1,0 +1,80 @@
+"""`servecluster serve MODEL ...`: vLLM's `vllm serve` command line over the same Serve app.
+
+    servecluster serve BAAI/bge-reranker-v2-m3 --task score --port 8123 --api-key KEY
+
+builds AppArgs with one model and runs it with `serve.run`, so commands from vLLM's (and
+RAGFlow's) docs work with the program name swapped. vLLM options this program does not
+implement (e.g. --trust-remote-code, --tensor-parallel-size) are accepted and reported as
+ignored, not refused.
+"""
+import argparse
+import json
+import os
+import sys
+
+from ray import serve
+
+from cluster.shapes import cpu_shape, gpu_shape
+from deployments.builder import AppArgs, ModelArgs, build_app
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="servecluster", description="Embedding, reranking and generation on Ray Serve")
+    sub = p.add_subparsers(dest="command", required=True)
+    s = sub.add_parser("serve", help="serve one model over the OpenAI/vLLM-compatible HTTP API")
+    s.add_argument("model", help="Hugging Face id or local directory")
+    s.add_argument("--task", default="auto", choices=["auto", "generate", "embed", "score", "classify"])
+    s.add_argument("--host", default="0.0.0.0")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--served-model-name", nargs="+", default=None,
+                   help="name(s) in the API; as in vLLM, the first one is used in responses")
+    s.add_argument("--dtype", default="auto")
+    s.add_argument("--max-model-len", type=int, default=None)
+    s.add_argument("--max-num-seqs", type=int, default=None)
+    s.add_argument("--max-num-batched-tokens", type=int, default=None)
+    s.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="KV-cache pool size on CPU")
+    s.add_argument("--gpu-memory-utilization", type=float, default=None)
+    s.add_argument("--block-size", type=int, default=None)
+    s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
+    s.add_argument("--seed", type=int, default=None)
+    s.add_argument("--api-key", default=None, help="required as `Authorization: Bearer KEY` (env SERVECLUSTER_API_KEY)")
+    s.add_argument("--allowed-origins", type=json.loads, default=[], help='CORS origins as JSON, e.g. \'["*"]\'')
+    s.add_argument("--max-request-body-bytes", type=int, default=16 << 20)
+    s.add_argument("--max-queued-requests", type=int, default=64)
+    s.add_argument("--num-replicas", type=int, default=1)
+    s.add_argument("--num-cpus", type=float, default=None,
+                   help="CPUs per replica (default: all but a sliver; 1 with --num-gpus)")
+    s.add_argument("--num-gpus", type=float, default=0)
+    s.add_argument("--num-threads", type=int, default=None, help="torch threads (default: --num-cpus rounded)")
+    return p
+
+
+def app_args(ns: argparse.Namespace) -> AppArgs:
+    if ns.num_gpus:
+        actor_options = gpu_shape(ns.num_gpus, ns.num_cpus if ns.num_cpus is not None else 1)
+    else:  # the whole machine but a sliver for the ingress
+        actor_options = cpu_shape(ns.num_cpus if ns.num_cpus is not None else max(0.5, (os.cpu_count() or 1) - 0.2))
+    extra = {"gpu_memory_utilization": ns.gpu_memory_utilization, "block_size": ns.block_size,
+             "enable_prefix_caching": ns.enable_prefix_caching, "seed": ns.seed}
+    model = ModelArgs(
+        model=ns.model, task=ns.task, served_model_name=ns.served_model_name[0] if ns.served_model_name else None,
+        dtype=ns.dtype, max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
+        max_num_batched_tokens=ns.max_num_batched_tokens, kv_cache_memory_bytes=ns.kv_cache_memory_bytes,
+        num_threads=ns.num_threads, engine_kwargs={k: v for k, v in extra.items() if v is not None},
+        deployment_config={"num_replicas": ns.num_replicas, "ray_actor_options": actor_options})
+    return AppArgs(models=[model], api_key=ns.api_key, allowed_origins=ns.allowed_origins,
+                   max_request_body_bytes=ns.max_request_body_bytes, max_queued_requests=ns.max_queued_requests,
+                   ingress_deployment_config={"num_replicas": 1})
+
+
+def main(argv: list[str] | None = None) -> None:
+    ns, unknown = parser().parse_known_args(argv)
+    if unknown:
+        print(f"servecluster: ignoring options it does not implement: {' '.join(unknown)}", file=sys.stderr)
+    args = app_args(ns)
+    serve.start(http_options={"host": ns.host, "port": ns.port})
+    serve.run(build_app(args), name="default", route_prefix="/", blocking=True)
+
+
+if __name__ == "__main__":
+    main()

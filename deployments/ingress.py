@@ -1,0 +1,220 @@
+"""The HTTP ingress: one FastAPI app (via @serve.ingress) with vLLM's OpenAI-compatible routes.
+
+It routes each request by its `model` field to that model's deployment handle (no `model`:
+the first served model that supports the route), streams SSE ending in `data: [DONE]`, and
+puts the API key, CORS and body-limit middlewares and the one error shape (deployments.errors)
+in front of every route. It imports no engine code, so its replicas stay light.
+"""
+import asyncio
+import importlib.metadata
+import os
+from collections.abc import AsyncIterator
+
+from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from pydantic import BaseModel
+from ray import serve
+from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+
+from deployments.errors import APIError, error_body, to_error
+from deployments.metrics import render_prometheus
+from deployments.protocol import (
+    API_NAMES, API_TASKS, ChatCompletionRequest, ClassificationRequest, CompletionRequest, DetokenizeRequest,
+    EmbeddingRequest, ModelInfo, ModelList, RAGDocumentsRequest, RAGQueryRequest, RerankRequest, ScoreRequest,
+    TokenizeRequest)
+from deployments.security import ApiKeyMiddleware, BodyLimitMiddleware
+
+# (HTTP method, path, OpenAIIngress method). Paths are vLLM's; rerank also answers Cohere's /v2.
+ROUTES = [
+    ("GET", "/v1/models", "list_models"),
+    ("POST", "/v1/embeddings", "embeddings"),
+    ("POST", "/v1/score", "score"), ("POST", "/score", "score"),
+    ("POST", "/v1/rerank", "rerank"), ("POST", "/rerank", "rerank"), ("POST", "/v2/rerank", "rerank"),
+    ("POST", "/classify", "classify"),
+    ("POST", "/v1/completions", "completions"),
+    ("POST", "/v1/chat/completions", "chat"),
+    ("POST", "/tokenize", "tokenize"), ("POST", "/detokenize", "detokenize"),
+    ("GET", "/health", "health"), ("GET", "/version", "version"), ("GET", "/metrics", "metrics"),
+    ("POST", "/v1/rag/documents", "rag_documents"), ("POST", "/v1/rag/query", "rag_query"),
+]
+API_KEY_ENV = "SERVECLUSTER_API_KEY"
+
+
+class IngressSettings(BaseModel):
+    # None: the ingress replica's SERVECLUSTER_API_KEY, so the secret need not sit in the config.
+    api_key: str | None = None
+    allowed_origins: list[str] = []  # CORS; [] sends no CORS headers, ["*"] allows any site
+    max_request_body_bytes: int = 16 << 20
+
+
+def json_response(model: BaseModel) -> Response:
+    # Serialize once; FastAPI's response_model path would validate big embedding lists again.
+    return Response(model.model_dump_json(), media_type="application/json")
+
+
+@serve.deployment
+@serve.ingress()  # the app is built per replica by __serve_build_asgi_app__, from the settings
+class OpenAIIngress:
+    async def __init__(self, servers: dict[str, DeploymentHandle], rag: DeploymentHandle | None,
+                       settings: IngressSettings):
+        self.servers, self.rag, self.settings = servers, rag, settings
+        self.streams = {name: h.options(stream=True) for name, h in servers.items()}
+        infos = await asyncio.gather(*(h.describe.remote() for h in servers.values()))
+        self.models: dict[str, ModelInfo] = dict(zip(servers, infos))
+
+    def __serve_build_asgi_app__(self) -> FastAPI:
+        app = FastAPI(title="servecluster", version=importlib.metadata.version("servecluster"))
+        for method, path, name in ROUTES:
+            app.add_api_route(path, getattr(self, name), methods=[method])
+        app.add_exception_handler(RequestValidationError, handle_validation_error)
+        app.add_exception_handler(HTTPException, handle_http_error)
+        app.add_exception_handler(Exception, handle_error)
+        # Added last is outermost: CORS answers preflights, then the key, then the body limit.
+        s = self.settings
+        app.add_middleware(BodyLimitMiddleware, max_bytes=s.max_request_body_bytes)
+        api_key = s.api_key or os.environ.get(API_KEY_ENV)
+        if api_key:
+            app.add_middleware(ApiKeyMiddleware, api_key=api_key)
+        if s.allowed_origins:
+            app.add_middleware(CORSMiddleware, allow_origins=s.allowed_origins, allow_methods=["*"],
+                               allow_headers=["*"], allow_credentials="*" not in s.allowed_origins)
+        return app
+
+    def _pick(self, model: str | None, api: str) -> str:
+        """The served model a request goes to, or 404 naming the served models."""
+        if model is None:
+            for name, info in self.models.items():
+                if info.task in API_TASKS[api]:
+                    return name
+            raise APIError(f"No served model supports the {API_NAMES[api]}; served models: "
+                           f"{', '.join(self.models)}", 404, "model")
+        if model not in self.models:
+            raise APIError(f"The model `{model}` does not exist. Served models: {', '.join(self.models)}",
+                           404, "model")
+        return model
+
+    async def _call(self, api: str, method: str, body) -> Response:
+        # Errors are answered here, not by exception handlers: Serve installs its own handler
+        # for BackPressureError on the app, which would bypass our error shape.
+        try:
+            name = self._pick(body.model, api)
+            return json_response(await getattr(self.servers[name], method).remote(body))
+        except Exception as exc:
+            return error_response(exc)
+
+    async def _stream(self, api: str, method: str, body) -> Response:
+        try:
+            name = self._pick(body.model, api)
+            chunks: DeploymentResponseGenerator = getattr(self.streams[name], method).remote(body)
+            # Wait for the first chunk before sending headers: a rejected request still gets its status.
+            first = await anext(chunks, None)
+        except Exception as exc:
+            return error_response(exc)
+        return StreamingResponse(sse(first, chunks), media_type="text/event-stream")
+
+    # ---- routes ---------------------------------------------------------------------------------
+    async def list_models(self) -> Response:
+        return json_response(ModelList(data=[info.card for info in self.models.values()]))
+
+    async def embeddings(self, body: EmbeddingRequest) -> Response:
+        return await self._call("embeddings", "embeddings", body)
+
+    async def score(self, body: ScoreRequest) -> Response:
+        return await self._call("score", "score", body)
+
+    async def rerank(self, body: RerankRequest) -> Response:
+        return await self._call("rerank", "rerank", body)
+
+    async def classify(self, body: ClassificationRequest) -> Response:
+        return await self._call("classify", "classify", body)
+
+    async def completions(self, body: CompletionRequest) -> Response:
+        if body.stream:
+            return await self._stream("completions", "completions_stream", body)
+        return await self._call("completions", "completions", body)
+
+    async def chat(self, body: ChatCompletionRequest) -> Response:
+        if body.stream:
+            return await self._stream("chat", "chat_stream", body)
+        return await self._call("chat", "chat", body)
+
+    async def tokenize(self, body: TokenizeRequest) -> Response:
+        return await self._call("tokenize", "tokenize", body)
+
+    async def detokenize(self, body: DetokenizeRequest) -> Response:
+        return await self._call("detokenize", "detokenize", body)
+
+    async def health(self) -> Response:
+        return Response(status_code=200)
+
+    async def version(self) -> Response:
+        return JSONResponse({"version": importlib.metadata.version("servecluster")})
+
+    async def metrics(self) -> Response:
+        """Prometheus text; a model whose replicas are too busy to answer is left out of this scrape."""
+        stats = await asyncio.gather(*(h.stats.remote() for h in self.servers.values()), return_exceptions=True)
+        text = render_prometheus([s for s in stats if isinstance(s, dict)])
+        return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
+
+    async def rag_documents(self, body: RAGDocumentsRequest) -> Response:
+        return await self._rag("add_documents", body)
+
+    async def rag_query(self, body: RAGQueryRequest) -> Response:
+        return await self._rag("query", body)
+
+    async def _rag(self, method: str, body) -> Response:
+        if self.rag is None:
+            return error_response(APIError("RAG is not enabled in this application (set `rag` in the app args)", 404))
+        try:
+            return json_response(await getattr(self.rag, method).remote(body))
+        except Exception as exc:
+            return error_response(exc)
+
+
+async def sse(first: BaseModel | None, rest: DeploymentResponseGenerator) -> AsyncIterator[str]:
+    """Server-sent events as vLLM sends them. An error after the headers went out becomes an
+    error event; a client that disconnects cancels the model's stream (and its engine request)."""
+    try:
+        if first is not None:
+            yield f"data: {first.model_dump_json()}\n\n"
+        async for chunk in rest:
+            yield f"data: {chunk.model_dump_json()}\n\n"
+    except asyncio.CancelledError:
+        rest.cancel()
+        raise
+    except Exception as exc:
+        yield f"data: {to_error(exc)[0].model_dump_json()}\n\n"
+    yield "data: [DONE]\n\n"
+
+
+# ---- errors: every failure leaves in the one error shape --------------------------------------
+def error_response(exc: BaseException) -> JSONResponse:
+    body, headers = to_error(exc)
+    return JSONResponse(body.model_dump(), status_code=body.error.code, headers=headers)
+
+
+async def handle_error(request: Request, exc: Exception) -> JSONResponse:
+    return error_response(exc)
+
+
+async def handle_http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    body = error_body(str(exc.detail), exc.status_code)
+    return JSONResponse(body.model_dump(), status_code=exc.status_code, headers=exc.headers)
+
+
+async def handle_validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+    """400, not FastAPI's 422, naming the offending field(s) as vLLM does."""
+    messages, param = [], None
+    for err in exc.errors():
+        loc = [str(part) for part in err.get("loc", ()) if part != "body"]
+        if err.get("type") == "json_invalid":
+            loc = []
+        field = ".".join(loc) or None
+        param = param or field
+        messages.append(f"{field}: {err['msg']}" if field else err["msg"])
+    body = error_body("; ".join(messages) or "Invalid request", 400, param)
+    return JSONResponse(body.model_dump(), status_code=400)
