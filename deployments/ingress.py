@@ -86,10 +86,11 @@ class OpenAIIngress:
 
     def _pick(self, model: str | None, api: str) -> str:
         """The served model a request goes to, or 404 naming the served models."""
-        if model is None:
-            for name, info in self.models.items():
-                if info.task in API_TASKS[api]:
-                    return name
+        if model is None:  # the first served model whose task serves this API best (e.g. a reranker over an embedder)
+            tasks = API_TASKS[api]
+            candidates = [(tasks.index(info.task), name) for name, info in self.models.items() if info.task in tasks]
+            if candidates:
+                return min(candidates, key=lambda c: c[0])[1]
             raise APIError(f"No served model supports the {API_NAMES[api]}; served models: "
                            f"{', '.join(self.models)}", 404, "model")
         if model not in self.models:

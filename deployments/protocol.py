@@ -19,8 +19,8 @@ from pydantic import BaseModel, ConfigDict, Field, model_validator
 # Which engine tasks serve which API. A bi-encoder scores by cosine when served with task "score".
 API_TASKS = {
     "embeddings": ("embed",),
-    "score": ("score",),
-    "rerank": ("score",),
+    "score": ("score", "embed"),
+    "rerank": ("score", "embed"),
     "classify": ("classify",),
     "completions": ("generate",),
     "chat": ("generate",),

@@ -66,6 +66,7 @@ class AsyncLLM:
             except queue.Empty:
                 pass
             if not self.engine.has_unfinished():
+                self._snapshot = self.engine.stats_snapshot()  # e.g. after an abort emptied the engine
                 continue
             try:
                 outputs = self.engine.step()

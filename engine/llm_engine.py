@@ -235,8 +235,7 @@ class LLMEngine:
         params = params or PoolingParams()
         if not prompts:
             raise ValueError("input must not be empty")
-        if self.task != "embed" and not (self.task == "score" and self.yes_no is None and
-                                         self.runner.model.spec.num_labels is None):
+        if self.task != "embed" and not self._bi_encoder:
             raise ValueError(f"model {self.config.served_name} serves task {self.task!r}, not embeddings")
         self._check_dimensions(params.dimensions)
         reqs = [self._pooling_request(self.encode_prompt(p, params.truncate_prompt_tokens), params) for p in prompts]
@@ -258,11 +257,11 @@ class LLMEngine:
     def score_job(self, text_1: str | list[str], text_2: str | list[str],
                   params: PoolingParams | None = None) -> PoolingJob:
         params = params or PoolingParams()
-        if self.task != "score":
+        if self.task not in ("score", "embed"):
             raise ValueError(f"model {self.config.served_name} serves task {self.task!r}, not scoring")
         pairs = pair_texts(text_1, text_2)
         t = params.truncate_prompt_tokens
-        if self.yes_no is None and self.runner.model.spec.num_labels is None:
+        if self._bi_encoder:
             return self._bi_encoder_score(pairs, params)
         if self.yes_no is not None:
             reqs = [self._pooling_request(self.yes_no.encode(q, d, self.max_model_len, t), params) for q, d in pairs]
@@ -276,6 +275,11 @@ class LLMEngine:
             return [self._output(p, ScoringOutput(float(p.data[0].sigmoid() if params.activation else p.data[0])))
                     for p in done]
         return PoolingJob(reqs, combine)
+
+    @property
+    def _bi_encoder(self) -> bool:
+        """Embedding models score a pair as the cosine of its two embeddings, as vLLM does."""
+        return self.yes_no is None and self.runner.model.spec.num_labels is None
 
     def _bi_encoder_score(self, pairs: list[tuple[str, str]], params: PoolingParams) -> PoolingJob:
         texts = [t for pair in pairs for t in pair]
@@ -354,6 +358,8 @@ class LLMEngine:
             self.stats.prompt_tokens_total += req.num_prompt_tokens
             self.stats.ttft_seconds.observe(now - req.arrival_time)
         if gen.logprobs[i] is not None:
+            for token_id, lp in tok.logprobs.items():
+                lp.decoded_token = self.tokenizer.decode([token_id])
             gen.logprobs[i].append(tok.logprobs)
             gen.cumulative_logprobs[i] += tok.logprob
         status = None
