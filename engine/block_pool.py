@@ -84,12 +84,14 @@ class BlockPool:
 
     def allocate(self) -> Block:
         block = self.free.popleft()
-        if block.block_hash is not None:  # evict: its content is about to be overwritten
-            if self.cached.get(block.block_hash) is block:
-                del self.cached[block.block_hash]
-            block.block_hash, block.token_ids = None, ()
+        self.uncache(block)  # evict: its content is about to be overwritten
         block.ref_count = 1
         return block
+
+    def uncache(self, block: Block) -> None:
+        if block.block_hash is not None and self.cached.get(block.block_hash) is block:
+            del self.cached[block.block_hash]
+        block.block_hash, block.token_ids = None, ()
 
     def cache(self, block: Block, block_hash: bytes, token_ids: tuple[int, ...]) -> None:
         if not self.enable_prefix_caching or block.block_hash is not None:

@@ -54,6 +54,15 @@ class KVCacheManager:
         self.req_num_cached.pop(req.request_id, None)
         req.block_ids = []
 
+    def forget_uncomputed(self, req: Request) -> None:
+        """Unregister the blocks past the request's computed tokens: a step that failed registered
+        them but never wrote their K/V, and a later prefix hit on them would read garbage."""
+        first = req.num_computed_tokens // self.block_size
+        for block in self.req_blocks.get(req.request_id, [])[first:]:
+            self.pool.uncache(block)
+        if req.request_id in self.req_num_cached:
+            self.req_num_cached[req.request_id] = min(self.req_num_cached[req.request_id], first)
+
     def _cache_full_blocks(self, req: Request, blocks: list[Block], num_tokens: int) -> None:
         # A block is registered once the step that fills it is scheduled: its tokens are known,
         # and every layer writes K/V before any attention reads it, even within the same step.

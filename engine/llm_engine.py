@@ -331,7 +331,14 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.requests:
             return []
-        sampled, pooled = self.runner.execute(sched)
+        try:
+            sampled, pooled = self.runner.execute(sched)
+        except BaseException:
+            # Blocks were registered in the prefix cache when scheduled; this step wrote none of them.
+            if self.kv is not None:
+                for req in sched.requests:
+                    self.kv.forget_uncomputed(req)
+            raise
         for req, n in zip(sched.requests, sched.num_tokens):
             req.num_computed_tokens += n
         now = time.monotonic()
