@@ -34,20 +34,19 @@ class LLM:
         params = params if isinstance(params, list) else [params] * len(prompts)
         if len(params) != len(prompts):
             raise ValueError(f"got {len(params)} sampling_params for {len(prompts)} prompts")
-        ids = []
+        ids, done = [], {}
         try:
             for p, sp in zip(prompts, params):
                 ids.append(self.engine.new_id())
                 self.engine.add_generation(ids[-1], prompt_of(p), sp)
-        except ValueError:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if out.finished:
+                        done[out.request_id] = out
+        except BaseException:  # a bad prompt or an interrupt: nothing stays in the engine
             for rid in ids:
                 self.engine.abort(rid)
             raise
-        done: dict[str, RequestOutput] = {}
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                if out.finished:
-                    done[out.request_id] = out
         return [done[rid] for rid in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
@@ -90,8 +89,13 @@ class LLM:
     def _run(self, job: PoolingJob) -> list[PoolingRequestOutput]:
         self.engine.add_pooling_requests(job)
         done: dict[str, Pooled] = {}
-        while self.engine.has_unfinished():
-            for out in self.engine.step():
-                if isinstance(out, Pooled):
-                    done[out.request_id] = out
+        try:
+            while self.engine.has_unfinished():
+                for out in self.engine.step():
+                    if isinstance(out, Pooled):
+                        done[out.request_id] = out
+        except BaseException:
+            for req in job.requests:
+                self.engine.abort(req.request_id)
+            raise
         return job.combine([done[r.request_id] for r in job.requests])
