@@ -110,6 +110,13 @@ class UsageInfo(BaseModel):
 
 # ---------------------------------------------------------------- embeddings
 
+def prompt_list(value: list[int] | list[list[int]] | str | list[str]) -> list[str | list[int]]:
+    """One prompt per item: a string, or a list of token ids."""
+    if isinstance(value, str) or isinstance(value[0], int):
+        return [value]
+    return list(value)
+
+
 class EmbeddingRequest(RequestModel):
     model: str | None = None
     input: list[int] | list[list[int]] | str | list[str]
@@ -127,12 +134,7 @@ class EmbeddingRequest(RequestModel):
         return self
 
     def prompts(self) -> list[str | list[int]]:
-        """One prompt per embedding: a string, or a list of token ids."""
-        if isinstance(self.input, str):
-            return [self.input]
-        if isinstance(self.input[0], int):
-            return [self.input]
-        return list(self.input)
+        return prompt_list(self.input)
 
 
 class EmbeddingResponseData(BaseModel):
@@ -311,11 +313,7 @@ class CompletionRequest(SamplingFields):
         return self
 
     def prompts(self) -> list[str | list[int]]:
-        if isinstance(self.prompt, str):
-            return [self.prompt]
-        if isinstance(self.prompt[0], int):
-            return [self.prompt]
-        return list(self.prompt)
+        return prompt_list(self.prompt)
 
 
 class CompletionLogProbs(BaseModel):
