@@ -14,6 +14,7 @@ class Attention(nn.Module):
         # Views of this layer's part of the block pool: [num_slots, num_kv_heads, head_dim].
         self.k_cache: torch.Tensor | None = None
         self.v_cache: torch.Tensor | None = None
+        self.block_size = 0
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim] -> [tokens, heads * dim]"""
@@ -30,15 +31,21 @@ class Attention(nn.Module):
             out[span.start:span.end] = self._sdpa(
                 q[span.start:span.end].transpose(0, 1), kk.transpose(0, 1), vv.transpose(0, 1),
                 span.mask, ctx.causal and span.mask is None).transpose(0, 1)
-        if ctx.decode_slots is not None:
-            p, b = ctx.num_prefill_tokens, ctx.decode_slots.shape[0]
-            kk = self.k_cache[ctx.decode_slots].transpose(1, 2)  # [batch, kv_heads, context, dim]
-            vv = self.v_cache[ctx.decode_slots].transpose(1, 2)
+        if ctx.decode_block_table is not None:
+            p, b = ctx.num_prefill_tokens, ctx.decode_block_table.shape[0]
+            kk = self._gather_blocks(self.k_cache, ctx.decode_block_table)  # [batch, kv_heads, context, dim]
+            vv = self._gather_blocks(self.v_cache, ctx.decode_block_table)
             # GQA without copying K/V: a kv head's query heads become its rows of queries.
             qd = q[p:].view(b, self.num_kv_heads, self.num_heads // self.num_kv_heads, self.head_dim)
             od = F.scaled_dot_product_attention(qd, kk, vv, attn_mask=ctx.decode_mask, scale=self.scale)
             out[p:] = od.reshape(b, self.num_heads, self.head_dim)
         return out.flatten(1)
+
+    def _gather_blocks(self, cache: torch.Tensor, table: torch.Tensor) -> torch.Tensor:
+        # Whole blocks are contiguous in the pool: copying them is far cheaper than gathering slots.
+        b, w = table.shape
+        blocks = cache.view(-1, self.block_size, self.num_kv_heads, self.head_dim)
+        return blocks[table].view(b, w * self.block_size, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
     def _sdpa(self, q, k, v, mask, causal):
         if self.num_kv_heads != self.num_heads:

@@ -18,8 +18,8 @@ class Context:
     prefills: list[PrefillSpan] = field(default_factory=list)
     num_prefill_tokens: int = 0
     slot_mapping: torch.Tensor | None = None  # where each packed token's K/V is written
-    decode_slots: torch.Tensor | None = None  # [batch, max_context] cache slots of each decode
-    decode_mask: torch.Tensor | None = None  # [batch, 1, 1, max_context] True where the slot is real
+    decode_block_table: torch.Tensor | None = None  # [batch, max_blocks] blocks of each decode, padded
+    decode_mask: torch.Tensor | None = None  # [batch, 1, 1, max_blocks * block_size] True where the slot is real
 
 
 _CONTEXT = Context()

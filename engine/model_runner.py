@@ -34,7 +34,7 @@ class ModelRunner:
         cache = torch.zeros(2, s.num_layers, num_blocks * block_size, s.num_kv_heads, s.head_dim,
                             dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.model.attention_layers):
-            attn.k_cache, attn.v_cache = cache[0, i], cache[1, i]
+            attn.k_cache, attn.v_cache, attn.block_size = cache[0, i], cache[1, i], block_size
         self.kv_cache = cache
 
     @torch.inference_mode()
@@ -94,8 +94,8 @@ class ModelRunner:
             for i, (t, _) in enumerate(decodes):
                 table[i, :len(t)] = t[:width]
             lengths = torch.tensor([length for _, length in decodes], device=self.device)
-            p = torch.arange(longest, device=self.device)
-            ctx.decode_slots = table[:, p // self.block_size] * self.block_size + p % self.block_size
+            p = torch.arange(width * self.block_size, device=self.device)
+            ctx.decode_block_table = table
             ctx.decode_mask = (p.unsqueeze(0) < lengths.unsqueeze(1))[:, None, None, :]
         return ctx
 
