@@ -1,0 +1,137 @@
+"""HTTP serving overhead: the same embeddings and rerank workloads through the Serve ingress
+(loopback HTTP) and on the in-process async engine, side by side.
+
+Open-loop Poisson arrivals at a fixed rate, a fixed request count, at most `--concurrency`
+requests in flight; it stops by itself and talks only to 127.0.0.1. Prints requests/s and
+p50/p99 latency per route and the HTTP/in-process throughput ratio.
+
+    python bench/serve.py                  # defaults: 200 embedding requests, 40 rerank requests
+    python bench/serve.py --requests 400 --concurrency 32
+"""
+import argparse
+import asyncio
+import random
+import socket
+import time
+
+import httpx
+import ray
+from ray import serve
+
+import common  # noqa: F401  (puts the repo on sys.path)
+from common import SCIFACT, load_scifact, pct, print_machine, ratio, table
+from deployments.builder import AppArgs, ModelArgs, build_app
+from engine import AsyncLLM, EngineConfig, PoolingParams
+
+EMBED = "sentence-transformers/all-MiniLM-L6-v2"
+RERANK = "HuggingFaceTB/SmolLM2-135M-Instruct"
+NUM_CPUS = 1.8  # the replica's share; its torch threads = 2, as in-process
+
+
+def engine_args(route: str) -> dict:
+    if route == "embeddings":
+        return {"model": EMBED, "task": "embed", "max_model_len": 256}
+    return {"model": RERANK, "task": "score", "max_model_len": 1024, "kv_cache_memory_bytes": 256 << 20,
+            "max_num_batched_tokens": 4096}
+
+
+def workload(route: str, n: int, docs: list[str], queries: list[str], rng: random.Random) -> list[dict]:
+    """Embeddings: 8 documents a request. Rerank: one query against 16 documents."""
+    if route == "embeddings":
+        return [{"model": EMBED, "input": rng.sample(docs, 8), "truncate_prompt_tokens": -1} for _ in range(n)]
+    return [{"model": RERANK, "query": rng.choice(queries), "documents": rng.sample(docs, 16),
+             "truncate_prompt_tokens": -1} for _ in range(n)]
+
+
+async def drive(send, payloads: list[dict], rate: float, concurrency: int, seed: int) -> tuple[float, list[float]]:
+    """Poisson arrivals at `rate`/s, at most `concurrency` in flight; returns (wall seconds, latencies)."""
+    rng, gate, latencies = random.Random(seed), asyncio.Semaphore(concurrency), []
+
+    async def one(p):
+        async with gate:
+            t = time.perf_counter()
+            await send(p)
+            latencies.append(time.perf_counter() - t)
+
+    start, tasks = time.perf_counter(), []
+    for p in payloads:
+        tasks.append(asyncio.create_task(one(p)))
+        await asyncio.sleep(rng.expovariate(rate))
+    await asyncio.gather(*tasks)
+    return time.perf_counter() - start, latencies
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def run_http(route: str, payloads, rate, concurrency) -> tuple[float, list[float]]:
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    model = ModelArgs(**engine_args(route), num_threads=2,
+                      deployment_config={"ray_actor_options": {"num_cpus": NUM_CPUS}, "num_replicas": 1,
+                                         "max_ongoing_requests": 256})
+    serve.run(build_app(AppArgs(models=[model], max_queued_requests=1024,
+                                ingress_deployment_config={"ray_actor_options": {"num_cpus": 0.1}})),
+              name="bench", route_prefix="/", blocking=False)
+    path = "/v1/embeddings" if route == "embeddings" else "/v1/rerank"
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as client:
+        async def send(p):
+            r = await client.post(path, json=p)
+            r.raise_for_status()
+        await send(payloads[0])  # warm-up
+        result = await drive(send, payloads, rate, concurrency, seed=1)
+    serve.delete("bench")
+    return result
+
+
+async def run_in_process(route: str, payloads, rate, concurrency) -> tuple[float, list[float]]:
+    engine = AsyncLLM(EngineConfig(**engine_args(route), num_threads=2))
+    params = PoolingParams(truncate_prompt_tokens=-1)
+
+    async def send(p):
+        if route == "embeddings":
+            await engine.embed(p["input"], params)
+        else:
+            await engine.score(p["query"], p["documents"], params)
+    await send(payloads[0])
+    try:
+        return await drive(send, payloads, rate, concurrency, seed=1)
+    finally:
+        engine.shutdown()
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--requests", type=int, default=200, help="embedding requests (rerank gets a fifth)")
+    ap.add_argument("--concurrency", type=int, default=32)
+    ap.add_argument("--rate", type=float, default=0, help="arrivals/s; 0: fast enough to keep the cap full")
+    args = ap.parse_args()
+
+    corpus, queries, _ = load_scifact(SCIFACT)
+    rng = random.Random(0)
+    docs, qs = list(corpus.values()), list(queries.values())
+    print_machine("HTTP serving vs in-process engine", extra={
+        "workload": f"embeddings: {args.requests} requests x 8 SciFact docs; rerank: {max(1, args.requests // 5)} "
+                    f"requests x (1 query, 16 docs), SmolLM2 yes/no; Poisson arrivals, at most "
+                    f"{args.concurrency} in flight, loopback HTTP through the ingress"})
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    rows = []
+    for route, n in (("embeddings", args.requests), ("rerank", max(1, args.requests // 5))):
+        payloads = workload(route, n, docs, qs, rng)
+        rate = args.rate or 1000.0  # open loop far above capacity: the concurrency cap is what binds
+        http_s, http_lat = asyncio.run(run_http(route, payloads, rate, args.concurrency))
+        local_s, local_lat = asyncio.run(run_in_process(route, payloads, rate, args.concurrency))
+        rows.append([route, n, n / http_s, pct(http_lat, 50) * 1e3, pct(http_lat, 99) * 1e3,
+                     n / local_s, pct(local_lat, 50) * 1e3, pct(local_lat, 99) * 1e3, ratio(n / http_s, n / local_s)])
+    serve.shutdown()
+    ray.shutdown()
+    print(table(["route", "requests", "HTTP req/s", "HTTP p50 ms", "HTTP p99 ms", "in-process req/s",
+                 "in-process p50 ms", "in-process p99 ms", "HTTP / in-process"], rows))
+
+
+if __name__ == "__main__":
+    main()
