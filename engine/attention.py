@@ -48,8 +48,9 @@ class Attention(nn.Module):
         return blocks[table].view(b, w * self.block_size, self.num_kv_heads, self.head_dim).transpose(1, 2)
 
     def _sdpa(self, q, k, v, mask, causal):
-        if self.num_kv_heads != self.num_heads:
-            # Explicit repeat: CPU SDPA kernels take no GQA fast path.
-            rep = self.num_heads // self.num_kv_heads
-            k, v = k.repeat_interleave(rep, dim=-3), v.repeat_interleave(rep, dim=-3)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal, scale=self.scale)
+        """One sequence: q [heads, n, dim], k/v [kv_heads, context, dim]. The fused CPU kernel
+        takes only 4-D inputs; 3-D ones fall back to a generic path several times slower."""
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=None if mask is None else mask[None, None],
+                                             is_causal=causal, scale=self.scale,
+                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        return out[0]
