@@ -67,9 +67,7 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-async def run_http(route: str, payloads, rate, concurrency) -> tuple[float, list[float]]:
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+async def run_http(route: str, payloads, rate, concurrency, port: int) -> tuple[float, list[float]]:
     model = ModelArgs(**engine_args(route), num_threads=2,
                       deployment_config={"ray_actor_options": {"num_cpus": NUM_CPUS}, "num_replicas": 1,
                                          "max_ongoing_requests": 256})
@@ -119,11 +117,13 @@ def main() -> None:
                     f"requests x (1 query, 16 docs), SmolLM2 yes/no; Poisson arrivals, at most "
                     f"{args.concurrency} in flight, loopback HTTP through the ingress"})
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})  # one proxy for both routes
     rows = []
     for route, n in (("embeddings", args.requests), ("rerank", max(1, args.requests // 5))):
         payloads = workload(route, n, docs, qs, rng)
         rate = args.rate or 1000.0  # open loop far above capacity: the concurrency cap is what binds
-        http_s, http_lat = asyncio.run(run_http(route, payloads, rate, args.concurrency))
+        http_s, http_lat = asyncio.run(run_http(route, payloads, rate, args.concurrency, port))
         local_s, local_lat = asyncio.run(run_in_process(route, payloads, rate, args.concurrency))
         rows.append([route, n, n / http_s, pct(http_lat, 50) * 1e3, pct(http_lat, 99) * 1e3,
                      n / local_s, pct(local_lat, 50) * 1e3, pct(local_lat, 99) * 1e3, ratio(n / http_s, n / local_s)])
