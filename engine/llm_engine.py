@@ -279,7 +279,8 @@ class LLMEngine:
     @property
     def _bi_encoder(self) -> bool:
         """Embedding models score a pair as the cosine of its two embeddings, as vLLM does."""
-        return self.yes_no is None and self.runner.model.spec.num_labels is None
+        return (self.task in ("embed", "score") and self.yes_no is None
+                and self.runner.model.spec.num_labels is None)
 
     def _bi_encoder_score(self, pairs: list[tuple[str, str]], params: PoolingParams) -> PoolingJob:
         texts = [t for pair in pairs for t in pair]

@@ -167,6 +167,10 @@ def test_wrong_task_calls(embedder, generator, scorer):
         scorer.embed("hi")
     with pytest.raises(ValueError, match="not classification"):
         generator.classify("hi")
+    with pytest.raises(ValueError, match="not embeddings"):
+        generator.embed("hi")
+    with pytest.raises(ValueError, match="not scoring"):
+        generator.score("a", "b")
     assert_pool_free(generator)
 
 
