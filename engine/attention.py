@@ -50,7 +50,7 @@ class Attention(nn.Module):
     def _sdpa(self, q, k, v, mask, causal):
         """One sequence: q [heads, n, dim], k/v [kv_heads, context, dim]. The fused CPU kernel
         takes only 4-D inputs; 3-D ones fall back to a generic path several times slower."""
-        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=None if mask is None else mask[None, None],
-                                             is_causal=causal, scale=self.scale,
-                                             enable_gqa=self.num_kv_heads != self.num_heads)
+        mask = None if mask is None else mask[None, None]
+        out = F.scaled_dot_product_attention(q[None], k[None], v[None], attn_mask=mask, is_causal=causal,
+                                             scale=self.scale, enable_gqa=self.num_kv_heads != self.num_heads)
         return out[0]

@@ -41,9 +41,8 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> tuple[list[tuple[Request, SampledToken]],
                                                        list[tuple[Request, torch.Tensor]]]:
         # Prefill chunks first, then single-token decodes, so decodes form one batch at the end.
-        order = sorted(range(len(sched.requests)), key=lambda i: self._is_decode(sched.requests[i], sched.num_tokens[i]))
-        reqs = [sched.requests[i] for i in order]
-        counts = [sched.num_tokens[i] for i in order]
+        pairs = sorted(zip(sched.requests, sched.num_tokens), key=lambda rn: self._is_decode(*rn))
+        reqs, counts = [r for r, _ in pairs], [n for _, n in pairs]
         ids, types, positions, ends = [], [], [], []
         for req, n in zip(reqs, counts):
             c = req.num_computed_tokens
