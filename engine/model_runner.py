@@ -71,41 +71,33 @@ class ModelRunner:
             ctx.prefills = [PrefillSpan(end - n, end) for n, end in zip(counts, ends)]
             ctx.num_prefill_tokens = ends[-1]
             return ctx
-        tables = [torch.tensor(r.block_ids, dtype=torch.long, device=self.device) for r in reqs]
-        ctx.slot_mapping = self._slots(tables, reqs, counts, pos)
-        decodes = []
-        for req, n, end, table in zip(reqs, counts, ends, tables):
+        # One padded block table for the step; every slot below is looked up in it, vectorised.
+        dev, bs = self.device, self.block_size
+        width = max(len(r.block_ids) for r in reqs)
+        table = torch.tensor([r.block_ids + [0] * (width - len(r.block_ids)) for r in reqs], dtype=torch.long,
+                             device=dev)
+        rows = torch.repeat_interleave(torch.arange(len(reqs), device=dev), torch.tensor(counts, device=dev))
+        ctx.slot_mapping = table[rows, pos // bs] * bs + pos % bs
+        decodes, lengths = [], []
+        for i, (req, n, end) in enumerate(zip(reqs, counts, ends)):
             c = req.num_computed_tokens
             if self._is_decode(req, n):
-                decodes.append((table, c + 1))
+                decodes.append(i)
+                lengths.append(c + 1)
                 continue
             span = PrefillSpan(end - n, end)
             if c > 0:  # chunk after cached or earlier-computed tokens: read the context from the cache
-                span.context_slots = self._slots_of(table, torch.arange(c + n, device=self.device))
-                q = torch.arange(n, device=self.device).unsqueeze(1)
-                span.mask = torch.arange(c + n, device=self.device).unsqueeze(0) <= q + c
+                p = torch.arange(c + n, device=dev)
+                span.context_slots = table[i, p // bs] * bs + p % bs
+                span.mask = p.unsqueeze(0) <= torch.arange(n, device=dev).unsqueeze(1) + c
             ctx.prefills.append(span)
             ctx.num_prefill_tokens = end
         if decodes:
-            longest = max(length for _, length in decodes)
-            width = -(-longest // self.block_size)
-            table = torch.zeros(len(decodes), width, dtype=torch.long, device=self.device)
-            for i, (t, _) in enumerate(decodes):
-                table[i, :len(t)] = t[:width]
-            lengths = torch.tensor([length for _, length in decodes], device=self.device)
-            p = torch.arange(width * self.block_size, device=self.device)
-            ctx.decode_block_table = table
-            ctx.decode_mask = (p.unsqueeze(0) < lengths.unsqueeze(1))[:, None, None, :]
+            decode_width = -(-max(lengths) // bs)
+            ctx.decode_block_table = table[decodes, :decode_width]
+            p = torch.arange(decode_width * bs, device=dev)
+            ctx.decode_mask = (p.unsqueeze(0) < torch.tensor(lengths, device=dev).unsqueeze(1))[:, None, None, :]
         return ctx
-
-    def _slots(self, tables, reqs, counts, pos) -> torch.Tensor:
-        starts = [0]
-        for n in counts:
-            starts.append(starts[-1] + n)
-        return torch.cat([self._slots_of(t, pos[a:b]) for t, a, b in zip(tables, starts, starts[1:])])
-
-    def _slots_of(self, table: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
-        return table[positions // self.block_size] * self.block_size + positions % self.block_size
 
     def _outputs(self, hidden, reqs, counts, ends):
         sample_rows, sample_reqs, pooled = [], [], []
