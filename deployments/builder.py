@@ -36,6 +36,7 @@ class ModelArgs(BaseModel):
     max_num_seqs: int | None = None
     kv_cache_memory_bytes: int | None = None
     num_threads: int | None = None  # None: the replica's reserved CPUs (cluster.shapes.torch_threads)
+    auto_truncate: bool = False  # embed/score/classify: cut over-long inputs to max_model_len, not 400
     engine_kwargs: dict[str, Any] = {}  # any other engine.EngineConfig field
     deployment_config: dict[str, Any] = {}  # @serve.deployment options, over cluster.shapes' defaults
 
@@ -55,7 +56,8 @@ class ModelArgs(BaseModel):
     def engine_config(self, ray_actor_options: dict[str, Any]) -> dict[str, Any]:
         """EngineConfig keyword arguments, checked here so a bad value fails at deploy time."""
         fields = self.model_dump(include={"model", "task", "served_model_name", "dtype", "max_model_len",
-                                          "max_num_batched_tokens", "max_num_seqs", "kv_cache_memory_bytes"},
+                                          "max_num_batched_tokens", "max_num_seqs", "kv_cache_memory_bytes",
+                                          "auto_truncate"},
                                  exclude_none=True)
         kwargs = {**fields, "num_threads": self.num_threads or torch_threads(ray_actor_options), **self.engine_kwargs}
         EngineConfig(**kwargs)

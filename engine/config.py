@@ -28,6 +28,9 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
+    # Embed / score / classify inputs over max_model_len are cut to it instead of refused, as TEI's
+    # --auto-truncate: for clients (LangChain, LlamaIndex) that cannot send truncate_prompt_tokens.
+    auto_truncate: bool = False
     served_model_name: str | None = None
     seed: int = 0
     # Decoder-only yes/no rerankers (Qwen3-Reranker style).

@@ -1,4 +1,5 @@
 """The synchronous engine: requests in, one scheduled step at a time, outputs out."""
+import dataclasses
 import itertools
 import json
 import os
@@ -12,7 +13,8 @@ from engine.config import EngineConfig, keep_freed_memory, set_num_threads
 from engine.detokenizer import IncrementalDetokenizer
 from engine.kv_cache_manager import KVCacheManager, cdiv
 from engine.metrics import Stats
-from engine.loader import (iter_weights, load_config, read_matryoshka_dims, read_sentence_transformers_pooling,
+from engine.loader import (iter_weights, load_config, read_matryoshka_dims,
+                           read_sentence_transformers_max_seq_length, read_sentence_transformers_pooling,
                            resolve_model)
 from engine.model_runner import ModelRunner
 from engine.models import model_class
@@ -92,6 +94,9 @@ class LLMEngine:
             limit -= hf.pad_token_id + 1  # their positions start after the padding index
         if getattr(hf, "sliding_window", None) and getattr(hf, "use_sliding_window", True):
             limit = min(limit, hf.sliding_window)  # full attention is exact only inside the window
+        st_limit = read_sentence_transformers_max_seq_length(self.model_dir)
+        if st_limit:  # what the model was trained and is evaluated at, as vLLM reads it
+            limit = min(limit, st_limit)
         want = self.config.max_model_len
         if want is not None and want > limit:
             raise ValueError(f"max_model_len {want} is larger than the model's limit {limit}")
@@ -232,7 +237,7 @@ class LLMEngine:
 
     # ---- pooling ------------------------------------------------------------------------------
     def embed_job(self, prompts: list[str | list[int]], params: PoolingParams | None = None) -> PoolingJob:
-        params = params or PoolingParams()
+        params = self._pooling_params(params)
         if not prompts:
             raise ValueError("input must not be empty")
         if self.task != "embed" and not self._bi_encoder:
@@ -242,7 +247,7 @@ class LLMEngine:
         return PoolingJob(reqs, lambda done: [self._embedding_output(p, params) for p in done])
 
     def classify_job(self, prompts: list[str | list[int]], params: PoolingParams | None = None) -> PoolingJob:
-        params = params or PoolingParams()
+        params = self._pooling_params(params)
         if self.task != "classify":
             raise ValueError(f"model {self.config.served_name} serves task {self.task!r}, not classification")
         if not prompts:
@@ -256,7 +261,7 @@ class LLMEngine:
 
     def score_job(self, text_1: str | list[str], text_2: str | list[str],
                   params: PoolingParams | None = None) -> PoolingJob:
-        params = params or PoolingParams()
+        params = self._pooling_params(params)
         if self.task not in ("score", "embed"):
             raise ValueError(f"model {self.config.served_name} serves task {self.task!r}, not scoring")
         pairs = pair_texts(text_1, text_2)
@@ -275,6 +280,12 @@ class LLMEngine:
             return [self._output(p, ScoringOutput(float(p.data[0].sigmoid() if params.activation else p.data[0])))
                     for p in done]
         return PoolingJob(reqs, combine)
+
+    def _pooling_params(self, params: PoolingParams | None) -> PoolingParams:
+        params = params or PoolingParams()
+        if params.truncate_prompt_tokens is None and self.config.auto_truncate:
+            return dataclasses.replace(params, truncate_prompt_tokens=-1)  # -1: to max_model_len
+        return params
 
     @property
     def _bi_encoder(self) -> bool:

@@ -46,7 +46,7 @@ _HUB_PATTERNS = [
     "chat_template.jinja",
     "chat_template.json",
     "modules.json",
-    "sentence_bert_config.json",
+    "sentence_*_config.json",
     "config_sentence_transformers.json",
     "*Pooling/*",
 ]
@@ -255,6 +255,23 @@ def _pooling_mode(cfg: dict, model_dir: str) -> str:
         # max / weighted-mean / sqrt-len pooling would silently give different vectors.
         raise ValueError(f"unsupported sentence-transformers pooling in {model_dir}: {cfg}")
     return mode
+
+
+# sentence-transformers names its encoder settings file after the architecture (vLLM reads these).
+_SENTENCE_TRANSFORMERS_CONFIGS = ("sentence_bert_config.json", "sentence_roberta_config.json",
+                                  "sentence_distilbert_config.json", "sentence_camembert_config.json",
+                                  "sentence_albert_config.json", "sentence_xlm-roberta_config.json",
+                                  "sentence_xlnet_config.json")
+
+
+def read_sentence_transformers_max_seq_length(model_dir: str) -> int | None:
+    """The input length sentence-transformers truncates to (all-MiniLM-L6-v2: 256, where its
+    positions allow 512); vLLM takes it as the model's max_model_len."""
+    for name in _SENTENCE_TRANSFORMERS_CONFIGS:
+        cfg = _read_json(os.path.join(model_dir, name))
+        if isinstance(cfg, dict) and cfg.get("max_seq_length"):
+            return int(cfg["max_seq_length"])
+    return None
 
 
 def read_matryoshka_dims(model_dir: str) -> list[int] | None:

@@ -9,7 +9,7 @@ def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
 def length_error(num_tokens: int, limit: int) -> ValueError:
     return ValueError(f"This model's maximum context length is {limit} tokens. However, your request has "
                       f"{num_tokens} input tokens. Please reduce the length of the input, or set "
-                      f"truncate_prompt_tokens to truncate it.")
+                      f"truncate_prompt_tokens (or the model's auto_truncate option) to truncate it.")
 
 
 def truncation_length(max_model_len: int, truncate_prompt_tokens: int | None) -> int | None:

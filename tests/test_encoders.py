@@ -176,3 +176,23 @@ def test_minilm_bi_encoder_score_is_cosine(minilm, st_minilm):
 def test_minilm_rejects_matryoshka_dimensions(minilm):
     with pytest.raises(ValueError, match="Matryoshka"):
         minilm.embed("hello", pooling_params=PoolingParams(dimensions=128))
+
+
+def test_minilm_max_model_len_is_sentence_transformers_max_seq_length(minilm):
+    """sentence_bert_config.json says 256 (its positions allow 512), as vLLM and sentence-transformers read it."""
+    assert minilm.engine.max_model_len == 256
+    with pytest.raises(ValueError, match="256"):
+        LLM(MINILM, max_model_len=512)
+
+
+def test_auto_truncate_matches_sentence_transformers(minilm, st_minilm):
+    text = " ".join(SENTENCES * 12)
+    assert len(minilm.get_tokenizer()(text)["input_ids"]) >= 300
+    with pytest.raises(ValueError, match="maximum context length is 256"):
+        minilm.embed(text)  # off (the default): refused, naming the limit
+    auto = LLM(MINILM, dtype="float32", auto_truncate=True)
+    out = auto.embed(text)[0]
+    assert len(out.prompt_token_ids) == 256
+    assert_close(out.outputs.embedding, st_minilm.encode([text], convert_to_tensor=True).float()[0])
+    # A request's own truncate_prompt_tokens still wins over the model's option.
+    assert len(auto.embed(text, truncate_prompt_tokens=10)[0].prompt_token_ids) == 10

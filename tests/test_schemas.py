@@ -250,3 +250,6 @@ def test_serve_config_is_valid():
                                                                  args.rag.deployment_config]
     assert all("autoscaling_config" in d for d in deployments)
     assert sum(d["ray_actor_options"]["num_cpus"] for d in deployments) <= 2
+    # The default embedder truncates over-long inputs as sentence-transformers does (SciFact documents).
+    embedder = next(m for m in args.models if m.task == "embed")
+    assert embedder.engine_config({})["auto_truncate"] is True

@@ -27,6 +27,7 @@ TIGHT = "smollm2-tight"  # one request at a time, one queued: for the overload t
 ORIGIN = "http://allowed.example"
 BODY_LIMIT = 1 << 20
 MAX_LEN = 512
+EMBED_LEN = 256  # all-MiniLM-L6-v2's sentence_bert_config.json max_seq_length
 
 # vLLM's response fields (vllm/entrypoints/openai/protocol.py).
 EMBEDDING_KEYS = {"id", "object", "created", "model", "data", "usage"}
@@ -37,8 +38,9 @@ CHAT_KEYS = COMPLETION_KEYS | {"prompt_logprobs"}
 MODEL_CARD_KEYS = {"id", "object", "created", "owned_by", "root", "parent", "max_model_len", "permission"}
 
 
-def small(model: str, task: str, served: str | None = None, cpus: float = 0.3, **deployment) -> ModelArgs:
-    return ModelArgs(model=model, task=task, served_model_name=served, max_model_len=MAX_LEN,
+def small(model: str, task: str, served: str | None = None, cpus: float = 0.3, max_len: int = MAX_LEN,
+          **deployment) -> ModelArgs:
+    return ModelArgs(model=model, task=task, served_model_name=served, max_model_len=max_len,
                      kv_cache_memory_bytes=64 << 20, num_threads=1,
                      deployment_config={"ray_actor_options": {"num_cpus": cpus},
                                         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, **deployment})
@@ -71,7 +73,7 @@ def base_url(tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = AppArgs(
-        models=[small(EMBED, "embed"), small(GEN, "generate"), small(GEN, "score", RERANK),
+        models=[small(EMBED, "embed", max_len=EMBED_LEN), small(GEN, "generate"), small(GEN, "score", RERANK),
                 small(tiny_classifier(tmp_path_factory.mktemp("classifier")), "classify", CLASSIFY, cpus=0.1),
                 small(GEN, "generate", TIGHT, cpus=0.2, max_ongoing_requests=1, max_queued_requests=1)],
         api_key=API_KEY, allowed_origins=[ORIGIN], max_request_body_bytes=BODY_LIMIT,
@@ -120,7 +122,7 @@ def test_models(client, http):
     assert body["object"] == "list"
     card = body["data"][0]
     assert set(card) == MODEL_CARD_KEYS
-    assert card["object"] == "model" and card["root"] == EMBED and card["max_model_len"] == MAX_LEN
+    assert card["object"] == "model" and card["root"] == EMBED and card["max_model_len"] == EMBED_LEN
     assert card["permission"][0]["object"] == "model_permission"
 
 
@@ -170,9 +172,9 @@ def test_embedding_errors(http):
     assert "dimensions" in err["message"]
     long_text = "word " * 2000
     err = error_of(http.post("/v1/embeddings", json={"model": EMBED, "input": long_text}), 400)
-    assert str(MAX_LEN) in err["message"]
+    assert str(EMBED_LEN) in err["message"]
     ok = http.post("/v1/embeddings", json={"model": EMBED, "input": long_text, "truncate_prompt_tokens": -1})
-    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == MAX_LEN
+    assert ok.status_code == 200 and ok.json()["usage"]["prompt_tokens"] == EMBED_LEN
     err = error_of(http.post("/v1/embeddings", json={"model": EMBED}), 400)
     assert err["param"] == "input" and "input" in err["message"]
     err = error_of(http.post("/v1/embeddings", json={"model": "nope", "input": "x"}), 404)
