@@ -17,6 +17,12 @@ install: $(STAMP)
 serve: $(STAMP)
 	$(VENV)/bin/serve run serve_config.yaml
 
+# Replica states of the app `make serve` runs. Ray >= 2.52 turns token auth on for the cluster that
+# `serve run` starts (token in ~/.ray/auth_token), but Serve's CLI sends the token only with
+# RAY_AUTH_MODE=token in its own environment; a bare `serve status` gets "Missing authentication token".
+status: $(STAMP)
+	RAY_AUTH_MODE=token $(VENV)/bin/serve status
+
 test: $(STAMP)
 	$(PY) -m pytest -q tests
 
@@ -26,4 +32,4 @@ bench: $(STAMP)
 	$(PY) bench/generate.py
 	$(PY) bench/serve.py
 
-.PHONY: install serve test bench
+.PHONY: install serve status test bench
