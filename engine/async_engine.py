@@ -47,6 +47,7 @@ class AsyncLLM:
         self._streams: dict[str, _Waiter] = {}
         self._jobs: dict[str, _JobState] = {}  # by engine request id
         self._snapshot = self.engine.stats_snapshot()
+        self.engine.on_batch_start = self._publish_stats
         self._running = True
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
@@ -191,9 +192,13 @@ class AsyncLLM:
         return self.tokenizer.apply_chat_template(messages, tokenize=False,
                                                   add_generation_prompt=add_generation_prompt, **chat_template_kwargs)
 
+    def _publish_stats(self, snapshot: dict) -> None:
+        self._snapshot = snapshot
+
     def stats(self) -> dict:
-        """The snapshot taken after the latest step: counters, running/waiting, KV usage, and
-        histograms as {"buckets", "counts" (per bucket, last is +Inf), "sum", "count"}."""
+        """The snapshot taken when the latest step started (its batch running) or ended: counters,
+        running/waiting, KV usage, and histograms as {"buckets", "counts" (per bucket, last is
+        +Inf), "sum", "count"}."""
         return self._snapshot
 
     def shutdown(self) -> None:

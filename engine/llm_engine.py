@@ -85,6 +85,8 @@ class LLMEngine:
         self.generations: dict[str, Generation] = {}
         self.parent_of: dict[str, str] = {}
         self.stats = Stats()
+        # Called with a stats snapshot when a step's batch starts (AsyncLLM publishes it to /metrics).
+        self.on_batch_start: Callable[[dict], None] | None = None
         self._ids = itertools.count()
 
     # ---- set-up -------------------------------------------------------------------------------
@@ -343,6 +345,10 @@ class LLMEngine:
         sched = self.scheduler.schedule()
         if not sched.requests:
             return []
+        if self.on_batch_start is not None:
+            # A pooling request finishes in the step that runs it: only a snapshot taken now shows it
+            # running, as vLLM counts the batch it executes.
+            self.on_batch_start(self.stats_snapshot())
         try:
             sampled, pooled = self.runner.execute(sched)
         except BaseException:

@@ -1,0 +1,54 @@
+"""The engine's /metrics numbers: pooling requests count as running while the model works on
+them (vllm:num_requests_running), as vLLM counts the batch it executes."""
+import asyncio
+import threading
+
+import pytest
+
+from engine import LLM, AsyncLLM, EngineConfig
+from conftest import sentence
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+PROMPTS = [sentence(700 + i, 6) for i in range(6)]
+
+
+def test_pooling_batch_counts_as_running_while_it_runs(tiny_model):
+    llm = LLM(tiny_model("bert"), task="embed", max_num_batched_tokens=32)  # a few prompts per step
+    seen = []
+    llm.engine.on_batch_start = seen.append
+    llm.embed(PROMPTS)
+    assert len(seen) > 1 and all(s["num_running"] > 0 for s in seen)
+    assert sum(s["num_running"] for s in seen) == len(PROMPTS)  # each prompt ran in exactly one step
+    assert seen[0]["num_waiting"] == len(PROMPTS) - seen[0]["num_running"]
+    assert llm.engine.stats_snapshot()["num_running"] == 0
+
+
+def test_async_engine_reports_the_running_batch(tiny_model):
+    engine = AsyncLLM(EngineConfig(tiny_model("bert"), task="embed"))
+    release = threading.Event()
+    execute = engine.engine.runner.execute
+
+    def held_execute(sched):  # the model is "working" until the test has looked at /metrics
+        release.wait(timeout=60)
+        return execute(sched)
+    engine.engine.runner.execute = held_execute
+
+    async def scenario():
+        job = asyncio.ensure_future(engine.embed(PROMPTS))
+        for _ in range(6000):  # bounds a hang only
+            if engine.stats()["num_running"] == len(PROMPTS):
+                break
+            await asyncio.sleep(0.01)
+        during = engine.stats()
+        release.set()
+        return during, await job
+
+    try:
+        during, outs = asyncio.run(scenario())
+    finally:
+        release.set()
+        engine.shutdown()
+    assert during["num_running"] == len(PROMPTS) and during["num_waiting"] == 0
+    assert len(outs) == len(PROMPTS)
+    assert engine.stats()["num_running"] == 0
