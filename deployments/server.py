@@ -174,12 +174,9 @@ class ModelServer:
     def _chat_chunk(self, rid: str, created: int, choice: ChatCompletionResponseStreamChoice):
         return ChatCompletionStreamResponse(id=rid, created=created, model=self.name, choices=[choice])
 
-    def _chat_prompt(self, req: ChatCompletionRequest) -> str:
-        kwargs = dict(req.chat_template_kwargs or {})
-        if req.continue_final_message:
-            kwargs["continue_final_message"] = True
-        return self.engine.apply_chat_template([m.template_dict() for m in req.messages],
-                                               add_generation_prompt=req.add_generation_prompt, **kwargs)
+    def _chat_prompt(self, req: ChatCompletionRequest | TokenizeRequest) -> str:
+        return self.engine.apply_chat_template([m.template_dict() for m in req.messages], req.add_generation_prompt,
+                                               req.continue_final_message, req.chat_template_kwargs)
 
     def _sampling(self, req, max_tokens: int | None, logprobs: int | None) -> SamplingParams:
         return SamplingParams(**req.sampling_kwargs(), max_tokens=max_tokens, logprobs=logprobs)
@@ -228,9 +225,7 @@ class ModelServer:
     # ---- tokenizer ------------------------------------------------------------------------------
     async def tokenize(self, req: TokenizeRequest) -> TokenizeResponse:
         if req.messages is not None:
-            prompt = self.engine.apply_chat_template([m.template_dict() for m in req.messages],
-                                                     add_generation_prompt=req.add_generation_prompt,
-                                                     **(req.chat_template_kwargs or {}))
+            prompt = self._chat_prompt(req)
             add_special = bool(req.add_special_tokens)  # the chat template already wrote them
         else:
             prompt, add_special = req.prompt, req.add_special_tokens is not False

@@ -1,7 +1,8 @@
 """The engine for servers: a background thread runs steps while asyncio callers await results.
 
-All engine state, tokenizer included, is touched only by that thread; callers hand it work through
-an inbox. PyTorch releases the GIL inside its kernels, so the event loop stays responsive."""
+All engine state is touched only by that thread; callers hand it work through an inbox. The
+tokenizer is the exception: it takes its own lock (engine.tokenizer.Tokenizer), so servers may
+tokenize and apply chat templates on their event loop. PyTorch releases the GIL inside its kernels, so the event loop stays responsive."""
 import asyncio
 import logging
 import queue
@@ -14,6 +15,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, Pooled, PoolingJob
 from engine.outputs import PoolingRequestOutput, RequestOutput
 from engine.params import PoolingParams, SamplingParams
+from engine.tokenizer import apply_chat_template
 
 log = logging.getLogger(__name__)
 
@@ -186,11 +188,9 @@ class AsyncLLM:
         return self.tokenizer.decode(ids)
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True,
-                            **chat_template_kwargs) -> str:
-        if self.tokenizer.chat_template is None:
-            raise ValueError(f"model {self.config.served_name} has no chat template; use /v1/completions")
-        return self.tokenizer.apply_chat_template(messages, tokenize=False,
-                                                  add_generation_prompt=add_generation_prompt, **chat_template_kwargs)
+                            continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> str:
+        return apply_chat_template(self.tokenizer, messages, add_generation_prompt, continue_final_message,
+                                   chat_template_kwargs)
 
     def _publish_stats(self, snapshot: dict) -> None:
         self._snapshot = snapshot

@@ -3,6 +3,7 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine, Pooled, PoolingJob
 from engine.outputs import PoolingRequestOutput, RequestOutput
 from engine.params import PoolingParams, SamplingParams
+from engine.tokenizer import apply_chat_template
 
 Prompt = str | list[int] | dict
 
@@ -50,12 +51,11 @@ class LLM:
         return [done[rid] for rid in ids]
 
     def chat(self, messages: list[dict] | list[list[dict]], sampling_params: SamplingParams | None = None,
-             add_generation_prompt: bool = True, chat_template_kwargs: dict | None = None,
-             use_tqdm: bool = False) -> list[RequestOutput]:
+             add_generation_prompt: bool = True, continue_final_message: bool = False,
+             chat_template_kwargs: dict | None = None, use_tqdm: bool = False) -> list[RequestOutput]:
         conversations = [messages] if messages and isinstance(messages[0], dict) else messages
-        prompts = [self.engine.tokenizer.apply_chat_template(c, tokenize=False, add_generation_prompt=add_generation_prompt,
-                                                             **(chat_template_kwargs or {}))
-                   for c in conversations]
+        prompts = [apply_chat_template(self.engine.tokenizer, c, add_generation_prompt, continue_final_message,
+                                       chat_template_kwargs) for c in conversations]
         return self.generate(prompts, sampling_params)
 
     def embed(self, prompts: Prompt | list[Prompt], truncate_prompt_tokens: int | None = None,

@@ -1,9 +1,70 @@
-"""Prompt encoding with vLLM's truncation rules, and score-pair building."""
+"""The engine's tokenizer, prompt encoding with vLLM's truncation rules, chat templating and
+score-pair building."""
+import functools
+import threading
+
+from jinja2.exceptions import TemplateError
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
-def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(model_dir)
+class Tokenizer:
+    """The one door to a Hugging Face tokenizer: every call holds one lock.
+
+    The engine thread encodes prompts and decodes outputs while a server's event loop tokenizes,
+    detokenizes and applies chat templates. Fast (Rust) tokenizers are not safe for that: encoding
+    with truncation reconfigures the shared backend, and two threads meeting there fail with
+    "Already borrowed". Attributes read through to the wrapped tokenizer; methods run locked."""
+    __slots__ = ("hf", "_lock")
+
+    def __init__(self, hf: PreTrainedTokenizerBase):
+        self.hf = hf
+        self._lock = threading.RLock()  # re-entrant: apply_chat_template may call back into encoding
+
+    def __call__(self, *args, **kwargs):
+        with self._lock:
+            return self.hf(*args, **kwargs)
+
+    def __len__(self) -> int:
+        return len(self.hf)
+
+    def __getattr__(self, name: str):
+        value = getattr(self.hf, name)
+        if not callable(value):
+            return value
+
+        @functools.wraps(value)
+        def locked(*args, **kwargs):
+            with self._lock:
+                return value(*args, **kwargs)
+        return locked
+
+
+def load_tokenizer(model_dir: str) -> Tokenizer:
+    return Tokenizer(AutoTokenizer.from_pretrained(model_dir))
+
+
+_NOT_TEMPLATE_VARIABLES = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "tokenize",
+                                     "padding", "truncation", "max_length", "return_tensors", "return_dict",
+                                     "return_assistant_tokens_mask", "tokenizer_kwargs"})
+
+
+def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generation_prompt: bool = True,
+                        continue_final_message: bool = False, chat_template_kwargs: dict | None = None) -> str:
+    """The prompt text of a conversation, for every caller (offline LLM.chat, the chat route, /tokenize).
+    continue_final_message leaves the last (assistant) message open for the model to go on with."""
+    if tokenizer.chat_template is None:
+        raise ValueError("this model has no chat template; send a plain prompt (e.g. /v1/completions)")
+    if continue_final_message and add_generation_prompt:
+        raise ValueError("Cannot set both continue_final_message and add_generation_prompt to true")
+    if continue_final_message and (not messages or not isinstance(messages[-1].get("content"), str)):
+        raise ValueError("continue_final_message needs a final message with text content")
+    # As vLLM: chat_template_kwargs are template variables; names of the call's own arguments are dropped.
+    kwargs = {k: v for k, v in (chat_template_kwargs or {}).items() if k not in _NOT_TEMPLATE_VARIABLES}
+    kwargs.update(add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
+    except TemplateError as e:  # e.g. the template's raise_exception("roles must alternate ...")
+        raise ValueError(f"the chat template refused these messages: {e}") from e
 
 
 def length_error(num_tokens: int, limit: int) -> ValueError:

@@ -335,6 +335,43 @@ def test_tokenize_detokenize(http):
     error_of(http.post("/detokenize", json={"model": GEN, "tokens": [10 ** 9]}), 400)
 
 
+def test_tokenize_continue_final_message(http):
+    """/tokenize and chat build prompts with the same function: continue_final_message leaves the last
+    assistant message open."""
+    messages = [{"role": "user", "content": "Hello"}, {"role": "assistant", "content": "The answer is"}]
+    body = {"model": GEN, "messages": messages, "add_generation_prompt": False}
+    open_end = http.post("/tokenize", json={**body, "continue_final_message": True}).json()["tokens"]
+    closed = http.post("/tokenize", json=body).json()["tokens"]
+    assert len(open_end) < len(closed) and closed[:len(open_end)] == open_end
+    assert http.post("/detokenize", json={"model": GEN, "tokens": open_end}).json()["prompt"].endswith("The answer is")
+    err = error_of(http.post("/tokenize", json={**body, "continue_final_message": True,
+                                               "add_generation_prompt": True}), 400)
+    assert "continue_final_message" in err["message"]
+
+
+def test_tokenizer_under_concurrent_tokenize_and_chat(base_url):
+    """The replica's event loop tokenizes while its engine thread encodes prompts: many at once, no errors."""
+    messages = [{"role": "user", "content": "Say something."}]
+
+    async def scenario():
+        async with httpx.AsyncClient(base_url=base_url, headers={"Authorization": f"Bearer {API_KEY}"},
+                                     timeout=300) as c:
+            calls = []
+            for i in range(24):
+                calls.append(c.post("/tokenize", json={"model": GEN, "messages": messages}))
+                calls.append(c.post("/tokenize", json={"model": GEN, "prompt": f"Hello number {i}",
+                                                       "return_token_strs": True}))
+            calls += [c.post("/v1/chat/completions", json={"model": GEN, "messages": messages, "max_tokens": 2})
+                      for _ in range(6)]
+            calls += [c.post("/v1/embeddings", json={"model": EMBED, "input": f"text {i}"}) for i in range(6)]
+            return await asyncio.gather(*calls)
+
+    responses = asyncio.run(scenario())
+    assert [r.status_code for r in responses] == [200] * len(responses), [r.text for r in responses
+                                                                          if r.status_code != 200][:3]
+    assert len({tuple(r.json()["tokens"]) for r in responses[0:48:2]}) == 1  # the same chat prompt every time
+
+
 # ---- security and limits ------------------------------------------------------------------------
 def test_api_key_on_every_route(base_url):
     with httpx.Client(base_url=base_url, timeout=60) as anonymous:

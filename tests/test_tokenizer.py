@@ -1,0 +1,92 @@
+"""engine.tokenizer: one locked door to the Hugging Face tokenizer, and one chat-template function."""
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+
+from conftest import sentence
+from engine import LLM, SamplingParams
+from engine.tokenizer import Tokenizer, apply_chat_template, load_tokenizer
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+
+
+class OneAtATime:
+    """A stand-in tokenizer that fails as a Rust tokenizer does when two threads meet inside it."""
+
+    def __init__(self):
+        self.inside = 0
+        self.chat_template = "x"
+
+    def _enter(self):
+        self.inside += 1
+        try:
+            if self.inside > 1:
+                raise RuntimeError("Already borrowed")
+            time.sleep(0.001)  # widen the window two unlocked threads would meet in
+        finally:
+            self.inside -= 1
+
+    def __call__(self, text, **kwargs):
+        self._enter()
+        return {"input_ids": [len(text)]}
+
+    def decode(self, ids, **kwargs):
+        self._enter()
+        return "x" * len(ids)
+
+    def apply_chat_template(self, messages, **kwargs):
+        self._enter()
+        return "chat"
+
+
+def test_every_call_through_the_wrapper_is_serialized():
+    tok = Tokenizer(OneAtATime())
+    calls = [lambda: tok("abc"), lambda: tok.decode([1, 2]), lambda: apply_chat_template(tok, [{"role": "user"}])]
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(lambda i: calls[i % 3](), range(300)))
+    assert results[:3] == [{"input_ids": [3]}, "xx", "chat"]
+    with ThreadPoolExecutor(8) as pool:  # the same calls unwrapped do collide: the test can fail
+        raw = OneAtATime()
+        with pytest.raises(RuntimeError, match="Already borrowed"):
+            list(pool.map(lambda i: raw("abc"), range(300)))
+
+
+def test_real_tokenizer_from_many_threads_gives_single_thread_results(tiny_model):
+    tok = load_tokenizer(tiny_model("llama"))
+    texts = [sentence(900 + i, 40) for i in range(16)]
+    want = [tok(t, truncation=True, max_length=8 + i)["input_ids"] for i, t in enumerate(texts)]
+
+    def work(i):
+        ids = tok(texts[i], truncation=True, max_length=8 + i)["input_ids"]
+        return ids, tok.decode(ids), apply_chat_template(tok, [{"role": "user", "content": texts[i]}])
+    with ThreadPoolExecutor(8) as pool:
+        got = list(pool.map(work, range(16)))
+    assert [g[0] for g in got] == want
+    assert all(g[2].endswith("<|assistant|>") for g in got)
+    assert len(tok) == tok.vocab_size and tok.hf.bos_token == tok.bos_token
+
+
+def test_chat_template_is_one_function_for_every_caller(tiny_model):
+    llm = LLM(tiny_model("llama"), max_model_len=128, kv_cache_memory_bytes=8 << 20)
+    tok = llm.get_tokenizer()
+    messages = [{"role": "user", "content": "the cat"}, {"role": "assistant", "content": "the dog"}]
+    open_end = apply_chat_template(tok, messages, add_generation_prompt=False, continue_final_message=True)
+    assert open_end.endswith("the dog")  # the assistant's message stays open for the model to go on
+    closed = apply_chat_template(tok, messages, add_generation_prompt=False)
+    assert closed.endswith("<|end|> ")
+    with pytest.raises(ValueError, match="continue_final_message"):
+        apply_chat_template(tok, messages, add_generation_prompt=True, continue_final_message=True)
+    with pytest.raises(ValueError, match="final message with text content"):
+        apply_chat_template(tok, [{"role": "assistant", "tool_calls": []}], False, continue_final_message=True)
+    # chat_template_kwargs are template variables; the call's own argument names are not taken from them.
+    assert apply_chat_template(tok, messages, chat_template_kwargs={"tokenize": True, "messages": []}) == \
+        apply_chat_template(tok, messages)
+    strict = load_tokenizer(tiny_model("llama"))
+    strict.hf.chat_template = "{{ raise_exception('roles must alternate') }}"
+    with pytest.raises(ValueError, match="chat template refused these messages: roles must alternate"):
+        apply_chat_template(strict, messages)  # a template's own check becomes a 400
+    greedy = SamplingParams(temperature=0, max_tokens=3)
+    out = llm.chat(messages, greedy, add_generation_prompt=False, continue_final_message=True)[0]
+    assert out.prompt_token_ids == llm.generate(open_end, greedy)[0].prompt_token_ids
