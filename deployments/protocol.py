@@ -14,7 +14,7 @@ import time
 import uuid
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 # Which engine tasks serve which API. A bi-encoder scores by cosine when served with task "score".
 API_TASKS = {
@@ -43,6 +43,24 @@ def now() -> int:
 class RequestModel(BaseModel):
     """Base of every request body: unknown fields are accepted and dropped."""
     model_config = ConfigDict(extra="ignore")
+
+
+def not_empty(value: Any, info: ValidationInfo) -> Any:
+    """One clear error for an empty list, before pydantic reports it once per member of a union."""
+    if isinstance(value, list) and not value:
+        raise ValueError(f"{info.field_name} must not be empty")
+    return value
+
+
+# The limits the server enforces, in the schema so /openapi.json tells clients the truth.
+TokenId = Annotated[int, Field(ge=0)]
+TokenIds = Annotated[list[TokenId], Field(min_length=1)]
+Texts = Annotated[list[str], Field(min_length=1)]
+PromptInput = TokenIds | Annotated[list[TokenIds], Field(min_length=1)] | str | Texts
+TruncatePromptTokens = Annotated[int, Field(ge=-1)] | None  # -1: to max_model_len, k: the last/first k
+Seed = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]  # what torch.Generator.manual_seed takes
+MAX_LOGPROBS = 20
+MAX_STOP_STRINGS = 64  # engine.params' limit (this module imports no engine code: the ingress stays light)
 
 
 # ---------------------------------------------------------------- errors
@@ -110,7 +128,7 @@ class UsageInfo(BaseModel):
 
 # ---------------------------------------------------------------- embeddings
 
-def prompt_list(value: list[int] | list[list[int]] | str | list[str]) -> list[str | list[int]]:
+def prompt_list(value: PromptInput) -> list[str | list[int]]:
     """One prompt per item: a string, or a list of token ids."""
     if isinstance(value, str) or isinstance(value[0], int):
         return [value]
@@ -119,19 +137,15 @@ def prompt_list(value: list[int] | list[list[int]] | str | list[str]) -> list[st
 
 class EmbeddingRequest(RequestModel):
     model: str | None = None
-    input: list[int] | list[list[int]] | str | list[str]
+    input: PromptInput
     encoding_format: Literal["float", "base64"] = "float"
-    dimensions: int | None = None
+    dimensions: Annotated[int, Field(ge=1)] | None = None
     user: str | None = None
-    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    truncate_prompt_tokens: TruncatePromptTokens = None
     add_special_tokens: bool = True
     normalize: bool | None = None
 
-    @model_validator(mode="after")
-    def _not_empty(self):
-        if not self.input:
-            raise ValueError("input must not be empty")
-        return self
+    _input_not_empty = field_validator("input", mode="before")(not_empty)
 
     def prompts(self) -> list[str | list[int]]:
         return prompt_list(self.input)
@@ -156,10 +170,12 @@ class EmbeddingResponse(BaseModel):
 
 class ScoreRequest(RequestModel):
     model: str | None = None
-    text_1: list[str] | str
-    text_2: list[str] | str
-    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    text_1: Texts | str
+    text_2: Texts | str
+    truncate_prompt_tokens: TruncatePromptTokens = None
     activation: bool | None = None
+
+    _texts_not_empty = field_validator("text_1", "text_2", mode="before")(not_empty)
 
 
 class ScoreResponseData(BaseModel):
@@ -179,10 +195,10 @@ class ScoreResponse(BaseModel):
 
 class RerankRequest(RequestModel):
     model: str | None = None
-    query: str
+    query: str  # may be empty: scored like any other text, as vLLM does
     documents: list[str]
-    top_n: int = 0  # 0: all documents
-    truncate_prompt_tokens: Annotated[int, Field(ge=-1)] | None = None
+    top_n: int = 0  # 0 or less: all documents, as vLLM
+    truncate_prompt_tokens: TruncatePromptTokens = None
     activation: bool | None = None
 
 
@@ -211,16 +227,12 @@ class RerankResponse(BaseModel):
 
 class ClassificationRequest(RequestModel):
     model: str | None = None
-    input: list[str] | str
-    truncate_prompt_tokens: int | None = None
+    input: Texts | str
+    truncate_prompt_tokens: TruncatePromptTokens = None
     user: str | None = None
     activation: bool | None = None
 
-    @model_validator(mode="after")
-    def _not_empty(self):
-        if not self.input:
-            raise ValueError("input must not be empty")
-        return self
+    _input_not_empty = field_validator("input", mode="before")(not_empty)
 
 
 class ClassificationData(BaseModel):
@@ -249,24 +261,40 @@ class StreamOptions(BaseModel):
 class SamplingFields(RequestModel):
     """Sampling fields common to completions and chat (vLLM's extra sampling params included)."""
     model: str | None = None
-    frequency_penalty: float | None = 0.0
-    presence_penalty: float | None = 0.0
-    n: int = 1
-    seed: int | None = None
-    stop: str | list[str] | None = Field(default_factory=list)
+    frequency_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
+    presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
+    n: Annotated[int, Field(ge=1)] = 1
+    seed: Seed | None = None
+    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
+                                                           Field(max_length=MAX_STOP_STRINGS)] | None = \
+        Field(default_factory=list)
     stream: bool = False
     stream_options: StreamOptions | None = None
-    temperature: float | None = None
-    top_p: float | None = None
+    temperature: Annotated[float, Field(ge=0)] | None = None
+    top_p: Annotated[float, Field(gt=0, le=1)] | None = None
     user: str | None = None
-    top_k: int | None = None
-    min_p: float | None = None
-    repetition_penalty: float | None = None
-    stop_token_ids: list[int] | None = Field(default_factory=list)
+    top_k: Annotated[int, Field(ge=-1)] | None = None  # -1 or 0: off
+    min_p: Annotated[float, Field(ge=0, le=1)] | None = None
+    repetition_penalty: Annotated[float, Field(gt=0)] | None = None
+    stop_token_ids: list[TokenId] | None = Field(default_factory=list)
+    # OpenAI's: token id (as a string key) -> bias added to its logit, clamped to [-100, 100] as vLLM.
+    logit_bias: dict[str, float] | None = None
     ignore_eos: bool = False
-    min_tokens: int = 0
+    min_tokens: Annotated[int, Field(ge=0)] = 0
     skip_special_tokens: bool = True
     truncate_prompt_tokens: Annotated[int, Field(ge=1)] | None = None
+
+    @field_validator("logit_bias")
+    @classmethod
+    def _logit_bias_keys_are_token_ids(cls, value: dict[str, float] | None) -> dict[str, float] | None:
+        for key in value or {}:
+            try:
+                token_id = int(key)
+            except ValueError:
+                token_id = -1
+            if token_id < 0:
+                raise ValueError(f"keys must be token ids (non-negative integers as strings), got {key!r}")
+        return value
 
     @model_validator(mode="after")
     def _stream_options_need_stream(self):
@@ -289,6 +317,8 @@ class SamplingFields(RequestModel):
             ignore_eos=self.ignore_eos, min_tokens=self.min_tokens,
             skip_special_tokens=self.skip_special_tokens,
             truncate_prompt_tokens=self.truncate_prompt_tokens,
+            logit_bias={int(k): min(100.0, max(-100.0, v)) for k, v in self.logit_bias.items()}
+            if self.logit_bias else None,
         )
 
     @property
@@ -299,18 +329,14 @@ class SamplingFields(RequestModel):
 # ---------------------------------------------------------------- completions
 
 class CompletionRequest(SamplingFields):
-    prompt: list[int] | list[list[int]] | str | list[str]
+    prompt: PromptInput
     echo: bool = False
-    logprobs: int | None = None
-    max_tokens: int | None = 16
+    logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = None
+    max_tokens: Annotated[int, Field(ge=1)] | None = 16
     suffix: str | None = None
     add_special_tokens: bool = True
 
-    @model_validator(mode="after")
-    def _not_empty(self):
-        if not self.prompt:
-            raise ValueError("prompt must not be empty")
-        return self
+    _prompt_not_empty = field_validator("prompt", mode="before")(not_empty)
 
     def prompts(self) -> list[str | list[int]]:
         return prompt_list(self.prompt)
@@ -363,27 +389,42 @@ class CompletionStreamResponse(BaseModel):
 
 # ---------------------------------------------------------------- chat
 
+class ChatTextPart(BaseModel):
+    """A content part; these models read text only, so other part types (images, audio) are a 400."""
+    model_config = ConfigDict(extra="allow")
+    type: Literal["text"] = "text"
+    text: str
+
+
 class ChatMessageParam(BaseModel):
     model_config = ConfigDict(extra="allow")
-    role: str
-    content: str | list[dict[str, Any]] | None = None
+    role: Literal["system", "developer", "user", "assistant", "tool"]  # OpenAI's roles
+    content: str | list[ChatTextPart] | None = None  # None only for an assistant message with tool_calls
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
+
+    @model_validator(mode="after")
+    def _content_unless_tool_calls(self):
+        if self.content is None and not (self.role == "assistant" and self.tool_calls):
+            raise ValueError(f"content is required for a {self.role} message (only an assistant message "
+                             f"with tool_calls may leave it out)")
+        return self
 
     def template_dict(self) -> dict[str, Any]:
         """The message as chat templates expect it: text parts joined into one string."""
         message = self.model_dump(exclude_none=True)
         if isinstance(self.content, list):
-            message["content"] = "".join(part.get("text", "") for part in self.content
-                                         if part.get("type", "text") == "text")
+            message["content"] = "".join(part.text for part in self.content)
         return message
 
 
 class ChatCompletionRequest(SamplingFields):
-    messages: list[ChatMessageParam]
+    messages: Annotated[list[ChatMessageParam], Field(min_length=1)]
     logprobs: bool = False
-    top_logprobs: int | None = 0
-    max_tokens: int | None = None  # deprecated by OpenAI in favour of max_completion_tokens
-    max_completion_tokens: int | None = None
+    top_logprobs: Annotated[int, Field(ge=0, le=MAX_LOGPROBS)] | None = 0
+    max_tokens: Annotated[int, Field(ge=1)] | None = None  # deprecated by OpenAI in favour of max_completion_tokens
+    max_completion_tokens: Annotated[int, Field(ge=1)] | None = None
     add_generation_prompt: bool = True
     continue_final_message: bool = False
     add_special_tokens: bool = False
@@ -391,8 +432,6 @@ class ChatCompletionRequest(SamplingFields):
 
     @model_validator(mode="after")
     def _check(self):
-        if not self.messages:
-            raise ValueError("messages must not be empty")
         if self.top_logprobs and not self.logprobs:
             raise ValueError("top_logprobs requires logprobs to be true")
         if self.continue_final_message and self.add_generation_prompt:
@@ -477,7 +516,7 @@ class TokenizeRequest(RequestModel):
     """vLLM's TokenizeCompletionRequest and TokenizeChatRequest in one: give prompt or messages."""
     model: str | None = None
     prompt: str | None = None
-    messages: list[ChatMessageParam] | None = None
+    messages: Annotated[list[ChatMessageParam], Field(min_length=1)] | None = None
     add_special_tokens: bool | None = None  # None: True for a prompt, False for messages
     add_generation_prompt: bool = True
     continue_final_message: bool = False
@@ -500,7 +539,7 @@ class TokenizeResponse(BaseModel):
 
 class DetokenizeRequest(RequestModel):
     model: str | None = None
-    tokens: list[int]
+    tokens: list[TokenId]
 
 
 class DetokenizeResponse(BaseModel):

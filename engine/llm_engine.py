@@ -191,6 +191,9 @@ class LLMEngine:
             raise ValueError(f"model {self.config.served_name} serves task {self.task!r}, not generation")
         if request_id in self.generations:
             raise ValueError(f"request_id {request_id!r} is already running")
+        bad = [t for t in params.logit_bias or {} if t >= self.vocab_size]
+        if bad:
+            raise ValueError(f"logit_bias keys must be token ids in [0, {self.vocab_size}), got {bad[:5]}")
         ids = self.encode_prompt(prompt, params.truncate_prompt_tokens,
                                  add_special_tokens=not self._has_bos(prompt))
         room = self.max_model_len - len(ids)

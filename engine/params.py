@@ -23,6 +23,7 @@ class SamplingParams:
     logprobs: int | None = None  # number of top logprobs per output token
     skip_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
+    logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
 
     def __post_init__(self):
         if isinstance(self.stop, str):
@@ -50,6 +51,8 @@ class SamplingParams:
             (self.logprobs is None or 0 <= self.logprobs <= 20, "logprobs", "must be in [0, 20]"),
             (len(self.stop) <= MAX_STOP_STRINGS, "stop", f"has more than {MAX_STOP_STRINGS} strings"),
             (all(self.stop), "stop", "must not contain empty strings"),
+            (all(isinstance(t, int) and t >= 0 for t in self.logit_bias or {}), "logit_bias",
+             "keys must be token ids"),
         ]
         for ok, name, why in checks:
             if not ok:

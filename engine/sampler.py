@@ -1,6 +1,6 @@
 """Turns the last-position logits of a batch into one token per request, vLLM style.
 
-Per request: repetition/frequency/presence penalties and min_tokens masking, then greedy argmax or
+Per request: repetition/frequency/presence penalties, logit_bias and min_tokens masking, then greedy argmax or
 temperature -> top_k -> top_p -> min_p -> a draw. Logprobs are taken from the raw logits."""
 from dataclasses import dataclass
 
@@ -37,13 +37,17 @@ class Sampler:
         params = [r.sampling_params for r in requests]
         penalised = [i for i, p in enumerate(params) if _penalised(p)]
         blocked = {i: ids for i, r in enumerate(requests) if (ids := self._blocked_ids(r, logits.shape[1]))}
-        if not penalised and not blocked and all(p.greedy for p in params):
+        biased = [i for i, p in enumerate(params) if p.logit_bias]
+        if not penalised and not blocked and not biased and all(p.greedy for p in params):
             token_ids = logits.argmax(-1)
         else:
             # Copy only when editing in place: the caller's logits stay raw for logprobs.
-            x = logits.to(torch.float32, copy=bool(penalised or blocked))
+            x = logits.to(torch.float32, copy=bool(penalised or blocked or biased))
             for i in penalised:
                 _apply_penalties(x[i], requests[i])
+            for i in biased:
+                bias = params[i].logit_bias
+                x[i, list(bias)] += torch.tensor(list(bias.values()))
             for i, ids in blocked.items():
                 x[i, ids] = float("-inf")
             token_ids = self._sample(x, requests)

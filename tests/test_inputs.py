@@ -183,10 +183,26 @@ def test_wrong_task_calls(embedder, generator, scorer):
     (dict(temperature=-0.1), "temperature"),
     (dict(stop=["x"] * (MAX_STOP_STRINGS + 1)), "stop"), (dict(stop=[""]), "stop"),
     (dict(n=0), "n"), (dict(logprobs=21), "logprobs"), (dict(min_tokens=5, max_tokens=2), "min_tokens"),
+    (dict(logit_bias={-1: 5.0}), "logit_bias"), (dict(logit_bias={"7": 5.0}), "logit_bias"),
 ])
 def test_bad_sampling_params(kwargs, name):
     with pytest.raises(ValueError, match=name):
         SamplingParams(**kwargs)
+
+
+def test_logit_bias_steers_sampling_and_checks_the_vocabulary(generator):
+    word = generator.get_tokenizer()("river", add_special_tokens=False)["input_ids"][0]
+    for temperature in (0.0, 1.0):
+        params = SamplingParams(temperature=temperature, seed=3, max_tokens=4, ignore_eos=True,
+                                logit_bias={word: 100.0})
+        assert generator.generate("the cat sat on", params)[0].outputs[0].token_ids == [word] * 4
+    banned = SamplingParams(temperature=0, max_tokens=4, ignore_eos=True)
+    first = generator.generate("the cat sat on", banned)[0].outputs[0].token_ids[0]
+    banned.logit_bias = {first: -100.0}
+    assert generator.generate("the cat sat on", banned)[0].outputs[0].token_ids[0] != first
+    with pytest.raises(ValueError, match=r"logit_bias keys must be token ids in \[0, 256\), got \[256\]"):
+        generator.generate("the cat", SamplingParams(logit_bias={256: 1.0}))
+    assert_pool_free(generator)
 
 
 def test_n_too_large_for_the_pool(generator):

@@ -17,8 +17,8 @@ from deployments.errors import APIError, to_error
 from deployments.ingress import ROUTES, handle_error, handle_validation_error
 from deployments.metrics import render_prometheus
 from deployments.protocol import (
-    ChatCompletionRequest, ChatMessageParam, CompletionRequest, EmbeddingRequest, RerankRequest, ScoreRequest,
-    TokenizeRequest)
+    ChatCompletionRequest, ChatMessageParam, ClassificationRequest, CompletionRequest, DetokenizeRequest,
+    EmbeddingRequest, RerankRequest, ScoreRequest, TokenizeRequest)
 from deployments.security import ApiKeyMiddleware, BodyLimitMiddleware
 from deployments.server import encode_embedding
 from engine import SamplingParams
@@ -37,6 +37,68 @@ def test_embedding_input_forms():
         EmbeddingRequest(input=[])
     with pytest.raises(ValidationError, match="encoding_format"):
         EmbeddingRequest(input="a", encoding_format="int8")
+
+
+@pytest.mark.parametrize("message, field", [
+    ({"role": "user"}, "content is required for a user message"),
+    ({"role": "", "content": None}, "role"),
+    ({"role": "wizard", "content": "hi"}, "role"),
+    ({"role": "user", "content": [{"type": "image_url", "image_url": {"url": "x"}}]}, "content"),
+])
+def test_bad_chat_messages_are_refused_naming_the_field(message, field):
+    for request in (lambda: ChatCompletionRequest(messages=[message]), lambda: TokenizeRequest(messages=[message])):
+        with pytest.raises(ValidationError, match=field):
+            request()
+
+
+def test_chat_messages_openai_allows():
+    tool_call = [{"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}]
+    req = ChatCompletionRequest(messages=[
+        {"role": "developer", "content": "Be brief."}, {"role": "user", "content": [{"type": "text", "text": "a"},
+                                                                                    {"type": "text", "text": "b"}]},
+        {"role": "assistant", "content": None, "tool_calls": tool_call},
+        {"role": "tool", "content": "42", "tool_call_id": "c1"}])
+    assert [m.template_dict().get("content") for m in req.messages] == ["Be brief.", "ab", None, "42"]
+
+
+def test_logit_bias_keys_are_token_ids():
+    assert ChatCompletionRequest(messages=[{"role": "user", "content": "x"}],
+                                 logit_bias={"5": 200, "7": -3}).sampling_kwargs()["logit_bias"] == {5: 100.0, 7: -3.0}
+    for bad in ({"abc": 5}, {"-1": 5}, {"1.5": 1}):
+        with pytest.raises(ValidationError, match="logit_bias"):
+            CompletionRequest(prompt="x", logit_bias=bad)
+
+
+def test_openapi_publishes_the_limits_the_server_enforces():
+    """What the server refuses is in the schema, so generated clients and fuzzers see the truth."""
+    app = FastAPI()
+    for path, model in (("/c", ChatCompletionRequest), ("/e", EmbeddingRequest), ("/p", CompletionRequest),
+                        ("/k", ClassificationRequest), ("/s", ScoreRequest), ("/d", DetokenizeRequest)):
+        app.add_api_route(path, _route(model), methods=["POST"])
+    defs = app.openapi()["components"]["schemas"]
+    chat, message = defs["ChatCompletionRequest"]["properties"], defs["ChatMessageParam"]["properties"]
+    assert chat["messages"]["minItems"] == 1
+    assert message["role"]["enum"] == ["system", "developer", "user", "assistant", "tool"]
+    assert _limits(chat["temperature"]) == {"minimum": 0}
+    assert _limits(chat["top_p"]) == {"exclusiveMinimum": 0, "maximum": 1}
+    assert _limits(chat["n"]) == {"minimum": 1} and _limits(chat["max_tokens"]) == {"minimum": 1}
+    embed_input = defs["EmbeddingRequest"]["properties"]["input"]["anyOf"]
+    assert all(branch.get("minItems") == 1 for branch in embed_input if branch.get("type") == "array")
+    assert _limits(defs["ClassificationRequest"]["properties"]["truncate_prompt_tokens"]) == {"minimum": -1}
+    assert _limits(defs["CompletionRequest"]["properties"]["logprobs"]) == {"minimum": 0, "maximum": 20}
+
+
+def _route(model):
+    async def route(body: model):  # as the ingress declares its routes
+        return None
+    return route
+
+
+def _limits(prop: dict) -> dict:
+    """The numeric limits of a field, looking inside `X | None`."""
+    branches = prop.get("anyOf", [prop])
+    keys = ("minimum", "maximum", "exclusiveMinimum", "exclusiveMaximum")
+    return {k: v for b in branches for k, v in b.items() if k in keys}
 
 
 def test_unknown_fields_are_accepted_and_dropped():

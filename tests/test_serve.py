@@ -325,6 +325,38 @@ def test_generation_errors(base_url, http):
             model="missing", messages=messages)
 
 
+@pytest.mark.parametrize("path", ["/v1/chat/completions", "/tokenize"])
+@pytest.mark.parametrize("message, field", [
+    ({"role": "user"}, "content"), ({"content": None, "role": ""}, "role"), ({"role": "wizard", "content": "hi"}, "role"),
+])
+def test_bad_chat_messages_are_400_naming_the_field(http, path, message, field):
+    err = error_of(http.post(path, json={"model": GEN, "messages": [message], "max_tokens": 2}), 400)
+    assert err["param"].startswith("messages.0") and field in err["message"]
+
+
+def test_logit_bias(http):
+    messages = [{"role": "user", "content": "hi"}]
+    err = error_of(http.post("/v1/chat/completions", json={"model": GEN, "messages": messages,
+                                                          "logit_bias": {"abc": 5}}), 400)
+    assert err["param"] == "logit_bias" and "abc" in err["message"]
+    err = error_of(http.post("/v1/completions", json={"model": GEN, "prompt": "x", "logit_bias": {"99999999": 1}}), 400)
+    assert "logit_bias" in err["message"] and "99999999" in err["message"]
+    word = http.post("/tokenize", json={"model": GEN, "prompt": " Paris", "add_special_tokens": False}).json()["tokens"][0]
+    body = http.post("/v1/completions", json={"model": GEN, "prompt": "Hello", "max_tokens": 3, "temperature": 0,
+                                              "ignore_eos": True, "logit_bias": {str(word): 100}}).json()
+    assert body["choices"][0]["text"] == " Paris" * 3
+
+
+def test_rerank_top_n_and_empty_query_as_vllm(http):
+    """vLLM returns every document for top_n <= 0 and scores an empty query like any other text."""
+    docs = ["Bananas are yellow.", "Paris is the capital of France.", "The stock market fell today."]
+    for top_n in (0, -1, -5):
+        body = http.post("/v1/rerank", json={"model": RERANK, "query": "capital", "documents": docs, "top_n": top_n})
+        assert sorted(r["index"] for r in body.json()["results"]) == [0, 1, 2]
+    body = http.post("/v1/rerank", json={"model": RERANK, "query": "", "documents": docs, "top_n": 2})
+    assert body.status_code == 200 and len(body.json()["results"]) == 2
+
+
 def test_tokenize_detokenize(http):
     body = http.post("/tokenize", json={"model": GEN, "prompt": "Hello world", "return_token_strs": True}).json()
     assert set(body) == {"count", "max_model_len", "tokens", "token_strs"}
