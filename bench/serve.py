@@ -140,7 +140,7 @@ async def scifact_over_http(port: int, concurrency: int, batch: int) -> list[lis
     serve.delete("bench")
     ndcg = ndcg_at_10(q_emb, qids, d_emb, dids, qrels)
     return [["/v1/embeddings, auto_truncate (max_model_len 256)", len(dids), len(dids) / seconds,
-             f"{ndcg:.4f}", f"{PUBLISHED_NDCG10:.4f}", f"{ndcg - PUBLISHED_NDCG10:+.4f}"]]
+             f"{ndcg:.5f}", f"{PUBLISHED_NDCG10:.5f}", f"{ndcg - PUBLISHED_NDCG10:+.5f}"]]
 
 
 def main() -> None:
