@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--max-num-seqs", type=int, default=None)
     s.add_argument("--max-num-batched-tokens", type=int, default=None)
     s.add_argument("--kv-cache-memory-bytes", type=int, default=None, help="KV-cache pool size on CPU")
+    s.add_argument("--auto-truncate", action="store_true",
+                   help="cut embed/score/classify inputs over --max-model-len to it instead of refusing them (TEI's)")
     s.add_argument("--gpu-memory-utilization", type=float, default=None)
     s.add_argument("--block-size", type=int, default=None)
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
@@ -60,7 +62,7 @@ def app_args(ns: argparse.Namespace) -> AppArgs:
         model=ns.model, task=ns.task, served_model_name=ns.served_model_name[0] if ns.served_model_name else None,
         dtype=ns.dtype, max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
         max_num_batched_tokens=ns.max_num_batched_tokens, kv_cache_memory_bytes=ns.kv_cache_memory_bytes,
-        num_threads=ns.num_threads, engine_kwargs={k: v for k, v in extra.items() if v is not None},
+        num_threads=ns.num_threads, auto_truncate=ns.auto_truncate, engine_kwargs={k: v for k, v in extra.items() if v is not None},
         deployment_config={"num_replicas": ns.num_replicas, "ray_actor_options": actor_options})
     return AppArgs(models=[model], api_key=ns.api_key, allowed_origins=ns.allowed_origins,
                    max_request_body_bytes=ns.max_request_body_bytes, max_queued_requests=ns.max_queued_requests,

@@ -61,6 +61,7 @@ TruncatePromptTokens = Annotated[int, Field(ge=-1)] | None  # -1: to max_model_l
 Seed = Annotated[int, Field(ge=-(1 << 63), le=(1 << 63) - 1)]  # what torch.Generator.manual_seed takes
 MAX_LOGPROBS = 20
 MAX_STOP_STRINGS = 64  # engine.params' limit (this module imports no engine code: the ingress stays light)
+StopString = Annotated[str, Field(min_length=1)]
 
 
 # ---------------------------------------------------------------- errors
@@ -265,8 +266,7 @@ class SamplingFields(RequestModel):
     presence_penalty: Annotated[float, Field(ge=-2, le=2)] | None = 0.0
     n: Annotated[int, Field(ge=1)] = 1
     seed: Seed | None = None
-    stop: Annotated[str, Field(min_length=1)] | Annotated[list[Annotated[str, Field(min_length=1)]],
-                                                           Field(max_length=MAX_STOP_STRINGS)] | None = \
+    stop: StopString | Annotated[list[StopString], Field(max_length=MAX_STOP_STRINGS)] | None = \
         Field(default_factory=list)
     stream: bool = False
     stream_options: StreamOptions | None = None

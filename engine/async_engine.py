@@ -2,7 +2,8 @@
 
 All engine state is touched only by that thread; callers hand it work through an inbox. The
 tokenizer is the exception: it takes its own lock (engine.tokenizer.Tokenizer), so servers may
-tokenize and apply chat templates on their event loop. PyTorch releases the GIL inside its kernels, so the event loop stays responsive."""
+tokenize and apply chat templates on their event loop. PyTorch releases the GIL inside its
+kernels, so the event loop stays responsive."""
 import asyncio
 import logging
 import queue

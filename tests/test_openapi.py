@@ -30,7 +30,7 @@ def tiny(path: str, task: str, served: str) -> ModelArgs:
 
 @pytest.fixture(scope="module")
 def base_url(tiny_model):
-    ray.init(num_cpus=2, include_dashboard=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a `ray start` cluster on this host
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = AppArgs(models=[tiny(tiny_model("bert"), "embed", "embed"), tiny(tiny_model("llama"), "generate", "gen"),

@@ -287,7 +287,10 @@ def test_cli_takes_vllm_serve_commands():
         "BAAI/bge-reranker-v2-m3", "score", 8192, "bge", "KEY")
     assert ns.port == 8123
     assert m.deployment_options(args.max_queued_requests)["num_replicas"] == 1
+    assert not m.auto_truncate
     build_app(args)  # the same application serve_config.yaml builds, for one model
+    ns, _ = cli.parser().parse_known_args(["serve", MINILM, "--task", "embed", "--auto-truncate"])
+    assert cli.app_args(ns).models[0].engine_config({})["auto_truncate"] is True
 
 
 def test_every_route_names_an_ingress_method():

@@ -32,7 +32,7 @@ class Echo:
 @pytest.fixture(scope="module")
 def dashboard():
     port = free_port()
-    ray.init(num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
+    ray.init(address="local", num_cpus=1, include_dashboard=True, dashboard_host="127.0.0.1", dashboard_port=port)
     serve.start(http_options={"host": "127.0.0.1", "port": free_port()})
     serve.run(Echo.bind(), name="status-test", route_prefix="/echo")
     yield f"http://127.0.0.1:{port}"
