@@ -63,7 +63,7 @@ def apply_chat_template(tokenizer: Tokenizer, messages: list[dict], add_generati
     kwargs.update(add_generation_prompt=add_generation_prompt, continue_final_message=continue_final_message)
     try:
         return tokenizer.apply_chat_template(messages, tokenize=False, **kwargs)
-    except TemplateError as e:  # e.g. the template's raise_exception("roles must alternate ...")
+    except (TemplateError, TypeError) as e:  # raise_exception("roles must alternate"), 'str' + None, ...
         raise ValueError(f"the chat template refused these messages: {e}") from e
 
 

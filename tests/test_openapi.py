@@ -1,6 +1,7 @@
 """Schemathesis against the application's own /openapi.json: generated requests for every
 operation, tiny random-weight models, generation capped to a few tokens. The server may refuse
 (4xx) but must never fail (5xx), and its schema must describe the bodies it accepts."""
+import shutil
 import socket
 
 import httpx
@@ -9,6 +10,7 @@ import ray
 import schemathesis
 from hypothesis import HealthCheck, Phase, given, settings
 from ray import serve
+from transformers import AutoTokenizer
 
 from deployments.builder import AppArgs, ModelArgs, build_app
 
@@ -28,12 +30,27 @@ def tiny(path: str, task: str, served: str) -> ModelArgs:
                      deployment_config={"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 1})
 
 
+# Real chat templates (ChatML, SmolLM2's, Qwen's) join strings with `+`, so a message without text
+# breaks them: the tiny model gets one like them.
+CONCATENATING_TEMPLATE = ("{% for m in messages %}{{ '<|' + m['role'] + '|> ' + m['content'] + ' <|end|> ' }}"
+                          "{% endfor %}{% if add_generation_prompt %}{{ '<|assistant|>' }}{% endif %}")
+
+
+def with_concatenating_template(model_dir: str, out_dir) -> str:
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    tokenizer.chat_template = CONCATENATING_TEMPLATE
+    shutil.copytree(model_dir, out_dir, dirs_exist_ok=True)
+    tokenizer.save_pretrained(out_dir)
+    return str(out_dir)
+
+
 @pytest.fixture(scope="module")
-def base_url(tiny_model):
+def base_url(tiny_model, tmp_path_factory):
+    generator = with_concatenating_template(tiny_model("llama"), tmp_path_factory.mktemp("chatml-llama"))
     ray.init(address="local", num_cpus=2, include_dashboard=False)  # never a `ray start` cluster on this host
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    args = AppArgs(models=[tiny(tiny_model("bert"), "embed", "embed"), tiny(tiny_model("llama"), "generate", "gen"),
+    args = AppArgs(models=[tiny(tiny_model("bert"), "embed", "embed"), tiny(generator, "generate", "gen"),
                            tiny(tiny_model("bert-cls1"), "score", "rerank"),
                            tiny(tiny_model("bert-cls3"), "classify", "classify")],
                    ingress_deployment_config={"ray_actor_options": {"num_cpus": 0.1}, "num_replicas": 1},
