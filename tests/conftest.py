@@ -165,6 +165,53 @@ def build_decoder(name: str, path: str, seed: int) -> str:
     return path
 
 
+def deberta_tokenizer():
+    # SentencePiece-style Unigram as DeBERTa-v3's: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3.
+    pieces = [("[PAD]", 0.0), ("[UNK]", 0.0), ("[CLS]", 0.0), ("[SEP]", 0.0)]
+    pieces += [("\u2581" + w, -2.0) for w in WORDS] + [("\u2581", -3.0)]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?:;'-"] + [("[MASK]", 0.0)]
+    return T.DebertaV2Tokenizer(vocab=pieces)
+
+
+# DeBERTa-v3's layout (shared q/k position projections, log buckets, normalised relative embeddings,
+# no absolute positions, no token types) and DeBERTa-v2's (separate position projections, clamped
+# distances, absolute positions, token types, a factorised embedding). Buckets and distances are
+# small so that the test sentences reach the log buckets and the clamp.
+DEBERTA_V3 = dict(relative_attention=True, position_buckets=8, max_relative_positions=-1, norm_rel_ebd="layer_norm",
+                  share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0,
+                  max_position_embeddings=128, layer_norm_eps=1e-7)
+DEBERTA_V2 = dict(relative_attention=True, position_buckets=-1, max_relative_positions=12, share_att_key=False,
+                  pos_att_type=["c2p", "p2c"], position_biased_input=True, type_vocab_size=2, embedding_size=48,
+                  max_position_embeddings=128, layer_norm_eps=1e-7)
+
+
+def build_deberta(name: str, path: str, seed: int) -> str:
+    """name: 'deberta-v3' (base model), 'deberta-v3-cls1' or 'deberta-v2-cls3'."""
+    _, layout, *head = name.split("-")
+    tok = deberta_tokenizer()
+    kwargs = dict(TINY, vocab_size=len(tok), initializer_range=0.2, hidden_act="gelu", pad_token_id=0,
+                  **(DEBERTA_V3 if layout == "v3" else DEBERTA_V2))
+    if head == ["cls1"]:
+        kwargs.update(num_labels=1)
+    elif head == ["cls3"]:
+        kwargs.update(num_labels=3, id2label={0: "neg", 1: "neu", 2: "pos"}, label2id={"neg": 0, "neu": 1, "pos": 2})
+    torch.manual_seed(seed)
+    cls = T.DebertaV2ForSequenceClassification if head else T.DebertaV2Model
+    model = cls(T.DebertaV2Config(**kwargs)).eval()
+    randomize(model, seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def builder(name: str):
+    if name in DECODERS:
+        return build_decoder
+    if name.startswith("deberta"):
+        return build_deberta
+    return build_encoder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(name) -> a saved model dir; built once per session."""
@@ -174,7 +221,7 @@ def tiny_model(tmp_path_factory):
         if name not in cache:
             path = str(tmp_path_factory.mktemp(name.replace("/", "_")))
             seed = sum(map(ord, name))
-            cache[name] = (build_decoder if name in DECODERS else build_encoder)(name, path, seed)
+            cache[name] = builder(name)(name, path, seed)
         return cache[name]
     return get
 
