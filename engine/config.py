@@ -31,8 +31,9 @@ class EngineConfig:
     served_model_name: str | None = None
     seed: int = 0
     # Decoder-only yes/no rerankers (Qwen3-Reranker style).
+    # None: the recognised model's own (engine.tokenizer.RERANK_TEMPLATES_BY_*), else Qwen3-Reranker's.
     score_tokens: tuple[str, ...] | None = None  # e.g. ("no", "yes") or ("Yes",)
-    score_template: str | None = None  # None: Qwen3-Reranker's prompt
+    score_template: str | None = None
     score_instruction: str | None = None
     # Pooling override for embedding models: "cls" | "mean" | "last"; None reads the model files.
     pooling: str | None = None

@@ -22,7 +22,7 @@ from engine.params import PoolingParams, SamplingParams
 from engine.request import FINISH_REASONS, Request, RequestStatus
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler
-from engine.tokenizer import YesNoPrompt, encode, encode_pair, load_tokenizer, pair_texts
+from engine.tokenizer import YesNoPrompt, encode, encode_pair, load_tokenizer, pair_texts, rerank_template
 
 @dataclass(slots=True)
 class Generation:
@@ -132,12 +132,14 @@ class LLMEngine:
         self.matryoshka = read_matryoshka_dims(self.model_dir)
         self.yes_no: YesNoPrompt | None = None
         if self.task == "score" and self.is_decoder and r.model.spec.num_labels is None:
-            tokens = self.config.score_tokens or ("no", "yes")
-            ids = [self._single_token(t) for t in tokens]
+            template = rerank_template((self.config.model, self.model_dir), hf.architectures or [],
+                                       self.config.score_template, self.config.score_instruction,
+                                       self.config.score_tokens)
+            ids = [self._single_token(t) for t in template.score_tokens]
             w = r.model.output_embeddings()
             # sigmoid(h.(w_yes - w_no)) is softmax over the two logits: no full-vocabulary head needed.
             r.score_weight = (w[ids[1]] - w[ids[0]] if len(ids) == 2 else w[ids[0]]).unsqueeze(0)
-            self.yes_no = YesNoPrompt(self.tokenizer, self.config.score_template, self.config.score_instruction)
+            self.yes_no = YesNoPrompt(self.tokenizer, template)
 
     def _single_token(self, text: str) -> int:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -204,11 +204,40 @@ def build_deberta(name: str, path: str, seed: int) -> str:
     return path
 
 
+def bge_tokenizer():
+    """Byte-level BPE with BOS, where "Yes" is one token and token boundaries depend on how the prompt
+    is cut into pieces (as with Gemma's and MiniCPM's tokenizers)."""
+    from engine.tokenizer import BGE_RERANKER_INSTRUCTION
+    bpe = ByteLevelBPETokenizer()
+    corpus = [sentence(i, 12) for i in range(300)] + [BGE_RERANKER_INSTRUCTION, "A: B: Yes No"] * 20
+    bpe.train_from_iterator(corpus, vocab_size=500, min_frequency=1, special_tokens=DECODER_SPECIALS)
+    tok = Tokenizer.from_str(bpe._tokenizer.to_str())
+    t = T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    assert len(t("Yes", add_special_tokens=False)["input_ids"]) == 1
+    return t
+
+
+def build_bge_gemma(name: str, path: str, seed: int) -> str:
+    """A random Gemma recognised as BAAI/bge-reranker-v2-gemma by its directory name."""
+    tok = bge_tokenizer()
+    torch.manual_seed(seed)
+    config = T.GemmaConfig(**TINY, **dict(DEC_COMMON, vocab_size=len(tok)), num_key_value_heads=1, head_dim=16,
+                           tie_word_embeddings=True)
+    model = T.GemmaForCausalLM(config).eval()
+    randomize(model, seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
 def builder(name: str):
     if name in DECODERS:
         return build_decoder
     if name.startswith("deberta"):
         return build_deberta
+    if name == "bge-reranker-v2-gemma":
+        return build_bge_gemma
     return build_encoder
 
 
