@@ -59,8 +59,12 @@ class LLMEngine:
         self.config = config
         self.model_dir = resolve_model(config.model)
         hf = self.hf_config = load_config(self.model_dir)
+        if config.cutoff_layers is not None:
+            if not getattr(model_class(hf), "reranker_only", False):
+                raise ValueError("cutoff_layers applies only to layerwise rerankers")
+            hf.cutoff_layers = config.cutoff_layers
         self.is_decoder = model_class(hf).is_decoder
-        self.tokenizer = load_tokenizer(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, hf)
         self.max_model_len = self._max_model_len(hf)
         self.task = self._task(hf)
         device = config.torch_device()
@@ -108,9 +112,12 @@ class LLMEngine:
             allowed |= {"generate", "score"}  # score: yes/no reranking from the LM head
         else:
             allowed |= {"score"}  # bi-encoder: cosine of the two embeddings
+        reranker_only = getattr(model_class(hf), "reranker_only", False)
+        if reranker_only:
+            allowed = {"score"}
         task = self.config.task
         if task == "auto":
-            task = ("generate" if causal else "score" if classifier and hf.num_labels == 1
+            task = ("score" if reranker_only else "generate" if causal else "score" if classifier and hf.num_labels == 1
                     else "classify" if classifier else "embed")
         if task not in allowed:
             raise ValueError(f"task {task!r} is not supported by {self.config.model} "
@@ -135,10 +142,13 @@ class LLMEngine:
             template = rerank_template((self.config.model, self.model_dir), hf.architectures or [],
                                        self.config.score_template, self.config.score_instruction,
                                        self.config.score_tokens)
-            ids = [self._single_token(t) for t in template.score_tokens]
-            w = r.model.output_embeddings()
-            # sigmoid(h.(w_yes - w_no)) is softmax over the two logits: no full-vocabulary head needed.
-            r.score_weight = (w[ids[1]] - w[ids[0]] if len(ids) == 2 else w[ids[0]]).unsqueeze(0)
+            if hasattr(r.model, "score_head"):  # its own one-logit head (layerwise rerankers)
+                r.score_weight = r.model.score_head.weight
+            else:
+                ids = [self._single_token(t) for t in template.score_tokens]
+                w = r.model.output_embeddings()
+                # sigmoid(h.(w_yes - w_no)) is softmax over the two logits: no full-vocabulary head needed.
+                r.score_weight = (w[ids[1]] - w[ids[0]] if len(ids) == 2 else w[ids[0]]).unsqueeze(0)
             self.yes_no = YesNoPrompt(self.tokenizer, template)
 
     def _single_token(self, text: str) -> int:

@@ -4,8 +4,10 @@ from dataclasses import dataclass
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
-def load_tokenizer(model_dir: str) -> PreTrainedTokenizerBase:
-    return AutoTokenizer.from_pretrained(model_dir)
+def load_tokenizer(model_dir: str, config=None) -> PreTrainedTokenizerBase:
+    """config: the model's, already read (engine.loader.load_config), so that a config.json naming remote
+    code is never handed to AutoConfig, which would ask on stdin whether to run it."""
+    return AutoTokenizer.from_pretrained(model_dir, config=config, trust_remote_code=False)
 
 
 def length_error(num_tokens: int, limit: int) -> ValueError:

@@ -231,6 +231,38 @@ def build_bge_gemma(name: str, path: str, seed: int) -> str:
     return path
 
 
+# bge-reranker-v2-minicpm-layerwise's config.json: a config class that only its repo's code defines.
+MINICPM_LAYERWISE = dict(architectures=["LayerWiseMiniCPMForCausalLM"], model_type="minicpm",
+                         auto_map={"AutoConfig": "configuration_minicpm_reranker.LayerWiseMiniCPMConfig",
+                                   "AutoModelForCausalLM": "modeling_minicpm_reranker.LayerWiseMiniCPMForCausalLM"},
+                         hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+                         attention_bias=False, tie_word_embeddings=True, scale_emb=12, dim_model_base=256,
+                         scale_depth=1.4, start_layer=2, head_multi=True, head_type="simple")
+
+
+def build_minicpm_layerwise(name: str, path: str, seed: int) -> str:
+    """Random MiniCPM decoder weights (drawn through a Llama of the same shape: the layer names are MiniCPM's)
+    plus one score head per layer from start_layer to the last, named as the published checkpoint's."""
+    from safetensors.torch import save_file
+    tok = bge_tokenizer()
+    shape = dict(TINY, num_hidden_layers=6, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    llama = T.LlamaForCausalLM(T.LlamaConfig(**shape, vocab_size=len(tok), initializer_range=0.2,
+                                             rms_norm_eps=1e-5, tie_word_embeddings=True)).eval()
+    randomize(llama, seed)
+    weights = {k: v.contiguous() for k, v in llama.state_dict().items() if k != "lm_head.weight"}
+    g = torch.Generator().manual_seed(seed)
+    for i in range(shape["num_hidden_layers"] - MINICPM_LAYERWISE["start_layer"] + 1):
+        weights[f"lm_head.{i}.linear_head.weight"] = 0.2 * torch.randn(1, shape["hidden_size"], generator=g)
+    save_file(weights, os.path.join(path, "model.safetensors"))
+    config = dict(MINICPM_LAYERWISE, **shape, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    tok.save_pretrained(path)
+    return path
+
+
 def builder(name: str):
     if name in DECODERS:
         return build_decoder
@@ -238,6 +270,8 @@ def builder(name: str):
         return build_deberta
     if name == "bge-reranker-v2-gemma":
         return build_bge_gemma
+    if name == "bge-reranker-v2-minicpm-layerwise":
+        return build_minicpm_layerwise
     return build_encoder
 
 

@@ -2,10 +2,12 @@
 from engine.models.deberta import DEBERTA_ARCHITECTURES, DebertaModel
 from engine.models.decoder import DECODER_ARCHITECTURES, DecoderModel
 from engine.models.encoder import ENCODER_ARCHITECTURES, EncoderModel
+from engine.models.minicpm import LAYERWISE_ARCHITECTURES, LayerwiseMiniCPMModel
 
 MODEL_CLASSES = {**{a: DecoderModel for a in DECODER_ARCHITECTURES},
                  **{a: EncoderModel for a in ENCODER_ARCHITECTURES},
-                 **{a: DebertaModel for a in DEBERTA_ARCHITECTURES}}
+                 **{a: DebertaModel for a in DEBERTA_ARCHITECTURES},
+                 **{a: LayerwiseMiniCPMModel for a in LAYERWISE_ARCHITECTURES}}
 SUPPORTED_ARCHITECTURES = sorted(MODEL_CLASSES)
 
 
