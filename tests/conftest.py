@@ -263,6 +263,56 @@ def build_minicpm_layerwise(name: str, path: str, seed: int) -> str:
     return path
 
 
+# jina-reranker-v2-base-multilingual's config.json: no model_type, its own config class, 1,026 positions.
+JINA_RERANKER_V2 = dict(architectures=["XLMRobertaForSequenceClassification"],
+                        auto_map={"AutoConfig": "configuration_xlm_roberta.XLMRobertaFlashConfig",
+                                  "AutoModel": "modeling_xlm_roberta.XLMRobertaModel",
+                                  "AutoModelForSequenceClassification":
+                                      "modeling_xlm_roberta.XLMRobertaForSequenceClassification"},
+                        hidden_act="gelu", layer_norm_eps=1e-5, max_position_embeddings=1026, num_labels=1,
+                        id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=1, bos_token_id=0,
+                        eos_token_id=2, position_embedding_type="absolute", type_vocab_size=1, use_flash_attn=True,
+                        emb_pooler=None, classifier_dropout=None)
+
+
+def jina_layout(hf_state: dict) -> dict:
+    """Hugging Face XLM-RoBERTa weights renamed and fused as jina's flash checkpoint stores them
+    (its convert_roberta_weights_to_flash.py)."""
+    out = {}
+    for k, v in hf_state.items():
+        k = k.replace("roberta.embeddings.LayerNorm.", "roberta.emb_ln.").replace("roberta.encoder.layer.",
+                                                                                 "roberta.encoder.layers.")
+        for old, new in ((".attention.output.dense.", ".mixer.out_proj."), (".attention.output.LayerNorm.", ".norm1."),
+                         (".intermediate.dense.", ".mlp.fc1."), (".output.dense.", ".mlp.fc2."),
+                         (".output.LayerNorm.", ".norm2.")):
+            k = k.replace(old, new)
+        out[k] = v
+    layers = {k.split(".")[3] for k in out if k.startswith("roberta.encoder.layers.")}
+    for i in layers:
+        p = f"roberta.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            parts = [out.pop(f"{p}attention.self.{n}.{kind}") for n in ("query", "key", "value")]
+            out[f"{p}mixer.Wqkv.{kind}"] = torch.cat(parts)
+    return out
+
+
+def build_jina(name: str, path: str, seed: int) -> str:
+    """Random weights of an XLM-RoBERTa cross-encoder, stored in jina-reranker-v2's layout and config."""
+    from safetensors.torch import save_file
+    tok = xlmr_tokenizer()
+    torch.manual_seed(seed)
+    fields = {k: v for k, v in JINA_RERANKER_V2.items() if k not in ("architectures", "auto_map")}
+    model = T.XLMRobertaForSequenceClassification(
+        T.XLMRobertaConfig(**TINY, **fields, vocab_size=len(tok), initializer_range=0.2)).eval()
+    randomize(model, seed)
+    state = {k: v.contiguous() for k, v in jina_layout(model.state_dict()).items()}
+    save_file(state, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(dict(JINA_RERANKER_V2, **TINY, vocab_size=len(tok), initializer_range=0.2), f)
+    tok.save_pretrained(path)
+    return path
+
+
 def builder(name: str):
     if name in DECODERS:
         return build_decoder
@@ -272,6 +322,8 @@ def builder(name: str):
         return build_bge_gemma
     if name == "bge-reranker-v2-minicpm-layerwise":
         return build_minicpm_layerwise
+    if name == "jina-reranker-v2":
+        return build_jina
     return build_encoder
 
 
