@@ -43,6 +43,7 @@ _HUB_PATTERNS = [
     "tokenizer.model",
     "sentencepiece.bpe.model",
     "spiece.model",
+    "spm.model",  # DeBERTa-v3
     "chat_template.jinja",
     "chat_template.json",
     "modules.json",
