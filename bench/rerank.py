@@ -5,10 +5,17 @@
     weights (throughput does not depend on them), vs sentence_transformers.CrossEncoder.predict.
 (b) decoder: SmolLM2-135M-Instruct as a yes/no reranker (p(yes) from the two token logits at the last
     position), engine with and without prefix caching vs a naive Hugging Face loop, one pair at a time.
+(c) architectures: moderately sized random DeBERTa-v3, jina-reranker-v2 (its checkpoint layout),
+    bge-reranker-v2-gemma (its prompt, "Yes" logit) and bge-reranker-v2-minicpm-layerwise shapes on
+    documents cut to ~150 tokens, vs transformers on the same token ids in length-sorted padded
+    batches (jina: transformers' XLM-RoBERTa, the same math as its remote code without flash-attn;
+    MiniCPM layerwise: transformers' Llama cut at the cutoff layer, MiniCPM's scalings folded into
+    the weights, as transformers has no MiniCPM).
 
     python bench/rerank.py                  # defaults: a few minutes
     python bench/rerank.py --full           # more queries, whole documents in decoder mode
     python bench/rerank.py --mode decoder --decoder-queries 3 --decoder-doc-tokens 0
+    python bench/rerank.py --mode archs
 
 Documents are SciFact abstracts ("title text"), a random mix of lengths per query."""
 import argparse
@@ -195,6 +202,185 @@ def run_decoder(args, sets) -> None:
           f"max |cache on - cache off| = {np.abs(np.array(sc_on) - np.array(sc_off)).max():.2e}\n")
 
 
+# ---- (c) new architectures -----------------------------------------------------------------
+ARCH_SHAPES = {  # moderately sized: CPU-friendly, the real models' layouts
+    "deberta-v3": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536),
+    "jina-reranker-v2": dict(hidden_size=384, num_hidden_layers=6, num_attention_heads=6, intermediate_size=1536),
+    "bge-reranker-v2-gemma": dict(hidden_size=512, num_hidden_layers=4, num_attention_heads=8, num_key_value_heads=1,
+                                  head_dim=64, intermediate_size=2048),
+    "bge-reranker-v2-minicpm-layerwise": dict(hidden_size=512, num_hidden_layers=8, num_attention_heads=8,
+                                              num_key_value_heads=8, intermediate_size=1280),
+}
+MINICPM_CUTOFF = 6
+
+
+def build_arch(name: str, out_dir: str, seed: int) -> str:
+    """A random model of `name`'s architecture in out_dir (encoders with MiniLM's tokenizer, decoders
+    with SmolLM2's: throughput does not depend on the vocabulary)."""
+    import json
+
+    import transformers as T
+    from safetensors.torch import save_file
+
+    from engine.loader import resolve_model
+    shape = ARCH_SHAPES[name]
+    torch.manual_seed(seed)
+    if name in ("deberta-v3", "jina-reranker-v2"):
+        tok = T.AutoTokenizer.from_pretrained(resolve_model(MINILM))
+    else:
+        tok = _tokenizer()
+    tok.save_pretrained(out_dir)
+    if name == "jina-reranker-v2":  # XLM-R has one token type: no segment ids, as with its own tokenizer
+        with open(os.path.join(out_dir, "tokenizer_config.json")) as f:
+            tok_cfg = json.load(f)
+        with open(os.path.join(out_dir, "tokenizer_config.json"), "w") as f:
+            json.dump(dict(tok_cfg, model_input_names=["input_ids", "attention_mask"]), f)
+    if name == "deberta-v3":
+        cfg = T.DebertaV2Config(**shape, vocab_size=len(tok), relative_attention=True, position_buckets=256,
+                                max_relative_positions=-1, norm_rel_ebd="layer_norm", share_att_key=True,
+                                pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0,
+                                max_position_embeddings=512, layer_norm_eps=1e-7, num_labels=1, pad_token_id=0)
+        T.DebertaV2ForSequenceClassification(cfg).eval().save_pretrained(out_dir)
+    elif name == "jina-reranker-v2":
+        sys_path_tests()
+        from conftest import JINA_RERANKER_V2, jina_layout
+        fields = {k: v for k, v in JINA_RERANKER_V2.items() if k not in ("architectures", "auto_map")}
+        model = T.XLMRobertaForSequenceClassification(T.XLMRobertaConfig(**shape, **fields, vocab_size=len(tok)))
+        save_file({k: v.contiguous() for k, v in jina_layout(model.state_dict()).items()},
+                  os.path.join(out_dir, "model.safetensors"))
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(dict(JINA_RERANKER_V2, **shape, vocab_size=len(tok)), f)
+    elif name == "bge-reranker-v2-gemma":
+        cfg = T.GemmaConfig(**shape, vocab_size=len(tok), max_position_embeddings=2048, tie_word_embeddings=True,
+                            bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id)
+        T.GemmaForCausalLM(cfg).eval().save_pretrained(out_dir)
+    else:
+        sys_path_tests()
+        from conftest import MINICPM_LAYERWISE
+        llama = T.LlamaForCausalLM(T.LlamaConfig(**shape, vocab_size=len(tok), tie_word_embeddings=True,
+                                                 max_position_embeddings=2048))
+        weights = {k: v.contiguous() for k, v in llama.state_dict().items() if k != "lm_head.weight"}
+        for i in range(shape["num_hidden_layers"] - MINICPM_LAYERWISE["start_layer"] + 1):
+            weights[f"lm_head.{i}.linear_head.weight"] = 0.02 * torch.randn(1, shape["hidden_size"])
+        save_file(weights, os.path.join(out_dir, "model.safetensors"))
+        with open(os.path.join(out_dir, "config.json"), "w") as f:
+            json.dump(dict(MINICPM_LAYERWISE, **shape, vocab_size=len(tok), max_position_embeddings=2048,
+                           bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id), f)
+    return out_dir
+
+
+def sys_path_tests() -> None:
+    import sys
+    tests = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "tests")
+    if tests not in sys.path:
+        sys.path.insert(0, tests)
+
+
+def hf_scorer(name: str, path: str, llm):
+    """transformers on the engine's own token ids: ids -> one score (the engine's with activation off)."""
+    import transformers as T
+    if name == "deberta-v3":
+        model = T.AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+        return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits[:, 0]
+    if name == "jina-reranker-v2":  # the same math, in transformers' names
+        hf = T.XLMRobertaForSequenceClassification(llm.engine.hf_config).eval()
+        hf.load_state_dict(hf_state_from_engine(llm.engine.runner.model), strict=False)
+        return lambda ids, mask: hf(input_ids=ids, attention_mask=mask).logits[:, 0]
+    if name == "bge-reranker-v2-gemma":
+        model = T.AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+        yes = model.embed_tokens.weight[llm.get_tokenizer()("Yes", add_special_tokens=False)["input_ids"][0]]
+        return lambda ids, mask: last_token(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask) @ yes
+    # MiniCPM layerwise: transformers' Llama cut at the cutoff, scalings folded in (the engine's weights).
+    eng = llm.engine.runner.model
+    cfg = T.LlamaConfig(**{**ARCH_SHAPES[name], "num_hidden_layers": eng.cutoff}, vocab_size=eng.spec.vocab_size,
+                        rms_norm_eps=llm.engine.hf_config.rms_norm_eps, max_position_embeddings=2048)
+    model = T.LlamaModel(cfg).eval()
+    state = {}
+    for k, v in eng.state_dict().items():
+        if ".qkv_proj." in k:
+            for part, t in zip(("q_proj", "k_proj", "v_proj"), v.split(eng.layers[0].self_attn.qkv_proj.shard_sizes)):
+                state[k.replace("qkv_proj", part)] = t
+        elif ".gate_up_proj." in k:
+            for part, t in zip(("gate_proj", "up_proj"), v.chunk(2)):
+                state[k.replace("gate_up_proj", part)] = t
+        else:
+            state[k] = v
+    model.load_state_dict(state, strict=False)
+    head = eng.score_head.weight[0]
+    return lambda ids, mask: last_token(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask) @ head
+
+
+def hf_state_from_engine(model) -> dict:
+    state = {}
+    for k, v in model.state_dict().items():
+        if ".attention.self.qkv." in k:
+            for part, t in zip(("query", "key", "value"), v.chunk(3)):
+                state["roberta." + k.replace(".qkv.", f".{part}.")] = t
+        elif k.startswith("classifier."):
+            state[k] = v
+        else:
+            state["roberta." + k] = v
+    return state
+
+
+def last_token(hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return hidden[torch.arange(hidden.shape[0]), mask.sum(1) - 1]
+
+
+def run_archs(args, sets) -> None:
+    from engine import LLM, PoolingParams
+    rows, notes = [], []
+    raw = PoolingParams(activation=False)
+    for name in ARCH_SHAPES:
+        tmp = tempfile.mkdtemp(prefix=f"bench-{name}-")
+        try:
+            path = build_arch(name, tmp, args.seed)
+            kwargs = {"cutoff_layers": MINICPM_CUTOFF} if "minicpm" in name else {}
+            llm = LLM(path, task="score", max_num_batched_tokens=args.max_num_batched_tokens, **kwargs)
+            tok = llm.get_tokenizer()
+            docs_sets = [(q, [tok.decode(tok(d, add_special_tokens=False)["input_ids"][:args.arch_doc_tokens])
+                              for d in docs]) for q, docs in sets]
+            score = hf_scorer(name, path, llm)
+            pad = tok.pad_token_id if tok.pad_token_id is not None else 0
+            with quiet_transformers(), torch.inference_mode():
+                llm.score(docs_sets[0][0], docs_sets[0][1][:8], pooling_params=raw)  # warm-up
+                s_eng, s_hf, diffs, lengths, cached = Timed(), Timed(), [], [], 0
+                for q, docs in docs_sets:  # interleaved per query
+                    with Section() as s:
+                        outs = llm.score(q, docs, pooling_params=raw)
+                    s_eng.add(s)
+                    ids = [o.prompt_token_ids for o in outs]
+                    lengths += [len(x) for x in ids]
+                    cached += sum(o.num_cached_tokens for o in outs)
+                    order = sorted(range(len(ids)), key=lambda i: len(ids[i]))  # length-sorted, less padding
+                    hf_scores = [0.0] * len(ids)
+                    with Section() as s:
+                        for b in range(0, len(order), args.ce_batch_size):
+                            chunk = order[b:b + args.ce_batch_size]
+                            width = max(len(ids[i]) for i in chunk)
+                            x = torch.tensor([ids[i] + [pad] * (width - len(ids[i])) for i in chunk])
+                            mask = torch.tensor([[1] * len(ids[i]) + [0] * (width - len(ids[i])) for i in chunk])
+                            for i, v in zip(chunk, score(x, mask).tolist()):
+                                hf_scores[i] = v
+                    s_hf.add(s)
+                    diffs += [abs(o.outputs.score - h) for o, h in zip(outs, hf_scores)]
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+        n = len(lengths)
+        dtype = str(llm.engine.runner.dtype).removeprefix("torch.")
+        shape = ARCH_SHAPES[name]
+        label = f"{name} ({shape['hidden_size']}x{shape['num_hidden_layers']}" + (
+            f", cutoff {MINICPM_CUTOFF})" if "minicpm" in name else ")")
+        rows.append([label, dtype, n, n / s_eng.seconds, n / s_hf.seconds, ratio(s_hf.seconds, s_eng.seconds),
+                     sum(lengths) / n, f"{100 * cached / sum(lengths):.0f}%", f"{max(diffs):.1e}",
+                     (s_eng.other_cores + s_hf.other_cores) / 2])
+    print(f"### (c) architectures, {len(sets)} queries x {len(sets[0][1])} docs cut to {args.arch_doc_tokens} "
+          f"tokens, transformers in length-sorted padded batches of {args.ce_batch_size}\n")
+    print(table(["model shape", "dtype", "pairs", "engine pairs/s", "transformers pairs/s", "engine vs transformers",
+                 "tokens/pair", "prompt tokens cached", "max |score diff|", "other cores"], rows))
+    print()
+
+
 def _tokenizer():
     from engine.loader import resolve_model
     from transformers import AutoTokenizer
@@ -203,7 +389,8 @@ def _tokenizer():
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--mode", choices=("cross", "decoder", "both"), default="both")
+    ap.add_argument("--mode", choices=("cross", "decoder", "archs", "both"), default="both",
+                    help="both: cross and decoder")
     ap.add_argument("--full", action="store_true",
                     help="5 cross-encoder queries, 3 decoder queries, whole documents, the HF loop over all pairs")
     ap.add_argument("--docs", type=int, default=100, help="documents per query (both modes)")
@@ -211,6 +398,8 @@ def main() -> None:
     ap.add_argument("--decoder-queries", type=int, default=1)
     ap.add_argument("--decoder-doc-tokens", type=int, default=128,
                     help="decoder mode: cut documents to random lengths with this mean (0: whole documents)")
+    ap.add_argument("--arch-queries", type=int, default=1, help="architectures mode: queries")
+    ap.add_argument("--arch-doc-tokens", type=int, default=150, help="architectures mode: document tokens")
     ap.add_argument("--hf-pairs", type=int, default=20, help="pairs the naive HF loop runs (0: all)")
     ap.add_argument("--ce-batch-size", type=int, default=32, help="CrossEncoder.predict batch size (its default)")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
@@ -227,6 +416,8 @@ def main() -> None:
         run_cross(args, query_sets(args.queries, args.docs, args.seed))
     if args.mode in ("decoder", "both"):
         run_decoder(args, query_sets(args.decoder_queries, args.docs, args.seed + 1))
+    if args.mode == "archs":
+        run_archs(args, query_sets(args.arch_queries, args.docs, args.seed + 2))
 
 
 if __name__ == "__main__":

@@ -34,9 +34,12 @@ class EngineConfig:
     served_model_name: str | None = None
     seed: int = 0
     # Decoder-only yes/no rerankers (Qwen3-Reranker style).
+    # None: the recognised model's own (engine.tokenizer.RERANK_TEMPLATES_BY_*), else Qwen3-Reranker's.
     score_tokens: tuple[str, ...] | None = None  # e.g. ("no", "yes") or ("Yes",)
-    score_template: str | None = None  # None: Qwen3-Reranker's prompt
+    score_template: str | None = None
     score_instruction: str | None = None
+    # Layerwise rerankers (bge-reranker-v2-minicpm-layerwise): the layer whose head scores; None: the model card's.
+    cutoff_layers: int | list[int] | None = None
     # Pooling override for embedding models: "cls" | "mean" | "last"; None reads the model files.
     pooling: str | None = None
     normalize: bool | None = None
@@ -51,6 +54,10 @@ class EngineConfig:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
         if self.score_tokens is not None:
             self.score_tokens = tuple(self.score_tokens)
+        if isinstance(self.cutoff_layers, (list, tuple)):  # FlagEmbedding's form, e.g. [28]
+            if len(self.cutoff_layers) != 1:
+                raise ValueError(f"cutoff_layers must name one layer, got {self.cutoff_layers}")
+            self.cutoff_layers = self.cutoff_layers[0]
 
     @property
     def served_name(self) -> str:

@@ -24,7 +24,7 @@ from engine.params import PoolingParams, SamplingParams
 from engine.request import FINISH_REASONS, Request, RequestStatus
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler
-from engine.tokenizer import YesNoPrompt, encode, encode_pair, load_tokenizer, pair_texts
+from engine.tokenizer import YesNoPrompt, encode, encode_pair, load_tokenizer, pair_texts, rerank_template
 
 @dataclass(slots=True)
 class Generation:
@@ -61,8 +61,12 @@ class LLMEngine:
         self.config = config
         self.model_dir = resolve_model(config.model)
         hf = self.hf_config = load_config(self.model_dir)
+        if config.cutoff_layers is not None:
+            if not getattr(model_class(hf), "reranker_only", False):
+                raise ValueError("cutoff_layers applies only to layerwise rerankers")
+            hf.cutoff_layers = config.cutoff_layers
         self.is_decoder = model_class(hf).is_decoder
-        self.tokenizer = load_tokenizer(self.model_dir)
+        self.tokenizer = load_tokenizer(self.model_dir, hf)
         self.max_model_len = self._max_model_len(hf)
         self.task = self._task(hf)
         device = config.torch_device()
@@ -115,9 +119,12 @@ class LLMEngine:
             allowed |= {"generate", "score"}  # score: yes/no reranking from the LM head
         else:
             allowed |= {"score"}  # bi-encoder: cosine of the two embeddings
+        reranker_only = getattr(model_class(hf), "reranker_only", False)
+        if reranker_only:
+            allowed = {"score"}
         task = self.config.task
         if task == "auto":
-            task = ("generate" if causal else "score" if classifier and hf.num_labels == 1
+            task = ("score" if reranker_only else "generate" if causal else "score" if classifier and hf.num_labels == 1
                     else "classify" if classifier else "embed")
         if task not in allowed:
             raise ValueError(f"task {task!r} is not supported by {self.config.model} "
@@ -139,12 +146,17 @@ class LLMEngine:
         self.matryoshka = read_matryoshka_dims(self.model_dir)
         self.yes_no: YesNoPrompt | None = None
         if self.task == "score" and self.is_decoder and r.model.spec.num_labels is None:
-            tokens = self.config.score_tokens or ("no", "yes")
-            ids = [self._single_token(t) for t in tokens]
-            w = r.model.output_embeddings()
-            # sigmoid(h.(w_yes - w_no)) is softmax over the two logits: no full-vocabulary head needed.
-            r.score_weight = (w[ids[1]] - w[ids[0]] if len(ids) == 2 else w[ids[0]]).unsqueeze(0)
-            self.yes_no = YesNoPrompt(self.tokenizer, self.config.score_template, self.config.score_instruction)
+            template = rerank_template((self.config.model, self.model_dir), hf.architectures or [],
+                                       self.config.score_template, self.config.score_instruction,
+                                       self.config.score_tokens)
+            if hasattr(r.model, "score_head"):  # its own one-logit head (layerwise rerankers)
+                r.score_weight = r.model.score_head.weight
+            else:
+                ids = [self._single_token(t) for t in template.score_tokens]
+                w = r.model.output_embeddings()
+                # sigmoid(h.(w_yes - w_no)) is softmax over the two logits: no full-vocabulary head needed.
+                r.score_weight = (w[ids[1]] - w[ids[0]] if len(ids) == 2 else w[ids[0]]).unsqueeze(0)
+            self.yes_no = YesNoPrompt(self.tokenizer, template)
 
     def _single_token(self, text: str) -> int:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]

@@ -43,6 +43,7 @@ _HUB_PATTERNS = [
     "tokenizer.model",
     "sentencepiece.bpe.model",
     "spiece.model",
+    "spm.model",  # DeBERTa-v3
     "chat_template.jinja",
     "chat_template.json",
     "modules.json",
@@ -197,7 +198,19 @@ def _has_chat_template(model_dir: str) -> bool:
 # ---------------------------------------------------------------- reading
 
 
+# Config classes that exist only in a model repo's own Python code, which is never run here: their
+# config.json is read into the transformers class with the same fields (a plain PretrainedConfig
+# keeps every field as an attribute).
+_REMOTE_CONFIG_CLASSES = {"XLMRobertaFlashConfig": "XLMRobertaConfig",  # jina-reranker-v2
+                          "LayerWiseMiniCPMConfig": "PretrainedConfig"}  # bge-reranker-v2-minicpm-layerwise
+
+
 def load_config(model_dir: str) -> transformers.PretrainedConfig:
+    raw = _read_json(os.path.join(model_dir, "config.json")) or {}
+    remote = (raw.get("auto_map") or {}).get("AutoConfig", "").rsplit(".", 1)[-1]
+    if remote in _REMOTE_CONFIG_CLASSES:
+        raw.pop("model_type", None)
+        return getattr(transformers, _REMOTE_CONFIG_CLASSES[remote]).from_dict(raw)
     return transformers.AutoConfig.from_pretrained(model_dir)
 
 

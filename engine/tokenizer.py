@@ -39,8 +39,10 @@ class Tokenizer:
         return locked
 
 
-def load_tokenizer(model_dir: str) -> Tokenizer:
-    return Tokenizer(AutoTokenizer.from_pretrained(model_dir))
+def load_tokenizer(model_dir: str, config=None) -> Tokenizer:
+    """config: the model's, already read (engine.loader.load_config), so that a config.json naming remote
+    code is never handed to AutoConfig, which would ask on stdin whether to run it."""
+    return Tokenizer(AutoTokenizer.from_pretrained(model_dir, config=config, trust_remote_code=False))
 
 
 _NOT_TEMPLATE_VARIABLES = frozenset({"conversation", "messages", "tools", "documents", "chat_template", "tokenize",
@@ -147,27 +149,72 @@ QWEN3_RERANKER_TEMPLATE = (
     "<Instruct>: {instruction}\n<Query>: {query}\n<Document>: {document}<|im_end|>\n"
     "<|im_start|>assistant\n<think>\n\n</think>\n\n")
 QWEN3_RERANKER_INSTRUCTION = "Given a web search query, retrieve relevant passages that answer the query"
+BGE_RERANKER_INSTRUCTION = ("Given a query A and a passage B, determine whether the passage contains an answer to "
+                            "the query by providing a prediction of either 'Yes' or 'No'.")
+
+
+@dataclass(slots=True, frozen=True)
+class RerankTemplate:
+    """A decoder reranker's prompt as the pieces its reference code tokenizes one at a time (where
+    pieces are cut changes the token ids). Head pieces take {query} and {instruction}, the document
+    piece takes {document}, tail pieces take {instruction}."""
+    head: tuple[str, ...]
+    document: str
+    tail: tuple[str, ...]
+    instruction: str
+    score_tokens: tuple[str, ...]  # ("no", "yes"): softmax over the two; ("Yes",): that logit
+    bos: bool = False  # start with the tokenizer's BOS token
+
+    @classmethod
+    def from_string(cls, template: str, instruction: str, score_tokens: tuple[str, ...]) -> "RerankTemplate":
+        if template.count("{document}") != 1 or "{query}" not in template.split("{document}")[0]:
+            raise ValueError("score_template must contain {query} before one {document}")
+        head, tail = template.split("{document}")
+        return cls((head,), "{document}", (tail,), instruction, score_tokens)
+
+
+QWEN3_RERANKER = RerankTemplate.from_string(QWEN3_RERANKER_TEMPLATE, QWEN3_RERANKER_INSTRUCTION, ("no", "yes"))
+# FlagEmbedding's LLM rerankers: [BOS] "A: {query}" "\n" "B: {document}" "\n" "{prompt}", score = logit of "Yes".
+BGE_RERANKER = RerankTemplate(("A: {query}", "\n"), "B: {document}", ("\n", "{instruction}"),
+                              BGE_RERANKER_INSTRUCTION, ("Yes",), bos=True)
+# Decoder rerankers recognised by a name in their Hub id or directory, or by their architecture.
+RERANK_TEMPLATES_BY_NAME = {"bge-reranker-v2-gemma": BGE_RERANKER, "bge-reranker-v2-minicpm-layerwise": BGE_RERANKER}
+RERANK_TEMPLATES_BY_ARCHITECTURE = {"LayerWiseMiniCPMForCausalLM": BGE_RERANKER}
+
+
+def rerank_template(names: tuple[str, ...], architectures: list[str], template: str | None,
+                    instruction: str | None, score_tokens: tuple[str, ...] | None) -> RerankTemplate:
+    """The recognised model's published prompt (Qwen3-Reranker's otherwise), with the user's overrides."""
+    known = next((t for key, t in RERANK_TEMPLATES_BY_NAME.items() if any(key in n for n in names)), None)
+    known = known or next((RERANK_TEMPLATES_BY_ARCHITECTURE[a] for a in architectures
+                           if a in RERANK_TEMPLATES_BY_ARCHITECTURE), QWEN3_RERANKER)
+    instruction = instruction or known.instruction
+    score_tokens = score_tokens or known.score_tokens
+    if template is not None:
+        return RerankTemplate.from_string(template, instruction, score_tokens)
+    return RerankTemplate(known.head, known.document, known.tail, instruction, score_tokens, known.bos)
 
 
 class YesNoPrompt:
     """Builds a decoder reranker's prompt with instruction and query before the document, tokenized
     in pieces so every document of one query shares the same leading token blocks (prefix cache)."""
 
-    def __init__(self, tokenizer, template: str | None, instruction: str | None):
-        template = template or QWEN3_RERANKER_TEMPLATE
-        if template.count("{document}") != 1 or "{query}" not in template.split("{document}")[0]:
-            raise ValueError("score_template must contain {query} before one {document}")
-        self.tokenizer = tokenizer
-        self.head, self.tail = template.split("{document}")
-        self.instruction = instruction or QWEN3_RERANKER_INSTRUCTION
-        self.tail_ids = self._ids(self.tail)
+    def __init__(self, tokenizer, template: RerankTemplate):
+        self.tokenizer, self.template = tokenizer, template
+        if template.bos and tokenizer.bos_token_id is None:
+            raise ValueError("this reranker's prompt starts with a BOS token, but the tokenizer has none")
+        self.tail_ids = [t for piece in template.tail
+                         for t in self._ids(piece.replace("{instruction}", template.instruction))]
 
     def _ids(self, text: str) -> list[int]:
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
     def encode(self, query: str, document: str, max_model_len: int, truncate_prompt_tokens: int | None) -> list[int]:
-        head = self._ids(self.head.format(query=query, instruction=self.instruction))
-        doc = self._ids(document)
+        t = self.template
+        head = [self.tokenizer.bos_token_id] if t.bos else []
+        for piece in t.head:
+            head += self._ids(piece.format(query=query, instruction=t.instruction))
+        doc = self._ids(t.document.format(document=document))
         total = len(head) + len(doc) + len(self.tail_ids)
         limit = truncation_length(max_model_len, truncate_prompt_tokens)
         if limit is None and total > max_model_len:

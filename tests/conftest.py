@@ -165,6 +165,168 @@ def build_decoder(name: str, path: str, seed: int) -> str:
     return path
 
 
+def deberta_tokenizer():
+    # SentencePiece-style Unigram as DeBERTa-v3's: [PAD]=0, [UNK]=1, [CLS]=2, [SEP]=3.
+    pieces = [("[PAD]", 0.0), ("[UNK]", 0.0), ("[CLS]", 0.0), ("[SEP]", 0.0)]
+    pieces += [("\u2581" + w, -2.0) for w in WORDS] + [("\u2581", -3.0)]
+    pieces += [(c, -5.0) for c in "abcdefghijklmnopqrstuvwxyz0123456789.,!?:;'-"] + [("[MASK]", 0.0)]
+    return T.DebertaV2Tokenizer(vocab=pieces)
+
+
+# DeBERTa-v3's layout (shared q/k position projections, log buckets, normalised relative embeddings,
+# no absolute positions, no token types) and DeBERTa-v2's (separate position projections, clamped
+# distances, absolute positions, token types, a factorised embedding). Buckets and distances are
+# small so that the test sentences reach the log buckets and the clamp.
+DEBERTA_V3 = dict(relative_attention=True, position_buckets=8, max_relative_positions=-1, norm_rel_ebd="layer_norm",
+                  share_att_key=True, pos_att_type=["p2c", "c2p"], position_biased_input=False, type_vocab_size=0,
+                  max_position_embeddings=128, layer_norm_eps=1e-7)
+DEBERTA_V2 = dict(relative_attention=True, position_buckets=-1, max_relative_positions=12, share_att_key=False,
+                  pos_att_type=["c2p", "p2c"], position_biased_input=True, type_vocab_size=2, embedding_size=48,
+                  max_position_embeddings=128, layer_norm_eps=1e-7)
+
+
+def build_deberta(name: str, path: str, seed: int) -> str:
+    """name: 'deberta-v3' (base model), 'deberta-v3-cls1' or 'deberta-v2-cls3'."""
+    _, layout, *head = name.split("-")
+    tok = deberta_tokenizer()
+    kwargs = dict(TINY, vocab_size=len(tok), initializer_range=0.2, hidden_act="gelu", pad_token_id=0,
+                  **(DEBERTA_V3 if layout == "v3" else DEBERTA_V2))
+    if head == ["cls1"]:
+        kwargs.update(num_labels=1)
+    elif head == ["cls3"]:
+        kwargs.update(num_labels=3, id2label={0: "neg", 1: "neu", 2: "pos"}, label2id={"neg": 0, "neu": 1, "pos": 2})
+    torch.manual_seed(seed)
+    cls = T.DebertaV2ForSequenceClassification if head else T.DebertaV2Model
+    model = cls(T.DebertaV2Config(**kwargs)).eval()
+    randomize(model, seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+def bge_tokenizer():
+    """Byte-level BPE with BOS, where "Yes" is one token and token boundaries depend on how the prompt
+    is cut into pieces (as with Gemma's and MiniCPM's tokenizers)."""
+    from engine.tokenizer import BGE_RERANKER_INSTRUCTION
+    bpe = ByteLevelBPETokenizer()
+    corpus = [sentence(i, 12) for i in range(300)] + [BGE_RERANKER_INSTRUCTION, "A: B: Yes No"] * 20
+    bpe.train_from_iterator(corpus, vocab_size=500, min_frequency=1, special_tokens=DECODER_SPECIALS)
+    tok = Tokenizer.from_str(bpe._tokenizer.to_str())
+    t = T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                  unk_token="<unk>")
+    assert len(t("Yes", add_special_tokens=False)["input_ids"]) == 1
+    return t
+
+
+def build_bge_gemma(name: str, path: str, seed: int) -> str:
+    """A random Gemma recognised as BAAI/bge-reranker-v2-gemma by its directory name."""
+    tok = bge_tokenizer()
+    torch.manual_seed(seed)
+    config = T.GemmaConfig(**TINY, **dict(DEC_COMMON, vocab_size=len(tok)), num_key_value_heads=1, head_dim=16,
+                           tie_word_embeddings=True)
+    model = T.GemmaForCausalLM(config).eval()
+    randomize(model, seed)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+# bge-reranker-v2-minicpm-layerwise's config.json: a config class that only its repo's code defines.
+MINICPM_LAYERWISE = dict(architectures=["LayerWiseMiniCPMForCausalLM"], model_type="minicpm",
+                         auto_map={"AutoConfig": "configuration_minicpm_reranker.LayerWiseMiniCPMConfig",
+                                   "AutoModelForCausalLM": "modeling_minicpm_reranker.LayerWiseMiniCPMForCausalLM"},
+                         hidden_act="silu", rms_norm_eps=1e-5, rope_theta=10000.0, rope_scaling=None,
+                         attention_bias=False, tie_word_embeddings=True, scale_emb=12, dim_model_base=256,
+                         scale_depth=1.4, start_layer=2, head_multi=True, head_type="simple")
+
+
+def build_minicpm_layerwise(name: str, path: str, seed: int) -> str:
+    """Random MiniCPM decoder weights (drawn through a Llama of the same shape: the layer names are MiniCPM's)
+    plus one score head per layer from start_layer to the last, named as the published checkpoint's."""
+    from safetensors.torch import save_file
+    tok = bge_tokenizer()
+    shape = dict(TINY, num_hidden_layers=6, num_key_value_heads=2, max_position_embeddings=256)
+    torch.manual_seed(seed)
+    llama = T.LlamaForCausalLM(T.LlamaConfig(**shape, vocab_size=len(tok), initializer_range=0.2,
+                                             rms_norm_eps=1e-5, tie_word_embeddings=True)).eval()
+    randomize(llama, seed)
+    weights = {k: v.contiguous() for k, v in llama.state_dict().items() if k != "lm_head.weight"}
+    g = torch.Generator().manual_seed(seed)
+    for i in range(shape["num_hidden_layers"] - MINICPM_LAYERWISE["start_layer"] + 1):
+        weights[f"lm_head.{i}.linear_head.weight"] = 0.2 * torch.randn(1, shape["hidden_size"], generator=g)
+    save_file(weights, os.path.join(path, "model.safetensors"))
+    config = dict(MINICPM_LAYERWISE, **shape, vocab_size=len(tok), bos_token_id=tok.bos_token_id,
+                  eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(config, f)
+    tok.save_pretrained(path)
+    return path
+
+
+# jina-reranker-v2-base-multilingual's config.json: no model_type, its own config class, 1,026 positions.
+JINA_RERANKER_V2 = dict(architectures=["XLMRobertaForSequenceClassification"],
+                        auto_map={"AutoConfig": "configuration_xlm_roberta.XLMRobertaFlashConfig",
+                                  "AutoModel": "modeling_xlm_roberta.XLMRobertaModel",
+                                  "AutoModelForSequenceClassification":
+                                      "modeling_xlm_roberta.XLMRobertaForSequenceClassification"},
+                        hidden_act="gelu", layer_norm_eps=1e-5, max_position_embeddings=1026, num_labels=1,
+                        id2label={"0": "LABEL_0"}, label2id={"LABEL_0": 0}, pad_token_id=1, bos_token_id=0,
+                        eos_token_id=2, position_embedding_type="absolute", type_vocab_size=1, use_flash_attn=True,
+                        emb_pooler=None, classifier_dropout=None)
+
+
+def jina_layout(hf_state: dict) -> dict:
+    """Hugging Face XLM-RoBERTa weights renamed and fused as jina's flash checkpoint stores them
+    (its convert_roberta_weights_to_flash.py)."""
+    out = {}
+    for k, v in hf_state.items():
+        k = k.replace("roberta.embeddings.LayerNorm.", "roberta.emb_ln.").replace("roberta.encoder.layer.",
+                                                                                 "roberta.encoder.layers.")
+        for old, new in ((".attention.output.dense.", ".mixer.out_proj."), (".attention.output.LayerNorm.", ".norm1."),
+                         (".intermediate.dense.", ".mlp.fc1."), (".output.dense.", ".mlp.fc2."),
+                         (".output.LayerNorm.", ".norm2.")):
+            k = k.replace(old, new)
+        out[k] = v
+    layers = {k.split(".")[3] for k in out if k.startswith("roberta.encoder.layers.")}
+    for i in layers:
+        p = f"roberta.encoder.layers.{i}."
+        for kind in ("weight", "bias"):
+            parts = [out.pop(f"{p}attention.self.{n}.{kind}") for n in ("query", "key", "value")]
+            out[f"{p}mixer.Wqkv.{kind}"] = torch.cat(parts)
+    return out
+
+
+def build_jina(name: str, path: str, seed: int) -> str:
+    """Random weights of an XLM-RoBERTa cross-encoder, stored in jina-reranker-v2's layout and config."""
+    from safetensors.torch import save_file
+    tok = xlmr_tokenizer()
+    torch.manual_seed(seed)
+    fields = {k: v for k, v in JINA_RERANKER_V2.items() if k not in ("architectures", "auto_map")}
+    model = T.XLMRobertaForSequenceClassification(
+        T.XLMRobertaConfig(**TINY, **fields, vocab_size=len(tok), initializer_range=0.2)).eval()
+    randomize(model, seed)
+    state = {k: v.contiguous() for k, v in jina_layout(model.state_dict()).items()}
+    save_file(state, os.path.join(path, "model.safetensors"))
+    with open(os.path.join(path, "config.json"), "w") as f:
+        json.dump(dict(JINA_RERANKER_V2, **TINY, vocab_size=len(tok), initializer_range=0.2), f)
+    tok.save_pretrained(path)
+    return path
+
+
+def builder(name: str):
+    if name in DECODERS:
+        return build_decoder
+    if name.startswith("deberta"):
+        return build_deberta
+    if name == "bge-reranker-v2-gemma":
+        return build_bge_gemma
+    if name == "bge-reranker-v2-minicpm-layerwise":
+        return build_minicpm_layerwise
+    if name == "jina-reranker-v2":
+        return build_jina
+    return build_encoder
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     """tiny_model(name) -> a saved model dir; built once per session."""
@@ -174,7 +336,7 @@ def tiny_model(tmp_path_factory):
         if name not in cache:
             path = str(tmp_path_factory.mktemp(name.replace("/", "_")))
             seed = sum(map(ord, name))
-            cache[name] = (build_decoder if name in DECODERS else build_encoder)(name, path, seed)
+            cache[name] = builder(name)(name, path, seed)
         return cache[name]
     return get
 

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import Attention
+from engine.models.jina import jina_to_hf
 from engine.models.weights import load_into
 
 ROBERTA_TYPES = ("roberta", "xlm-roberta", "camembert")
@@ -36,6 +37,8 @@ class EncoderSpec:
     def from_hf(cls, c) -> "EncoderSpec":
         roberta = c.model_type in ROBERTA_TYPES
         arch = (c.architectures or [""])[0]
+        if getattr(c, "position_embedding_type", "absolute") != "absolute":
+            raise ValueError(f"position_embedding_type {c.position_embedding_type!r} is not supported (absolute)")
         if c.hidden_act not in ACTIVATIONS:
             raise ValueError(f"hidden_act {c.hidden_act!r} is not supported ({', '.join(ACTIVATIONS)})")
         return cls(hidden_size=c.hidden_size, num_layers=c.num_hidden_layers, num_heads=c.num_attention_heads,
@@ -117,5 +120,5 @@ class EncoderModel(nn.Module):
         def rename(name: str) -> str:
             for prefix in ("bert.", "roberta.", "model."):
                 name = name.removeprefix(prefix)
-            return name.replace(".gamma", ".weight").replace(".beta", ".bias")
+            return jina_to_hf(name.replace(".gamma", ".weight").replace(".beta", ".bias"))
         load_into(self, weights, rename, STACKED)
