@@ -1,6 +1,7 @@
 """The engine's tokenizer, prompt encoding with vLLM's truncation rules, chat templating and
 score-pair building."""
 import functools
+from dataclasses import dataclass
 import threading
 
 from jinja2.exceptions import TemplateError
