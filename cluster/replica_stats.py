@@ -10,7 +10,7 @@ stats (`snapshots`) without calling any replica.
 Counters survive replica restarts: when a replica leaves, its last snapshot is folded into one
 `retired` record per deployment, so a per-model sum over replica series never goes down.
 """
-import sys
+import importlib
 from dataclasses import dataclass, field
 
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
@@ -83,5 +83,5 @@ class StatsRouter(PowerOfTwoChoicesRequestRouter):
     def initialize_state(self, **kwargs) -> None:
         super().initialize_state(**kwargs)
         # Serve ships the router class to each handle by value (cloudpickle), with its own copy of
-        # this module's globals: register in the module that the ingress imported.
-        sys.modules[__name__]._ROUTERS.setdefault(self._deployment_id.name, self)
+        # this module's globals: register in the imported module, the one the ingress reads.
+        importlib.import_module(__name__)._ROUTERS.setdefault(self._deployment_id.name, self)

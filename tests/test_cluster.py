@@ -195,9 +195,15 @@ def test_removing_a_worker_replaces_its_replicas(cluster, http):
     assert http.post("/v1/embeddings", json={"model": EMBED, "input": "x"}).status_code == 200
     wait_for(lambda: len(nodes := replica_nodes(EMBED_DEPLOYMENT)) == 2 and worker.node_id not in nodes.values(),
              what="the Embedder replica re-placed")
-    # The Generator replica needs the gone node's gen_slot: Serve says so in its status.
-    status = wait_for(lambda: "gen_slot" in (s := serve.status().applications["default"]
-                                             .deployments[GEN_DEPLOYMENT].message) and s,
-                      what="a status message about the unplaceable replica")
-    assert "to be scheduled" in status
+    # The Generator replica needs the gone node's gen_slot: serve status shows the deployment short of
+    # a replica, and the controller log says which resources it waits for.
+    logs = os.path.join(ray._private.worker._global_node.get_logs_dir_path(), "serve")  # noqa: SLF001
+
+    def scheduling_warning() -> bool:
+        text = "".join(open(os.path.join(logs, f)).read() for f in os.listdir(logs) if f.startswith("controller"))
+        return any("to be scheduled" in line and GEN_DEPLOYMENT in line and "gen_slot" in line
+                   for line in text.splitlines()[-200:])
+    wait_for(scheduling_warning, what="the controller's report of the unplaceable replica")
+    status = serve.status().applications["default"].deployments[GEN_DEPLOYMENT]
+    assert status.status != "HEALTHY" or "gen_slot" in status.message, status
     assert chat(http, "And now?").status_code == 200
