@@ -16,7 +16,9 @@ from ray.serve import Application
 
 from cluster.shapes import ingress_deployment_defaults, model_deployment_defaults, torch_threads
 from deployments.ingress import IngressSettings, OpenAIIngress
+from deployments.limits import ServingLimits
 from deployments.rag import RAGPipeline
+from deployments.retry import RetryPolicy
 from deployments.server import ModelServer
 from engine import EngineConfig
 
@@ -82,12 +84,22 @@ class AppArgs(BaseModel):
     # Requests a model deployment may queue beyond its max_ongoing_requests before it answers
     # 503 with Retry-After (Ray Serve's max_queued_requests); a model's deployment_config overrides it.
     max_queued_requests: int = 64
+    limits: ServingLimits = ServingLimits()  # per-request caps and fair pooling admission, on every model
+    retry: RetryPolicy = RetryPolicy()  # the ingress re-runs calls whose replica died before answering
     ingress_deployment_config: dict[str, Any] = {}
     rag: RAGArgs | None = None
 
 
+# Options whose overrides refine the defaults key by key: a config that sets max_replicas keeps
+# the LLM delays and the engine policy; one that sets a router class keeps the stats period.
+MERGED_OPTIONS = ("autoscaling_config", "request_router_config")
+
+
 def deployment_options(defaults: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
     options = {**defaults, **overrides}
+    for key in MERGED_OPTIONS:
+        if isinstance(defaults.get(key), dict) and isinstance(overrides.get(key), dict):
+            options[key] = {**defaults[key], **overrides[key]}
     if "num_replicas" in overrides and "autoscaling_config" not in overrides:
         options.pop("autoscaling_config", None)  # a fixed replica count replaces the default autoscaling
     return options
@@ -105,7 +117,8 @@ def build_app(args: AppArgs) -> Application:
             raise ValueError(f"two models are served as {m.served_name!r}; set served_model_name")
         options = m.deployment_options(args.max_queued_requests)
         engine_kwargs = m.engine_config(options.get("ray_actor_options", {}))
-        servers[m.served_name] = ModelServer.options(name=m.deployment_name, **options).bind(engine_kwargs)
+        servers[m.served_name] = ModelServer.options(name=m.deployment_name, **options).bind(
+            engine_kwargs, args.limits.model_dump())
     rag = None
     if args.rag is not None:
         missing = [n for n in (args.rag.embed_model, args.rag.rerank_model, args.rag.generate_model)
@@ -118,6 +131,6 @@ def build_app(args: AppArgs) -> Application:
             servers[args.rag.embed_model], servers[args.rag.rerank_model] if args.rag.rerank_model else None,
             servers[args.rag.generate_model])
     settings = IngressSettings(api_key=args.api_key, allowed_origins=args.allowed_origins,
-                               max_request_body_bytes=args.max_request_body_bytes)
+                               max_request_body_bytes=args.max_request_body_bytes, retry=args.retry)
     options = deployment_options(ingress_deployment_defaults(), args.ingress_deployment_config)
     return OpenAIIngress.options(**options).bind(servers, rag, settings)

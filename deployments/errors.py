@@ -5,7 +5,7 @@
 - `ValueError` from the engine or from SamplingParams names the bad field or limit: 400.
 - Ray Serve's `BackPressureError` (a deployment's `max_queued_requests` is full) keeps its
   status (503, or 429 if configured) and always gets a `Retry-After` header; so does a
-  deployment that is not up (503).
+  deployment that is not up (503), and any APIError with status 503 (e.g. no replica left).
 - An exception raised inside another deployment arrives wrapped in `RayTaskError`; its
   `cause` is the original exception and is mapped as above.
 """
@@ -39,7 +39,8 @@ def to_error(exc: BaseException) -> tuple[ErrorResponse, dict[str, str]]:
     if isinstance(exc, RayTaskError) and exc.cause is not None:
         exc = exc.cause
     if isinstance(exc, APIError):
-        return error_body(exc.message, exc.status, exc.param), {}
+        headers = {"Retry-After": str(DEFAULT_RETRY_AFTER_S)} if exc.status == 503 else {}
+        return error_body(exc.message, exc.status, exc.param), headers
     if isinstance(exc, BackPressureError):
         retry_after = exc.retry_after_s or DEFAULT_RETRY_AFTER_S
         return error_body(exc.message, exc.status_code), {"Retry-After": str(int(-(-retry_after // 1)))}

@@ -20,12 +20,14 @@ from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
 
+from cluster import replica_stats
 from deployments.errors import APIError, error_body, to_error
 from deployments.metrics import render_prometheus
 from deployments.protocol import (
     API_NAMES, API_TASKS, ChatCompletionRequest, ClassificationRequest, CompletionRequest, DetokenizeRequest,
     EmbeddingRequest, ModelInfo, ModelList, RAGDocumentsRequest, RAGQueryRequest, RerankRequest, ScoreRequest,
     TokenizeRequest)
+from deployments.retry import RetryPolicy, call_with_retry, unless_disconnected
 from deployments.security import ApiKeyMiddleware, BodyLimitMiddleware
 
 # (HTTP method, path, OpenAIIngress method). Paths are vLLM's; rerank also answers Cohere's /v2.
@@ -49,6 +51,7 @@ class IngressSettings(BaseModel):
     api_key: str | None = None
     allowed_origins: list[str] = []  # CORS; [] sends no CORS headers, ["*"] allows any site
     max_request_body_bytes: int = 16 << 20
+    retry: RetryPolicy = RetryPolicy()  # re-running calls whose replica died (deployments.retry)
 
 
 def json_response(model: BaseModel) -> Response:
@@ -98,56 +101,67 @@ class OpenAIIngress:
                            404, "model")
         return model
 
-    async def _call(self, api: str, method: str, body) -> Response:
+    async def _call(self, api: str, method: str, body, request: Request) -> Response:
         # Errors are answered here, not by exception handlers: Serve installs its own handler
         # for BackPressureError on the app, which would bypass our error shape.
         try:
             name = self._pick(body.model, api)
-            return json_response(await getattr(self.servers[name], method).remote(body))
+            handle = getattr(self.servers[name], method)
+            answer = await unless_disconnected(request, call_with_retry(
+                lambda: handle.remote(body), lambda call: call, self.settings.retry, f"{api} on {name}"))
+            if answer is None:  # the client left; the replica's work was cancelled
+                return Response(status_code=499)
+            return json_response(answer[1])
         except Exception as exc:
             return error_response(exc)
 
-    async def _stream(self, api: str, method: str, body) -> Response:
+    async def _stream(self, api: str, method: str, body, request: Request) -> Response:
         try:
             name = self._pick(body.model, api)
-            chunks: DeploymentResponseGenerator = getattr(self.streams[name], method).remote(body)
-            # Wait for the first chunk before sending headers: a rejected request still gets its status.
-            first = await anext(chunks, None)
+            handle = getattr(self.streams[name], method)
+            # Wait for the first chunk before sending headers: a rejected request still gets its status,
+            # and a replica that dies before it is replaced by another.
+            answer = await unless_disconnected(request, call_with_retry(
+                lambda: handle.remote(body), lambda chunks: anext(chunks, None), self.settings.retry,
+                f"{api} on {name}"))
+            if answer is None:
+                return Response(status_code=499)
         except Exception as exc:
             return error_response(exc)
+        chunks, first = answer
         return StreamingResponse(sse(first, chunks), media_type="text/event-stream")
 
     # ---- routes ---------------------------------------------------------------------------------
     async def list_models(self) -> Response:
         return json_response(ModelList(data=[info.card for info in self.models.values()]))
 
-    async def embeddings(self, body: EmbeddingRequest) -> Response:
-        return await self._call("embeddings", "embeddings", body)
+    async def embeddings(self, body: EmbeddingRequest, request: Request) -> Response:
+        return await self._call("embeddings", "embeddings", body, request)
 
-    async def score(self, body: ScoreRequest) -> Response:
-        return await self._call("score", "score", body)
+    async def score(self, body: ScoreRequest, request: Request) -> Response:
+        return await self._call("score", "score", body, request)
 
-    async def rerank(self, body: RerankRequest) -> Response:
-        return await self._call("rerank", "rerank", body)
+    async def rerank(self, body: RerankRequest, request: Request) -> Response:
+        return await self._call("rerank", "rerank", body, request)
 
-    async def classify(self, body: ClassificationRequest) -> Response:
-        return await self._call("classify", "classify", body)
+    async def classify(self, body: ClassificationRequest, request: Request) -> Response:
+        return await self._call("classify", "classify", body, request)
 
-    async def completions(self, body: CompletionRequest) -> Response:
+    async def completions(self, body: CompletionRequest, request: Request) -> Response:
         if body.stream:
-            return await self._stream("completions", "completions_stream", body)
-        return await self._call("completions", "completions", body)
+            return await self._stream("completions", "completions_stream", body, request)
+        return await self._call("completions", "completions", body, request)
 
-    async def chat(self, body: ChatCompletionRequest) -> Response:
+    async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
         if body.stream:
-            return await self._stream("chat", "chat_stream", body)
-        return await self._call("chat", "chat", body)
+            return await self._stream("chat", "chat_stream", body, request)
+        return await self._call("chat", "chat", body, request)
 
-    async def tokenize(self, body: TokenizeRequest) -> Response:
-        return await self._call("tokenize", "tokenize", body)
+    async def tokenize(self, body: TokenizeRequest, request: Request) -> Response:
+        return await self._call("tokenize", "tokenize", body, request)
 
-    async def detokenize(self, body: DetokenizeRequest) -> Response:
-        return await self._call("detokenize", "detokenize", body)
+    async def detokenize(self, body: DetokenizeRequest, request: Request) -> Response:
+        return await self._call("detokenize", "detokenize", body, request)
 
     async def health(self) -> Response:
         return Response(status_code=200)
@@ -156,9 +170,16 @@ class OpenAIIngress:
         return JSONResponse({"version": importlib.metadata.version("servecluster")})
 
     async def metrics(self) -> Response:
-        """Prometheus text; a model whose replicas are too busy to answer is left out of this scrape."""
-        stats = await asyncio.gather(*(h.stats.remote() for h in self.servers.values()), return_exceptions=True)
-        text = render_prometheus([s for s in stats if isinstance(s, dict)])
+        """Prometheus text for every replica of every model, from the stats Serve pushes to this
+        replica's routers (cluster.replica_stats); a model whose router has none yet is asked by handle."""
+        snapshots, asked = [], []
+        for handle in self.servers.values():
+            found = replica_stats.snapshots(handle.deployment_name)
+            snapshots += found or []
+            if not found:
+                asked.append(handle)
+        answers = await asyncio.gather(*(h.stats.remote() for h in asked), return_exceptions=True)
+        text = render_prometheus(snapshots + [s for s in answers if isinstance(s, dict)])
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
     async def rag_documents(self, body: RAGDocumentsRequest) -> Response:

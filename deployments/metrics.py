@@ -2,14 +2,9 @@
 names where vLLM has one, labelled by model_name and replica.
 
 The engine keeps the cumulative counters and histograms (engine.stats(), vLLM's bucket edges);
-the model server adds its name and replica id (ModelServer.stats) and the ingress renders them.
-
-Limitation: the ingress asks each model deployment through a handle, and Serve's router picks
-one replica per call. With several replicas of one model, a scrape shows the replica that
-answered (its `replica` label says which), so series are per replica and a scrape does not
-sum replicas. For exact cluster-wide sums scrape each replica (e.g. run one ingress per node
-or use Ray's own metrics export); with one replica per model, as in serve_config.yaml, the
-numbers are complete.
+the model server adds its name and replica id (ModelServer.stats) and the ingress renders them for
+every replica of every model from the stats Serve pushes to its routers (cluster.replica_stats),
+plus one `replica="retired"` series per model holding the counters of replicas that are gone.
 """
 GAUGES = {
     "vllm:num_requests_running": ("num_running", "Number of requests in model execution batches."),

@@ -19,6 +19,7 @@ from typing import Any
 from ray import serve
 
 from deployments.errors import APIError
+from deployments.limits import ServingLimits, in_slices
 from deployments.protocol import (
     API_NAMES, API_TASKS, ChatCompletionLogProb, ChatCompletionLogProbs, ChatCompletionLogProbsContent,
     ChatCompletionRequest, ChatCompletionResponse, ChatCompletionResponseChoice,
@@ -31,12 +32,14 @@ from deployments.protocol import (
     now, random_id)
 from engine import AsyncLLM, EngineConfig, PoolingParams, SamplingParams
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
+from engine.tokenizer import pair_texts
 
 
 @serve.deployment  # options: cluster.shapes.model_deployment_defaults, overridden per model by the config
 class ModelServer:
-    def __init__(self, engine_kwargs: dict[str, Any]):
+    def __init__(self, engine_kwargs: dict[str, Any], limits: dict[str, Any] | None = None):
         self.engine = AsyncLLM(EngineConfig(**engine_kwargs))
+        self.limits = ServingLimits(**(limits or {}))
         config = self.engine.config
         self.name = config.served_name
         self.card = ModelCard(id=self.name, root=config.model, max_model_len=self.engine.max_model_len,
@@ -51,8 +54,40 @@ class ModelServer:
         replica = serve.get_replica_context().replica_id.unique_id
         return {**self.engine.stats(), "model_name": self.name, "replica": replica}
 
+    def record_routing_stats(self) -> dict:
+        """Serve polls this into every handle's router: the prefix router reads KV usage from it and
+        the ingress renders all replicas' /metrics from it (cluster.replica_stats)."""
+        return self.stats()
+
+    def check_health(self) -> None:
+        """Serve calls this periodically; raising makes it replace the replica. A dead actor fails
+        by itself; this also catches an engine thread that died or stopped making progress."""
+        stalled = self.engine.stalled_for()
+        if stalled > self.limits.engine_stall_timeout_s:
+            raise RuntimeError(f"the engine loop of {self.name} has made no progress for {stalled:.0f} s "
+                               f"with work pending (engine_stall_timeout_s={self.limits.engine_stall_timeout_s})")
+
+    async def _admit(self, texts: list, field: str, num_inputs: int | None = None) -> None:
+        """The per-request caps (deployments.limits), before any work starts."""
+        self.limits.check_inputs(len(texts) if num_inputs is None else num_inputs, field)
+        await self.limits.check_tokens(texts, field, self._count_tokens)
+
+    async def _count_tokens(self, text: str) -> int:
+        return len(await self.engine.tokenize_async(text))
+
+    async def _pool(self, run, items: list) -> list:
+        """run(items) admitted in slices, so one huge request does not starve the others."""
+        return await in_slices(run, items, self.limits.pooling_slice_inputs)
+
+    async def _score_pairs(self, text_1: str | list[str], text_2: str | list[str], params: PoolingParams,
+                           field: str):
+        pairs = pair_texts(text_1, text_2)
+        await self._admit([t for pair in pairs for t in pair], field, num_inputs=len(pairs))
+        return await self._pool(lambda chunk: self.engine.score([q for q, _ in chunk], [d for _, d in chunk], params),
+                                pairs)
+
     def record_autoscaling_stats(self) -> dict[str, float]:
-        """Serve calls this on each replica; cluster.autoscaling.engine_pressure_policy reads it."""
+        """Serve calls this on each replica; cluster.autoscaling.EnginePressurePolicy reads it."""
         stats = self.engine.stats()
         return {"kv_cache_usage": float(stats["kv_cache_usage"]), "num_waiting": float(stats["num_waiting"])}
 
@@ -66,14 +101,16 @@ class ModelServer:
         self._require("embeddings")
         params = PoolingParams(dimensions=req.dimensions, normalize=req.normalize,
                                truncate_prompt_tokens=req.truncate_prompt_tokens)
-        outs = await self.engine.embed(req.prompts(), params)
+        prompts = req.prompts()
+        await self._admit(prompts, "input")
+        outs = await self._pool(lambda chunk: self.engine.embed(chunk, params), prompts)
         data = [EmbeddingResponseData(index=i, embedding=encode_embedding(o.outputs.embedding, req.encoding_format))
                 for i, o in enumerate(outs)]
         return EmbeddingResponse(model=self.name, data=data, usage=pooling_usage(outs))
 
     async def score(self, req: ScoreRequest) -> ScoreResponse:
         self._require("score")
-        outs = await self.engine.score(req.text_1, req.text_2, pooling_params(req))
+        outs = await self._score_pairs(req.text_1, req.text_2, pooling_params(req), "text_2")
         data = [ScoreResponseData(index=i, score=o.outputs.score) for i, o in enumerate(outs)]
         return ScoreResponse(model=self.name, data=data, usage=pooling_usage(outs))
 
@@ -81,7 +118,7 @@ class ModelServer:
         self._require("rerank")
         if not req.documents:
             return RerankResponse(model=self.name, usage=RerankUsage(total_tokens=0), results=[])
-        outs = await self.engine.score(req.query, req.documents, pooling_params(req))
+        outs = await self._score_pairs(req.query, req.documents, pooling_params(req), "documents")
         results = sorted((RerankResult(index=i, document=RerankDocument(text=req.documents[i]),
                                        relevance_score=o.outputs.score) for i, o in enumerate(outs)),
                          key=lambda r: r.relevance_score, reverse=True)
@@ -92,7 +129,8 @@ class ModelServer:
     async def classify(self, req: ClassificationRequest) -> ClassificationResponse:
         self._require("classify")
         prompts = [req.input] if isinstance(req.input, str) else req.input
-        outs = await self.engine.classify(prompts, pooling_params(req))
+        await self._admit(prompts, "input")
+        outs = await self._pool(lambda chunk: self.engine.classify(chunk, pooling_params(req)), prompts)
         data = []
         for i, o in enumerate(outs):
             probs = o.outputs.probs
@@ -105,6 +143,7 @@ class ModelServer:
     async def completions(self, req: CompletionRequest) -> CompletionResponse:
         self._require("completions")
         prompts, params = req.prompts(), self._sampling(req, req.max_tokens, req.logprobs)
+        await self._admit(prompts, "prompt")
         finals = await final_outputs(self.engine.generate(p, params) for p in prompts)
         choices = []
         for i, out in enumerate(finals):
@@ -119,6 +158,7 @@ class ModelServer:
     async def completions_stream(self, req: CompletionRequest) -> AsyncIterator[CompletionStreamResponse]:
         self._require("completions")
         prompts, params = req.prompts(), self._sampling(req, req.max_tokens, req.logprobs)
+        await self._admit(prompts, "prompt")
         rid, created, finals = random_id("cmpl"), now(), []
         sent: dict[int, tuple[int, int]] = {}  # choice index -> (characters, tokens) already sent
         async for i, out in merge([self.engine.generate(p, params) for p in prompts]):

@@ -8,6 +8,7 @@ import asyncio
 import logging
 import queue
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
@@ -52,6 +53,7 @@ class AsyncLLM:
         self._snapshot = self.engine.stats_snapshot()
         self.engine.on_batch_start = self._publish_stats
         self._running = True
+        self._heartbeat = time.monotonic()  # the engine thread's last sign of progress
         self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
         self._thread.start()
 
@@ -69,6 +71,7 @@ class AsyncLLM:
                     block = False
             except queue.Empty:
                 pass
+            self._heartbeat = time.monotonic()
             if not self.engine.has_unfinished():
                 self._snapshot = self.engine.stats_snapshot()  # e.g. after an abort emptied the engine
                 continue
@@ -201,6 +204,15 @@ class AsyncLLM:
         running/waiting, KV usage, and histograms as {"buckets", "counts" (per bucket, last is
         +Inf), "sum", "count"}."""
         return self._snapshot
+
+    def stalled_for(self) -> float:
+        """Seconds the engine thread has had work without finishing a step (0 when idle); inf if
+        the thread is gone. Health checks use it to tell a wedged loop from a busy one."""
+        if not self._thread.is_alive():
+            return float("inf")
+        if not (self._streams or self._jobs):
+            return 0.0
+        return time.monotonic() - self._heartbeat
 
     def shutdown(self) -> None:
         self._running = False

@@ -132,7 +132,16 @@ def test_health_version_metrics(base_url, http):
     http.post("/v1/completions", json={"model": GEN, "prompt": "Hello", "max_tokens": 3})
     r = http.get("/metrics")
     assert r.status_code == 200 and r.headers["content-type"].startswith("text/plain")
-    text = r.text
+
+    def generated() -> float:  # /metrics reads the stats Serve pushes every ~2 s: poll until they arrive
+        text = http.get("/metrics").text
+        line = next(l for l in text.splitlines() if l.startswith("vllm:generation_tokens_total") and f'"{GEN}"' in l)
+        return float(line.split()[-1])
+    for _ in range(240):
+        if generated() >= 3:
+            break
+        time.sleep(0.5)
+    text = http.get("/metrics").text
     for name in ("vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
                  "vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total",
                  "vllm:time_to_first_token_seconds_bucket", "vllm:inter_token_latency_seconds_bucket",
