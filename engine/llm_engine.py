@@ -201,9 +201,8 @@ class LLMEngine:
         children = []
         for i in range(params.n):
             child = Request(f"{request_id}#{i}" if params.n > 1 else request_id, list(ids),
-                            sampling_params=params, max_tokens=max_tokens)
-            if params.seed is not None:
-                child.generator = torch.Generator(self.runner.device).manual_seed(params.seed + i)
+                            sampling_params=params, max_tokens=max_tokens,
+                            seed=None if params.seed is None else params.seed + i)
             children.append(child)
         self.generations[request_id] = Generation(
             request_id, prompt if isinstance(prompt, str) else None, children,
