@@ -19,6 +19,8 @@ from typing import TypeVar
 from pydantic import BaseModel, Field
 
 from deployments.errors import APIError
+from engine import AsyncLLM, PoolingParams
+from engine.tokenizer import pair_texts
 
 T = TypeVar("T")
 # Two slices in flight keep the engine busy while the next one is built.
@@ -70,3 +72,28 @@ async def in_slices(run: Callable[[list], Awaitable[list[T]]], items: list, size
         for task in in_flight:
             task.cancel()
         await asyncio.gather(*in_flight, return_exceptions=True)
+
+
+class Admission:
+    """The caps and the slicing applied to one replica's engine, shared by its pooling and generation routes."""
+    def __init__(self, engine: AsyncLLM, limits: ServingLimits):
+        self.engine, self.limits = engine, limits
+
+    async def admit(self, texts: list, field: str, num_inputs: int | None = None) -> None:
+        """The per-request caps, before any work starts."""
+        self.limits.check_inputs(len(texts) if num_inputs is None else num_inputs, field)
+        await self.limits.check_tokens(texts, field, self._count_tokens)
+
+    async def _count_tokens(self, text: str) -> int:
+        return len(await self.engine.tokenize_async(text))
+
+    async def pool(self, run: Callable[[list], Awaitable[list[T]]], items: list) -> list[T]:
+        """run(items) admitted in slices, so one huge request does not starve the others."""
+        return await in_slices(run, items, self.limits.pooling_slice_inputs)
+
+    async def score_pairs(self, text_1: str | list[str], text_2: str | list[str], params: PoolingParams,
+                          field: str) -> list:
+        pairs = pair_texts(text_1, text_2)
+        await self.admit([t for pair in pairs for t in pair], field, num_inputs=len(pairs))
+        return await self.pool(lambda chunk: self.engine.score([q for q, _ in chunk], [d for _, d in chunk], params),
+                               pairs)

@@ -14,8 +14,8 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine, Pooled, PoolingJob
-from engine.outputs import PoolingRequestOutput, RequestOutput
+from engine.llm_engine import LLMEngine
+from engine.outputs import PoolingJobOutput, PoolingRequestOutput, RequestOutput
 from engine.params import PoolingParams, SamplingParams
 from engine.tokenizer import apply_chat_template
 
@@ -32,13 +32,6 @@ class _Waiter:
         self.loop.call_soon_threadsafe(fn, *args)
 
 
-@dataclass(slots=True)
-class _JobState:
-    job: PoolingJob
-    waiter: _Waiter
-    results: dict[str, Pooled]
-
-
 class AsyncLLM:
     def __init__(self, config: EngineConfig):
         self.engine = LLMEngine(config)
@@ -48,8 +41,7 @@ class AsyncLLM:
         self.tokenizer = self.engine.tokenizer
         self.id2label = self.engine.id2label
         self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._streams: dict[str, _Waiter] = {}
-        self._jobs: dict[str, _JobState] = {}  # by engine request id
+        self._waiters: dict[str, _Waiter] = {}  # by request id: generations and pooling calls
         self._snapshot = self.engine.stats_snapshot()
         self.engine.on_batch_start = self._publish_stats
         self._running = True
@@ -85,40 +77,23 @@ class AsyncLLM:
                 self._dispatch(out)
             self._snapshot = self.engine.stats_snapshot()
 
-    def _dispatch(self, out: RequestOutput | Pooled) -> None:
-        if isinstance(out, RequestOutput):
-            waiter = self._streams.get(out.request_id)
-            if waiter is not None:
-                waiter.send(waiter.stream.put_nowait, out)
+    def _dispatch(self, out: RequestOutput | PoolingJobOutput) -> None:
+        waiter = self._waiters.pop(out.request_id, None) if out.finished else self._waiters.get(out.request_id)
+        if waiter is None:
             return
-        state = self._jobs.pop(out.request_id, None)
-        if state is None:
-            return
-        state.results[out.request_id] = out
-        if len(state.results) == len(state.job.requests):
-            results = state.job.combine([state.results[r.request_id] for r in state.job.requests])
-            state.waiter.send(_resolve, state.waiter.future, results)
+        if waiter.stream is not None:
+            waiter.send(waiter.stream.put_nowait, out)
+        else:
+            waiter.send(_resolve, waiter.future, out.outputs)
 
     def _fail_all(self, error: Exception) -> None:
-        for rid in list(self._streams):
+        waiters, self._waiters = self._waiters, {}
+        for rid, waiter in waiters.items():
             self.engine.abort(rid)
-            waiter = self._streams[rid]
-            waiter.send(waiter.stream.put_nowait, error)
-        for rid, state in list(self._jobs.items()):
-            self.engine.abort(rid)
-            state.waiter.send(_reject, state.waiter.future, error)
-        self._jobs.clear()
-
-    def _start_job(self, job: PoolingJob, waiter: _Waiter) -> None:
-        state = _JobState(job, waiter, {})
-        for req in job.requests:
-            self._jobs[req.request_id] = state
-        self.engine.add_pooling_requests(job)
-
-    def _abort_job(self, job: PoolingJob) -> None:
-        for req in job.requests:
-            if self._jobs.pop(req.request_id, None) is not None:
-                self.engine.abort(req.request_id)
+            if waiter.stream is not None:
+                waiter.send(waiter.stream.put_nowait, error)
+            else:
+                waiter.send(_reject, waiter.future, error)
 
     async def _call(self, fn: Callable):
         """Run fn on the engine thread and await its result (or its exception)."""
@@ -138,14 +113,14 @@ class AsyncLLM:
     # ---- the API ------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams,
                        request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields cumulative outputs after each step that made tokens. Closing the iterator early
-        aborts the request and frees its KV blocks."""
+        """Yields outputs as params.output_kind asks: every step's new tokens (DELTA), everything so
+        far (CUMULATIVE) or one output at the end (FINAL_ONLY). Closing the iterator early aborts the
+        request and frees its KV blocks."""
         rid = request_id or f"gen-{uuid.uuid4().hex}"
         waiter = _Waiter(asyncio.get_running_loop(), stream=asyncio.Queue())
-        self._streams[rid] = waiter
         finished = False
         try:
-            await self._call(lambda: self.engine.add_generation(rid, prompt, params))
+            await self._call(lambda: self._start(rid, waiter, lambda: self.engine.add_generation(rid, prompt, params)))
             while not finished:
                 out = await waiter.stream.get()
                 if isinstance(out, Exception):
@@ -153,34 +128,41 @@ class AsyncLLM:
                 finished = out.finished
                 yield out
         finally:
-            self._streams.pop(rid, None)
             if not finished:
-                self._inbox.put(lambda: self.engine.abort(rid))
+                self._inbox.put(lambda: self._abort(rid, waiter))
 
     async def embed(self, prompts: list[str | list[int]], params: PoolingParams | None = None) -> list[PoolingRequestOutput]:
-        return await self._pool(lambda: self.engine.embed_job(prompts, params))
+        return await self._pool(lambda rid: self.engine.add_embed(rid, prompts, params))
 
     async def score(self, text_1: str | list[str], text_2: str | list[str],
                     params: PoolingParams | None = None) -> list[PoolingRequestOutput]:
-        return await self._pool(lambda: self.engine.score_job(text_1, text_2, params))
+        return await self._pool(lambda rid: self.engine.add_score(rid, text_1, text_2, params))
 
     async def classify(self, prompts: list[str | list[int]], params: PoolingParams | None = None) -> list[PoolingRequestOutput]:
-        return await self._pool(lambda: self.engine.classify_job(prompts, params))
+        return await self._pool(lambda rid: self.engine.add_classify(rid, prompts, params))
 
-    async def _pool(self, make_job: Callable[[], PoolingJob]) -> list[PoolingRequestOutput]:
+    async def _pool(self, add: Callable[[str], None]) -> list[PoolingRequestOutput]:
+        rid = f"pool-{uuid.uuid4().hex}"
         waiter = _Waiter(asyncio.get_running_loop())
         waiter.future = waiter.loop.create_future()
-        holder: list[PoolingJob] = []
-
-        def start():
-            holder.append(make_job())
-            self._start_job(holder[0], waiter)
-        await self._call(start)
+        await self._call(lambda: self._start(rid, waiter, lambda: add(rid)))
         try:
             return await waiter.future
         finally:
             if not waiter.future.done():  # cancelled: its requests leave the engine
-                self._inbox.put(lambda: self._abort_job(holder[0]))
+                self._inbox.put(lambda: self._abort(rid, waiter))
+
+    def _start(self, rid: str, waiter: _Waiter, add: Callable[[], None]) -> None:
+        """On the engine thread: register the waiter, then add the call (a bad call registers nothing)."""
+        if rid in self._waiters:
+            raise ValueError(f"request_id {rid!r} is already running")
+        add()
+        self._waiters[rid] = waiter
+
+    def _abort(self, rid: str, waiter: _Waiter) -> None:
+        if self._waiters.get(rid) is waiter:
+            del self._waiters[rid]
+            self.engine.abort(rid)
 
     async def tokenize_async(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return await self._call(lambda: self.tokenize(text, add_special_tokens))
@@ -210,7 +192,7 @@ class AsyncLLM:
         the thread is gone. Health checks use it to tell a wedged loop from a busy one."""
         if not self._thread.is_alive():
             return float("inf")
-        if not (self._streams or self._jobs):
+        if not self._waiters:
             return 0.0
         return time.monotonic() - self._heartbeat
 

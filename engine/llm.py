@@ -1,8 +1,11 @@
 """The offline API, mirroring vLLM's `LLM`: swap the import and the code runs."""
+import dataclasses
+from typing import Callable
+
 from engine.config import EngineConfig
-from engine.llm_engine import LLMEngine, Pooled, PoolingJob
-from engine.outputs import PoolingRequestOutput, RequestOutput
-from engine.params import PoolingParams, SamplingParams
+from engine.llm_engine import LLMEngine
+from engine.outputs import PoolingJobOutput, PoolingRequestOutput, RequestOutput
+from engine.params import PoolingParams, RequestOutputKind, SamplingParams
 from engine.tokenizer import apply_chat_template
 
 Prompt = str | list[int] | dict
@@ -39,6 +42,8 @@ class LLM:
         try:
             for p, sp in zip(prompts, params):
                 ids.append(self.engine.new_id())
+                # As vLLM's LLM: one output per prompt at its end, nothing built per step.
+                sp = dataclasses.replace(sp, output_kind=RequestOutputKind.FINAL_ONLY)
                 self.engine.add_generation(ids[-1], prompt_of(p), sp)
             while self.engine.has_unfinished():
                 for out in self.engine.step():
@@ -61,17 +66,19 @@ class LLM:
     def embed(self, prompts: Prompt | list[Prompt], truncate_prompt_tokens: int | None = None,
               pooling_params: PoolingParams | None = None, use_tqdm: bool = False) -> list[PoolingRequestOutput]:
         params = self._pooling_params(pooling_params, truncate_prompt_tokens)
-        return self._run(self.engine.embed_job([prompt_of(p) for p in self._as_list(prompts)], params))
+        return self._run(lambda rid: self.engine.add_embed(rid, [prompt_of(p) for p in self._as_list(prompts)],
+                                                           params))
 
     def classify(self, prompts: Prompt | list[Prompt], truncate_prompt_tokens: int | None = None,
                  pooling_params: PoolingParams | None = None, use_tqdm: bool = False) -> list[PoolingRequestOutput]:
         params = self._pooling_params(pooling_params, truncate_prompt_tokens)
-        return self._run(self.engine.classify_job([prompt_of(p) for p in self._as_list(prompts)], params))
+        return self._run(lambda rid: self.engine.add_classify(rid, [prompt_of(p) for p in self._as_list(prompts)],
+                                                              params))
 
     def score(self, data_1: str | list[str], data_2: str | list[str], truncate_prompt_tokens: int | None = None,
               pooling_params: PoolingParams | None = None, use_tqdm: bool = False) -> list[PoolingRequestOutput]:
         params = self._pooling_params(pooling_params, truncate_prompt_tokens)
-        return self._run(self.engine.score_job(data_1, data_2, params))
+        return self._run(lambda rid: self.engine.add_score(rid, data_1, data_2, params))
 
     @staticmethod
     def _as_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:
@@ -86,16 +93,15 @@ class LLM:
             params.truncate_prompt_tokens = truncate
         return params
 
-    def _run(self, job: PoolingJob) -> list[PoolingRequestOutput]:
-        self.engine.add_pooling_requests(job)
-        done: dict[str, Pooled] = {}
+    def _run(self, add: Callable[[str], None]) -> list[PoolingRequestOutput]:
+        rid = self.engine.new_id()
+        add(rid)
         try:
             while self.engine.has_unfinished():
                 for out in self.engine.step():
-                    if isinstance(out, Pooled):
-                        done[out.request_id] = out
+                    if isinstance(out, PoolingJobOutput) and out.request_id == rid:
+                        return out.outputs
         except BaseException:
-            for req in job.requests:
-                self.engine.abort(req.request_id)
+            self.engine.abort(rid)
             raise
-        return job.combine([done[r.request_id] for r in job.requests])
+        raise RuntimeError(f"the engine ran out of work before pooling call {rid} finished")

@@ -68,3 +68,11 @@ class PoolingRequestOutput:
 
 
 EmbeddingRequestOutput = ScoringRequestOutput = ClassificationRequestOutput = PoolingRequestOutput
+
+
+@dataclass(slots=True)
+class PoolingJobOutput:
+    """Every output of one embed / score / classify call, in input order, once the last is done."""
+    request_id: str
+    outputs: list[PoolingRequestOutput]
+    finished: bool = True

@@ -1,7 +1,16 @@
 """Per-request parameters, mirroring vLLM's SamplingParams and PoolingParams."""
+import enum
 from dataclasses import dataclass, field
 
 MAX_STOP_STRINGS = 64
+
+
+class RequestOutputKind(enum.Enum):
+    """What each output of a generation carries (vLLM's): everything so far, only what is new since the
+    previous output (streams), or one output at the end (non-streaming callers)."""
+    CUMULATIVE = 0
+    DELTA = 1
+    FINAL_ONLY = 2
 
 
 @dataclass(slots=True)
@@ -24,6 +33,7 @@ class SamplingParams:
     skip_special_tokens: bool = True
     truncate_prompt_tokens: int | None = None
     logit_bias: dict[int, float] | None = None  # token id -> added to its logit before sampling
+    output_kind: RequestOutputKind = RequestOutputKind.CUMULATIVE
 
     def __post_init__(self):
         if isinstance(self.stop, str):

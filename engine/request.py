@@ -38,7 +38,7 @@ class Request:
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
-    generator: torch.Generator | None = None
+    seed: int | None = None  # sampling seed; n > 1 children of a seeded request get seed, seed + 1, ...
     arrival_time: float = field(default_factory=time.monotonic)
     first_token_time: float | None = None
     # Filled by the model runner for pooling requests.

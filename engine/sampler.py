@@ -1,7 +1,8 @@
 """Turns the last-position logits of a batch into one token per request, vLLM style.
 
-Per request: repetition/frequency/presence penalties, logit_bias and min_tokens masking, then greedy argmax or
-temperature -> top_k -> top_p -> min_p -> a draw. Logprobs are taken from the raw logits."""
+The whole batch at once, on the logits' device: penalties, logit_bias and min_tokens masking, then greedy
+argmax or temperature -> top_k -> top_p -> min_p -> a draw. Python touches requests only to read their
+parameters into [B] tensors. Logprobs are taken from the raw logits."""
 from dataclasses import dataclass
 
 import torch
@@ -13,6 +14,13 @@ from engine.request import Request
 # top_p first looks among this many most likely tokens: a full sort costs ~2 ms per row of a 50k
 # vocabulary on CPU, and rows whose top_p mass lies beyond the candidates fall back to it.
 TOP_P_CANDIDATES = 256
+# The draw races this many most likely tokens with their own noise; the rest of the vocabulary
+# enters the race as one entrant weighing its total mass (see Sampler._draw).
+RACE_CANDIDATES = 256
+# splitmix64's constants, as signed int64 (torch wraps int64 arithmetic).
+_GOLDEN = 0x9E3779B97F4A7C15 - (1 << 64)
+_MIX1 = 0xBF58476D1CE4E5B9 - (1 << 64)
+_MIX2 = 0x94D049BB133111EB - (1 << 64)
 
 
 @dataclass(slots=True)
@@ -26,76 +34,139 @@ def _penalised(p: SamplingParams) -> bool:
     return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
 
 
+def _column(values: list, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
+    return torch.tensor(values, dtype=dtype).to(like.device, non_blocking=True).unsqueeze(1)
+
+
 class Sampler:
     def __init__(self, eos_token_ids: set[int]):
         self.eos_token_ids = set(eos_token_ids)
-        # Unseeded requests share this one; seeded requests only ever touch their own generator.
+        # Keys for unseeded requests, fresh each step; seeded requests never touch it.
         self.generator = torch.Generator()
         self.generator.seed()
 
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
         params = [r.sampling_params for r in requests]
         penalised = [i for i, p in enumerate(params) if _penalised(p)]
-        blocked = {i: ids for i, r in enumerate(requests) if (ids := self._blocked_ids(r, logits.shape[1]))}
+        blocked = self._blocked(requests, logits.shape[1])
         biased = [i for i, p in enumerate(params) if p.logit_bias]
-        if not penalised and not blocked and not biased and all(p.greedy for p in params):
+        if not penalised and blocked is None and not biased and all(p.greedy for p in params):
             token_ids = logits.argmax(-1)
         else:
             # Copy only when editing in place: the caller's logits stay raw for logprobs.
-            x = logits.to(torch.float32, copy=bool(penalised or blocked or biased))
-            for i in penalised:
-                _apply_penalties(x[i], requests[i])
-            for i in biased:
+            x = logits.to(torch.float32, copy=bool(penalised or blocked is not None or biased))
+            if penalised:
+                apply_penalties(x, penalised, requests)
+            for i in biased:  # rare: per request
                 bias = params[i].logit_bias
-                x[i, list(bias)] += torch.tensor(list(bias.values()))
-            for i, ids in blocked.items():
-                x[i, ids] = float("-inf")
+                x[i, list(bias)] += torch.tensor(list(bias.values()), device=x.device)
+            if blocked is not None:
+                x[blocked] = float("-inf")
             token_ids = self._sample(x, requests)
         return _outputs(logits, token_ids, params)
 
-    def _blocked_ids(self, r: Request, vocab: int) -> list[int]:
-        """Stop and eos ids while the request is short of min_tokens."""
-        p = r.sampling_params
-        if r.num_output_tokens >= p.min_tokens:
-            return []
-        ids = set(p.stop_token_ids) if p.ignore_eos else self.eos_token_ids | set(p.stop_token_ids)
-        return sorted(t for t in ids if 0 <= t < vocab)
+    def _blocked(self, requests: list[Request], vocab: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(rows, ids) of stop and eos ids for requests still short of min_tokens."""
+        rows, ids = [], []
+        for i, r in enumerate(requests):
+            p = r.sampling_params
+            if r.num_output_tokens >= p.min_tokens:
+                continue
+            stop = set(p.stop_token_ids) if p.ignore_eos else self.eos_token_ids | set(p.stop_token_ids)
+            stop = [t for t in stop if 0 <= t < vocab]
+            rows += [i] * len(stop)
+            ids += stop
+        return (torch.tensor(rows), torch.tensor(ids)) if rows else None
 
     def _sample(self, x: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         every = len(rows) == len(requests)
-        token_ids = torch.empty(len(requests), dtype=torch.long) if every else x.argmax(-1)  # greedy rows
+        token_ids = torch.empty(len(requests), dtype=torch.long, device=x.device) if every else x.argmax(-1)
         if not rows:
             return token_ids
-        w = _weights(x if every else x[rows], [requests[i].sampling_params for i in rows])
-        # One uniform per request and step, from its own generator when seeded, so a seeded
-        # request draws the same numbers whatever else shares the batch.
-        u = torch.empty(len(rows))
-        shared = [j for j, i in enumerate(rows) if requests[i].generator is None]
-        for j, i in enumerate(rows):
-            if requests[i].generator is not None:
-                u[j] = torch.rand(1, generator=requests[i].generator)
-        if shared:
-            u[shared] = torch.rand(len(shared), generator=self.generator)
-        # Inverse CDF (multinomial is ~10x slower on CPU). 1 - u lies in (0, 1], so the first
-        # index whose cdf reaches it exists and has a nonzero weight.
-        cdf = w.cumsum_(-1)
-        token_ids[rows] = torch.searchsorted(cdf, (1 - u).unsqueeze(1) * cdf[:, -1:]).squeeze(1)
+        sampled = [requests[i] for i in rows]
+        w = _weights(x if every else x[rows], [r.sampling_params for r in sampled])
+        picked = self._draw(w, self._keys(sampled).to(x.device))
+        if every:
+            return picked
+        token_ids[rows] = picked
+        return token_ids
+
+    def _keys(self, requests: list[Request]) -> torch.Tensor:
+        """One int64 key per row. A seeded request's key is a function of (seed, number of tokens it has
+        generated) only, so its draw is the same alone or batched, after a prefix-cache hit, a chunked
+        prefill or a preemption; unseeded requests get fresh random keys."""
+        seeded = [r.seed is not None for r in requests]
+        keys = torch.randint(-(1 << 63), (1 << 63) - 1, (len(requests),), generator=self.generator)
+        if any(seeded):
+            seeds = torch.tensor([(r.seed if s else 0) % (1 << 63) for r, s in zip(requests, seeded)])
+            positions = torch.tensor([r.num_output_tokens for r in requests])
+            keys = torch.where(torch.tensor(seeded), _mix(_mix(seeds) + positions * _GOLDEN), keys)
+        return keys
+
+    def _draw(self, w: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """One token per row with probability proportional to w, as an exponential race: token i
+        finishes at E_i / w_i with E_i ~ Exp(1), the first one wins (vLLM's probs / q). E_i is a hash
+        of (key, i), so a token's odds move only with its own weight: a rounding difference in the
+        logits changes the winner only in a near tie (an inverse-CDF draw moves every token after a
+        changed one). Noise for the whole vocabulary costs ~1 ms a row on CPU, so only the
+        RACE_CANDIDATES most likely tokens race at first, the rest as one entrant weighing their total
+        mass with its own Exp(1); where that entrant wins (rarely), the rest race among themselves.
+        Both stages are exact: a race's first finisher is independent of its finishing time."""
+        vocab = w.shape[1]
+        head_w, head_ids = w.topk(min(RACE_CANDIDATES, vocab), -1)
+        head_time, j = (_exponential(keys.unsqueeze(1), head_ids) / head_w).min(-1)
+        token_ids = head_ids.gather(1, j.unsqueeze(1)).squeeze(1)
+        tail = w.scatter_(1, head_ids, 0.0)  # w is ours: the tail's weights, the head's zeroed
+        tail_entrant = _exponential(keys, torch.full_like(keys, vocab))
+        in_tail = tail_entrant / tail.sum(-1) < head_time
+        if in_tail.any():
+            ids = torch.arange(vocab, device=w.device)
+            token_ids[in_tail] = (_exponential(keys[in_tail].unsqueeze(1), ids) / tail[in_tail]).argmin(-1)
         return token_ids
 
 
-def _apply_penalties(row: torch.Tensor, r: Request) -> None:
-    """In place on one row of logits, touching only the ids the request has seen."""
-    p = r.sampling_params
-    if p.repetition_penalty != 1.0:
-        # vLLM/HF: over prompt and output; shrinks positive logits, grows negative ones.
-        seen = torch.tensor(r.token_ids, dtype=torch.long).unique()
-        v = row[seen]
-        row[seen] = torch.where(v > 0, v / p.repetition_penalty, v * p.repetition_penalty)
-    if p.frequency_penalty or p.presence_penalty:
-        # OpenAI: over output tokens only.
-        ids, counts = torch.tensor(r.output_token_ids, dtype=torch.long).unique(return_counts=True)
-        row[ids] -= p.frequency_penalty * counts + p.presence_penalty
+def _mix(x: torch.Tensor) -> torch.Tensor:
+    """splitmix64's finalizer on int64: a bijection that spreads every input bit over the output.
+    Shifts are masked to be logical (torch shifts int64 arithmetically)."""
+    x = x ^ ((x >> 30) & ((1 << 34) - 1))
+    x = x * _MIX1
+    x = x ^ ((x >> 27) & ((1 << 37) - 1))
+    x = x * _MIX2
+    return x ^ ((x >> 31) & ((1 << 33) - 1))
+
+
+def _exponential(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
+    """Exp(1) numbers, each a function of its (key, counter) pair alone: a counter-based stream.
+    keys and counters broadcast against each other."""
+    bits = _mix(keys + _mix(counters + 1))
+    u = (((bits >> 40) & ((1 << 24) - 1)).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
+    return u.log_().neg_()
+
+
+def apply_penalties(x: torch.Tensor, rows: list[int], requests: list[Request]) -> None:
+    """In place on the given rows of logits, all rows at once.
+
+    Repetition (vLLM/HF) counts prompt and output and shrinks positive logits, grows negative ones;
+    frequency and presence (OpenAI) count output tokens only."""
+    ps = [requests[i].sampling_params for i in rows]
+    z = x[rows]
+    seen = torch.zeros_like(z, dtype=torch.bool)
+    counts = torch.zeros_like(z)
+    seen_rows = [j for j, r in enumerate(rows) for _ in requests[r].token_ids]
+    output_rows = [j for j, r in enumerate(rows) for _ in range(requests[r].num_output_tokens)]
+    dev = x.device
+    seen[torch.tensor(seen_rows, device=dev),
+         torch.tensor([t for r in rows for t in requests[r].token_ids], device=dev)] = True
+    if output_rows:
+        counts.index_put_((torch.tensor(output_rows, device=dev),
+                           torch.tensor([t for r in rows for t in requests[r].output_token_ids], device=dev)),
+                          torch.ones(len(output_rows), device=dev), accumulate=True)
+    repetition = _column([p.repetition_penalty for p in ps], z)
+    z = torch.where(seen, torch.where(z > 0, z / repetition, z * repetition), z)
+    z -= _column([p.frequency_penalty for p in ps], z) * counts
+    z -= _column([p.presence_penalty for p in ps], z) * (counts > 0)
+    x[rows] = z
 
 
 def _weights(x: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:
@@ -103,15 +174,15 @@ def _weights(x: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:
 
     Working in place on exp((x - max) / T), where the most likely token weighs exactly 1, saves
     passes over [B, V]: no step needs a normalised softmax."""
-    temperature = torch.tensor([p.temperature for p in ps]).unsqueeze(1)
+    temperature = _column([p.temperature for p in ps], x)
     w = (x - x.amax(-1, keepdim=True)).div_(temperature).exp_()
-    k = torch.tensor([min(p.top_k, w.shape[1]) for p in ps])
-    if k.any():
+    k = _column([min(p.top_k, w.shape[1]) for p in ps], x, torch.long).squeeze(1)
+    if any(p.top_k for p in ps):
         kth = w.topk(int(k.max()), -1).values.gather(1, (k.clamp(min=1) - 1).unsqueeze(1))
         w.masked_fill_((k > 0).unsqueeze(1) & (w < kth), 0.0)
     rows = [j for j, p in enumerate(ps) if p.top_p < 1.0]
     if rows:
-        top_p = torch.tensor([ps[j].top_p for j in rows]).unsqueeze(1)
+        top_p = _column([ps[j].top_p for j in rows], x)
         k = min(TOP_P_CANDIDATES, w.shape[1])
         if len(rows) == len(ps):
             w.masked_fill_(_top_p_drop(w, top_p, k), 0.0)
@@ -119,7 +190,7 @@ def _weights(x: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:
             w[rows] = w[rows].masked_fill(_top_p_drop(w[rows], top_p, k), 0.0)
     if any(p.min_p > 0 for p in ps):
         # The most likely token still weighs 1, so p < min_p * p_max reads w < min_p.
-        w.masked_fill_(w < torch.tensor([p.min_p for p in ps]).unsqueeze(1), 0.0)
+        w.masked_fill_(w < _column([p.min_p for p in ps], x), 0.0)
     return w
 
 

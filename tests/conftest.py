@@ -355,7 +355,8 @@ def assert_pool_free(llm) -> None:
     """Nothing leaked: every KV block free, no request left in the scheduler or the engine."""
     eng = llm.engine
     assert not eng.scheduler.waiting and not eng.scheduler.running and not eng.scheduler.requests
-    assert not eng.generations and not eng.parent_of
+    out = eng.output_processor
+    assert not out.generations and not out.pooling and not out.parent_of
     if eng.kv is not None:
         pool = eng.kv.pool
         assert pool.num_free == pool.num_blocks

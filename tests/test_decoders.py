@@ -375,6 +375,38 @@ def test_seeded_sampling_is_the_same_alone_and_in_a_batch(llama):
     assert_pool_free(llama)
 
 
+def test_seeded_sampling_is_the_same_cached_chunked_and_preempted(tiny_model):
+    """Issue 11: a seeded draw depends only on (seed, output position, logits), so the same seed gives
+    the same tokens after a prefix-cache hit, in chunks, when preempted and recomputed; other seeds differ."""
+    prompts, n = [sentence(400 + i, 3 + 2 * i) for i in range(3)] + [SHARED[0]], 24
+    seeded = [SamplingParams(temperature=1.0, top_k=60, seed=50 + i, max_tokens=n, ignore_eos=True)
+              for i in range(len(prompts))]
+    fresh = LLM(tiny_model("llama"), dtype="float32", block_size=8, enable_prefix_caching=False)
+    alone = [fresh.generate(p, sp)[0].outputs[0].token_ids for p, sp in zip(prompts, seeded)]
+    assert len({tuple(t) for t in alone}) == len(prompts)
+    other_seed = fresh.generate(prompts[3], SamplingParams(temperature=1.0, top_k=60, seed=7, max_tokens=n,
+                                                           ignore_eos=True))[0].outputs[0].token_ids
+    assert other_seed != alone[3]
+
+    cached = LLM(tiny_model("llama"), dtype="float32", block_size=8)
+    cached.generate(SHARED[0], greedy(2))
+    hit = cached.generate(prompts[3], seeded[3])[0]
+    assert hit.num_cached_tokens > 0 and hit.outputs[0].token_ids == alone[3]
+
+    chunked = LLM(tiny_model("llama"), dtype="float32", block_size=8, max_num_batched_tokens=12,
+                  long_prefill_token_threshold=7)
+    assert [o.outputs[0].token_ids for o in chunked.generate(prompts, seeded)] == alone
+
+    tok = T.AutoTokenizer.from_pretrained(tiny_model("llama"))
+    need = [cdiv(len(tok(p)["input_ids"]) + n, 8) for p in prompts]
+    tight = LLM(tiny_model("llama"), dtype="float32", block_size=8, num_blocks=max(need) + 2)
+    victims = count_preemptions(tight)
+    assert [o.outputs[0].token_ids for o in tight.generate(prompts, seeded)] == alone
+    assert victims, "the pool was meant to run out"
+    for llm in (fresh, cached, chunked, tight):
+        assert_pool_free(llm)
+
+
 def test_greedy_n_children_share_the_prompt_and_match_hf(llama, ref):
     out = llama.generate(PROMPTS[3], SamplingParams(n=3, temperature=0.0, max_tokens=N_NEW))[0]
     assert len(out.outputs) == 3

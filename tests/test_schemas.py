@@ -20,7 +20,7 @@ from deployments.protocol import (
     ChatCompletionRequest, ChatMessageParam, ClassificationRequest, CompletionRequest, DetokenizeRequest,
     EmbeddingRequest, RerankRequest, ScoreRequest, TokenizeRequest)
 from deployments.security import ApiKeyMiddleware, BodyLimitMiddleware
-from deployments.server import encode_embedding
+from deployments.serving_pooling import encode_embedding
 from engine import SamplingParams
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"

@@ -1,0 +1,236 @@
+"""Turns what a step computed into what callers receive (vLLM v1's output processor): sampled tokens are
+detokenized, checked against stop conditions and emitted as the request's output kind asks; pooled
+vectors are collected per call and emitted once the call's last input is done.
+
+Nothing is re-copied per step: a DELTA output carries only the step's new tokens, text and logprobs,
+a FINAL_ONLY generation builds one output when it ends. Only CUMULATIVE (vLLM's default, for callers
+who ask for it) copies everything so far."""
+import time
+from dataclasses import dataclass
+
+import torch
+
+from engine.detokenizer import IncrementalDetokenizer
+from engine.input_processor import PoolingJob
+from engine.metrics import Stats
+from engine.outputs import (ClassificationOutput, CompletionOutput, EmbeddingOutput, Logprob,
+                            PoolingJobOutput, PoolingRequestOutput, RequestOutput, ScoringOutput)
+from engine.params import RequestOutputKind
+from engine.request import FINISH_REASONS, Request, RequestStatus
+from engine.sampler import SampledToken
+
+
+@dataclass(slots=True)
+class _Sequence:
+    """One engine request of a generation. text and logprobs hold what is not emitted yet (DELTA)
+    or everything (the other kinds)."""
+    index: int
+    request: Request
+    detokenizer: IncrementalDetokenizer
+    text: str = ""
+    logprobs: list[dict[int, Logprob]] | None = None
+    cumulative_logprob: float = 0.0
+    num_sent: int = 0  # output tokens already emitted (DELTA)
+    status: RequestStatus | None = None  # set when it finishes
+
+
+@dataclass(slots=True)
+class _Generation:
+    request_id: str
+    prompt: str | None
+    prompt_token_ids: list[int]
+    kind: RequestOutputKind
+    sequences: list[_Sequence]
+    num_unfinished: int
+    last_token_time: float = 0.0
+
+
+@dataclass(slots=True)
+class _PoolingState:
+    job: PoolingJob
+    results: dict[str, torch.Tensor]
+
+
+class OutputProcessor:
+    def __init__(self, tokenizer, eos_token_ids: set[int], max_model_len: int, normalize: bool, stats: Stats):
+        self.tokenizer = tokenizer
+        self.eos_token_ids = eos_token_ids
+        self.max_model_len = max_model_len
+        self.normalize = normalize  # the model's default for embeddings
+        self.stats = stats
+        self.generations: dict[str, _Generation] = {}
+        self.pooling: dict[str, _PoolingState] = {}
+        self.parent_of: dict[str, str] = {}  # engine request id -> caller's request id
+
+    def has_request(self, request_id: str) -> bool:
+        return request_id in self.generations or request_id in self.pooling
+
+    def add_generation(self, request_id: str, prompt: str | list[int], children: list[Request]) -> None:
+        params = children[0].sampling_params
+        ids = children[0].prompt_token_ids
+        self.generations[request_id] = _Generation(
+            request_id, prompt if isinstance(prompt, str) else None, ids, params.output_kind,
+            [_Sequence(i, c, IncrementalDetokenizer(self.tokenizer, ids, params),
+                       logprobs=[] if params.logprobs is not None else None) for i, c in enumerate(children)],
+            len(children))
+        for c in children:
+            self.parent_of[c.request_id] = request_id
+
+    def add_pooling(self, job: PoolingJob) -> None:
+        self.pooling[job.request_id] = _PoolingState(job, {})
+        for r in job.requests:
+            self.parent_of[r.request_id] = job.request_id
+
+    def abort(self, request_id: str) -> list[Request]:
+        """Forget the call; returns its engine requests, for the scheduler to drop."""
+        gen, job = self.generations.pop(request_id, None), self.pooling.pop(request_id, None)
+        reqs = [s.request for s in gen.sequences] if gen else job.job.requests if job else []
+        for r in reqs:
+            self.parent_of.pop(r.request_id, None)
+        return reqs
+
+    # ---- generation ---------------------------------------------------------------------------
+    def process_sampled(self, sampled: list[tuple[Request, SampledToken]]
+                        ) -> tuple[list[RequestOutput], list[tuple[Request, RequestStatus]]]:
+        """Outputs to emit, and the requests that finished (for the scheduler to release)."""
+        now = time.monotonic()
+        touched: dict[str, list[_Sequence]] = {}
+        finished = []
+        for req, tok in sampled:
+            gen = self.generations[self.parent_of[req.request_id]]
+            seq = gen.sequences[0] if len(gen.sequences) == 1 else self._sequence(gen, req)
+            status = self._append_token(seq, tok, now)
+            if status is not None:
+                seq.status = status
+                gen.num_unfinished -= 1
+                finished.append((req, status))
+            touched.setdefault(gen.request_id, []).append(seq)
+        outputs = []
+        for rid, seqs in touched.items():
+            out = self._request_output(self.generations[rid], seqs, now)
+            if out is not None:
+                outputs.append(out)
+        return outputs, finished
+
+    @staticmethod
+    def _sequence(gen: _Generation, req: Request) -> _Sequence:
+        return next(s for s in gen.sequences if s.request is req)
+
+    def _append_token(self, seq: _Sequence, tok: SampledToken, now: float) -> RequestStatus | None:
+        req = seq.request
+        params = req.sampling_params
+        req.token_ids.append(tok.token_id)
+        self.stats.generation_tokens_total += 1
+        if req.first_token_time is None:
+            req.first_token_time = now
+            self.stats.prompt_tokens_total += req.num_prompt_tokens
+            self.stats.ttft_seconds.observe(now - req.arrival_time)
+        if seq.logprobs is not None:
+            for token_id, lp in tok.logprobs.items():
+                lp.decoded_token = self.tokenizer.decode([token_id])
+            seq.logprobs.append(tok.logprobs)
+            seq.cumulative_logprob += tok.logprob
+        status = None
+        # The sampler masks stop and EOS tokens until min_tokens are out.
+        if tok.token_id in params.stop_token_ids:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, tok.token_id
+        elif not params.ignore_eos and tok.token_id in self.eos_token_ids:
+            status = RequestStatus.FINISHED_STOPPED
+        # Stop tokens are not text: hand the detokenizer only what the user sees.
+        stop = None if status else seq.detokenizer.update([tok.token_id])
+        if stop is not None and req.num_output_tokens >= params.min_tokens:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+        elif status is None and (req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len):
+            status = RequestStatus.FINISHED_LENGTH
+        if status is not None:
+            self.stats.request_success_total[FINISH_REASONS[status]] += 1
+            self.stats.e2e_seconds.observe(now - req.arrival_time)
+        seq.text += seq.detokenizer.take_delta(status is not None)
+        return status
+
+    def _request_output(self, gen: _Generation, touched: list[_Sequence], now: float) -> RequestOutput | None:
+        if gen.last_token_time:
+            self.stats.inter_token_seconds.observe(now - gen.last_token_time)
+        gen.last_token_time = now
+        finished = gen.num_unfinished == 0
+        if finished:
+            self.generations.pop(gen.request_id)
+            for s in gen.sequences:
+                self.parent_of.pop(s.request.request_id, None)
+        if gen.kind is RequestOutputKind.FINAL_ONLY:
+            if not finished:
+                return None
+            outs = [self._final(s) for s in gen.sequences]
+        elif gen.kind is RequestOutputKind.DELTA:
+            outs = [self._delta(s) for s in touched]
+        else:
+            outs = [self._cumulative(s) for s in gen.sequences]
+        return RequestOutput(gen.request_id, gen.prompt, gen.prompt_token_ids, outs, finished,
+                             gen.sequences[0].request.num_cached_tokens)
+
+    def _completion(self, s: _Sequence, token_ids: list[int], text: str,
+                    logprobs: list[dict[int, Logprob]] | None) -> CompletionOutput:
+        return CompletionOutput(s.index, text, token_ids, s.cumulative_logprob if s.logprobs is not None else None,
+                                logprobs, FINISH_REASONS.get(s.status), s.request.stop_reason)
+
+    def _delta(self, s: _Sequence) -> CompletionOutput:
+        req = s.request
+        new = req.token_ids[req.num_prompt_tokens + s.num_sent:]
+        s.num_sent = req.num_output_tokens
+        out = self._completion(s, new, s.text, s.logprobs)
+        s.text = ""
+        if s.logprobs is not None:
+            s.logprobs = []
+        return out
+
+    def _cumulative(self, s: _Sequence) -> CompletionOutput:
+        return self._completion(s, s.request.output_token_ids, s.text,
+                                list(s.logprobs) if s.logprobs is not None else None)
+
+    def _final(self, s: _Sequence) -> CompletionOutput:
+        return self._completion(s, s.request.output_token_ids, s.text, s.logprobs)  # the state is gone: no copy
+
+    # ---- pooling ------------------------------------------------------------------------------
+    def process_pooled(self, pooled: list[tuple[Request, torch.Tensor]]) -> list[PoolingJobOutput]:
+        """One output per call whose last input this step finished."""
+        done = []
+        for req, data in pooled:
+            self.stats.prompt_tokens_total += req.num_prompt_tokens
+            rid = self.parent_of.pop(req.request_id)
+            state = self.pooling[rid]
+            state.results[req.request_id] = data
+            if len(state.results) == len(state.job.requests):
+                del self.pooling[rid]
+                done.append(PoolingJobOutput(rid, self._combine(state.job, state.results)))
+        return done
+
+    def _combine(self, job: PoolingJob, results: dict[str, torch.Tensor]) -> list[PoolingRequestOutput]:
+        reqs, params = job.requests, job.params
+        data = [results[r.request_id] for r in reqs]
+        if job.kind == "embed":
+            return [_pooling_output(r, EmbeddingOutput(self._embedding(v, params))) for r, v in zip(reqs, data)]
+        if job.kind == "classify":
+            return [_pooling_output(r, ClassificationOutput((v.softmax(-1) if params.activation else v).tolist()))
+                    for r, v in zip(reqs, data)]
+        if job.kind == "score":
+            return [_pooling_output(r, ScoringOutput(float(v[0].sigmoid() if params.activation else v[0])))
+                    for r, v in zip(reqs, data)]
+        outs = []  # pair_cosine
+        for a, b, va, vb in zip(reqs[::2], reqs[1::2], data[::2], data[1::2]):
+            score = float(torch.nn.functional.cosine_similarity(va, vb, dim=0))
+            outs.append(PoolingRequestOutput(a.request_id, ScoringOutput(score),
+                                             a.prompt_token_ids + b.prompt_token_ids,
+                                             num_cached_tokens=a.num_cached_tokens + b.num_cached_tokens))
+        return outs
+
+    def _embedding(self, v: torch.Tensor, params) -> list[float]:
+        v = v.float()
+        if params.dimensions is not None:
+            v = v[:params.dimensions]
+        if self.normalize if params.normalize is None else params.normalize:
+            v = torch.nn.functional.normalize(v, dim=0)
+        return v.tolist()
+
+
+def _pooling_output(req: Request, outputs) -> PoolingRequestOutput:
+    return PoolingRequestOutput(req.request_id, outputs, req.prompt_token_ids, num_cached_tokens=req.num_cached_tokens)
