@@ -147,7 +147,7 @@ class LLMEngine:
         self._add_pooling(self.input_processor.score(request_id, text_1, text_2, self._pooling_params(params)))
 
     def _pooling_params(self, params: PoolingParams | None) -> PoolingParams:
-        params = self._pooling_params(params)
+        params = params or PoolingParams()
         if params.truncate_prompt_tokens is None and self.config.auto_truncate:
             return dataclasses.replace(params, truncate_prompt_tokens=-1)  # -1: to max_model_len
         return params
