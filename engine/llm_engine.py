@@ -75,6 +75,8 @@ class LLMEngine:
         if self.is_decoder:
             num_blocks = config.num_blocks or self._num_blocks(device)
             self.runner.allocate_kv_cache(num_blocks, config.block_size)
+            if not config.enforce_eager:
+                self.runner.capture_decode_graphs(config.max_num_seqs)
             kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
             self.runner.sampler = Sampler(self._eos_token_ids())
         self.kv = kv
