@@ -13,7 +13,8 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)  # run as `python bench/x.py` from anywhere
-SCIFACT = os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "scifact"))
+# A checkout beside the shared folder finds it; elsewhere (a worktree, a GPU box) SCIFACT_DIR says where.
+SCIFACT = os.environ.get("SCIFACT_DIR") or os.path.normpath(os.path.join(ROOT, "..", "shared", "data", "scifact"))
 
 
 # ---- machine ------------------------------------------------------------------------------------

@@ -96,5 +96,5 @@ def select_attention_backend(device: torch.device) -> AttentionBackend:
         return AttentionBackend(PerSequencePrefill(), GatherDecode())
     from engine.flex_prefill import FlexPrefill, flex_available
     from engine.triton_decode import TritonPagedDecode, triton_available
-    return AttentionBackend(FlexPrefill() if flex_available() else PerSequencePrefill(),
+    return AttentionBackend(FlexPrefill(device) if flex_available() else PerSequencePrefill(),
                             TritonPagedDecode() if triton_available() else GatherDecode())

@@ -29,27 +29,26 @@ class FlexPrefillMeta:
 
 
 class FlexPrefill:
-    def __init__(self, compile: bool = True):
+    def __init__(self, device: torch.device, compile: bool = True):
         from torch.nn.attention.flex_attention import flex_attention
+        self.device = device
         # Compiled, FlexAttention is a fused kernel; eager it is a reference (tests on CPU use that).
         self._flex = torch.compile(flex_attention, dynamic=True) if compile else flex_attention
 
     def prepare(self, ctx: Context) -> FlexPrefillMeta:
         from torch.nn.attention.flex_attention import BlockMask
         spans = ctx.prefills
-        dev = ctx.slot_mapping.device if ctx.slot_mapping is not None else None
-        q_lens = torch.tensor([s.end - s.start for s in spans])
-        kv_lens = torch.tensor([s.context_len for s in spans])
+        dev = self.device
+        t, s = spans[-1].end - spans[0].start, sum(span.context_len for span in spans)  # no device sync
+        q_lens = torch.tensor([span.end - span.start for span in spans])
+        kv_lens = torch.tensor([span.context_len for span in spans])
         kv_slots = None
-        if any(s.context_slots is not None for s in spans):
-            kv_slots = torch.cat([s.context_slots if s.context_slots is not None
-                                  else ctx.slot_mapping[s.start:s.end] for s in spans])
-            dev = kv_slots.device
-        dev = dev or torch.device("cpu")
+        if any(span.context_slots is not None for span in spans):
+            kv_slots = torch.cat([span.context_slots if span.context_slots is not None
+                                  else ctx.slot_mapping[span.start:span.end] for span in spans])
         q_lens, kv_lens = q_lens.to(dev), kv_lens.to(dev)
-        n, t, s = len(spans), int(q_lens.sum()), int(kv_lens.sum())
-        docs = torch.arange(n, device=dev)
-        q_doc, kv_doc = docs.repeat_interleave(q_lens), docs.repeat_interleave(kv_lens)
+        docs = torch.arange(len(spans), device=dev)
+        q_doc, kv_doc = docs.repeat_interleave(q_lens, output_size=t), docs.repeat_interleave(kv_lens, output_size=s)
         q_start, kv_start = q_lens.cumsum(0) - q_lens, kv_lens.cumsum(0) - kv_lens
         # Absolute positions: a chunk's first query sits after its context's earlier keys.
         q_pos = torch.arange(t, device=dev) - q_start[q_doc] + (kv_lens - q_lens)[q_doc]

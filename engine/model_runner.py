@@ -1,4 +1,6 @@
 """Packs a scheduled step into flat tensors, runs the model, pools or samples the results."""
+import itertools
+
 import torch
 
 from engine.attention_backends import select_attention_backend
@@ -72,12 +74,12 @@ class ModelRunner:
             ids.extend(req.token_ids[c:c + n])
             if req.token_type_ids is not None:
                 types.extend(req.token_type_ids[c:c + n])
-        computed = self._tensor([r.num_computed_tokens for r in reqs])
-        n_tok = self._tensor(counts)
-        ends = n_tok.cumsum(0)
+        ends = list(itertools.accumulate(counts))
         # Positions without a per-token Python loop: each request's run starts at its computed count.
-        rows = torch.arange(len(reqs), device=self.device).repeat_interleave(n_tok)
-        pos = torch.arange(len(ids), device=self.device) - (ends - n_tok)[rows] + computed[rows]
+        offsets = self._tensor([r.num_computed_tokens - (e - n) for r, n, e in zip(reqs, counts, ends)])
+        rows = torch.arange(len(reqs), device=self.device).repeat_interleave(self._tensor(counts),
+                                                                              output_size=len(ids))
+        pos = torch.arange(len(ids), device=self.device) + offsets[rows]
         input_ids = self._tensor(ids)
         token_types = self._tensor(types) if types else None
         if self.decode_graphs is not None and all(self._is_decode(r, n) for r, n in pairs) \
@@ -89,7 +91,7 @@ class ModelRunner:
                 hidden = self.model(input_ids, pos, token_types)
             finally:
                 set_context(Context())
-        return self._outputs(hidden, reqs, counts, ends.tolist())
+        return self._outputs(hidden, reqs, counts, ends)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         # Host buffers are pinned on CUDA so the copy to the device does not stall the host.

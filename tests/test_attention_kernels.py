@@ -77,7 +77,7 @@ def test_varlen_prefill_matches_per_sequence_attention(case, kernel):
     heads, kv_heads, dim, chunks, causal = CASES[case]
     attn = layer(heads, kv_heads, dim, num_blocks=256)
     q, k, v, ctx, want = step(attn, chunks, causal, seed=len(case))
-    prefill = PerSequencePrefill() if kernel == "per_sequence" else FlexPrefill(compile=False)
+    prefill = PerSequencePrefill() if kernel == "per_sequence" else FlexPrefill(torch.device("cpu"), compile=False)
     ctx.prefill_meta = prefill.prepare(ctx)
     got = prefill(attn, q, k, v, ctx)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
@@ -87,7 +87,7 @@ def test_flex_block_mask_skips_other_sequences_tiles():
     """Two long sequences: the first's query tiles never list the second's key tiles."""
     attn = layer(2, 2, 8, num_blocks=256)
     _, _, _, ctx, _ = step(attn, [(0, 384), (0, 384)], True, seed=1)
-    meta = FlexPrefill(compile=False).prepare(ctx)
+    meta = FlexPrefill(torch.device("cpu"), compile=False).prepare(ctx)
     counts = meta.block_mask.kv_num_blocks[0, 0].tolist()
     assert counts == [1, 2, 3, 1, 2, 3]  # causal: tile i of a sequence needs its tiles 0..i
 
@@ -150,7 +150,7 @@ def test_capture_sizes_follow_vllm():
 
 
 def use_flex_prefill(llm: LLM) -> None:
-    backend = AttentionBackend(FlexPrefill(compile=False), GatherDecode())
+    backend = AttentionBackend(FlexPrefill(torch.device("cpu"), compile=False), GatherDecode())
     llm.engine.runner.attention_backend = backend
     for attn in llm.engine.runner.model.attention_layers:
         attn.backend = backend
