@@ -33,6 +33,11 @@ from common import Section, load_scifact, matmul_gflops, pct, print_machine, qui
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 WORDS = (0, 25, 50, 100, 200)
+LLAMA_CPP_REFERENCE = "~141 tok/s for 8 requests x 32 tokens one at a time, 8.2 ms per batch-1 decode step"
+
+
+def llama_cpp_version() -> str:
+    return __import__("llama_cpp").__version__ if importlib.util.find_spec("llama_cpp") else "(not installed)"
 
 
 def make_prompts(tokenizer, n: int, seed: int, max_words: int) -> list[list[int]]:
@@ -223,6 +228,10 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="torch.profiler breakdown of engine decode steps")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
+    if importlib.util.find_spec("llama_cpp") is None and "llama" not in args.skip:
+        print(f"llama-cpp-python is not installed: llama.cpp is not run; its reference on this kind of machine "
+              f"is {LLAMA_CPP_REFERENCE} (DESIGN.md)\n")
+        args.skip.append("llama")
     if args.full:
         args.waves, args.max_words = 4, 200
 
@@ -247,7 +256,7 @@ def main() -> None:
         "engine": f"AsyncLLM, max_num_batched_tokens={args.max_num_batched_tokens}, max_num_seqs={args.max_num_seqs}, "
                   f"prefix caching on, block_size 16",
         "baselines": f"HF transformers generate (float32, sdpa, DynamicCache) on the engine's converted checkpoint; "
-                     f"llama.cpp {__import__('llama_cpp').__version__} on {GGUF}, n_threads=2, n_ctx=2048, "
+                     f"llama.cpp {llama_cpp_version()} on {GGUF}, n_threads=2, n_ctx=2048, "
                      f"create_completion(stream) greedy, EOS banned by logit_bias"})
 
     results: list[Result] = []

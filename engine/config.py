@@ -27,6 +27,8 @@ class EngineConfig:
     kv_cache_memory_bytes: int = 1 << 30  # CPU pool size when num_blocks is not given
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    # Decode steps run eagerly instead of from captured CUDA graphs (vLLM's option; CPU never captures).
+    enforce_eager: bool = False
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     # Embed / score / classify inputs over max_model_len are cut to it instead of refused, as TEI's
     # --auto-truncate: for clients (LangChain, LlamaIndex) that cannot send truncate_prompt_tokens.

@@ -1,5 +1,6 @@
 """Step metadata for attention, set once per step instead of threaded through every forward."""
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -8,8 +9,8 @@ import torch
 class PrefillSpan:
     start: int  # where the chunk's tokens sit in the packed step
     end: int
+    context_len: int  # keys the chunk attends to: earlier-computed (or cached) tokens + the chunk
     context_slots: torch.Tensor | None = None  # cache slots of the whole context; None: the chunk is all of it
-    mask: torch.Tensor | None = None  # [chunk, context] bool, causal aligned to the chunk's end
 
 
 @dataclass(slots=True)
@@ -19,7 +20,10 @@ class Context:
     num_prefill_tokens: int = 0
     slot_mapping: torch.Tensor | None = None  # where each packed token's K/V is written
     decode_block_table: torch.Tensor | None = None  # [batch, max_blocks] blocks of each decode, padded
-    decode_mask: torch.Tensor | None = None  # [batch, 1, 1, max_blocks * block_size] True where the slot is real
+    decode_context_lens: torch.Tensor | None = None  # [batch] int32 tokens in each decode's context
+    # Whatever the attention backend derived once for the whole step (masks, block masks).
+    prefill_meta: Any = None
+    decode_meta: Any = None
 
 
 _CONTEXT = Context()

@@ -61,6 +61,8 @@ class LLMEngine:
             num_blocks = num_kv_blocks(config, self.runner.kv_bytes_per_block(config.block_size),
                                        self.max_model_len, device)
             self.runner.allocate_kv_cache(num_blocks, config.block_size)
+            if not config.enforce_eager:
+                self.runner.capture_decode_graphs(config.max_num_seqs)
             kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
             self.runner.sampler = Sampler(eos)
         self.kv = kv

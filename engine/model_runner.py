@@ -1,8 +1,13 @@
 """Packs a scheduled step into flat tensors, runs the model, pools or samples the results."""
+import itertools
+
 import torch
 
+from engine.attention_backends import select_attention_backend
 from engine.context import Context, PrefillSpan, set_context
+from engine.cuda_graphs import DecodeGraphs
 from engine.models import model_class
+from engine.pooling import pool_segments
 from engine.request import Request
 from engine.sampler import SampledToken, Sampler
 from engine.scheduler import SchedulerOutput
@@ -11,6 +16,7 @@ from engine.scheduler import SchedulerOutput
 class ModelRunner:
     def __init__(self, hf_config, weights, max_model_len: int, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype = device, dtype
+        self.max_model_len = max_model_len
         model = model_class(hf_config)(hf_config, max_model_len)
         model.load_weights(weights)
         # Parameters in the serving dtype; rotary tables stay float32 for exact positions.
@@ -18,11 +24,15 @@ class ModelRunner:
             p.data = p.data.to(device=device, dtype=dtype)
         self.model = model.to(device).eval()
         self.is_decoder = model.is_decoder
+        self.attention_backend = select_attention_backend(device)
+        for attn in self.model.attention_layers:
+            attn.backend = self.attention_backend
         self.block_size = 0
         self.num_blocks = 0
         self.pooling: str = "last"
         self.score_weight: torch.Tensor | None = None  # [1, hidden] for yes/no rerankers
         self.sampler: Sampler | None = None
+        self.decode_graphs: DecodeGraphs | None = None
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         s = self.model.spec
@@ -31,11 +41,26 @@ class ModelRunner:
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         s = self.model.spec
         self.num_blocks, self.block_size = num_blocks, block_size
-        cache = torch.zeros(2, s.num_layers, num_blocks * block_size, s.num_kv_heads, s.head_dim,
+        # One block more than the manager hands out: padded rows of a replayed decode graph write there.
+        cache = torch.zeros(2, s.num_layers, (num_blocks + 1) * block_size, s.num_kv_heads, s.head_dim,
                             dtype=self.dtype, device=self.device)
         for i, attn in enumerate(self.model.attention_layers):
             attn.k_cache, attn.v_cache, attn.block_size = cache[0, i], cache[1, i], block_size
         self.kv_cache = cache
+
+    @property
+    def scratch_block(self) -> int:
+        return self.num_blocks
+
+    def capture_decode_graphs(self, max_num_seqs: int, capture: bool | None = None) -> None:
+        """CUDA graphs for decode steps (vLLM's padded batch sizes). Only where the device has them and
+        the decode kernel's shapes depend on the batch size alone; capture=False keeps the padded static
+        buffers but runs them eagerly (how tests check the padding on CPU)."""
+        if capture is None:
+            capture = self.device.type == "cuda" and self.attention_backend.decode_is_graphable
+            if not capture:
+                return
+        self.decode_graphs = DecodeGraphs(self, max_num_seqs, capture)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> tuple[list[tuple[Request, SampledToken]],
@@ -43,89 +68,109 @@ class ModelRunner:
         # Prefill chunks first, then single-token decodes, so decodes form one batch at the end.
         pairs = sorted(zip(sched.requests, sched.num_tokens), key=lambda rn: self._is_decode(*rn))
         reqs, counts = [r for r, _ in pairs], [n for _, n in pairs]
-        ids, types, positions, ends = [], [], [], []
+        ids, types = [], []
         for req, n in zip(reqs, counts):
             c = req.num_computed_tokens
             ids.extend(req.token_ids[c:c + n])
-            positions.extend(range(c, c + n))
             if req.token_type_ids is not None:
                 types.extend(req.token_type_ids[c:c + n])
-            ends.append(len(ids))
-        dev = self.device
-        input_ids = torch.tensor(ids, dtype=torch.long, device=dev)
-        pos = torch.tensor(positions, dtype=torch.long, device=dev)
-        token_types = torch.tensor(types, dtype=torch.long, device=dev) if types else None
-        set_context(self._context(reqs, counts, ends, pos))
-        try:
-            hidden = self.model(input_ids, pos, token_types)
-        finally:
-            set_context(Context())
+        ends = list(itertools.accumulate(counts))
+        # Positions without a per-token Python loop: each request's run starts at its computed count.
+        offsets = self._tensor([r.num_computed_tokens - (e - n) for r, n, e in zip(reqs, counts, ends)])
+        rows = torch.arange(len(reqs), device=self.device).repeat_interleave(self._tensor(counts),
+                                                                              output_size=len(ids))
+        pos = torch.arange(len(ids), device=self.device) + offsets[rows]
+        input_ids = self._tensor(ids)
+        token_types = self._tensor(types) if types else None
+        if self.decode_graphs is not None and all(self._is_decode(r, n) for r, n in pairs) \
+                and len(reqs) <= self.decode_graphs.max_batch:
+            hidden = self.decode_graphs.run(input_ids, pos, *self._decode_inputs(reqs, pos))
+        else:
+            set_context(self._context(reqs, counts, rows, pos))
+            try:
+                hidden = self.model(input_ids, pos, token_types)
+            finally:
+                set_context(Context())
         return self._outputs(hidden, reqs, counts, ends)
+
+    def _tensor(self, values: list[int]) -> torch.Tensor:
+        # Host buffers are pinned on CUDA so the copy to the device does not stall the host.
+        pinned = self.device.type == "cuda"
+        return torch.tensor(values, dtype=torch.long, pin_memory=pinned).to(self.device, non_blocking=pinned)
 
     def _is_decode(self, req: Request, n: int) -> bool:
         return self.is_decoder and n == 1 and req.num_computed_tokens > 0
 
-    def _context(self, reqs: list[Request], counts: list[int], ends: list[int], pos: torch.Tensor) -> Context:
+    def _block_table(self, reqs: list[Request]) -> torch.Tensor:
+        width = max(len(r.block_ids) for r in reqs)
+        return self._tensor([r.block_ids + [0] * (width - len(r.block_ids)) for r in reqs])
+
+    def _decode_inputs(self, reqs: list[Request], pos: torch.Tensor):
+        """slot mapping, block table and context lengths of an all-decode step."""
+        bs = self.block_size
+        table = self._block_table(reqs)
+        slots = table[torch.arange(len(reqs), device=self.device), pos // bs] * bs + pos % bs
+        return slots, table, (pos + 1).int()
+
+    def _context(self, reqs: list[Request], counts: list[int], rows: torch.Tensor, pos: torch.Tensor) -> Context:
         ctx = Context(causal=self.is_decoder)
+        start = 0
         if not self.is_decoder:
-            ctx.prefills = [PrefillSpan(end - n, end) for n, end in zip(counts, ends)]
-            ctx.num_prefill_tokens = ends[-1]
+            for n in counts:
+                ctx.prefills.append(PrefillSpan(start, start + n, n))
+                start += n
+            ctx.num_prefill_tokens = start
+            self.attention_backend.prepare(ctx, self.block_size)
             return ctx
         # One padded block table for the step; every slot below is looked up in it, vectorised.
         dev, bs = self.device, self.block_size
-        width = max(len(r.block_ids) for r in reqs)
-        table = torch.tensor([r.block_ids + [0] * (width - len(r.block_ids)) for r in reqs], dtype=torch.long,
-                             device=dev)
-        rows = torch.repeat_interleave(torch.arange(len(reqs), device=dev), torch.tensor(counts, device=dev))
+        table = self._block_table(reqs)
         ctx.slot_mapping = table[rows, pos // bs] * bs + pos % bs
         decodes, lengths = [], []
-        for i, (req, n, end) in enumerate(zip(reqs, counts, ends)):
+        for i, (req, n) in enumerate(zip(reqs, counts)):
             c = req.num_computed_tokens
             if self._is_decode(req, n):
                 decodes.append(i)
                 lengths.append(c + 1)
                 continue
-            span = PrefillSpan(end - n, end)
+            span = PrefillSpan(start, start + n, c + n)
             if c > 0:  # chunk after cached or earlier-computed tokens: read the context from the cache
                 p = torch.arange(c + n, device=dev)
                 span.context_slots = table[i, p // bs] * bs + p % bs
-                span.mask = p.unsqueeze(0) <= torch.arange(n, device=dev).unsqueeze(1) + c
             ctx.prefills.append(span)
-            ctx.num_prefill_tokens = end
+            start += n
+        ctx.num_prefill_tokens = start
         if decodes:
-            decode_width = -(-max(lengths) // bs)
-            ctx.decode_block_table = table[decodes, :decode_width]
-            p = torch.arange(decode_width * bs, device=dev)
-            ctx.decode_mask = (p.unsqueeze(0) < torch.tensor(lengths, device=dev).unsqueeze(1))[:, None, None, :]
+            ctx.decode_block_table = table[decodes, :-(-max(lengths) // bs)]
+            ctx.decode_context_lens = torch.tensor(lengths, dtype=torch.int32, device=dev)
+        self.attention_backend.prepare(ctx, bs)
         return ctx
 
     def _outputs(self, hidden, reqs, counts, ends):
-        sample_rows, sample_reqs, pooled = [], [], []
+        sample_rows, sample_reqs, pool_reqs, pool_spans = [], [], [], []
         for req, n, end in zip(reqs, counts, ends):
             if req.num_computed_tokens + n < req.num_tokens:
                 continue  # a prefill chunk with more to come
             if req.is_pooling:
-                pooled.append((req, self._pool(hidden[end - n:end], req)))
+                pool_reqs.append(req)
+                pool_spans.append((end - n, end))
             else:
                 sample_rows.append(end - 1)
                 sample_reqs.append(req)
-        sampled = []
+        sampled, pooled = [], []
         if sample_reqs:
             logits = self.model.compute_logits(hidden[sample_rows]).float()
             sampled = list(zip(sample_reqs, self.sampler(logits, sample_reqs)))
-        if pooled:
-            vectors = torch.stack([v for _, v in pooled])
-            heads = self._head(vectors).float().cpu()
-            pooled = [(req, heads[i]) for i, (req, _) in enumerate(pooled)]
+        if pool_reqs:
+            starts, ends_t = self._tensor([s for s, _ in pool_spans]), self._tensor([e for _, e in pool_spans])
+            heads = self._head(pool_segments(hidden, starts, ends_t, self._pooling_method)).float().cpu()
+            pooled = list(zip(pool_reqs, heads))
         return sampled, pooled
 
-    def _pool(self, h: torch.Tensor, req: Request) -> torch.Tensor:
+    @property
+    def _pooling_method(self) -> str:
         # Decoders pool only the last token: with chunked prefill earlier chunks are gone.
-        if self.pooling == "cls" and not self.is_decoder:
-            return h[0]
-        if self.pooling == "mean" and not self.is_decoder:
-            return h.float().mean(0)
-        return h[-1]
+        return "last" if self.is_decoder else self.pooling
 
     def _head(self, vectors: torch.Tensor) -> torch.Tensor:
         """Embeddings stay as they are; scores and classes become logits."""

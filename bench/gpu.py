@@ -1,0 +1,362 @@
+"""The engine on one GPU against the baselines of the same run, in one table (issue 8).
+
+Needs only torch, transformers, sentence-transformers and this repository's engine (no Ray). Rows:
+  - SciFact embedding with all-MiniLM-L6-v2, fp32 and bf16: docs/s and NDCG@10, engine LLM.embed vs
+    sentence-transformers encode (batch 128) at the same dtype;
+  - decode step ms and tok/s with 256 and 1,024 sequences running (128-token prompts) on a random
+    1B-shape Llama (hidden 2048, 16 layers, 32/8 heads, vocab 49,152), bf16, vs Hugging Face's own
+    decode step (DynamicCache) at the same batch;
+  - 256 prompts x 128 tokens -> 128 tokens end to end, engine LLM.generate vs HF `generate`, one batch;
+  - yes/no reranking, 4 queries x 100 documents of ~280 tokens a pair, on random SmolLM2-135M and
+    Qwen3-Reranker-0.6B shapes, engine LLM.score vs HF, one left-padded batch per query;
+  - greedy parity: engine vs HF `generate`, fp32, identical token sequences out of N.
+
+    python bench/gpu.py --model /path/to/all-MiniLM-L6-v2 --data /path/to/scifact   # on one GPU, < 5 min
+    python bench/gpu.py --small                                                       # CPU, tiny shapes
+
+--model defaults to the bundled all-MiniLM-L6-v2; without --data (or SCIFACT_DIR) a synthetic corpus is
+embedded instead and its NDCG@10 only compares the two systems. --small shrinks every shape and count
+so the whole script runs on a CPU in a few minutes; its numbers only show that every row works."""
+import argparse
+import gc
+import os
+import random
+import sys
+import tempfile
+import time
+
+import numpy as np
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import SCIFACT, load_scifact, ratio, table  # noqa: E402  (also puts the repo on sys.path)
+from embed import ndcg_at_10  # noqa: E402
+
+MINILM = "sentence-transformers/all-MiniLM-L6-v2"
+SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "yes", "no"]
+# Random-weight decoder shapes: (config class name, config fields).
+SHAPES = {
+    "llama-1b": ("LlamaConfig", dict(hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
+                                     num_key_value_heads=8, intermediate_size=8192, vocab_size=49152)),
+    "smollm2-135m": ("LlamaConfig", dict(hidden_size=576, num_hidden_layers=30, num_attention_heads=9,
+                                         num_key_value_heads=3, intermediate_size=1536, vocab_size=49152,
+                                         tie_word_embeddings=True)),
+    "qwen3-reranker-0.6b": ("Qwen3Config", dict(hidden_size=1024, num_hidden_layers=28, num_attention_heads=16,
+                                                num_key_value_heads=8, head_dim=128, intermediate_size=3072,
+                                                vocab_size=151669, tie_word_embeddings=True)),
+}
+SMALL_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                   intermediate_size=128, vocab_size=512)
+
+
+class Sizes:
+    def __init__(self, small: bool):
+        self.running = (8, 32) if small else (256, 1024)
+        self.prompt, self.output = (16, 8) if small else (128, 128)
+        self.e2e = 16 if small else 256
+        self.decode_steps = 5 if small else 20
+        self.queries, self.docs, self.doc_words = (2, 8, 40) if small else (4, 100, 250)
+        self.parity_prompts, self.parity_tokens = (4, 8) if small else (16, 32)
+        self.embed_docs = 64 if small else None  # None: the whole corpus
+        self.st_batch = 32 if small else 128
+
+
+# ---- helpers ----------------------------------------------------------------------------------
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def free(device: torch.device) -> None:
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+
+
+def timed(device: torch.device, fn) -> tuple[float, object]:
+    sync(device)
+    t = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t, out
+
+
+def word_tokenizer(vocab_size: int):
+    """Word-level: "w<i>" is token i, so random token ids round-trip through text exactly."""
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    tokens = SPECIALS + [f"w{i}" for i in range(len(SPECIALS), vocab_size)]
+    tok = Tokenizer(models.WordLevel({t: i for i, t in enumerate(tokens)}, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return T.PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", pad_token="<pad>",
+                                     unk_token="<unk>")
+
+
+def random_decoder(shape: str, small: bool, device: torch.device, path: str):
+    """A random-weight HF model of the shape, saved with its tokenizer; returns the fp32 model on device."""
+    import transformers as T
+    cls_name, fields = SHAPES[shape]
+    fields = dict(fields, **SMALL_SHAPE) if small else fields
+    if small and cls_name == "Qwen3Config":
+        fields["head_dim"] = 32
+    config = getattr(T, cls_name)(**fields, max_position_embeddings=4096, pad_token_id=0, bos_token_id=1,
+                                  eos_token_id=2, architectures=[cls_name.replace("Config", "ForCausalLM")])
+    torch.manual_seed(0)
+    with torch.device(device):
+        model = T.AutoModelForCausalLM.from_config(config, dtype=torch.float32).eval()
+    model.save_pretrained(path)
+    word_tokenizer(config.vocab_size).save_pretrained(path)
+    return model
+
+
+def random_ids(rng: random.Random, n: int, vocab: int) -> list[int]:
+    return [rng.randrange(len(SPECIALS), vocab) for _ in range(n)]
+
+
+def engine_llm(path: str, dtype: str, **kw):
+    from engine import LLM
+    return LLM(path, dtype=dtype, **kw)
+
+
+def add_request(eng, rid: str, ids: list[int], params) -> None:
+    (getattr(eng, "add_generation", None) or eng.add_request)(rid, ids, params)
+
+
+# ---- rows -------------------------------------------------------------------------------------
+def embedding_rows(args, sizes: Sizes, device: torch.device, dtypes: list[str]) -> list[list]:
+    from sentence_transformers import SentenceTransformer
+
+    from engine.loader import resolve_model
+    model_dir = resolve_model(args.model)
+    data = args.data or SCIFACT
+    if os.path.exists(os.path.join(data, "corpus.jsonl")):
+        corpus, queries, qrels = load_scifact(data)
+        source = "SciFact"
+    else:  # synthetic: query i is the opening words of document i
+        rng = random.Random(0)
+        words = [f"word{i}" for i in range(3000)]
+        corpus = {str(i): " ".join(rng.choice(words) for _ in range(rng.randint(40, 250))) for i in range(2000)}
+        queries = {f"q{i}": " ".join(corpus[str(i)].split()[:12]) for i in range(0, 2000, 10)}
+        qrels = {f"q{i}": {str(i): 1} for i in range(0, 2000, 10)}
+        source = "synthetic corpus"
+    dids = list(corpus)[:sizes.embed_docs] if sizes.embed_docs else list(corpus)
+    keep = set(dids)
+    qids = [q for q in qrels if all(d in keep for d in qrels[q])]
+    docs, qtexts = [corpus[d] for d in dids], [queries[q] for q in qids]
+    rows = []
+    for dtype in dtypes:
+        torch_dtype = getattr(torch, dtype)
+        llm = engine_llm(model_dir, dtype, task="embed", max_model_len=256, max_num_batched_tokens=32768,
+                         device=str(device))
+        llm.embed(docs[:64], truncate_prompt_tokens=-1)  # warm-up (and compile)
+        secs, outs = timed(device, lambda: llm.embed(docs, truncate_prompt_tokens=-1))
+        e_docs = np.array([o.outputs.embedding for o in outs], dtype=np.float32)
+        e_q = np.array([o.outputs.embedding for o in llm.embed(qtexts, truncate_prompt_tokens=-1)], dtype=np.float32)
+        del llm
+        free(device)
+        st = SentenceTransformer(model_dir, device=str(device))
+        st.max_seq_length = 256
+        st.to(torch_dtype)
+        st.encode(docs[:64], batch_size=sizes.st_batch)
+        st_secs, s_docs = timed(device, lambda: st.encode(docs, batch_size=sizes.st_batch, convert_to_numpy=True))
+        s_q = st.encode(qtexts, batch_size=sizes.st_batch, convert_to_numpy=True)
+        del st
+        free(device)
+        nd_e = ndcg_at_10(e_q, qids, e_docs, dids, qrels)
+        nd_s = ndcg_at_10(s_q.astype(np.float32), qids, s_docs.astype(np.float32), dids, qrels)
+        rows.append([f"embed {len(docs)} docs ({source}), MiniLM-L6, {dtype}", "docs/s",
+                     f"{len(docs) / secs:,.0f}", f"{len(docs) / st_secs:,.0f}", ratio(st_secs, secs),
+                     f"NDCG@10 {nd_e:.5f} vs {nd_s:.5f}", "sentence-transformers encode"])
+    return rows
+
+
+def decode_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str, hf) -> list[list]:
+    """Engine decode steps with N running, against HF's decode step at the same N."""
+    from engine import SamplingParams
+    rows, vocab = [], hf.config.vocab_size
+    hf_dtype = hf.to(getattr(torch, dtype))
+    for n in sizes.running:
+        rng = random.Random(n)
+        prompts = [random_ids(rng, sizes.prompt, vocab) for _ in range(n)]
+        tokens_per_seq = sizes.prompt + sizes.decode_steps + 8
+        llm = engine_llm(path, dtype, max_num_seqs=n, max_num_batched_tokens=max(8192, 2 * sizes.prompt),
+                         num_blocks=n * -(-tokens_per_seq // 16) + 8, max_model_len=tokens_per_seq + 16,
+                         device=str(device))
+        eng = llm.engine
+        params = SamplingParams(temperature=0.0, max_tokens=sizes.decode_steps + 6, ignore_eos=True)
+        for i, ids in enumerate(prompts):
+            add_request(eng, f"d{i}", ids, params)
+        sched = eng.scheduler
+        while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
+            eng.step()  # the prefills, chunked by the token budget
+        for _ in range(2):
+            eng.step()
+        secs, _ = timed(device, lambda: [eng.step() for _ in range(sizes.decode_steps)])
+        step_ms = 1e3 * secs / sizes.decode_steps
+        while eng.has_unfinished():
+            eng.step()
+        del llm, eng
+        free(device)
+        hf_ms = hf_decode_step_ms(hf_dtype, prompts, sizes.decode_steps, device)
+        rows.append([f"decode step, {n} running, random {args.decoder_shape}, {dtype}", "ms (tok/s)",
+                     f"{step_ms:.2f} ({n / step_ms * 1e3:,.0f})", f"{hf_ms:.2f} ({n / hf_ms * 1e3:,.0f})",
+                     ratio(hf_ms, step_ms), "", "HF forward step, DynamicCache"])
+        free(device)
+    return rows
+
+
+@torch.inference_mode()
+def hf_decode_step_ms(hf, prompts: list[list[int]], steps: int, device: torch.device) -> float:
+    from transformers import DynamicCache
+    ids = torch.tensor(prompts, device=device)
+    cache = DynamicCache()
+    out = hf(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+    nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+    for _ in range(2):
+        nxt = hf(input_ids=nxt, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+
+    def run():
+        x = nxt
+        for _ in range(steps):
+            x = hf(input_ids=x, past_key_values=cache, use_cache=True).logits[:, -1].argmax(-1, keepdim=True)
+    secs, _ = timed(device, run)
+    return 1e3 * secs / steps
+
+
+def end_to_end_row(args, sizes: Sizes, device: torch.device, dtype: str, path: str, hf) -> list:
+    from engine import SamplingParams
+    rng = random.Random(1)
+    vocab = hf.config.vocab_size
+    prompts = [random_ids(rng, sizes.prompt, vocab) for _ in range(sizes.e2e)]
+    n_out = sizes.output
+    llm = engine_llm(path, dtype, max_num_seqs=sizes.e2e, max_num_batched_tokens=8192,
+                     num_blocks=sizes.e2e * -(-(sizes.prompt + n_out) // 16) + 8,
+                     max_model_len=sizes.prompt + n_out + 16, device=str(device))
+    params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
+    llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    secs, outs = timed(device, lambda: llm.generate(prompts, params))
+    assert all(len(o.outputs[0].token_ids) == n_out for o in outs)
+    del llm
+    free(device)
+    hf_model = hf.to(getattr(torch, dtype))
+    ids = torch.tensor(prompts, device=device)
+
+    def hf_generate():
+        with torch.inference_mode():
+            return hf_model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=n_out,
+                                     min_new_tokens=n_out, do_sample=False, pad_token_id=0)
+    hf_generate()
+    hf_secs, _ = timed(device, hf_generate)
+    total = sizes.e2e * n_out
+    return [f"{sizes.e2e} x {sizes.prompt} -> {n_out} tokens, random {args.decoder_shape}, {dtype}", "out tok/s",
+            f"{total / secs:,.0f}", f"{total / hf_secs:,.0f}", ratio(hf_secs, secs), "",
+            "HF generate, one batch"]
+
+
+def parity_row(sizes: Sizes, device: torch.device, path: str, hf) -> list:
+    from engine import SamplingParams
+    rng = random.Random(2)
+    vocab = hf.config.vocab_size
+    hf32 = hf.to(torch.float32)
+    prompts = [random_ids(rng, rng.randint(sizes.prompt // 2, sizes.prompt), vocab) for _ in range(sizes.parity_prompts)]
+    llm = engine_llm(path, "float32", device=str(device), max_model_len=sizes.prompt + sizes.parity_tokens + 16)
+    outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=sizes.parity_tokens, ignore_eos=True))
+    del llm
+    free(device)
+    same = 0
+    with torch.inference_mode():
+        for p, o in zip(prompts, outs):
+            x = torch.tensor([p], device=device)
+            want = hf32.generate(input_ids=x, attention_mask=torch.ones_like(x), max_new_tokens=sizes.parity_tokens,
+                                 min_new_tokens=sizes.parity_tokens, do_sample=False, pad_token_id=0)[0, len(p):]
+            same += o.outputs[0].token_ids == want.tolist()
+    return ["greedy parity vs HF generate, float32", "identical sequences",
+            f"{same} / {len(prompts)}", "", "", f"{sizes.parity_tokens} tokens each", "HF generate"]
+
+
+def rerank_row(shape: str, sizes: Sizes, device: torch.device, dtype: str, small: bool) -> list:
+    with tempfile.TemporaryDirectory() as path:
+        hf = random_decoder(shape, small, device, path).to(getattr(torch, dtype))
+        vocab = hf.config.vocab_size
+        rng = random.Random(3)
+        queries = [" ".join(f"w{i}" for i in random_ids(rng, 12, vocab)) for _ in range(sizes.queries)]
+        docs = [[" ".join(f"w{i}" for i in random_ids(rng, rng.randint(sizes.doc_words // 2, sizes.doc_words), vocab))
+                 for _ in range(sizes.docs)] for _ in queries]
+        llm = engine_llm(path, dtype, task="score", score_tokens=("no", "yes"), max_model_len=1024,
+                         max_num_batched_tokens=16384, max_num_seqs=256, device=str(device))
+        flat_q = [q for q, ds in zip(queries, docs) for _ in ds]
+        flat_d = [d for ds in docs for d in ds]
+        llm.score(flat_q[:4], flat_d[:4])
+        secs, outs = timed(device, lambda: llm.score(flat_q, flat_d))
+        scores = np.array([o.outputs.score for o in outs])
+        prompt = llm.engine.yes_no
+        encoded = [[prompt.encode(q, d, 1024, None) for d in ds] for q, ds in zip(queries, docs)]
+        tok_per_pair = np.mean([len(x) for xs in encoded for x in xs])
+        del llm
+        free(device)
+        yes, no = SPECIALS.index("yes"), SPECIALS.index("no")
+
+        @torch.inference_mode()
+        def hf_scores():
+            out = []
+            for batch in encoded:  # one left-padded batch per query
+                width = max(len(x) for x in batch)
+                ids = torch.tensor([[0] * (width - len(x)) + x for x in batch], device=device)
+                mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=device)
+                logits = hf(input_ids=ids, attention_mask=mask, logits_to_keep=1).logits[:, -1].float()
+                out.append(torch.sigmoid(logits[:, yes] - logits[:, no]))
+            return torch.cat(out).cpu().numpy()
+        hf_scores()
+        hf_secs, want = timed(device, hf_scores)
+        del hf
+        free(device)
+    n = len(flat_q)
+    return [f"yes/no rerank {sizes.queries} x {sizes.docs} pairs (~{tok_per_pair:.0f} tok), random {shape}, {dtype}",
+            "pairs/s", f"{n / secs:,.1f}", f"{n / hf_secs:,.1f}", ratio(hf_secs, secs),
+            f"max |score - HF| {np.abs(scores - want).max():.4f}", "HF, left-padded batch per query"]
+
+
+# ---- main -------------------------------------------------------------------------------------
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=MINILM, help="all-MiniLM-L6-v2: a local dir or its name")
+    ap.add_argument("--data", default=None, help="SciFact dir (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
+    ap.add_argument("--small", action="store_true", help="tiny shapes and counts (CPU smoke run)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="decoder rows' dtype (default bfloat16 on GPU, float32 on CPU)")
+    ap.add_argument("--skip", nargs="*", default=[], choices=["embed", "decode", "e2e", "rerank", "parity"])
+    args = ap.parse_args()
+    args.decoder_shape = "llama-1b" if not args.small else "tiny llama"
+    device = torch.device(args.device)
+    sizes = Sizes(args.small)
+    cpu = device.type == "cpu"
+    dtype = args.dtype or ("float32" if cpu else "bfloat16")
+    from engine.config import bf16_is_fast
+    embed_dtypes = ["float32"] + (["bfloat16"] if bf16_is_fast(device) else [])
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(f"## bench/gpu.py on {name}, torch {torch.__version__}{' (--small: tiny shapes)' if args.small else ''}\n")
+    t0 = time.perf_counter()
+    rows = []
+    if "embed" not in args.skip:
+        rows += embedding_rows(args, sizes, device, embed_dtypes)
+    if {"decode", "e2e", "parity"} - set(args.skip):
+        with tempfile.TemporaryDirectory() as path:
+            hf = random_decoder("llama-1b", args.small, device, path)
+            if "parity" not in args.skip:
+                rows.append(parity_row(sizes, device, path, hf))
+            if "decode" not in args.skip:
+                rows += decode_rows(args, sizes, device, dtype, path, hf)
+            if "e2e" not in args.skip:
+                rows.append(end_to_end_row(args, sizes, device, dtype, path, hf))
+            del hf
+            free(device)
+    if "rerank" not in args.skip:
+        for shape in ("smollm2-135m", "qwen3-reranker-0.6b"):
+            rows.append(rerank_row(shape, sizes, device, dtype, args.small))
+    print(table(["workload", "unit", "engine", "baseline", "engine / baseline", "quality", "baseline is"], rows))
+    print(f"\n{time.perf_counter() - t0:.0f} s in all. bf16 embedding row: "
+          f"{'run' if 'bfloat16' in embed_dtypes else 'skipped (bf16 is not fast on this device)'}.")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,100 @@
+"""Attention kernels and the one place that picks them for a device.
+
+A backend is a prefill kernel (every prefill span of the step in one variable-length call where the
+device has one) and a decode kernel (every decode of the step in one call over the paged pool).
+CUDA-only kernels are imported here and nowhere else; any device without them gets the portable
+PyTorch kernels below, so the engine itself stays device-agnostic."""
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from engine.context import Context
+
+
+class PerSequencePrefill:
+    """One fused SDPA call per span. On CPU this is the fastest variable-length attention measured
+    (README: one padded call with a mask, FlexAttention and nested tensors were 1.5x to 10x slower,
+    because the fused CPU kernel skips the causal triangle only under is_causal, never under a mask)."""
+
+    def prepare(self, ctx: Context) -> list[torch.Tensor | None]:
+        masks = []
+        for span in ctx.prefills:
+            if span.context_slots is None:
+                masks.append(None)
+                continue
+            n, dev = span.end - span.start, span.context_slots.device
+            # A chunk after earlier context: causal, aligned to the chunk's end.
+            keys = torch.arange(span.context_len, device=dev)
+            masks.append((keys[None] <= torch.arange(n, device=dev)[:, None] + (span.context_len - n))[None, None])
+        return masks
+
+    def __call__(self, layer, q, k, v, ctx: Context) -> torch.Tensor:
+        out = torch.empty_like(q)
+        for span, mask in zip(ctx.prefills, ctx.prefill_meta):
+            if span.context_slots is None:
+                kk, vv = k[span.start:span.end], v[span.start:span.end]
+            else:
+                kk, vv = layer.k_cache[span.context_slots], layer.v_cache[span.context_slots]
+            # The fused CPU kernel takes only 4-D inputs; 3-D ones fall back to a generic path.
+            o = F.scaled_dot_product_attention(
+                q[span.start:span.end].transpose(0, 1)[None], kk.transpose(0, 1)[None], vv.transpose(0, 1)[None],
+                attn_mask=mask, is_causal=ctx.causal and mask is None, scale=layer.scale,
+                enable_gqa=layer.num_kv_heads != layer.num_heads)
+            out[span.start:span.end] = o[0].transpose(0, 1)
+        return out
+
+
+class GatherDecode:
+    """Copies each decode's whole blocks out of the pool and runs one masked SDPA for the batch.
+    Whole blocks are contiguous, so the copy is cheap next to the matmuls on CPU; CUDA uses the
+    in-place paged kernel instead."""
+
+    def prepare(self, ctx: Context, block_size: int) -> torch.Tensor:
+        lens = ctx.decode_context_lens
+        keys = torch.arange(ctx.decode_block_table.shape[1] * block_size, device=lens.device)
+        return (keys[None] < lens[:, None])[:, None, None, :]  # [batch, 1, 1, context] True where real
+
+    def __call__(self, layer, q, ctx: Context) -> torch.Tensor:
+        table = ctx.decode_block_table
+        b, w = table.shape
+        shape = (b, w * layer.block_size, layer.num_kv_heads, layer.head_dim)
+        kk = layer.k_cache.view(-1, layer.block_size, layer.num_kv_heads, layer.head_dim)[table].view(shape)
+        vv = layer.v_cache.view(-1, layer.block_size, layer.num_kv_heads, layer.head_dim)[table].view(shape)
+        # GQA without copying K/V: a kv head's query heads become its rows of queries.
+        qd = q.view(b, layer.num_kv_heads, layer.num_heads // layer.num_kv_heads, layer.head_dim)
+        od = F.scaled_dot_product_attention(qd, kk.transpose(1, 2), vv.transpose(1, 2), attn_mask=ctx.decode_meta,
+                                            scale=layer.scale)
+        return od.reshape(b, layer.num_heads, layer.head_dim)
+
+
+@dataclass(slots=True)
+class AttentionBackend:
+    prefill: object
+    decode: object
+
+    @property
+    def name(self) -> str:
+        return f"{type(self.prefill).__name__} + {type(self.decode).__name__}"
+
+    @property
+    def decode_is_graphable(self) -> bool:
+        """The decode kernel's shapes depend only on the batch size, so a CUDA graph can replay it."""
+        return getattr(self.decode, "graphable", False)
+
+    def prepare(self, ctx: Context, block_size: int) -> None:
+        """Per-step metadata, built once and shared by every layer."""
+        if ctx.prefills:
+            ctx.prefill_meta = self.prefill.prepare(ctx)
+        if ctx.decode_block_table is not None:
+            ctx.decode_meta = self.decode.prepare(ctx, block_size)
+
+
+def select_attention_backend(device: torch.device) -> AttentionBackend:
+    """The one place where CUDA-only kernels are chosen; everything else gets the portable ones."""
+    if device.type != "cuda":
+        return AttentionBackend(PerSequencePrefill(), GatherDecode())
+    from engine.flex_prefill import FlexPrefill, flex_available
+    from engine.triton_decode import TritonPagedDecode, triton_available
+    return AttentionBackend(FlexPrefill(device) if flex_available() else PerSequencePrefill(),
+                            TritonPagedDecode() if triton_available() else GatherDecode())

@@ -1,0 +1,192 @@
+"""Every attention, pooling and decode-graph path against a reference on CPU: the one-call
+variable-length prefill (FlexAttention, as CUDA runs it, here eager) and the per-sequence SDPA
+against plain per-sequence attention; paged decode (block gather, and the Triton kernel where
+Triton is installed, in its interpreter) against dense attention over each context; segment
+pooling against a loop; and whole engines on those paths against Hugging Face."""
+import os
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from engine import LLM
+from engine.attention import Attention
+from engine.attention_backends import AttentionBackend, GatherDecode, PerSequencePrefill
+from engine.context import Context, PrefillSpan
+from engine.cuda_graphs import capture_sizes
+from engine.flex_prefill import FlexPrefill
+from engine.pooling import pool_segments
+
+from test_decoders import PROMPTS, SHARED, greedy, ref, run_staggered  # noqa: F401  (ref is a fixture)
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BLOCK = 4
+
+
+def layer(heads: int, kv_heads: int, dim: int, num_blocks: int = 64) -> Attention:
+    attn = Attention(heads, kv_heads, dim, dim ** -0.5)
+    attn.k_cache = torch.randn(num_blocks * BLOCK, kv_heads, dim)
+    attn.v_cache = torch.randn(num_blocks * BLOCK, kv_heads, dim)
+    attn.block_size = BLOCK
+    return attn
+
+
+def reference(attn: Attention, q, k, v, causal: bool) -> torch.Tensor:
+    """q [n, heads, dim] against k/v [context, kv_heads, dim], queries at the context's end."""
+    n, c = q.shape[0], k.shape[0]
+    mask = torch.arange(c)[None] <= torch.arange(n)[:, None] + (c - n) if causal else None
+    rep = attn.num_heads // attn.num_kv_heads
+    k, v = k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1)
+    return F.scaled_dot_product_attention(q.transpose(0, 1), k.transpose(0, 1), v.transpose(0, 1),
+                                          attn_mask=mask, scale=attn.scale).transpose(0, 1)
+
+
+def step(attn: Attention, chunks: list[tuple[int, int]], causal: bool, seed: int):
+    """Prefill spans of (cached context, chunk length): the chunk's K/V are written to fresh slots,
+    the context's are already in the pool. Returns q, k, v, the context and per-span references."""
+    g = torch.Generator().manual_seed(seed)
+    t = sum(n for _, n in chunks)
+    q = torch.randn(t, attn.num_heads, attn.head_dim, generator=g)
+    k = torch.randn(t, attn.num_kv_heads, attn.head_dim, generator=g)
+    v = torch.randn(t, attn.num_kv_heads, attn.head_dim, generator=g)
+    perm = torch.randperm(attn.k_cache.shape[0], generator=g)  # scattered slots, as blocks are
+    ctx, start, used, refs = Context(causal=causal), 0, 0, []
+    slot_mapping = []
+    for c, n in chunks:
+        slots = perm[used:used + c + n]
+        used += c + n
+        slot_mapping.append(slots[c:])
+        attn.k_cache[slots[c:]], attn.v_cache[slots[c:]] = k[start:start + n], v[start:start + n]
+        span = PrefillSpan(start, start + n, c + n, slots if c else None)
+        ctx.prefills.append(span)
+        refs.append(reference(attn, q[start:start + n], attn.k_cache[slots], attn.v_cache[slots], causal))
+        start += n
+    ctx.num_prefill_tokens = t
+    ctx.slot_mapping = torch.cat(slot_mapping)
+    return q, k, v, ctx, torch.cat(refs)
+
+
+CASES = {"encoder": (12, 12, 8, [(0, 5), (0, 131), (0, 1), (0, 40)], False),
+         "decoder, fresh, GQA": (8, 2, 16, [(0, 7), (0, 150), (0, 3)], True),
+         "decoder, cached and chunked context": (4, 2, 8, [(9, 3), (0, 20), (130, 140), (1, 1), (5, 0 + 12)], True)}
+
+
+@pytest.mark.parametrize("case", CASES)
+@pytest.mark.parametrize("kernel", ["per_sequence", "flex"])
+def test_varlen_prefill_matches_per_sequence_attention(case, kernel):
+    heads, kv_heads, dim, chunks, causal = CASES[case]
+    attn = layer(heads, kv_heads, dim, num_blocks=256)
+    q, k, v, ctx, want = step(attn, chunks, causal, seed=len(case))
+    prefill = PerSequencePrefill() if kernel == "per_sequence" else FlexPrefill(torch.device("cpu"), compile=False)
+    ctx.prefill_meta = prefill.prepare(ctx)
+    got = prefill(attn, q, k, v, ctx)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_flex_block_mask_skips_other_sequences_tiles():
+    """Two long sequences: the first's query tiles never list the second's key tiles."""
+    attn = layer(2, 2, 8, num_blocks=256)
+    _, _, _, ctx, _ = step(attn, [(0, 384), (0, 384)], True, seed=1)
+    meta = FlexPrefill(torch.device("cpu"), compile=False).prepare(ctx)
+    counts = meta.block_mask.kv_num_blocks[0, 0].tolist()
+    assert counts == [1, 2, 3, 1, 2, 3]  # causal: tile i of a sequence needs its tiles 0..i
+
+
+def paged_decode_case(heads, kv_heads, dim, lengths, seed):
+    """Decodes of the given context lengths over blocks scattered in the pool."""
+    g = torch.Generator().manual_seed(seed)
+    attn = layer(heads, kv_heads, dim, num_blocks=128)
+    blocks = torch.randperm(128, generator=g)
+    width, used, table, refs = max(-(-n // BLOCK) for n in lengths), 0, [], []
+    q = torch.randn(len(lengths), heads, dim, generator=g)
+    for i, n in enumerate(lengths):
+        own = blocks[used:used + -(-n // BLOCK)]
+        used += len(own)
+        table.append(own.tolist() + [0] * (width - len(own)))
+        slots = (own[:, None] * BLOCK + torch.arange(BLOCK)).flatten()[:n]
+        refs.append(reference(attn, q[i:i + 1], attn.k_cache[slots], attn.v_cache[slots], False))
+    ctx = Context(decode_block_table=torch.tensor(table), decode_context_lens=torch.tensor(lengths, dtype=torch.int32))
+    return attn, q, ctx, torch.cat(refs)
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 8), (8, 2, 16), (6, 2, 12)])
+def test_gather_decode_matches_dense_attention(shape):
+    attn, q, ctx, want = paged_decode_case(*shape, lengths=[1, 4, 5, 37, 16, 70], seed=sum(shape))
+    decode = GatherDecode()
+    ctx.decode_meta = decode.prepare(ctx, BLOCK)
+    torch.testing.assert_close(decode(attn, q, ctx), want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("shape", [(4, 4, 8), (8, 2, 16), (6, 2, 12)])
+def test_triton_paged_decode_matches_dense_attention(shape):
+    """On CUDA with Triton; on CPU in Triton's interpreter, which must be chosen before Triton is
+    imported: `TRITON_INTERPRET=1 python -m pytest tests/test_attention_kernels.py -k triton`."""
+    pytest.importorskip("triton")
+    cuda = torch.cuda.is_available()
+    if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU: run with TRITON_INTERPRET=1 to check the kernel in Triton's interpreter")
+    from engine.triton_decode import TritonPagedDecode
+    attn, q, ctx, want = paged_decode_case(*shape, lengths=[1, 4, 5, 37, 16, 70], seed=sum(shape))
+    if cuda:
+        attn.k_cache, attn.v_cache, q = attn.k_cache.cuda(), attn.v_cache.cuda(), q.cuda()
+        ctx.decode_block_table, ctx.decode_context_lens = ctx.decode_block_table.cuda(), ctx.decode_context_lens.cuda()
+    got = TritonPagedDecode()(attn, q, ctx)
+    torch.testing.assert_close(got.cpu(), want, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("method", ["cls", "mean", "last"])
+def test_segment_pooling_matches_a_loop(method):
+    hidden = torch.randn(50, 6)
+    spans = [(0, 7), (7, 8), (12, 30), (30, 50)]  # rows 8..11: a chunk with more to come, not pooled
+    got = pool_segments(hidden, torch.tensor([s for s, _ in spans]), torch.tensor([e for _, e in spans]), method)
+    pick = {"cls": lambda h: h[0], "mean": lambda h: h.mean(0), "last": lambda h: h[-1]}[method]
+    torch.testing.assert_close(got, torch.stack([pick(hidden[s:e]) for s, e in spans]))
+
+
+def test_capture_sizes_follow_vllm():
+    assert capture_sizes(1) == [1]
+    assert capture_sizes(5) == [1, 2, 4, 5]
+    assert capture_sizes(40) == [1, 2, 4, 8, 16, 24, 32, 40]
+
+
+def use_flex_prefill(llm: LLM) -> None:
+    backend = AttentionBackend(FlexPrefill(torch.device("cpu"), compile=False), GatherDecode())
+    llm.engine.runner.attention_backend = backend
+    for attn in llm.engine.runner.model.attention_layers:
+        attn.backend = backend
+
+
+@pytest.mark.parametrize("arch", ["llama3-gqa", "qwen3"])
+def test_flex_prefill_engine_matches_hf_with_chunks_and_cache_hits(arch, tiny_model, ref):  # noqa: F811
+    llm = LLM(tiny_model(arch), dtype="float32", block_size=8, max_num_batched_tokens=24,
+              long_prefill_token_threshold=13)
+    use_flex_prefill(llm)
+    for out in llm.generate(PROMPTS + SHARED, greedy()):
+        ref(arch).check(out)
+    for out in llm.generate(SHARED, greedy()):  # prefix-cache hits: chunks after cached context
+        ref(arch).check(out)
+        assert out.num_cached_tokens > 0
+
+
+def test_flex_prefill_encoder_matches_per_sequence(tiny_model):
+    texts = PROMPTS + [PROMPTS[3] + " " + PROMPTS[2]]
+    llm = LLM(tiny_model("bert"), dtype="float32")
+    want = [o.outputs.embedding for o in llm.embed(texts)]
+    use_flex_prefill(llm)
+    got = [o.outputs.embedding for o in llm.embed(texts)]
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=1e-4)
+
+
+def test_padded_decode_graph_buffers_match_hf(tiny_model, ref):  # noqa: F811
+    """The static buffers CUDA graphs replay, run eagerly: decodes padded up to a captured size, padding
+    rows parked in the scratch block, staggered arrivals so the batch size changes every few steps."""
+    arch = "llama3-gqa"
+    llm = LLM(tiny_model(arch), dtype="float32", block_size=8, max_num_seqs=6, enforce_eager=True)
+    llm.engine.runner.capture_decode_graphs(6, capture=False)
+    graphs, ran = llm.engine.runner.decode_graphs, []
+    run = graphs.run
+    graphs.run = lambda *a: ran.append(a[0].shape[0]) or run(*a)
+    outs = run_staggered(llm, PROMPTS + SHARED, [greedy(16 - 2 * i) for i in range(7)], every=3)
+    for i, out in enumerate(outs):
+        ref(arch).check(out, 16 - 2 * i)
+    assert {1, 3, 5} <= set(ran)  # batch sizes between the captured ones (1, 2, 4, 6) were padded
