@@ -212,6 +212,10 @@ class DebertaModel(nn.Module):
             self.pooler = _module(dense=nn.Linear(h, h))  # ContextPooler: first token, dense, activation
             self.classifier = nn.Linear(h, s.num_labels)
 
+    @property
+    def attention_layers(self) -> list:
+        return []  # its own attention (relative-position bias): no shared backend, no KV cache
+
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor,
                 token_type_ids: torch.Tensor | None = None) -> torch.Tensor:
         s, e = self.spec, self.embeddings
