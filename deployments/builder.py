@@ -76,6 +76,7 @@ class RAGArgs(BaseModel):
     ingest_workers: int = 2
     embed_batch_size: int = 64
     context_chars: int = 6000
+    rerank_depth: int = 20  # candidates a reranker reorders
     chat_model: str | None = None  # a served name for /v1/chat/completions that answers from chat_vector_stores
     chat_vector_stores: list[str] = []  # vector store ids or names
     deployment_config: dict[str, Any] = {}

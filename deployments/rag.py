@@ -47,6 +47,7 @@ class RAGSettings(BaseModel):
     ingest_workers: int = 2
     embed_batch_size: int = 64  # chunks per embedding request during ingestion
     context_chars: int = 6000  # retrieved text put in a prompt, at most (the generator's context is finite)
+    rerank_depth: int = 20  # candidates the reranker reorders (at least max_num_results, at most 50)
     chat_model: str | None = None  # a served name whose chat completions answer from chat_vector_stores
     chat_vector_stores: list[str] = []  # vector store ids or names
 
@@ -221,7 +222,7 @@ class VectorStoreServer:
         for vs_id in vs_ids:
             self.stores.get_store(vs_id)  # 404 before any work
         vectors = await self._embed(queries)
-        fetch = min(50, 4 * k) if rerank else k  # the reranker reorders a deeper candidate list
+        fetch = min(50, max(k, self.settings.rerank_depth)) if rerank else k
         hits = []
         for vs_id in vs_ids:
             hits += await asyncio.to_thread(self.stores.search, vs_id, vectors, fetch, filters)

@@ -12,9 +12,10 @@ import ray
 from ray import serve
 
 from deployments.builder import AppArgs, build_app
-from tests.test_serve import EMBED, GEN, MAX_LEN, RERANK, error_of, free_port, small
+from tests.test_serve import EMBED, GEN, MAX_LEN, error_of, free_port, small
 
 RAG_CHAT = "rag-chat"
+RERANK = "minilm-scorer"  # a bi-encoder served for scoring: a cheap stand-in for a cross-encoder
 MAX_FILE_BYTES = 64 << 10
 DOCS = {
     "eiffel.txt": ("The Eiffel Tower is a wrought-iron tower in Paris, France, finished in 1889.", {"year": 1889, "topic": "paris"}),
@@ -27,7 +28,7 @@ DOCS = {
 
 def app_args(data_dir: str) -> AppArgs:
     return AppArgs(
-        models=[small(EMBED, "embed", cpus=0.4), small(GEN, "generate", cpus=0.4), small(GEN, "score", RERANK, cpus=0.3)],
+        models=[small(EMBED, "embed", cpus=0.4), small(GEN, "generate", cpus=0.4), small(EMBED, "score", RERANK, cpus=0.2)],
         ingress_deployment_config={"ray_actor_options": {"num_cpus": 0.05}},
         rag={"embed_model": EMBED, "rerank_model": RERANK, "generate_model": GEN, "data_dir": data_dir,
              "max_file_bytes": MAX_FILE_BYTES, "embed_batch_size": 4, "ingest_workers": 1,
@@ -236,6 +237,22 @@ def test_batch_cancel_and_deletes(client, http, store):
     for i in ids:
         client.files.delete(i)
     error_of(http.get(f"/v1/vector_stores/{vs.id}/file_batches/{batch.id}"), 404)
+
+
+def test_cli_ingester(client, served, tmp_path, capsys):
+    from deployments import cli
+    (tmp_path / "sub").mkdir()
+    (tmp_path / "a.txt").write_text("Alpha centauri is the closest star system.")
+    (tmp_path / "sub" / "b.md").write_text("# Beta\nBeta decay emits an electron.")
+    (tmp_path / "c.bin").write_bytes(b"\x00binary")
+    ns = cli.parser().parse_args(["ingest", str(tmp_path), "--vector-store", "cli-store", "--base-url", served[0]])
+    assert cli.ingest(ns) == 1  # c.bin is unsupported
+    assert "c.bin: unsupported_file" in capsys.readouterr().err
+    (vs,) = [v for v in client.vector_stores.list(limit=100) if v.name == "cli-store"]
+    assert vs.file_counts.completed == 2 and vs.file_counts.failed == 1
+    hit = client.vector_stores.search(vs.id, query="closest star", max_num_results=1).data[0]
+    assert hit.filename == "a.txt"
+    client.vector_stores.delete(vs.id)
 
 
 def test_restart_loses_nothing_completed(client, http, served):

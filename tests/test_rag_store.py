@@ -241,3 +241,24 @@ def test_concurrent_writers_do_not_corrupt(stores):
     assert stores.get_store(vs["id"])["file_counts"]["completed"] == 40
     assert stores.index(vs["id"]).size == 40
     assert not stores.complete(vs["id"], ids[0], ["again"], fake_embed_rows(["again"]))  # no double insert
+
+
+def test_two_processes_share_one_data_dir(tmp_path, tokenizer):
+    """Read replicas: a second VectorStores on the same directory sees what the first one wrote,
+    and picks up later writes (the store's version changes, its index reloads)."""
+    limit = max_chunk_tokens(tokenizer, 256)
+    writer, reader = (VectorStores(str(tmp_path), tokenizer, limit) for _ in range(2))
+    vs = writer.create_store(name="shared")
+    first = writer.create_file("one.txt", "assistants", b"apples and pears")
+    writer.attach_file(vs["id"], first["id"])
+    ingest(writer, *writer.pending())
+    q = fake_embed_rows(["apples pears"])
+    assert [h["filename"] for h in reader.search(vs["id"], q, 5)] == ["one.txt"]
+    second = writer.create_file("two.txt", "assistants", b"apples and plums")
+    writer.attach_file(vs["id"], second["id"])
+    ingest(writer, *writer.pending())
+    assert {h["filename"] for h in reader.search(vs["id"], q, 5)} == {"one.txt", "two.txt"}
+    writer.detach_file(vs["id"], first["id"])
+    assert [h["filename"] for h in reader.search(vs["id"], q, 5)] == ["two.txt"]
+    writer.close()
+    reader.close()
