@@ -12,7 +12,6 @@ import functools
 import logging
 import re
 from collections.abc import AsyncIterator
-from typing import Any
 
 import numpy as np
 from pydantic import BaseModel
@@ -190,10 +189,6 @@ class VectorStoreServer:
                                after: str | None, before: str | None) -> dict:
         return self.stores.list_batch_files(vs_id, batch_id, status=status, limit=limit, order=order, after=after,
                                             before=before)
-
-    async def ingestion_idle(self) -> None:
-        """Wait until the ingestion queue is empty (tests, benchmarks)."""
-        await self.ingester.idle()
 
     # ---- search ---------------------------------------------------------------------------------
     @api_errors

@@ -8,7 +8,7 @@ types/vector_stores/, types/file_object.py, types/responses/).
 """
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field, model_validator
+from pydantic import Field, model_validator
 
 from deployments.protocol import RequestModel
 
@@ -130,11 +130,3 @@ class ResponsesRequest(RequestModel):
         users = [m["content"] for m in self.messages() if m["role"] == "user"]
         return users[-1] if users else ""
 
-
-class SearchResult(BaseModel):
-    """A search hit as the vector store returns it (vector_store.search_results.page items)."""
-    file_id: str
-    filename: str
-    score: float
-    attributes: dict[str, Any] = {}
-    content: list[dict[str, str]]

@@ -1,7 +1,6 @@
 """OpenAI Files / Vector Stores / Responses file_search on Serve, driven by the real `openai`
 SDK (and httpx for raw shapes): one Ray start for the module, bundled models, small limits.
 The last test kills the vector-store replica mid-ingestion and restarts the app."""
-import io
 import json
 import time
 
