@@ -1,5 +1,5 @@
 """OpenAI's Files, Vector Stores and Responses routes, as a FastAPI router the ingress includes
-when `rag` is configured. Each route forwards to the vector-store deployment (deployments.rag)
+when `rag` is configured (it imports no engine, tokenizer or FAISS code: the ingress stays light). Each route forwards to the vector-store deployment (deployments.rag)
 by handle and answers its dict as JSON, errors in the API's one shape (deployments.errors).
 
     /v1/files                                  POST (multipart: file, purpose), GET
@@ -27,9 +27,8 @@ from starlette.responses import JSONResponse, Response, StreamingResponse
 
 from deployments.errors import to_error
 from deployments.protocol import ChatCompletionRequest
-from deployments.rag import POLL_AFTER_MS
 from deployments.rag_protocol import (
-    FileBatchCreateRequest, ResponsesRequest, VectorStoreCreateRequest, VectorStoreFileCreateRequest,
+    POLL_AFTER_MS, FileBatchCreateRequest, ResponsesRequest, VectorStoreCreateRequest, VectorStoreFileCreateRequest,
     VectorStoreFileUpdateRequest, VectorStoreSearchRequest, VectorStoreUpdateRequest)
 
 Order = Literal["asc", "desc"]

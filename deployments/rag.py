@@ -34,7 +34,6 @@ SYSTEM_PROMPT = ("Answer the question using only the numbered sources below, cit
                  "If the sources do not contain the answer, say you do not know.")
 DEFAULT_RANKERS = ("auto", "default-2024-11-15")
 CITATION = re.compile(r"\[(\d{1,2})\]")
-POLL_AFTER_MS = 200  # the openai SDK's poll helpers wait this long between polls (header openai-poll-after-ms)
 
 
 class RAGSettings(BaseModel):

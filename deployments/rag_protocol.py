@@ -12,6 +12,7 @@ from pydantic import Field, model_validator
 
 from deployments.protocol import RequestModel
 
+POLL_AFTER_MS = 200  # in_progress objects ask the openai SDK's poll helpers to come back this soon
 Ranker = str  # "none", "auto", "default-2024-11-15" or a served reranker's name
 
 
