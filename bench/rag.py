@@ -26,7 +26,7 @@ import ray
 from ray import serve
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import load_scifact, print_machine, table  # noqa: E402
+from common import SCIFACT, load_scifact, print_machine, table  # noqa: E402
 from embed import pick_docs  # noqa: E402
 
 from deployments.builder import AppArgs, ModelArgs, build_app  # noqa: E402
@@ -76,8 +76,7 @@ async def timed_calls(http: httpx.AsyncClient, payloads: list[tuple[str, dict]],
     return await gather_limited(concurrency, [one(u, b) for u, b in payloads])
 
 
-async def run(args, base: str) -> None:
-    corpus, queries, qrels = load_scifact()
+async def run(args, base: str, corpus: dict, queries: dict, qrels: dict) -> None:
     dids = pick_docs(corpus, qrels, None if args.full else args.docs, args.seed)
     in_subset = set(dids)
     qids = sorted((q for q in qrels if all(d in in_subset for d in qrels[q])), key=int)
@@ -161,7 +160,9 @@ def main() -> None:
     ap.add_argument("--rerank-queries", type=int, default=30)
     ap.add_argument("--latency-requests", type=int, default=200)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--data", default=SCIFACT, help="the SciFact folder (corpus.jsonl, queries.jsonl, qrels/)")
     args = ap.parse_args()
+    data = load_scifact(args.data)  # before starting anything: a wrong path fails at once
     print_machine("bench/rag.py: OpenAI Files + Vector Stores on Serve, SciFact")
     ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = 18000 + os.getpid() % 1000
@@ -169,7 +170,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as data_dir:
         serve.run(build_app(app(data_dir, args.max_len)), name="default", route_prefix="/", blocking=False)
         try:
-            asyncio.run(run(args, f"http://127.0.0.1:{port}"))
+            asyncio.run(run(args, f"http://127.0.0.1:{port}", *data))
         finally:
             serve.shutdown()
             ray.shutdown()
