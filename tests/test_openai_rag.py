@@ -262,8 +262,10 @@ def test_restart_loses_nothing_completed(client, http, served):
     ids = [client.files.create(file=(f"d{i}.txt", f"durable document number {i}. " * 40), purpose="assistants").id
            for i in range(40)]
     client.vector_stores.file_batches.create(vector_store_id=vs.id, file_ids=ids)
-    while client.vector_stores.retrieve(vs.id).file_counts.completed < 4:
+    counts = client.vector_stores.retrieve(vs.id).file_counts
+    while counts.completed < 4 and counts.in_progress:
         time.sleep(0.05)
+        counts = client.vector_stores.retrieve(vs.id).file_counts
     (replica,) = [a for a in ray.util.list_named_actors(all_namespaces=True)
                   if "VectorStoreServer" in a["name"] and a["namespace"] == "serve"]
     ray.kill(ray.get_actor(replica["name"], namespace="serve"), no_restart=True)
@@ -271,7 +273,7 @@ def test_restart_loses_nothing_completed(client, http, served):
     completed_before = {f["id"] for f in json.loads(open_store_files(data_dir, vs.id)) if f["status"] == "completed"}
     assert len(completed_before) >= 4
     serve.run(build_app(app_args(data_dir)), name="default", route_prefix="/", blocking=False)
-    while True:
+    for _ in range(3000):  # a hang guard, not a time limit: recovery either ends or the test fails
         counts = client.vector_stores.retrieve(vs.id).file_counts
         if counts.in_progress == 0:
             break
@@ -279,10 +281,10 @@ def test_restart_loses_nothing_completed(client, http, served):
     assert counts.completed == 40 and counts.failed == 0
     status = {f.id: f.status for f in client.vector_stores.files.list(vector_store_id=vs.id, limit=100)}
     assert all(status[i] == "completed" for i in completed_before)
-    hits = client.vector_stores.search(vs.id, query="durable document number 7", max_num_results=50).data
-    assert {h.file_id for h in hits} >= completed_before & {h.file_id for h in hits}
-    assert len({h.file_id for h in hits}) > 0
-    assert client.vector_stores.retrieve(store_id := vs.id).id == store_id
+    for file_id in list(completed_before)[:4]:  # each file completed before the kill is found by its own text
+        number = ids.index(file_id)
+        hits = client.vector_stores.search(vs.id, query=f"durable document number {number}.", max_num_results=50).data
+        assert file_id in {h.file_id for h in hits}
 
 
 def open_store_files(data_dir: str, vs_id: str) -> str:
