@@ -9,6 +9,7 @@
 Serve validates `args` into AppArgs (the builder's annotation), so a typo in the config fails
 at deploy time. The CLI (deployments.cli) builds the same application for one model.
 """
+import os
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
@@ -17,7 +18,7 @@ from ray.serve import Application
 from cluster.shapes import ingress_deployment_defaults, model_deployment_defaults, torch_threads
 from deployments.ingress import IngressSettings, OpenAIIngress
 from deployments.limits import ServingLimits
-from deployments.rag import RAGPipeline
+from deployments.rag import RAGSettings, VectorStoreServer
 from deployments.retry import RetryPolicy
 from deployments.server import ModelServer
 from engine import EngineConfig
@@ -67,12 +68,28 @@ class ModelArgs(BaseModel):
 
 
 class RAGArgs(BaseModel):
-    """The composed RAG deployment: served names of the models it calls by handle."""
+    """The vector-store deployment (OpenAI Files / Vector Stores / Responses file_search): served
+    names of the models it calls by handle, and where its state lives."""
     model_config = ConfigDict(extra="forbid")
     embed_model: str
     generate_model: str
-    rerank_model: str | None = None  # None: keep FAISS's order
+    rerank_model: str | None = None  # a served reranker that ranking_options.ranker may name
+    default_ranker: str = "none"  # what ranker "auto" means: "none" or rerank_model
+    data_dir: str = "~/.cache/servecluster/rag"  # SQLite metadata, file bytes, FAISS indexes
+    max_file_bytes: int = 16 << 20  # larger uploads get 413 (the request body limit applies too)
+    ingest_workers: int = 2
+    embed_batch_size: int = 64
+    context_chars: int = 6000
+    rerank_depth: int = 20  # candidates a reranker reorders
+    chat_model: str | None = None  # a served name for /v1/chat/completions that answers from chat_vector_stores
+    chat_vector_stores: list[str] = []  # vector store ids or names
     deployment_config: dict[str, Any] = {}
+
+    def settings(self) -> RAGSettings:
+        if self.default_ranker not in ("none", self.rerank_model):
+            raise ValueError(f"rag.default_ranker must be 'none' or rag.rerank_model, got {self.default_ranker!r}")
+        fields = self.model_dump(exclude={"embed_model", "deployment_config"})
+        return RAGSettings(**{**fields, "data_dir": os.path.expanduser(self.data_dir)})
 
 
 class AppArgs(BaseModel):
@@ -125,12 +142,13 @@ def build_app(args: AppArgs) -> Application:
                    if n is not None and n not in servers]
         if missing:
             raise ValueError(f"rag names models that are not served: {', '.join(missing)}")
-        # One replica: it owns the FAISS index.
+        # One replica by default: it runs the ingestion; more replicas share data_dir (see the README).
         defaults = {"ray_actor_options": {"num_cpus": 0.1}, "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}}
-        rag = RAGPipeline.options(**deployment_options(defaults, args.rag.deployment_config)).bind(
+        rag = VectorStoreServer.options(**deployment_options(defaults, args.rag.deployment_config)).bind(
             servers[args.rag.embed_model], servers[args.rag.rerank_model] if args.rag.rerank_model else None,
-            servers[args.rag.generate_model])
+            servers[args.rag.generate_model], args.rag.settings())
     settings = IngressSettings(api_key=args.api_key, allowed_origins=args.allowed_origins,
-                               max_request_body_bytes=args.max_request_body_bytes, retry=args.retry)
+                               max_request_body_bytes=args.max_request_body_bytes, retry=args.retry,
+                               rag_chat_model=args.rag.chat_model if args.rag else None)
     options = deployment_options(ingress_deployment_defaults(), args.ingress_deployment_config)
     return OpenAIIngress.options(**options).bind(servers, rag, settings)

@@ -6,6 +6,9 @@ builds AppArgs with one model and runs it with `serve.run`, so commands from vLL
 RAGFlow's) docs work with the program name swapped. vLLM options this program does not
 implement (e.g. --trust-remote-code, --tensor-parallel-size) are accepted and reported as
 ignored, not refused.
+
+`servecluster ingest DIR --vector-store NAME` uploads a folder to a running server's vector
+store (deployments.ingest_cli), with progress bars.
 """
 import argparse
 import json
@@ -16,6 +19,7 @@ from ray import serve
 
 from cluster.shapes import cpu_shape, gpu_shape
 from deployments.builder import AppArgs, ModelArgs, build_app
+from deployments.ingest_cli import add_ingest_parser, ingest
 
 
 def parser() -> argparse.ArgumentParser:
@@ -48,6 +52,7 @@ def parser() -> argparse.ArgumentParser:
                    help="CPUs per replica (default: all but a sliver; 1 with --num-gpus)")
     s.add_argument("--num-gpus", type=float, default=0)
     s.add_argument("--num-threads", type=int, default=None, help="torch threads (default: --num-cpus rounded)")
+    add_ingest_parser(sub)
     return p
 
 
@@ -71,6 +76,10 @@ def app_args(ns: argparse.Namespace) -> AppArgs:
 
 def main(argv: list[str] | None = None) -> None:
     ns, unknown = parser().parse_known_args(argv)
+    if ns.command == "ingest":
+        if unknown:
+            parser().error(f"unrecognized arguments: {' '.join(unknown)}")
+        sys.exit(ingest(ns))
     if unknown:
         print(f"servecluster: ignoring options it does not implement: {' '.join(unknown)}", file=sys.stderr)
     args = app_args(ns)

@@ -23,10 +23,10 @@ from starlette.responses import JSONResponse, PlainTextResponse, Response, Strea
 from cluster import replica_stats
 from deployments.errors import APIError, error_body, to_error
 from deployments.metrics import render_prometheus
+from deployments.openai_rag_routes import rag_chat, rag_router
 from deployments.protocol import (
     API_NAMES, API_TASKS, ChatCompletionRequest, ClassificationRequest, CompletionRequest, DetokenizeRequest,
-    EmbeddingRequest, ModelInfo, ModelList, RAGDocumentsRequest, RAGQueryRequest, RerankRequest, ScoreRequest,
-    TokenizeRequest)
+    EmbeddingRequest, ModelInfo, ModelList, RerankRequest, ScoreRequest, TokenizeRequest)
 from deployments.retry import RetryPolicy, call_with_retry, unless_disconnected
 from deployments.security import ApiKeyMiddleware, BodyLimitMiddleware
 
@@ -41,8 +41,7 @@ ROUTES = [
     ("POST", "/v1/chat/completions", "chat"),
     ("POST", "/tokenize", "tokenize"), ("POST", "/detokenize", "detokenize"),
     ("GET", "/health", "health"), ("GET", "/version", "version"), ("GET", "/metrics", "metrics"),
-    ("POST", "/v1/rag/documents", "rag_documents"), ("POST", "/v1/rag/query", "rag_query"),
-]
+]  # with `rag` configured, also OpenAI's Files / Vector Stores / Responses routes (deployments.openai_rag_routes)
 API_KEY_ENV = "SERVECLUSTER_API_KEY"
 
 
@@ -52,6 +51,7 @@ class IngressSettings(BaseModel):
     allowed_origins: list[str] = []  # CORS; [] sends no CORS headers, ["*"] allows any site
     max_request_body_bytes: int = 16 << 20
     retry: RetryPolicy = RetryPolicy()  # re-running calls whose replica died (deployments.retry)
+    rag_chat_model: str | None = None  # a served name whose chat completions the RAG deployment answers
 
 
 def json_response(model: BaseModel) -> Response:
@@ -73,6 +73,8 @@ class OpenAIIngress:
         app = FastAPI(title="servecluster", version=importlib.metadata.version("servecluster"))
         for method, path, name in ROUTES:
             app.add_api_route(path, getattr(self, name), methods=[method])
+        if self.rag is not None:
+            app.include_router(rag_router(self.rag))
         app.add_exception_handler(RequestValidationError, handle_validation_error)
         app.add_exception_handler(HTTPException, handle_http_error)
         app.add_exception_handler(Exception, handle_error)
@@ -153,6 +155,8 @@ class OpenAIIngress:
         return await self._call("completions", "completions", body, request)
 
     async def chat(self, body: ChatCompletionRequest, request: Request) -> Response:
+        if self.rag is not None and body.model is not None and body.model == self.settings.rag_chat_model:
+            return await rag_chat(self.rag, body)
         if body.stream:
             return await self._stream("chat", "chat_stream", body, request)
         return await self._call("chat", "chat", body, request)
@@ -181,20 +185,6 @@ class OpenAIIngress:
         answers = await asyncio.gather(*(h.stats.remote() for h in asked), return_exceptions=True)
         text = render_prometheus(snapshots + [s for s in answers if isinstance(s, dict)])
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
-
-    async def rag_documents(self, body: RAGDocumentsRequest) -> Response:
-        return await self._rag("add_documents", body)
-
-    async def rag_query(self, body: RAGQueryRequest) -> Response:
-        return await self._rag("query", body)
-
-    async def _rag(self, method: str, body) -> Response:
-        if self.rag is None:
-            return error_response(APIError("RAG is not enabled in this application (set `rag` in the app args)", 404))
-        try:
-            return json_response(await getattr(self.rag, method).remote(body))
-        except Exception as exc:
-            return error_response(exc)
 
 
 async def sse(first: BaseModel | None, rest: DeploymentResponseGenerator) -> AsyncIterator[str]:

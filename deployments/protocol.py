@@ -544,39 +544,3 @@ class DetokenizeRequest(RequestModel):
 
 class DetokenizeResponse(BaseModel):
     prompt: str
-
-
-# ---------------------------------------------------------------- RAG
-
-class RAGDocumentsRequest(RequestModel):
-    documents: list[str] = Field(min_length=1)
-
-
-class RAGDocumentsResponse(BaseModel):
-    ids: list[int]
-    count: int  # documents in the index after this call
-
-
-class RAGQueryRequest(RequestModel):
-    query: str
-    top_k: int = Field(default=8, ge=1)  # retrieved by FAISS
-    top_n: int = Field(default=3, ge=1)  # kept after reranking, given to the generator
-    max_tokens: int | None = Field(default=256, ge=1)
-    temperature: float = 0.0
-
-
-class RAGDocument(BaseModel):
-    id: int
-    text: str
-    score: float  # inner product of normalized embeddings, or the reranker's relevance
-
-
-class RAGQueryResponse(BaseModel):
-    id: str = Field(default_factory=lambda: random_id("rag"))
-    object: str = "rag.answer"
-    created: int = Field(default_factory=now)
-    query: str
-    retrieved: list[RAGDocument]
-    reranked: list[RAGDocument]
-    answer: str
-    usage: UsageInfo

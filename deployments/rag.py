@@ -1,72 +1,408 @@
-"""A composed RAG deployment: embed -> FAISS retrieval -> rerank -> generate, calling the three
-model deployments by handle with the same protocol objects the HTTP routes use.
+"""The vector-store deployment: serves the rag/ library (OpenAI Files, Vector Stores, search) and
+answers Responses `file_search` requests and the RAG chat model, calling the embedding, reranker
+and generator deployments by handle.
 
-The index is FAISS IndexFlatIP over L2-normalized embeddings (inner product = cosine). It
-lives in this replica's memory, so the deployment runs exactly one replica and the index is
-lost on restart; documents come in through `add_documents` (POST /v1/rag/documents).
+State lives under `data_dir` (rag.store: SQLite + file bytes + FAISS index files), so a replica
+that restarts finds every completed file searchable and resumes the ingestion a dead replica
+left in_progress (rag.ingest.Ingester.recover). Methods return OpenAI's objects as dicts; an
+unknown id is a 404 APIError, a bad field a 400 naming it.
 """
 import asyncio
+import functools
+import logging
+import re
+from collections.abc import AsyncIterator
 
-import faiss
 import numpy as np
+from pydantic import BaseModel
 from ray import serve
 from ray.serve.handle import DeploymentHandle
+from transformers import AutoTokenizer
 
 from deployments.errors import APIError
-from deployments.protocol import (
-    ChatCompletionRequest, ChatMessageParam, EmbeddingRequest, RAGDocument, RAGDocumentsRequest,
-    RAGDocumentsResponse, RAGQueryRequest, RAGQueryResponse, RerankRequest, UsageInfo)
+from deployments.protocol import ChatCompletionRequest, EmbeddingRequest, RerankRequest, now, random_id
+from deployments.rag_protocol import (
+    FileBatchCreateRequest, RankingOptions, ResponsesRequest, VectorStoreCreateRequest, VectorStoreFileCreateRequest,
+    VectorStoreSearchRequest, VectorStoreUpdateRequest)
+from engine.loader import resolve_model
+from rag import Ingester, NotFoundError, VectorStores
+from rag.chunking import max_chunk_tokens
 
-SYSTEM_PROMPT = ("Answer the question using only the numbered context passages. "
-                 "If they do not contain the answer, say you do not know.")
+logger = logging.getLogger(__name__)
+
+SYSTEM_PROMPT = ("Answer the question using only the numbered sources below, citing them like [1]. "
+                 "If the sources do not contain the answer, say you do not know.")
+DEFAULT_RANKERS = ("auto", "default-2024-11-15")
+CITATION = re.compile(r"\[(\d{1,2})\]")
+
+
+class RAGSettings(BaseModel):
+    data_dir: str
+    generate_model: str  # served names, for `model` in requests and responses
+    rerank_model: str | None = None
+    default_ranker: str = "none"  # what ranker "auto" means: "none" or rerank_model
+    max_file_bytes: int = 16 << 20
+    ingest_workers: int = 2
+    embed_batch_size: int = 64  # chunks per embedding request during ingestion
+    context_chars: int = 6000  # retrieved text put in a prompt, at most (the generator's context is finite)
+    rerank_depth: int = 20  # candidates the reranker reorders (at least max_num_results, at most 50)
+    chat_model: str | None = None  # a served name whose chat completions answer from chat_vector_stores
+    chat_vector_stores: list[str] = []  # vector store ids or names
+
+
+def api_errors(method):
+    """The library's NotFoundError becomes a 404 APIError (which crosses Ray intact)."""
+    @functools.wraps(method)
+    async def wrapper(self, *args, **kwargs):
+        try:
+            return await method(self, *args, **kwargs)
+        except NotFoundError as exc:
+            raise APIError(exc.message, 404, exc.param) from None
+    return wrapper
 
 
 @serve.deployment
-class RAGPipeline:
-    def __init__(self, embedder: DeploymentHandle, reranker: DeploymentHandle | None, generator: DeploymentHandle):
-        self.embedder, self.reranker, self.generator = embedder, reranker, generator
-        self.index: faiss.IndexFlatIP | None = None  # made at the first add, when the dimension is known
-        self.texts: list[str] = []
-        self.lock = asyncio.Lock()  # adds are read-modify-write of index and texts
+class VectorStoreServer:
+    async def __init__(self, embedder: DeploymentHandle, reranker: DeploymentHandle | None,
+                       generator: DeploymentHandle, settings: RAGSettings):
+        self.embedder, self.reranker, self.generator, self.settings = embedder, reranker, generator, settings
+        self.generator_stream = generator.options(stream=True)
+        info = await embedder.describe.remote()
+        tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, resolve_model(info.card.root))
+        self.stores = VectorStores(settings.data_dir, tokenizer, max_chunk_tokens(tokenizer, info.card.max_model_len))
+        self.ingester = Ingester(self.stores, self._embed, settings.ingest_workers, settings.embed_batch_size)
+        resumed = self.ingester.recover()
+        if resumed:
+            logger.info("resuming ingestion of %d files left in_progress", resumed)
+        self.flusher = asyncio.ensure_future(self._flush_every(2.0))
 
-    async def _embed(self, texts: list[str]) -> tuple[np.ndarray, int]:
-        # Long documents are truncated to the embedder's limit instead of rejected.
+    async def _flush_every(self, seconds: float) -> None:
+        while True:
+            await asyncio.sleep(seconds)
+            try:
+                await asyncio.to_thread(self.stores.flush)
+            except Exception:
+                logger.exception("writing FAISS index files failed; SQLite still has every chunk")
+
+    async def _embed(self, texts: list[str]) -> np.ndarray:
         resp = await self.embedder.embeddings.remote(EmbeddingRequest(input=texts, truncate_prompt_tokens=-1))
         vectors = np.array([d.embedding for d in resp.data], dtype=np.float32)
-        faiss.normalize_L2(vectors)
-        return vectors, resp.usage.prompt_tokens
+        return vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
 
-    async def add_documents(self, req: RAGDocumentsRequest) -> RAGDocumentsResponse:
-        vectors, _ = await self._embed(req.documents)
-        async with self.lock:
-            if self.index is None:
-                self.index = faiss.IndexFlatIP(vectors.shape[1])
-            start = len(self.texts)
-            self.index.add(vectors)
-            self.texts.extend(req.documents)
-            return RAGDocumentsResponse(ids=list(range(start, len(self.texts))), count=len(self.texts))
+    def _enqueue(self, vs_id: str) -> None:
+        for pending_vs, file_id in self.stores.pending():
+            if pending_vs == vs_id:
+                self.ingester.submit(vs_id, file_id)
 
-    async def query(self, req: RAGQueryRequest) -> RAGQueryResponse:
-        if not self.texts:
-            raise APIError("The RAG index is empty: add documents first (POST /v1/rag/documents)", 400)
-        vector, prompt_tokens = await self._embed([req.query])
-        scores, ids = self.index.search(vector, min(req.top_k, len(self.texts)))
-        retrieved = [RAGDocument(id=int(i), text=self.texts[i], score=float(s))
-                     for s, i in zip(scores[0], ids[0]) if i >= 0]
-        reranked = retrieved[:req.top_n]
-        if self.reranker is not None:
+    # ---- files ----------------------------------------------------------------------------------
+    @api_errors
+    async def create_file(self, filename: str, purpose: str, data: bytes) -> dict:
+        if len(data) > self.settings.max_file_bytes:
+            raise APIError(f"file: {len(data)} bytes is over the limit of {self.settings.max_file_bytes}", 413, "file")
+        return await asyncio.to_thread(self.stores.create_file, filename, purpose, data)
+
+    @api_errors
+    async def list_files(self, purpose: str | None, limit: int, order: str, after: str | None) -> dict:
+        return self.stores.list_files(purpose, limit, order, after)
+
+    @api_errors
+    async def get_file(self, file_id: str) -> dict:
+        return self.stores.get_file(file_id)
+
+    @api_errors
+    async def delete_file(self, file_id: str) -> dict:
+        return await asyncio.to_thread(self.stores.delete_file, file_id)
+
+    @api_errors
+    async def file_content(self, file_id: str) -> tuple[str, bytes]:
+        return await asyncio.to_thread(self.stores.file_content, file_id)
+
+    # ---- vector stores --------------------------------------------------------------------------
+    @api_errors
+    async def create_store(self, req: VectorStoreCreateRequest) -> dict:
+        store = self.stores.create_store(req.name, req.metadata, req.expires_after, req.index_type, req.file_ids,
+                                         req.chunking_strategy)
+        self._enqueue(store["id"])
+        return store
+
+    @api_errors
+    async def list_stores(self, limit: int, order: str, after: str | None, before: str | None) -> dict:
+        return self.stores.list_stores(limit, order, after, before)
+
+    @api_errors
+    async def get_store(self, vs_id: str) -> dict:
+        return self.stores.get_store(vs_id)
+
+    @api_errors
+    async def update_store(self, vs_id: str, req: VectorStoreUpdateRequest) -> dict:
+        return self.stores.update_store(vs_id, req.name, req.metadata, req.expires_after)
+
+    @api_errors
+    async def delete_store(self, vs_id: str) -> dict:
+        return await asyncio.to_thread(self.stores.delete_store, vs_id)
+
+    @api_errors
+    async def attach_file(self, vs_id: str, req: VectorStoreFileCreateRequest) -> dict:
+        store_file = self.stores.attach_file(vs_id, req.file_id, req.attributes, req.chunking_strategy)
+        self.ingester.submit(vs_id, req.file_id)
+        return store_file
+
+    @api_errors
+    async def list_store_files(self, vs_id: str, status: str | None, limit: int, order: str, after: str | None,
+                               before: str | None) -> dict:
+        return self.stores.list_store_files(vs_id, status, limit, order, after, before)
+
+    @api_errors
+    async def get_store_file(self, vs_id: str, file_id: str) -> dict:
+        return self.stores.get_store_file(vs_id, file_id)
+
+    @api_errors
+    async def update_store_file(self, vs_id: str, file_id: str, attributes: dict | None) -> dict:
+        return self.stores.update_store_file(vs_id, file_id, attributes)
+
+    @api_errors
+    async def detach_file(self, vs_id: str, file_id: str) -> dict:
+        return await asyncio.to_thread(self.stores.detach_file, vs_id, file_id)
+
+    @api_errors
+    async def store_file_content(self, vs_id: str, file_id: str) -> dict:
+        return await asyncio.to_thread(self.stores.store_file_content, vs_id, file_id)
+
+    @api_errors
+    async def create_batch(self, vs_id: str, req: FileBatchCreateRequest) -> dict:
+        batch = await asyncio.to_thread(self.stores.create_batch, vs_id, req.file_ids, req.files, req.attributes,
+                                        req.chunking_strategy)
+        self._enqueue(vs_id)
+        return batch
+
+    @api_errors
+    async def get_batch(self, vs_id: str, batch_id: str) -> dict:
+        return self.stores.get_batch(vs_id, batch_id)
+
+    @api_errors
+    async def cancel_batch(self, vs_id: str, batch_id: str) -> dict:
+        return self.stores.cancel_batch(vs_id, batch_id)
+
+    @api_errors
+    async def list_batch_files(self, vs_id: str, batch_id: str, status: str | None, limit: int, order: str,
+                               after: str | None, before: str | None) -> dict:
+        return self.stores.list_batch_files(vs_id, batch_id, status=status, limit=limit, order=order, after=after,
+                                            before=before)
+
+    # ---- search ---------------------------------------------------------------------------------
+    @api_errors
+    async def search(self, vs_id: str, req: VectorStoreSearchRequest) -> dict:
+        data = await self._retrieve([vs_id], req.queries(), req.max_num_results, req.filters, req.ranking_options)
+        return {"object": "vector_store.search_results.page", "search_query": req.queries(), "data": data,
+                "has_more": False, "next_page": None}
+
+    def _use_reranker(self, ranking: RankingOptions | None) -> bool:
+        name = ranking.ranker if ranking is not None else "auto"
+        if name in DEFAULT_RANKERS:
+            name = self.settings.default_ranker
+        if name == "none":
+            return False
+        if self.reranker is None or name != self.settings.rerank_model:
+            names = ", ".join(["none", *DEFAULT_RANKERS, *([self.settings.rerank_model] if self.reranker else [])])
+            raise APIError(f"ranking_options.ranker: must be one of {names}, got {name!r}", 400,
+                           "ranking_options.ranker")
+        return True
+
+    async def _retrieve(self, vs_ids: list[str], queries: list[str], k: int, filters: dict | None,
+                        ranking: RankingOptions | None) -> list[dict]:
+        """The k best chunks over the stores: filtered before the top-k, reranked if asked."""
+        rerank = self._use_reranker(ranking)
+        threshold = ranking.score_threshold if ranking is not None else 0.0
+        for vs_id in vs_ids:
+            self.stores.get_store(vs_id)  # 404 before any work
+        vectors = await self._embed(queries)
+        fetch = min(50, max(k, self.settings.rerank_depth)) if rerank else k
+        hits = []
+        for vs_id in vs_ids:
+            hits += await asyncio.to_thread(self.stores.search, vs_id, vectors, fetch, filters)
+        hits = sorted(hits, key=lambda h: -h["score"])[:fetch]
+        if rerank and hits:
             resp = await self.reranker.rerank.remote(RerankRequest(
-                query=req.query, documents=[d.text for d in retrieved], top_n=req.top_n, truncate_prompt_tokens=-1))
-            reranked = [RAGDocument(id=retrieved[r.index].id, text=retrieved[r.index].text, score=r.relevance_score)
-                        for r in resp.results]
-            prompt_tokens += resp.usage.total_tokens
-        context = "\n\n".join(f"[{k + 1}] {d.text}" for k, d in enumerate(reranked))
-        chat = await self.generator.chat.remote(ChatCompletionRequest(
-            messages=[ChatMessageParam(role="system", content=SYSTEM_PROMPT),
-                      ChatMessageParam(role="user", content=f"Context:\n{context}\n\nQuestion: {req.query}")],
-            max_tokens=req.max_tokens, temperature=req.temperature))
-        usage = UsageInfo(prompt_tokens=prompt_tokens + chat.usage.prompt_tokens,
-                          completion_tokens=chat.usage.completion_tokens)
-        usage.total_tokens = usage.prompt_tokens + usage.completion_tokens
-        return RAGQueryResponse(query=req.query, retrieved=retrieved, reranked=reranked,
-                                answer=chat.choices[0].message.content or "", usage=usage)
+                query=" ".join(queries), documents=[h["content"][0]["text"] for h in hits], truncate_prompt_tokens=-1))
+            hits = [{**hits[r.index], "score": min(1.0, max(0.0, r.relevance_score))} for r in resp.results]
+        return [h for h in hits if h["score"] >= threshold][:k]
+
+    # ---- answers --------------------------------------------------------------------------------
+    def _prompt(self, system: str | None, messages: list[dict], hits: list[dict]) -> tuple[list[dict], list[dict]]:
+        """Chat messages with the sources in the system message, and the sources that fit."""
+        used, sources, size = [], [], 0
+        for hit in hits:
+            text = hit["content"][0]["text"]
+            if used and size + len(text) > self.settings.context_chars:
+                break
+            size += len(text)
+            used.append(hit)
+            sources.append(f"[{len(used)}] ({hit['filename']}) {text}")
+        parts = [p for p in (system, SYSTEM_PROMPT if hits else None) if p]
+        if sources:
+            parts.append("Sources:\n" + "\n\n".join(sources))
+        rest = [m for m in messages if m["role"] != "system"]
+        system_text = "\n\n".join([m["content"] for m in messages if m["role"] == "system"] + parts)
+        return ([{"role": "system", "content": system_text}] if system_text else []) + rest, used
+
+    def _chat_request(self, req: ResponsesRequest, messages: list[dict], stream: bool) -> ChatCompletionRequest:
+        return ChatCompletionRequest(model=self.settings.generate_model, messages=messages, stream=stream,
+                                     max_tokens=req.max_output_tokens, temperature=req.temperature, top_p=req.top_p,
+                                     stream_options={"include_usage": True} if stream else None)
+
+    def _check_model(self, model: str) -> None:
+        if model != self.settings.generate_model:
+            raise APIError(f"model: the Responses API is served by `{self.settings.generate_model}`, got `{model}`",
+                           404, "model")
+
+    @api_errors
+    async def responses(self, req: ResponsesRequest) -> dict:
+        self._check_model(req.model)
+        tool = req.file_search()
+        call, hits = None, []
+        if tool is not None:
+            hits = await self._retrieve(tool.vector_store_ids, [req.user_text()], tool.max_num_results, tool.filters,
+                                        tool.ranking_options)
+            call = file_search_call(random_id("fs"), req.user_text(), hits, req.include, "completed")
+        messages, used = self._prompt(req.instructions, req.messages(), hits)
+        chat = await self.generator.chat.remote(self._chat_request(req, messages, stream=False))
+        choice = chat.choices[0]
+        text = choice.message.content or ""
+        message = output_message(random_id("msg"), text, citations(text, used), "completed")
+        usage = {"input_tokens": chat.usage.prompt_tokens, "output_tokens": chat.usage.completion_tokens or 0}
+        return response_object(req, random_id("resp"), [o for o in (call, message) if o], usage,
+                               "incomplete" if choice.finish_reason == "length" else "completed")
+
+    async def responses_stream(self, req: ResponsesRequest) -> AsyncIterator[dict]:
+        """Responses streaming events, in OpenAI's order, each with its sequence_number."""
+        self._check_model(req.model)  # errors found before the first event get their HTTP status
+        tool, hits = req.file_search(), []
+        if tool is not None:
+            self._use_reranker(tool.ranking_options)
+            for vs_id in tool.vector_store_ids:
+                try:
+                    self.stores.get_store(vs_id)
+                except NotFoundError as exc:
+                    raise APIError(exc.message, 404, "tools[0].vector_store_ids") from None
+        rid, seq = random_id("resp"), iter(range(1 << 30))
+        output: list[dict] = []
+
+        def event(kind: str, **fields) -> dict:
+            return {"type": kind, "sequence_number": next(seq), **fields}
+
+        yield event("response.created", response=response_object(req, rid, [], None, "in_progress"))
+        yield event("response.in_progress", response=response_object(req, rid, [], None, "in_progress"))
+        if tool is not None:
+            call_id, query = random_id("fs"), req.user_text()
+            yield event("response.output_item.added", output_index=0,
+                        item=file_search_call(call_id, query, [], req.include, "in_progress"))
+            yield event("response.file_search_call.in_progress", output_index=0, item_id=call_id)
+            yield event("response.file_search_call.searching", output_index=0, item_id=call_id)
+            try:
+                hits = await self._retrieve(tool.vector_store_ids, [query], tool.max_num_results, tool.filters,
+                                            tool.ranking_options)
+            except NotFoundError as exc:
+                raise APIError(exc.message, 404, exc.param) from None
+            yield event("response.file_search_call.completed", output_index=0, item_id=call_id)
+            output.append(file_search_call(call_id, query, hits, req.include, "completed"))
+            yield event("response.output_item.done", output_index=0, item=output[-1])
+        messages, used = self._prompt(req.instructions, req.messages(), hits)
+        index, msg_id, text, usage, finish = len(output), random_id("msg"), "", None, None
+        yield event("response.output_item.added", output_index=index,
+                    item=output_message(msg_id, "", [], "in_progress"))
+        yield event("response.content_part.added", output_index=index, item_id=msg_id, content_index=0,
+                    part=output_text("", []))
+        async for chunk in self.generator_stream.chat_stream.remote(self._chat_request(req, messages, stream=True)):
+            if chunk.usage is not None:
+                usage = {"input_tokens": chunk.usage.prompt_tokens, "output_tokens": chunk.usage.completion_tokens or 0}
+            for choice in chunk.choices:
+                finish = choice.finish_reason or finish
+                if choice.delta.content:
+                    text += choice.delta.content
+                    yield event("response.output_text.delta", output_index=index, item_id=msg_id, content_index=0,
+                                delta=choice.delta.content, logprobs=[])
+        annotations = citations(text, used)
+        yield event("response.output_text.done", output_index=index, item_id=msg_id, content_index=0, text=text,
+                    logprobs=[])
+        for k, annotation in enumerate(annotations):
+            yield event("response.output_text.annotation.added", output_index=index, item_id=msg_id,
+                        content_index=0, annotation_index=k, annotation=annotation)
+        yield event("response.content_part.done", output_index=index, item_id=msg_id, content_index=0,
+                    part=output_text(text, annotations))
+        output.append(output_message(msg_id, text, annotations, "completed"))
+        yield event("response.output_item.done", output_index=index, item=output[-1])
+        status = "incomplete" if finish == "length" else "completed"
+        yield event(f"response.{status}", response=response_object(req, rid, output, usage, status))
+
+    # ---- the RAG chat model ---------------------------------------------------------------------
+    @api_errors
+    async def chat(self, req: ChatCompletionRequest) -> dict:
+        """A chat completion from the generator with sources from the bound vector stores; the
+        sources come back in the extra field `sources` (search results)."""
+        if req.stream:
+            raise APIError(f"stream: the RAG chat model `{self.settings.chat_model}` answers without streaming; "
+                           "use POST /v1/responses with the file_search tool to stream", 400, "stream")
+        vs_ids = self._bound_stores()
+        messages = [m.template_dict() for m in req.messages]
+        users = [m["content"] for m in messages if m["role"] == "user"]
+        if not users or not users[-1].strip():
+            raise APIError("messages: needs a user message with text", 400, "messages")
+        hits = await self._retrieve(vs_ids, [users[-1]], 5, None, None) if vs_ids else []
+        prompt, used = self._prompt(None, messages, hits)
+        body = ChatCompletionRequest.model_validate({**req.model_dump(exclude_none=True),
+                                                     "model": self.settings.generate_model, "messages": prompt})
+        resp = (await self.generator.chat.remote(body)).model_dump()
+        return {**resp, "model": self.settings.chat_model, "sources": used}
+
+    def _bound_stores(self) -> list[str]:
+        stores = self.stores.list_stores(limit=100)["data"]
+        by_name = {s["name"]: s["id"] for s in stores}
+        ids = {s["id"] for s in stores}
+        return [ref if ref in ids else by_name[ref] for ref in self.settings.chat_vector_stores
+                if ref in ids or ref in by_name]
+
+
+# ---- OpenAI Responses objects -------------------------------------------------------------------
+def file_search_call(call_id: str, query: str, hits: list[dict], include: list[str], status: str) -> dict:
+    results = None
+    if "file_search_call.results" in include and status == "completed":
+        results = [{"file_id": h["file_id"], "filename": h["filename"], "score": h["score"],
+                    "attributes": h["attributes"], "text": h["content"][0]["text"]} for h in hits]
+    return {"id": call_id, "type": "file_search_call", "status": status, "queries": [query], "results": results}
+
+
+def output_text(text: str, annotations: list[dict]) -> dict:
+    return {"type": "output_text", "text": text, "annotations": annotations, "logprobs": []}
+
+
+def output_message(msg_id: str, text: str, annotations: list[dict], status: str) -> dict:
+    return {"id": msg_id, "type": "message", "role": "assistant", "status": status,
+            "content": [output_text(text, annotations)] if status == "completed" else []}
+
+
+def citations(text: str, used: list[dict]) -> list[dict]:
+    """file_citation annotations: one at each [n] the answer wrote for source n; if it wrote none,
+    one per cited file at the end of the text (the answer came from these sources)."""
+    def cite(hit: dict, index: int) -> dict:
+        return {"type": "file_citation", "file_id": hit["file_id"], "filename": hit["filename"], "index": index}
+
+    marked = [cite(used[int(m.group(1)) - 1], m.start()) for m in CITATION.finditer(text)
+              if 1 <= int(m.group(1)) <= len(used)]
+    if marked:
+        return marked
+    files = {h["file_id"]: h for h in used}
+    return [cite(h, len(text)) for h in files.values()]
+
+
+def response_object(req: ResponsesRequest, rid: str, output: list[dict], usage: dict | None, status: str) -> dict:
+    if usage is not None:
+        usage = {"input_tokens": usage["input_tokens"], "input_tokens_details": {"cached_tokens": 0},
+                 "output_tokens": usage["output_tokens"], "output_tokens_details": {"reasoning_tokens": 0},
+                 "total_tokens": usage["input_tokens"] + usage["output_tokens"]}
+    return {"id": rid, "object": "response", "created_at": now(), "status": status, "model": req.model,
+            "output": output, "instructions": req.instructions, "tools": req.tools, "tool_choice": req.tool_choice,
+            "parallel_tool_calls": req.parallel_tool_calls, "temperature": req.temperature, "top_p": req.top_p,
+            "max_output_tokens": req.max_output_tokens, "metadata": req.metadata or {}, "usage": usage,
+            "error": None, "previous_response_id": None, "text": {"format": {"type": "text"}},
+            "truncation": "disabled",
+            "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None}
