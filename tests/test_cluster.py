@@ -5,6 +5,7 @@ node. No test asserts a duration; waits poll with generous bounds."""
 import concurrent.futures
 import os
 import socket
+import time
 
 import httpx
 import pytest
@@ -75,7 +76,9 @@ def test_metrics_show_every_replica(http):
 
 
 def test_prefix_routing_keeps_a_conversation_on_one_replica(http):
-    before = metric_values(http, "vllm:prompt_tokens_total", GEN)
+    # Earlier tests' chats reach /metrics up to one stats period (2 s) late: start from settled counters.
+    before = wait_for(lambda: (a := metric_values(http, "vllm:prompt_tokens_total", GEN)) == (
+        time.sleep(2.5) or metric_values(http, "vllm:prompt_tokens_total", GEN)) and a, what="settled counters")
     sent = 0
     for i in range(6):
         r = chat(http, f"Question number {i}?", system=SYSTEM, max_tokens=1)
