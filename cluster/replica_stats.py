@@ -16,7 +16,8 @@ from dataclasses import dataclass, field
 from ray.serve._private.request_router.pow_2_router import PowerOfTwoChoicesRequestRouter
 
 # Snapshot keys that are cumulative: summed into the retired record when a replica leaves.
-COUNTER_KEYS = ("prompt_tokens_total", "generation_tokens_total")
+COUNTER_KEYS = ("prompt_tokens_total", "generation_tokens_total", "prefix_cache_queries_total",
+                "prefix_cache_hits_total")
 HISTOGRAM_KEYS = ("ttft_seconds", "inter_token_seconds", "e2e_seconds")
 RETIRED = "retired"
 

@@ -14,6 +14,11 @@ GAUGES = {
 COUNTERS = {
     "vllm:prompt_tokens_total": ("prompt_tokens_total", "Number of prefill tokens processed."),
     "vllm:generation_tokens_total": ("generation_tokens_total", "Number of generation tokens processed."),
+    # vLLM's vllm:prefix_cache_queries / vllm:prefix_cache_hits (prometheus_client adds _total).
+    "vllm:prefix_cache_queries_total": ("prefix_cache_queries_total",
+                                        "Prefix cache queries, in terms of number of queried tokens."),
+    "vllm:prefix_cache_hits_total": ("prefix_cache_hits_total",
+                                     "Prefix cache hits, in terms of number of cached tokens."),
 }
 HISTOGRAMS = {
     "vllm:time_to_first_token_seconds": ("ttft_seconds", "Histogram of time to first token in seconds."),

@@ -14,6 +14,9 @@ class KVCacheManager:
         self.req_blocks: dict[str, list[Block]] = {}
         self.req_hashes: dict[str, list[bytes]] = {}  # chain hashes of the request's full blocks
         self.req_num_cached: dict[str, int] = {}  # how many of its blocks are registered
+        # vLLM's prefix-cache counters, in tokens: looked up when a request is admitted, and found.
+        self.prefix_cache_queries = 0
+        self.prefix_cache_hits = 0
 
     def get_computed_blocks(self, req: Request) -> tuple[list[Block], int]:
         """Cached blocks matching the request's leading tokens; the last token is always computed,
@@ -28,6 +31,13 @@ class KVCacheManager:
                 break
             blocks.append(block)
         return blocks, len(blocks) * bs
+
+    def record_prefix_lookup(self, req: Request, num_hit: int) -> None:
+        """Count an admitted request's lookup: once per admission (a preempted request's again), not per
+        failed allocation."""
+        if self.pool.enable_prefix_caching:
+            self.prefix_cache_queries += req.num_tokens
+            self.prefix_cache_hits += num_hit
 
     def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[Block] = ()) -> bool:
         """Make room for num_new_tokens after the request's computed (and newly hit) tokens.

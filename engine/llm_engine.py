@@ -207,6 +207,8 @@ class LLMEngine:
         return {"num_running": len(self.scheduler.running), "num_waiting": len(self.scheduler.waiting),
                 "kv_cache_usage": pool.usage() if pool else 0.0,
                 "num_free_blocks": pool.num_free if pool else 0, "num_blocks": pool.num_blocks if pool else 0,
+                "prefix_cache_queries_total": self.kv.prefix_cache_queries if self.kv else 0,
+                "prefix_cache_hits_total": self.kv.prefix_cache_hits if self.kv else 0,
                 "prompt_tokens_total": s.prompt_tokens_total, "generation_tokens_total": s.generation_tokens_total,
                 "request_success_total": dict(s.request_success_total),
                 "ttft_seconds": s.ttft_seconds.snapshot(), "inter_token_seconds": s.inter_token_seconds.snapshot(),

@@ -63,6 +63,7 @@ class Scheduler:
                 n = min(req.num_tokens - num_hit, budget, self.chunk_cap)
                 if not self.kv.allocate_slots(req, n, computed):
                     break
+                self.kv.record_prefix_lookup(req, num_hit)
                 req.num_computed_tokens = num_hit
                 req.num_cached_tokens = max(req.num_cached_tokens, num_hit)
             self.waiting.popleft()

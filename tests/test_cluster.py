@@ -11,9 +11,9 @@ import httpx
 import pytest
 import ray
 from ray import serve
-from ray.cluster_utils import Cluster
 
-from deployments.builder import AppArgs, ModelArgs, build_app, deployment_name
+from cluster.local_cluster import deploy, local_cluster, metric_values, model, replica_nodes, wait_for
+from deployments.builder import AppArgs, deployment_name
 
 EMBED = "sentence-transformers/all-MiniLM-L6-v2"
 GEN = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -23,45 +23,19 @@ MAX_INPUTS = 6000
 SYSTEM = "You are a terse assistant for the servecluster tests. Answer in one short sentence, please. " * 3
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def model(name: str, task: str, replicas: int, actor_options: dict, **deployment) -> ModelArgs:
-    return ModelArgs(model=name, task=task, max_model_len=512, kv_cache_memory_bytes=64 << 20, num_threads=1,
-                     deployment_config={"num_replicas": replicas, "ray_actor_options": actor_options,
-                                        "health_check_period_s": 1, "health_check_timeout_s": 30,
-                                        **deployment})
-
-
 @pytest.fixture(scope="module")
 def cluster():
-    # Serve reports a replica it cannot place after this long (default 30 s), in status and logs.
-    os.environ["RAY_SERVE_SLOW_STARTUP_WARNING_S"] = "2"
-    os.environ["RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S"] = "2"
-    c = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "resources": {"embed_slot": 1},
-                                                      "include_dashboard": False})
     # Each worker takes one Generator (pinned by `gen_slot`) and one Embedder.
-    workers = [c.add_node(num_cpus=2, resources={"gen_slot": 1, "embed_slot": 1}) for _ in range(2)]
-    ray.init(address=c.address)
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port, "location": "HeadOnly"})
-    args = AppArgs(
-        models=[model(EMBED, "embed", 2, {"num_cpus": 0.3, "resources": {"embed_slot": 0.5}},
-                      max_replicas_per_node=1),
-                model(GEN, "generate", 2, {"num_cpus": 0.3, "resources": {"gen_slot": 1}})],
-        limits={"max_inputs_per_request": MAX_INPUTS, "pooling_slice_inputs": 128},
-        retry={"max_attempts": 3, "retry_budget_s": 60},
-        ingress_deployment_config={"ray_actor_options": {"num_cpus": 0.05}})
-    serve.run(build_app(args), name="default", route_prefix="/", blocking=False)
-    yield c, workers, f"http://127.0.0.1:{port}"
-    serve.shutdown()
-    ray.shutdown()
-    c.shutdown()
-    for key in ("RAY_SERVE_SLOW_STARTUP_WARNING_S", "RAY_SERVE_SLOW_STARTUP_WARNING_PERIOD_S"):
-        os.environ.pop(key, None)
+    with local_cluster(head={"num_cpus": 1, "resources": {"embed_slot": 1}},
+                       workers=[{"num_cpus": 2, "resources": {"gen_slot": 1, "embed_slot": 1}}] * 2) as lc:
+        deploy(AppArgs(
+            models=[model(EMBED, "embed", {"num_cpus": 0.3, "resources": {"embed_slot": 0.5}}, 2,
+                          max_model_len=256, max_replicas_per_node=1),
+                    model(GEN, "generate", {"num_cpus": 0.3, "resources": {"gen_slot": 1}}, 2)],
+            limits={"max_inputs_per_request": MAX_INPUTS, "pooling_slice_inputs": 128},
+            retry={"max_attempts": 3, "retry_budget_s": 60},
+            ingress_deployment_config={"ray_actor_options": {"num_cpus": 0.05}}))
+        yield lc.cluster, lc.workers, lc.url
 
 
 @pytest.fixture(scope="module")
@@ -70,36 +44,9 @@ def http(cluster):
         yield c
 
 
-def replica_nodes(deployment: str) -> dict[str, str]:
-    """Alive replica actors of a deployment -> their node id (from the GCS actor table)."""
-    actors = ray._private.state.actors()  # noqa: SLF001 (no dashboard in tests, so no state API)
-    return {a["Name"]: a["Address"]["NodeID"] for a in actors.values()
-            if a["State"] == "ALIVE" and f"#{deployment}#" in (a["Name"] or "")}
-
-
 def chat(http: httpx.Client, content: str, system: str | None = None, max_tokens: int = 4) -> httpx.Response:
     messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": content}]
     return http.post("/v1/chat/completions", json={"model": GEN, "messages": messages, "max_tokens": max_tokens})
-
-
-def metric_values(http: httpx.Client, name: str, model_name: str) -> dict[str, float]:
-    """replica label -> value of a metric for one model."""
-    out = {}
-    for line in http.get("/metrics").text.splitlines():
-        if line.startswith(name + "{") and f'model_name="{model_name}"' in line:
-            replica = line.split('replica="')[1].split('"')[0]
-            out[replica] = float(line.rsplit(" ", 1)[1])
-    return out
-
-
-def wait_for(condition, timeout_s: float = 120, what: str = "condition"):
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        value = condition()
-        if value:
-            return value
-        time.sleep(0.5)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_replicas_are_spread_and_pinned_by_resources(cluster, http):
@@ -129,7 +76,9 @@ def test_metrics_show_every_replica(http):
 
 
 def test_prefix_routing_keeps_a_conversation_on_one_replica(http):
-    before = metric_values(http, "vllm:prompt_tokens_total", GEN)
+    # Earlier tests' chats reach /metrics up to one stats period (2 s) late: start from settled counters.
+    before = wait_for(lambda: (a := metric_values(http, "vllm:prompt_tokens_total", GEN)) == (
+        time.sleep(2.5) or metric_values(http, "vllm:prompt_tokens_total", GEN)) and a, what="settled counters")
     sent = 0
     for i in range(6):
         r = chat(http, f"Question number {i}?", system=SYSTEM, max_tokens=1)

@@ -52,3 +52,23 @@ def test_async_engine_reports_the_running_batch(tiny_model):
     assert during["num_running"] == len(PROMPTS) and during["num_waiting"] == 0
     assert len(outs) == len(PROMPTS)
     assert engine.stats()["num_running"] == 0
+
+
+def test_prefix_cache_counters_count_queried_and_hit_tokens(tiny_model):
+    """vllm:prefix_cache_queries/hits: tokens looked up at admission and tokens found cached."""
+    from deployments.metrics import render_prometheus
+    from engine import SamplingParams
+    llm = LLM(tiny_model("llama"), block_size=4, dtype="float32")
+    prompt = sentence(800, 30)
+    params = SamplingParams(max_tokens=1, temperature=0)
+    first = llm.generate(prompt, params)[0]
+    n = len(first.prompt_token_ids)
+    assert llm.engine.stats_snapshot()["prefix_cache_queries_total"] == n
+    assert llm.engine.stats_snapshot()["prefix_cache_hits_total"] == 0
+    second = llm.generate(prompt, params)[0]
+    snap = llm.engine.stats_snapshot()
+    assert snap["prefix_cache_queries_total"] == 2 * n
+    assert snap["prefix_cache_hits_total"] == second.num_cached_tokens == (n - 1) // 4 * 4 > 0
+    text = render_prometheus([{**snap, "model_name": "m", "replica": "r1"}])
+    assert f'vllm:prefix_cache_hits_total{{model_name="m",replica="r1"}} {float(second.num_cached_tokens)}' in text
+    assert f'vllm:prefix_cache_queries_total{{model_name="m",replica="r1"}} {float(2 * n)}' in text
