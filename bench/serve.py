@@ -154,7 +154,7 @@ def main() -> None:
     if args.scifact:
         print_machine("SciFact through /v1/embeddings", extra={
             "workload": f"5,183 docs, {args.batch} per request, at most {args.concurrency} requests in flight"})
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
         rows = asyncio.run(scifact_over_http(port, args.concurrency, args.batch))
@@ -170,7 +170,7 @@ def main() -> None:
         "workload": f"embeddings: {args.requests} requests x 8 SciFact docs; rerank: {max(1, args.requests // 5)} "
                     f"requests x (1 query, 16 docs), SmolLM2 yes/no; Poisson arrivals, at most "
                     f"{args.concurrency} in flight, loopback HTTP through the ingress"})
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})  # one proxy for both routes
     rows = []
