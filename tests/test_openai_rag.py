@@ -11,7 +11,8 @@ import ray
 from ray import serve
 
 from deployments.builder import AppArgs, build_app
-from tests.test_serve import EMBED, GEN, MAX_LEN, error_of, free_port, small
+from tests.conftest import free_port
+from tests.test_serve import EMBED, GEN, MAX_LEN, error_of, small
 
 RAG_CHAT = "rag-chat"
 RERANK = "minilm-scorer"  # a bi-encoder served for scoring: a cheap stand-in for a cross-encoder

@@ -2,7 +2,6 @@
 operation, tiny random-weight models, generation capped to a few tokens. The server may refuse
 (4xx) but must never fail (5xx), and its schema must describe the bodies it accepts."""
 import shutil
-import socket
 
 import httpx
 import pytest
@@ -13,15 +12,10 @@ from ray import serve
 from transformers import AutoTokenizer
 
 from deployments.builder import AppArgs, ModelArgs, build_app
+from tests.conftest import free_port
 
 EXAMPLES_PER_OPERATION = 8
 OUTPUT_CAP = {"max_tokens": 3, "max_completion_tokens": 3, "n": 2, "min_tokens": 1, "top_k": 8, "top_n": 4}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tiny(path: str, task: str, served: str) -> ModelArgs:

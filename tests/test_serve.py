@@ -3,7 +3,6 @@ the module), driven over HTTP with the real `openai` client and httpx, and throu
 handles. Engine limits are small so it starts and runs quickly; no test asserts a duration."""
 import asyncio
 import base64
-import socket
 import struct
 import time
 
@@ -17,6 +16,7 @@ from deployments.builder import AppArgs, ModelArgs, build_app, deployment_name
 from deployments.ingress import ROUTES
 from deployments.protocol import (ChatCompletionRequest, ChatCompletionStreamResponse, EmbeddingRequest,
                                   EmbeddingResponse)
+from tests.conftest import free_port
 
 API_KEY = "test-key"
 EMBED = "sentence-transformers/all-MiniLM-L6-v2"
@@ -59,12 +59,6 @@ def tiny_classifier(path) -> str:
     BertForSequenceClassification(config).save_pretrained(path)
     AutoTokenizer.from_pretrained(resolve_model(EMBED)).save_pretrained(path)
     return str(path)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

@@ -2,7 +2,6 @@
 bge-reranker-v2-gemma (its prompt by default) and bge-reranker-v2-minicpm-layerwise, tiny random models
 in one Ray instance, through /v1/score (1:1, 1:N, N:N) and /v1/rerank; HTTP scores equal the offline
 engine's on the same model. No test asserts a duration."""
-import socket
 
 import httpx
 import pytest
@@ -13,6 +12,7 @@ from ray import serve
 from conftest import sentence
 from deployments.builder import AppArgs, ModelArgs, build_app
 from engine import LLM
+from tests.conftest import free_port
 
 MODELS = {  # served name: (tiny model, engine_kwargs)
     "deberta-v3": ("deberta-v3-cls1", {}),
@@ -22,12 +22,6 @@ MODELS = {  # served name: (tiny model, engine_kwargs)
 }
 QUERIES = ["where does the cat sleep", "is the dog on the road"]
 DOCS = [sentence(1000 + i, 4 + 7 * i) for i in range(3)]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module")

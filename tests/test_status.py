@@ -5,7 +5,6 @@ Ray >= 2.52 turns token authentication on for such a cluster and keeps the token
 own environment; without it the dashboard answers "Missing authentication token". `make status`
 runs the command below; serve.status() (through the controller, no dashboard) needs nothing."""
 import os
-import socket
 import subprocess
 import sys
 
@@ -13,14 +12,9 @@ import pytest
 import ray
 import yaml
 from ray import serve
+from tests.conftest import free_port
 
 STATUS_COMMAND = [os.path.join(os.path.dirname(sys.executable), "serve"), "status"]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @serve.deployment(num_replicas=1, ray_actor_options={"num_cpus": 0.1})
