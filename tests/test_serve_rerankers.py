@@ -6,7 +6,6 @@ engine's on the same model. No test asserts a duration."""
 import httpx
 import pytest
 import ray
-import torch
 from ray import serve
 
 from conftest import sentence
@@ -45,9 +44,8 @@ def http(tiny_model):
 
 
 @pytest.fixture(scope="module")
-def offline(tiny_model):
+def offline(tiny_model, one_thread):
     """The same models in this process: what each route must return."""
-    torch.set_num_threads(1)
     return {served: LLM(tiny_model(name), task="score", dtype="float32", **kwargs)
             for served, (name, kwargs) in MODELS.items()}
 
