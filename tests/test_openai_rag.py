@@ -12,7 +12,7 @@ from ray import serve
 
 from deployments.builder import AppArgs, build_app
 from tests.conftest import free_port
-from tests.test_serve import EMBED, GEN, MAX_LEN, error_of, small
+from tests.test_serve import EMBED, EMBED_LEN, GEN, MAX_LEN, error_of, small
 
 RAG_CHAT = "rag-chat"
 RERANK = "minilm-scorer"  # a bi-encoder served for scoring: a cheap stand-in for a cross-encoder
@@ -28,7 +28,8 @@ DOCS = {
 
 def app_args(data_dir: str) -> AppArgs:
     return AppArgs(
-        models=[small(EMBED, "embed", cpus=0.4), small(GEN, "generate", cpus=0.4), small(EMBED, "score", RERANK, cpus=0.2)],
+        models=[small(EMBED, "embed", cpus=0.4, max_len=EMBED_LEN), small(GEN, "generate", cpus=0.4),
+                small(EMBED, "score", RERANK, cpus=0.2, max_len=EMBED_LEN)],
         ingress_deployment_config={"ray_actor_options": {"num_cpus": 0.05}},
         rag={"embed_model": EMBED, "rerank_model": RERANK, "generate_model": GEN, "data_dir": data_dir,
              "max_file_bytes": MAX_FILE_BYTES, "embed_batch_size": 4, "ingest_workers": 1,
@@ -42,10 +43,12 @@ def served(tmp_path_factory):
     ray.init(address="local", num_cpus=2, include_dashboard=False)  # never another session's cluster
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
-    serve.run(build_app(app_args(data_dir)), name="default", route_prefix="/", blocking=False)
-    yield f"http://127.0.0.1:{port}", data_dir
-    serve.shutdown()
-    ray.shutdown()
+    try:
+        serve.run(build_app(app_args(data_dir)), name="default", route_prefix="/", blocking=False)
+        yield f"http://127.0.0.1:{port}", data_dir
+    finally:
+        serve.shutdown()
+        ray.shutdown()
 
 
 @pytest.fixture(scope="module")
