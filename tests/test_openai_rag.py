@@ -12,7 +12,7 @@ from ray import serve
 
 from deployments.builder import AppArgs, build_app
 from tests.conftest import free_port
-from tests.test_serve import EMBED, EMBED_LEN, GEN, MAX_LEN, error_of, small
+from tests.test_serve import EMBED, EMBED_LEN, GEN, error_of, small
 
 RAG_CHAT = "rag-chat"
 RERANK = "minilm-scorer"  # a bi-encoder served for scoring: a cheap stand-in for a cross-encoder
@@ -115,7 +115,7 @@ def test_vector_store_objects_and_listing(client, http, store):
     files = client.vector_stores.files.list(vector_store_id=store.id, filter="completed", limit=100)
     assert len(files.data) == len(DOCS) and all(f.object == "vector_store.file" for f in files.data)
     f = files.data[0]
-    assert f.chunking_strategy.type == "static" and f.chunking_strategy.static.max_chunk_size_tokens == MAX_LEN - 2  # auto, capped by the embedder
+    assert f.chunking_strategy.type == "static" and f.chunking_strategy.static.max_chunk_size_tokens == EMBED_LEN - 2  # auto, capped by the embedder
     content = client.vector_stores.files.content(f.id, vector_store_id=store.id)
     assert "".join(c.text for c in content)
     error_of(http.get(f"/v1/vector_stores/{store.id}/files?filter=bogus"), 400)
