@@ -3,6 +3,7 @@ MiniLM tokenizer for chunking."""
 import asyncio
 import io
 import threading
+import zlib
 
 import numpy as np
 import pytest
@@ -14,14 +15,14 @@ from rag.attributes import matches, validate_attributes, validate_filter
 from rag.chunking import chunk_text, chunking_strategy, max_chunk_tokens
 from rag.parsing import InvalidFile, UnsupportedFile, extract_text
 
-DIM = 64
+DIM = 512
 
 
 def fake_embed_rows(texts: list[str]) -> np.ndarray:
     out = np.zeros((len(texts), DIM), np.float32)
     for i, t in enumerate(texts):
         for w in t.lower().split():
-            out[i, hash(w.strip(".,")) % DIM] += 1
+            out[i, zlib.crc32(w.strip(".,").encode()) % DIM] += 1  # not hash(): seeded per process
     out /= np.maximum(np.linalg.norm(out, axis=1, keepdims=True), 1e-9)
     return out
 
