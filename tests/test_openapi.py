@@ -87,5 +87,7 @@ def test_no_generated_request_gets_a_server_error(base_url):
                 answered.add(operation.label)
         run()
     assert not failures, "\n".join(failures[:10])
-    # The schema leads the generator to bodies the server accepts, so the engines were reached.
-    assert len(answered) >= len(operations) * 2 // 3, sorted(answered)
+    # The schema leads the generator to bodies the server accepts, so the engines were reached. Routes on
+    # stored objects ({id} in the path) rightly answer 404 to generated ids, so they are not counted.
+    reachable = {o.label for o in operations if "{" not in o.path}
+    assert len(answered & reachable) >= len(reachable) * 2 // 3, sorted(answered)
