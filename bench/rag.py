@@ -27,21 +27,11 @@ from ray import serve
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import SCIFACT, load_scifact, print_machine, table  # noqa: E402
-from embed import pick_docs  # noqa: E402
+from embed import ndcg10, pick_docs  # noqa: E402
 
 from deployments.builder import AppArgs, ModelArgs, build_app  # noqa: E402
 
 EMBED, GEN, RERANK = "sentence-transformers/all-MiniLM-L6-v2", "HuggingFaceTB/SmolLM2-135M-Instruct", "smollm2-reranker"
-DISCOUNTS = 1.0 / np.log2(np.arange(2, 12))
-
-
-def ndcg10(ranked: list[str], qid: str, rel: dict) -> float:
-    ranked = [d for d in dict.fromkeys(ranked) if d != qid][:10]
-    dcg = sum(rel.get(d, 0) * DISCOUNTS[r] for r, d in enumerate(ranked))
-    idcg = sum(g * DISCOUNTS[r] for r, g in enumerate(sorted(rel.values(), reverse=True)[:10]))
-    return dcg / idcg if idcg else 0.0
-
-
 def app(data_dir: str, max_len: int) -> AppArgs:
     def model(name, task, served=None, cpus=0.6, **kw):
         return ModelArgs(model=name, task=task, served_model_name=served, max_model_len=kw.pop("max_len", 2048),

@@ -17,7 +17,6 @@ NDCG@10 (0.64508).
 import argparse
 import asyncio
 import random
-import socket
 import time
 
 import httpx
@@ -27,6 +26,7 @@ from ray import serve
 
 import common  # noqa: F401  (puts the repo on sys.path)
 from common import SCIFACT, load_scifact, pct, print_machine, ratio, table
+from cluster.local_cluster import free_port
 from deployments.builder import AppArgs, ModelArgs, build_app
 from embed import PUBLISHED_NDCG10, ndcg_at_10
 from engine import AsyncLLM, EngineConfig, PoolingParams
@@ -67,12 +67,6 @@ async def drive(send, payloads: list[dict], rate: float, concurrency: int, seed:
         await asyncio.sleep(rng.expovariate(rate))
     await asyncio.gather(*tasks)
     return time.perf_counter() - start, latencies
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 async def run_http(route: str, payloads, rate, concurrency, port: int) -> tuple[float, list[float]]:

@@ -28,6 +28,7 @@ class LocalCluster:
 
 
 def free_port() -> int:
+    """A free TCP port on localhost, for Serve's HTTP proxy."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]

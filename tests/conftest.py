@@ -7,7 +7,6 @@ into Hugging Face, so both run the same weights on the same token ids."""
 import json
 import os
 import random
-import socket
 
 import pytest
 import torch
@@ -29,13 +28,6 @@ def sentence(seed: int, num_words: int) -> str:
     """A deterministic sentence of num_words known words."""
     rng = random.Random(seed)
     return " ".join(rng.choice(WORDS) for _ in range(num_words))
-
-
-def free_port() -> int:
-    """A free TCP port on localhost, for Serve's HTTP proxy in tests."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 # ---------------------------------------------------------------- tokenizers

@@ -11,7 +11,7 @@ import ray
 from ray import serve
 
 from deployments.builder import AppArgs, build_app
-from tests.conftest import free_port
+from cluster.local_cluster import free_port
 from tests.test_serve import EMBED, EMBED_LEN, GEN, error_of, small
 
 RAG_CHAT = "rag-chat"

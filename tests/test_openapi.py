@@ -12,7 +12,7 @@ from ray import serve
 from transformers import AutoTokenizer
 
 from deployments.builder import AppArgs, ModelArgs, build_app
-from tests.conftest import free_port
+from cluster.local_cluster import free_port
 
 EXAMPLES_PER_OPERATION = 8
 OUTPUT_CAP = {"max_tokens": 3, "max_completion_tokens": 3, "n": 2, "min_tokens": 1, "top_k": 8, "top_n": 4}

@@ -16,7 +16,7 @@ from deployments.builder import AppArgs, ModelArgs, build_app, deployment_name
 from deployments.ingress import ROUTES
 from deployments.protocol import (ChatCompletionRequest, ChatCompletionStreamResponse, EmbeddingRequest,
                                   EmbeddingResponse)
-from tests.conftest import free_port
+from cluster.local_cluster import free_port
 
 API_KEY = "test-key"
 EMBED = "sentence-transformers/all-MiniLM-L6-v2"

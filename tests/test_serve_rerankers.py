@@ -11,7 +11,7 @@ from ray import serve
 from conftest import sentence
 from deployments.builder import AppArgs, ModelArgs, build_app
 from engine import LLM
-from tests.conftest import free_port
+from cluster.local_cluster import free_port
 
 MODELS = {  # served name: (tiny model, engine_kwargs)
     "deberta-v3": ("deberta-v3-cls1", {}),

@@ -12,7 +12,7 @@ import pytest
 import ray
 import yaml
 from ray import serve
-from tests.conftest import free_port
+from cluster.local_cluster import free_port
 
 STATUS_COMMAND = [os.path.join(os.path.dirname(sys.executable), "serve"), "status"]
 

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine.models.encoder import ACTIVATIONS
+from engine.models.encoder import ACTIVATIONS, named_module
 from engine.models.weights import load_into
 
 DEBERTA_ARCHITECTURES = {"DebertaV2Model", "DebertaV2ForSequenceClassification"}
@@ -127,13 +127,6 @@ class PaddedBatch:
         return x.reshape((self.num_seqs * self.longest,) + x.shape[2:])[self.index]
 
 
-def _module(**children: nn.Module) -> nn.Module:
-    m = nn.Module()
-    for name, child in children.items():
-        m.add_module(name, child)
-    return m
-
-
 class DebertaLayer(nn.Module):
     def __init__(self, s: DebertaSpec):
         super().__init__()
@@ -141,16 +134,16 @@ class DebertaLayer(nn.Module):
         h, inner = s.hidden_size, s.num_heads * s.head_dim
         qkv = nn.Linear(h, 3 * inner)
         qkv.shard_sizes = (inner, inner, inner)
-        attn = _module(qkv_proj=qkv)
+        attn = named_module(qkv_proj=qkv)
         if s.relative_attention and not s.share_att_key:
             if s.c2p:
                 attn.pos_key_proj = nn.Linear(h, inner)
             if s.p2c:
                 attn.pos_query_proj = nn.Linear(h, inner)
         # Module names follow Hugging Face's, so checkpoints load by name.
-        self.attention = _module(self=attn, output=_module(dense=nn.Linear(inner, h), LayerNorm=nn.LayerNorm(h, s.eps)))
-        self.intermediate = _module(dense=nn.Linear(h, s.intermediate_size))
-        self.output = _module(dense=nn.Linear(s.intermediate_size, h), LayerNorm=nn.LayerNorm(h, s.eps))
+        self.attention = named_module(self=attn, output=named_module(dense=nn.Linear(inner, h), LayerNorm=nn.LayerNorm(h, s.eps)))
+        self.intermediate = named_module(dense=nn.Linear(h, s.intermediate_size))
+        self.output = named_module(dense=nn.Linear(s.intermediate_size, h), LayerNorm=nn.LayerNorm(h, s.eps))
 
     def forward(self, x: torch.Tensor, batch: PaddedBatch, rel: torch.Tensor | None) -> torch.Tensor:
         s, proj = self.s, self.attention.self
@@ -195,7 +188,7 @@ class DebertaModel(nn.Module):
         super().__init__()
         s = self.spec = DebertaSpec.from_hf(config)
         h, e = s.hidden_size, s.embedding_size
-        emb = _module(word_embeddings=nn.Embedding(config.vocab_size, e), LayerNorm=nn.LayerNorm(h, s.eps))
+        emb = named_module(word_embeddings=nn.Embedding(config.vocab_size, e), LayerNorm=nn.LayerNorm(h, s.eps))
         if s.position_biased_input:
             emb.position_embeddings = nn.Embedding(config.max_position_embeddings, e)
         if s.type_vocab_size > 0:
@@ -203,13 +196,13 @@ class DebertaModel(nn.Module):
         if e != h:
             emb.embed_proj = nn.Linear(e, h, bias=False)
         self.embeddings = emb
-        self.encoder = _module(layer=nn.ModuleList(DebertaLayer(s) for _ in range(s.num_layers)))
+        self.encoder = named_module(layer=nn.ModuleList(DebertaLayer(s) for _ in range(s.num_layers)))
         if s.relative_attention:
             self.encoder.rel_embeddings = nn.Embedding(2 * s.att_span, h)
             if s.norm_rel_ebd:
                 self.encoder.LayerNorm = nn.LayerNorm(h, s.eps)
         if s.num_labels is not None:
-            self.pooler = _module(dense=nn.Linear(h, h))  # ContextPooler: first token, dense, activation
+            self.pooler = named_module(dense=nn.Linear(h, h))  # ContextPooler: first token, dense, activation
             self.classifier = nn.Linear(h, s.num_labels)
 
     @property

@@ -47,7 +47,7 @@ class EncoderSpec:
                    num_labels=c.num_labels if arch.endswith("SequenceClassification") else None)
 
 
-def _module(**children: nn.Module) -> nn.Module:
+def named_module(**children: nn.Module) -> nn.Module:
     m = nn.Module()
     for name, child in children.items():
         m.add_module(name, child)
@@ -61,10 +61,10 @@ class EncoderLayer(nn.Module):
         qkv = nn.Linear(h, 3 * h)
         qkv.shard_sizes = (h, h, h)
         # Module names follow Hugging Face's, so checkpoints load by name.
-        self.attention = _module(self=_module(qkv=qkv),
-                                 output=_module(dense=nn.Linear(h, h), LayerNorm=nn.LayerNorm(h, s.eps)))
-        self.intermediate = _module(dense=nn.Linear(h, s.intermediate_size))
-        self.output = _module(dense=nn.Linear(s.intermediate_size, h), LayerNorm=nn.LayerNorm(h, s.eps))
+        self.attention = named_module(self=named_module(qkv=qkv),
+                                 output=named_module(dense=nn.Linear(h, h), LayerNorm=nn.LayerNorm(h, s.eps)))
+        self.intermediate = named_module(dense=nn.Linear(h, s.intermediate_size))
+        self.output = named_module(dense=nn.Linear(s.intermediate_size, h), LayerNorm=nn.LayerNorm(h, s.eps))
         self.attn = Attention(s.num_heads, s.num_heads, h // s.num_heads, (h // s.num_heads) ** -0.5)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -83,16 +83,16 @@ class EncoderModel(nn.Module):
         super().__init__()
         s = self.spec = EncoderSpec.from_hf(config)
         h = s.hidden_size
-        self.embeddings = _module(
+        self.embeddings = named_module(
             word_embeddings=nn.Embedding(config.vocab_size, h),
             position_embeddings=nn.Embedding(config.max_position_embeddings, h),
             token_type_embeddings=nn.Embedding(config.type_vocab_size, h),
             LayerNorm=nn.LayerNorm(h, s.eps))
-        self.encoder = _module(layer=nn.ModuleList(EncoderLayer(s) for _ in range(s.num_layers)))
+        self.encoder = named_module(layer=nn.ModuleList(EncoderLayer(s) for _ in range(s.num_layers)))
         if s.num_labels is not None and s.roberta:
-            self.classifier = _module(dense=nn.Linear(h, h), out_proj=nn.Linear(h, s.num_labels))
+            self.classifier = named_module(dense=nn.Linear(h, h), out_proj=nn.Linear(h, s.num_labels))
         elif s.num_labels is not None:
-            self.pooler = _module(dense=nn.Linear(h, h))
+            self.pooler = named_module(dense=nn.Linear(h, h))
             self.classifier = nn.Linear(h, s.num_labels)
 
     @property
