@@ -226,6 +226,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--skip", nargs="*", default=[], choices=["hf", "hf-batch", "llama"])
     ap.add_argument("--profile", action="store_true", help="torch.profiler breakdown of engine decode steps")
+    ap.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "int8"],
+                    help="engine weight modes to run, each at every concurrency (int8: weight-only)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if importlib.util.find_spec("llama_cpp") is None and "llama" not in args.skip:
@@ -238,10 +240,15 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from engine import AsyncLLM, EngineConfig
+    from engine.quantization import Int8Linear
 
-    cfg = EngineConfig(model=MODEL, max_model_len=2048, max_num_batched_tokens=args.max_num_batched_tokens,
-                       max_num_seqs=args.max_num_seqs)
-    engine = AsyncLLM(cfg)
+    def make_engine(quantization: str | None) -> AsyncLLM:
+        return AsyncLLM(EngineConfig(model=MODEL, max_model_len=2048, quantization=quantization,
+                                     max_num_batched_tokens=args.max_num_batched_tokens,
+                                     max_num_seqs=args.max_num_seqs))
+
+    modes = [None if q == "none" else q for q in args.quantization]
+    engine = make_engine(modes[0])
     dtype = engine.engine.runner.dtype
     dname = str(dtype).removeprefix("torch.")
     tok = engine.tokenizer
@@ -254,23 +261,28 @@ def main() -> None:
                     f"greedy, max_tokens={args.max_tokens}, ignore_eos; level 1 = 8 requests, level C = "
                     f"{args.waves} x C requests, closed loop (C in flight)",
         "engine": f"AsyncLLM, max_num_batched_tokens={args.max_num_batched_tokens}, max_num_seqs={args.max_num_seqs}, "
-                  f"prefix caching on, block_size 16",
+                  f"prefix caching on, block_size 16, weights: {', '.join(args.quantization)} "
+                  f"(int8: weight-only, per-channel, engine.quantization)",
         "baselines": f"HF transformers generate (float32, sdpa, DynamicCache) on the engine's converted checkpoint; "
                      f"llama.cpp {llama_cpp_version()} on {GGUF}, n_threads=2, n_ctx=2048, "
                      f"create_completion(stream) greedy, EOS banned by logit_bias"})
 
     results: list[Result] = []
     with quiet_transformers():
-        # Warm-up: one short request through the whole path.
-        warm = Result("warm", dname, 1)
-        asyncio.run(run_engine_level(engine, [levels[args.concurrency[0]][0][:40]], 1, 4, warm))
-        for c in args.concurrency:
-            r = Result("engine AsyncLLM", dname, c)
-            asyncio.run(run_engine_level(engine, levels[c], c, args.max_tokens, r))
-            results.append(r)
-        stats = engine.stats()
-        sync_engine = engine.engine
-        engine.shutdown()
+        sync_engine = None
+        for mode in modes:
+            engine = engine if sync_engine is None else make_engine(mode)
+            label = "engine AsyncLLM" + (f" {mode}" if mode else "")
+            # Warm-up: one short request through the whole path.
+            warm = Result("warm", dname, 1)
+            asyncio.run(run_engine_level(engine, [levels[args.concurrency[0]][0][:40]], 1, 4, warm))
+            for c in args.concurrency:
+                r = Result(label, f"{dname} {mode}" if mode else dname, c)
+                asyncio.run(run_engine_level(engine, levels[c], c, args.max_tokens, r))
+                results.append(r)
+            stats = engine.stats()
+            sync_engine = sync_engine or engine.engine  # the first mode's, for the roofline and profile
+            engine.shutdown()
 
         hf_model = None
         first = levels[args.concurrency[0]]
@@ -299,9 +311,12 @@ def main() -> None:
             del llama
 
     summarize(results, ref_hf, ref_llama)
-    top = max((r for r in results if r.name.startswith("engine")), key=lambda r: r.concurrency)
-    print(f"\nengine at concurrency {top.concurrency}: {ratio(top.rate, ref_hf.rate)} HF one-at-a-time "
-          f"(target >= 5x), {ratio(top.rate, ref_llama.rate)} llama.cpp (target >= 3x).")
+    for top in (r for r in results if r.name.startswith("engine") and r.concurrency == max(args.concurrency)):
+        print(f"\n{top.name} at concurrency {top.concurrency}: {ratio(top.rate, ref_hf.rate)} HF one-at-a-time "
+              f"(target >= 5x), {ratio(top.rate, ref_llama.rate)} llama.cpp (target >= 3x).")
+    for one in (r for r in results if r.name.startswith("engine") and r.concurrency == 1):
+        print(f"{one.name} batch-1 decode step (TPOT p50): {1e3 * pct(one.tpot, 50):.1f} ms; llama.cpp "
+              f"{1e3 * pct(ref_llama.tpot, 50) if ref_llama.tpot else float('nan'):.1f} ms (target: within 2x)")
     hits = ", ".join(f"C={r.concurrency}: {r.cached_tokens}/{r.prompt_tokens}" for r in results
                      if r.name.startswith("engine"))
     print(f"engine prefix-cache hits (prompt tokens served from cache / prompt tokens): {hits}")
@@ -310,7 +325,9 @@ def main() -> None:
 
     # Roofline: the model's matmul FLOPs per level at the fp32 mm peak (attention excluded).
     model = sync_engine.runner.model
-    dense = 2 * sum(p.numel() for n, p in model.named_parameters() if n.startswith("layers."))
+    dense = 2 * sum((m.qweight if isinstance(m, Int8Linear) else m.weight).numel()
+                    for n, m in model.named_modules()
+                    if n.startswith("layers.") and isinstance(m, (torch.nn.Linear, Int8Linear)))
     head = 2 * model.spec.vocab_size * model.spec.hidden_size
     peak = matmul_gflops(torch.float32, 2048)
     print(f"\nroofline: {dense / 1e6:.0f} MFLOP per token + {head / 1e6:.0f} MFLOP LM head per output token; "

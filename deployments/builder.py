@@ -34,6 +34,7 @@ class ModelArgs(BaseModel):
     task: str = "auto"
     served_model_name: str | None = None
     dtype: str = "auto"
+    quantization: str | None = None  # "int8": weight-only int8 decoders (faster small-batch decode on CPU)
     max_model_len: int | None = None
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None
@@ -58,7 +59,7 @@ class ModelArgs(BaseModel):
 
     def engine_config(self, ray_actor_options: dict[str, Any]) -> dict[str, Any]:
         """EngineConfig keyword arguments, checked here so a bad value fails at deploy time."""
-        fields = self.model_dump(include={"model", "task", "served_model_name", "dtype", "max_model_len",
+        fields = self.model_dump(include={"model", "task", "served_model_name", "dtype", "quantization", "max_model_len",
                                           "max_num_batched_tokens", "max_num_seqs", "kv_cache_memory_bytes",
                                           "auto_truncate"},
                                  exclude_none=True)

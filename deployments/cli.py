@@ -33,6 +33,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) in the API; as in vLLM, the first one is used in responses")
     s.add_argument("--dtype", default="auto")
+    s.add_argument("--quantization", "-q", default=None, choices=["int8"],
+                   help="weight-only int8 for decoders (faster small-batch decode on CPU)")
     s.add_argument("--max-model-len", type=int, default=None)
     s.add_argument("--max-num-seqs", type=int, default=None)
     s.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -65,7 +67,7 @@ def app_args(ns: argparse.Namespace) -> AppArgs:
              "enable_prefix_caching": ns.enable_prefix_caching, "seed": ns.seed}
     model = ModelArgs(
         model=ns.model, task=ns.task, served_model_name=ns.served_model_name[0] if ns.served_model_name else None,
-        dtype=ns.dtype, max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
+        dtype=ns.dtype, quantization=ns.quantization, max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,
         max_num_batched_tokens=ns.max_num_batched_tokens, kv_cache_memory_bytes=ns.kv_cache_memory_bytes,
         num_threads=ns.num_threads, auto_truncate=ns.auto_truncate, engine_kwargs={k: v for k, v in extra.items() if v is not None},
         deployment_config={"num_replicas": ns.num_replicas, "ray_actor_options": actor_options})

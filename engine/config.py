@@ -5,6 +5,8 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.quantization import QUANTIZATION_METHODS
+
 TASKS = ("auto", "generate", "embed", "score", "classify")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16,
@@ -27,6 +29,8 @@ class EngineConfig:
     kv_cache_memory_bytes: int = 1 << 30  # CPU pool size when num_blocks is not given
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
+    # "int8": weight-only int8 for decoders (engine.quantization); None serves the weights as loaded.
+    quantization: str | None = None
     # Decode steps run eagerly instead of from captured CUDA graphs (vLLM's option; CPU never captures).
     enforce_eager: bool = False
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
@@ -51,6 +55,9 @@ class EngineConfig:
             raise ValueError(f"task must be one of {', '.join(TASKS)}, got {self.task!r}")
         if self.dtype != "auto" and self.dtype not in DTYPES:
             raise ValueError(f"dtype must be auto or one of {', '.join(DTYPES)}, got {self.dtype!r}")
+        if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
+            raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, "
+                             f"got {self.quantization!r}")
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")

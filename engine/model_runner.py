@@ -8,13 +8,15 @@ from engine.context import Context, PrefillSpan, set_context
 from engine.cuda_graphs import DecodeGraphs
 from engine.models import model_class
 from engine.pooling import pool_segments
+from engine.quantization import quantize_decoder
 from engine.request import Request
 from engine.sampler import SampledToken, Sampler
 from engine.scheduler import SchedulerOutput
 
 
 class ModelRunner:
-    def __init__(self, hf_config, weights, max_model_len: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, hf_config, weights, max_model_len: int, device: torch.device, dtype: torch.dtype,
+                 quantization: str | None = None, generates: bool = True):
         self.device, self.dtype = device, dtype
         self.max_model_len = max_model_len
         model = model_class(hf_config)(hf_config, max_model_len)
@@ -23,6 +25,8 @@ class ModelRunner:
         for p in model.parameters():
             p.data = p.data.to(device=device, dtype=dtype)
         self.model = model.to(device).eval()
+        if quantization is not None:
+            quantize_decoder(self.model, logits_head=generates)  # config checked the method
         self.is_decoder = model.is_decoder
         self.attention_backend = select_attention_backend(device)
         for attn in self.model.attention_layers:

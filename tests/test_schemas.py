@@ -270,6 +270,8 @@ def test_bad_config_fails_at_build_time():
         AppArgs(models=[{"model": MINILM, "tsak": "embed"}])
     with pytest.raises(ValueError, match="dtype"):
         build_app(AppArgs(models=[{"model": MINILM, "dtype": "float7"}]))
+    with pytest.raises(ValueError, match="quantization"):
+        build_app(AppArgs(models=[{"model": MINILM, "quantization": "int3"}]))
     with pytest.raises(ValueError, match="served as"):
         build_app(AppArgs(models=[{"model": MINILM}, {"model": MINILM}]))
     with pytest.raises(ValueError, match="not served"):
@@ -291,6 +293,8 @@ def test_cli_takes_vllm_serve_commands():
     build_app(args)  # the same application serve_config.yaml builds, for one model
     ns, _ = cli.parser().parse_known_args(["serve", MINILM, "--task", "embed", "--auto-truncate"])
     assert cli.app_args(ns).models[0].engine_config({})["auto_truncate"] is True
+    ns, _ = cli.parser().parse_known_args(["serve", "HuggingFaceTB/SmolLM2-135M-Instruct", "-q", "int8"])
+    assert cli.app_args(ns).models[0].engine_config({})["quantization"] == "int8"
 
 
 def test_every_route_names_an_ingress_method():

@@ -135,7 +135,9 @@ class DecoderModel(nn.Module):
         return self.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight
 
     def compute_logits(self, hidden: torch.Tensor) -> torch.Tensor:
-        return F.linear(hidden, self.output_embeddings())
+        # A tied model gets an lm_head of its own only when quantized (engine.quantization).
+        head = getattr(self, "lm_head", None)
+        return head(hidden) if head is not None else F.linear(hidden, self.embed_tokens.weight)
 
     def classify(self, pooled: torch.Tensor) -> torch.Tensor:
         return self.score(pooled)
