@@ -4,7 +4,7 @@ Each new token decodes a short window of ids twice, with and without it, and kee
 (vLLM's prefix_offset/read_offset): context tokens give WordPiece/SentencePiece their leading
 spaces, and byte-level tokens that end inside a UTF-8 character wait for the rest. Stop strings
 are searched only in the new text and the len(stop) - 1 characters before it."""
-from engine.params import SamplingParams
+from engine.params import RequestOutputKind, SamplingParams
 
 REPLACEMENT = "\ufffd"  # what a decoder shows for an incomplete UTF-8 sequence
 INITIAL_OFFSET = 5  # prompt tokens used as context for the first output token, as in vLLM
@@ -89,3 +89,38 @@ class IncrementalDetokenizer:
             if any(s.startswith(piece) for s in self.stop):
                 return k
         return 0
+
+
+class FinalDetokenizer:
+    """For a request nobody reads until it ends and no stop string can cut: the text is decoded once,
+    at the end, with the same prompt context as the incremental path. Per token it costs nothing,
+    where the incremental path decodes twice (the host's largest per-token cost at high batch)."""
+    __slots__ = ("tokenizer", "skip_special_tokens", "_ids", "_context_len", "_text")
+
+    def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+        self.tokenizer = tokenizer
+        self.skip_special_tokens = params.skip_special_tokens
+        self._ids = list(prompt_token_ids[-INITIAL_OFFSET:])
+        self._context_len = len(self._ids)
+        self._text = ""
+
+    @property
+    def output_text(self) -> str:
+        return self._text
+
+    def update(self, token_ids: list[int]) -> None:
+        self._ids.extend(token_ids)
+
+    def take_delta(self, finished: bool) -> str:
+        if not finished:
+            return ""
+        context = self.tokenizer.decode(self._ids[:self._context_len], skip_special_tokens=self.skip_special_tokens)
+        whole = self.tokenizer.decode(self._ids, skip_special_tokens=self.skip_special_tokens)
+        self._text = whole[len(context):]
+        return self._text
+
+
+def make_detokenizer(tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+    if params.output_kind is RequestOutputKind.FINAL_ONLY and not params.stop:
+        return FinalDetokenizer(tokenizer, prompt_token_ids, params)
+    return IncrementalDetokenizer(tokenizer, prompt_token_ids, params)

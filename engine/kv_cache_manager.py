@@ -48,11 +48,12 @@ class KVCacheManager:
         num_revived = sum(1 for b in computed if b.ref_count == 0)
         if num_new_blocks + num_revived > self.pool.num_free:
             return False
-        for b in computed:
-            self.pool.touch(b)
-        blocks.extend(computed)
-        blocks.extend(self.pool.allocate() for _ in range(num_new_blocks))
-        req.block_ids = [b.block_id for b in blocks]
+        if computed or num_new_blocks:  # most decode steps fit in the last block: nothing to change
+            for b in computed:
+                self.pool.touch(b)
+            blocks.extend(computed)
+            blocks.extend(self.pool.allocate() for _ in range(num_new_blocks))
+            req.block_ids = [b.block_id for b in blocks]
         self._cache_full_blocks(req, blocks, num_tokens)
         return True
 

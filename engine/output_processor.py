@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.detokenizer import IncrementalDetokenizer
+from engine.detokenizer import FinalDetokenizer, IncrementalDetokenizer, make_detokenizer
 from engine.input_processor import PoolingJob
 from engine.metrics import Stats
 from engine.outputs import (ClassificationOutput, CompletionOutput, EmbeddingOutput, Logprob,
@@ -26,7 +26,7 @@ class _Sequence:
     or everything (the other kinds)."""
     index: int
     request: Request
-    detokenizer: IncrementalDetokenizer
+    detokenizer: IncrementalDetokenizer | FinalDetokenizer
     text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
@@ -70,7 +70,7 @@ class OutputProcessor:
         ids = children[0].prompt_token_ids
         self.generations[request_id] = _Generation(
             request_id, prompt if isinstance(prompt, str) else None, ids, params.output_kind,
-            [_Sequence(i, c, IncrementalDetokenizer(self.tokenizer, ids, params),
+            [_Sequence(i, c, make_detokenizer(self.tokenizer, ids, params),
                        logprobs=[] if params.logprobs is not None else None) for i, c in enumerate(children)],
             len(children))
         for c in children:

@@ -28,6 +28,11 @@ class Tokenizer:
     def __len__(self) -> int:
         return len(self.hf)
 
+    def decode(self, *args, **kwargs) -> str:
+        # Spelled out: the engine decodes every output token, and the generic path builds a wrapper per call.
+        with self._lock:
+            return self.hf.decode(*args, **kwargs)
+
     def __getattr__(self, name: str):
         value = getattr(self.hf, name)
         if not callable(value):

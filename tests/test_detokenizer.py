@@ -6,8 +6,8 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 from transformers import AutoTokenizer
 
-from engine.detokenizer import MAX_PENDING, REPLACEMENT, IncrementalDetokenizer
-from engine.params import SamplingParams
+from engine.detokenizer import MAX_PENDING, REPLACEMENT, FinalDetokenizer, IncrementalDetokenizer, make_detokenizer
+from engine.params import RequestOutputKind, SamplingParams
 
 TEXTS = [
     "héllo wörld 🚀 日本語",
@@ -228,3 +228,28 @@ def test_random_stop_strings_are_cut_and_never_streamed(smollm, text, data):
     assert d.output_text == full[:full.index(stop)]
     check_stream(deltas, d.output_text)
     assert not any(stop in piece for piece in deltas)
+
+
+@settings(max_examples=60, deadline=None)
+@given(text=texts(), prompt_text=texts(0, 8), data=st.data())
+def test_final_only_text_decoded_once_equals_the_streamed_text(tokenizer, text, prompt_text, data):
+    ids = tokenizer.encode(text, add_special_tokens=False)
+    prompt = tokenizer.encode(prompt_text, add_special_tokens=data.draw(st.booleans()))
+    skip = data.draw(st.booleans())
+    params = SamplingParams(output_kind=RequestOutputKind.FINAL_ONLY, skip_special_tokens=skip)
+    final = make_detokenizer(tokenizer, prompt, params)
+    assert isinstance(final, FinalDetokenizer)
+    chunks = data.draw(st.lists(st.integers(1, 4), max_size=len(ids)))
+    fed = 0
+    for n in chunks + [len(ids)]:
+        final.update(ids[fed:fed + n])
+        assert final.take_delta(False) == ""
+        fed += n
+    streamed, deltas, _, _ = stream(tokenizer, ids, chunks, prompt=prompt, skip_special_tokens=skip)
+    assert final.take_delta(True) == final.output_text == streamed.output_text
+
+
+def test_stop_strings_and_streams_keep_the_incremental_detokenizer(smollm):
+    for params in (SamplingParams(output_kind=RequestOutputKind.FINAL_ONLY, stop=["x"]),
+                   SamplingParams(output_kind=RequestOutputKind.DELTA), SamplingParams()):
+        assert isinstance(make_detokenizer(smollm, [], params), IncrementalDetokenizer)
