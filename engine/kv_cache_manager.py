@@ -79,12 +79,14 @@ class KVCacheManager:
         # and every layer writes K/V before any attention reads it, even within the same step.
         if not self.pool.enable_prefix_caching:
             return
-        hashes, bs = self._hashes(req), self.block_size
+        bs, done = self.block_size, self.req_num_cached.get(req.request_id, 0)
         num_full = num_tokens // bs
-        for i in range(self.req_num_cached.get(req.request_id, 0), num_full):
-            self.pool.cache(blocks[i], self._hash_at(req, hashes, i),
-                            tuple(req.token_ids[i * bs:(i + 1) * bs]))
-        self.req_num_cached[req.request_id] = max(num_full, self.req_num_cached.get(req.request_id, 0))
+        if num_full <= done:
+            return
+        hashes = self._hashes(req)
+        for i in range(done, num_full):
+            self.pool.cache(blocks[i], self._hash_at(req, hashes, i), tuple(req.token_ids[i * bs:(i + 1) * bs]))
+        self.req_num_cached[req.request_id] = num_full
 
     def _hashes(self, req: Request) -> list[bytes]:
         return self.req_hashes.setdefault(req.request_id, [])

@@ -15,11 +15,14 @@ class Tokenizer:
     detokenizes and applies chat templates. Fast (Rust) tokenizers are not safe for that: encoding
     with truncation reconfigures the shared backend, and two threads meeting there fail with
     "Already borrowed". Attributes read through to the wrapped tokenizer; methods run locked."""
-    __slots__ = ("hf", "_lock")
+    __slots__ = ("hf", "_lock", "_rust_decode")
 
     def __init__(self, hf: PreTrainedTokenizerBase):
         self.hf = hf
         self._lock = threading.RLock()  # re-entrant: apply_chat_template may call back into encoding
+        # Where Hugging Face's decode adds nothing to the Rust one (no space clean-up), call Rust directly.
+        plain = getattr(hf, "is_fast", False) and not getattr(hf, "clean_up_tokenization_spaces", True)
+        self._rust_decode = hf.backend_tokenizer.decode if plain else None
 
     def __call__(self, *args, **kwargs):
         with self._lock:
@@ -28,10 +31,12 @@ class Tokenizer:
     def __len__(self) -> int:
         return len(self.hf)
 
-    def decode(self, *args, **kwargs) -> str:
+    def decode(self, token_ids, skip_special_tokens: bool = False, **kwargs) -> str:
         # Spelled out: the engine decodes every output token, and the generic path builds a wrapper per call.
         with self._lock:
-            return self.hf.decode(*args, **kwargs)
+            if self._rust_decode is not None and not kwargs and isinstance(token_ids, list):
+                return self._rust_decode(token_ids, skip_special_tokens=skip_special_tokens)
+            return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
 
     def __getattr__(self, name: str):
         value = getattr(self.hf, name)

