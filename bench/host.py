@@ -1,0 +1,88 @@
+"""The engine's host cost per decode step: a whole `LLMEngine.step()` against the model forward inside it.
+
+A random 2-layer Llama with hidden size 64 makes the model's own work nearly nothing, so what is left
+of a step is the host path: scheduling, KV-block bookkeeping, packing the step's inputs, sampling,
+detokenizing and building outputs. On a GPU that path bounds a decode step from below however fast
+the kernels are (issue 8's target is 4 ms at 256 running), so it is measured here, on any device.
+
+Output kinds: FINAL_ONLY without stop strings is how the server runs a whole (non-streaming)
+response (text decoded once at the end), DELTA how it runs a stream (text decoded every token).
+
+    python bench/host.py                 # 64 and 256 running, both output kinds, this machine's device
+    python bench/host.py --running 1024"""
+import argparse
+import statistics
+import tempfile
+import time
+
+import torch
+
+from common import print_machine, quiet_transformers, table
+
+
+def tiny_llama(path: str) -> str:
+    import transformers as T
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    vocab = {f"w{i}": i for i in range(512)} | {"<unk>": 512, "<s>": 513, "</s>": 514}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
+    cfg = T.LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
+                        bos_token_id=513, eos_token_id=514)
+    T.LlamaForCausalLM(cfg).save_pretrained(path)
+    fast.save_pretrained(path)
+    return path
+
+
+def measure(model_dir: str, running: int, kind, steps: int) -> tuple[float, float]:
+    from engine import EngineConfig, LLMEngine, SamplingParams
+    eng = LLMEngine(EngineConfig(model=model_dir, dtype="float32", max_num_seqs=running, block_size=16,
+                                 max_num_batched_tokens=running * 130, num_blocks=running * 20, enforce_eager=True))
+    params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True, output_kind=kind)
+    for i in range(running):
+        eng.add_generation(f"r{i}", [(i * 7 + j) % 500 for j in range(128)], params)
+    eng.step()  # every prefill
+    eng.step()
+    forward_s: list[float] = []
+    model, inner = eng.runner.model, eng.runner.model.forward
+
+    def timed_forward(*args, **kwargs):
+        t = time.perf_counter()
+        out = inner(*args, **kwargs)
+        if out.is_cuda:
+            torch.cuda.synchronize()
+        forward_s.append(time.perf_counter() - t)
+        return out
+    model.forward = timed_forward
+    step_s = []
+    for _ in range(steps):
+        t = time.perf_counter()
+        eng.step()
+        step_s.append(time.perf_counter() - t)
+    return statistics.median(step_s) * 1e3, statistics.median(forward_s) * 1e3
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--running", type=int, nargs="+", default=[64, 256])
+    ap.add_argument("--steps", type=int, default=20)
+    args = ap.parse_args()
+    torch.set_num_threads(1)  # a tiny model gains nothing from a second thread, and its spin-waits add noise
+    from engine.params import RequestOutputKind
+    print_machine("Host cost of a decode step (tiny random Llama: the model's own work is ~0)", torch.float32, {
+        "requests": "128-token prompts, greedy, ignore_eos, prefix caching on, block_size 16; median of "
+                    f"{args.steps} decode steps; CUDA graphs off (the forward is timed in Python)"})
+    rows = []
+    with quiet_transformers(), tempfile.TemporaryDirectory() as d:
+        model_dir = tiny_llama(d)
+        for n in args.running:
+            for kind in (RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA):
+                step_ms, fwd_ms = measure(model_dir, n, kind, args.steps)
+                rows.append([n, kind.name, step_ms, fwd_ms, step_ms - fwd_ms, (step_ms - fwd_ms) / n * 1e3])
+    print(table(["running", "output kind", "step ms", "model forward ms (baseline)", "host ms",
+                 "host us per sequence"], rows))
+
+
+if __name__ == "__main__":
+    main()
