@@ -24,7 +24,7 @@ status: $(STAMP)
 	RAY_AUTH_MODE=token $(VENV)/bin/serve status
 
 test: $(STAMP)
-	$(PY) -m pytest -q tests
+	$(PY) -m pytest -q --durations=15 tests
 
 bench: $(STAMP)
 	$(PY) bench/embed.py
