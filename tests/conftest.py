@@ -14,6 +14,10 @@ import transformers as T
 from tokenizers import Tokenizer, models, pre_tokenizers, processors
 from tokenizers.implementations import ByteLevelBPETokenizer
 
+# Without a GPU, Triton kernels run in Triton's interpreter; it is chosen when Triton is first imported.
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
 WORDS = ("the a an of to in on at for with from by and or but not is are was were be been has have had "
          "cat dog bird fish tree house river city road car book paper light water fire stone cloud rain "
          "sun moon star night day morning evening winter summer red blue green black white small large "

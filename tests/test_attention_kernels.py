@@ -119,8 +119,7 @@ def test_gather_decode_matches_dense_attention(shape):
 
 @pytest.mark.parametrize("shape", [(4, 4, 8), (8, 2, 16), (6, 2, 12)])
 def test_triton_paged_decode_matches_dense_attention(shape):
-    """On CUDA with Triton; on CPU in Triton's interpreter, which must be chosen before Triton is
-    imported: `TRITON_INTERPRET=1 python -m pytest tests/test_attention_kernels.py -k triton`."""
+    """On CUDA with Triton; on CPU in Triton's interpreter (conftest sets TRITON_INTERPRET=1 there)."""
     pytest.importorskip("triton")
     cuda = torch.cuda.is_available()
     if not cuda and os.environ.get("TRITON_INTERPRET") != "1":
