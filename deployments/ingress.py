@@ -8,7 +8,7 @@ in front of every route. It imports no engine code, so its replicas stay light.
 import asyncio
 import importlib.metadata
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -103,6 +103,11 @@ class OpenAIIngress:
                            404, "model")
         return model
 
+    def _replicas(self, name: str) -> Callable[[], int | None]:
+        """How many replicas of a model the routers of this ingress replica can send to now."""
+        deployment = self.servers[name].deployment_name
+        return lambda: replica_stats.running_replicas(deployment)
+
     async def _call(self, api: str, method: str, body, request: Request) -> Response:
         # Errors are answered here, not by exception handlers: Serve installs its own handler
         # for BackPressureError on the app, which would bypass our error shape.
@@ -110,7 +115,8 @@ class OpenAIIngress:
             name = self._pick(body.model, api)
             handle = getattr(self.servers[name], method)
             answer = await unless_disconnected(request, call_with_retry(
-                lambda: handle.remote(body), lambda call: call, self.settings.retry, f"{api} on {name}"))
+                lambda: handle.remote(body), lambda call: call, self.settings.retry, f"{api} on {name}",
+                self._replicas(name)))
             if answer is None:  # the client left; the replica's work was cancelled
                 return Response(status_code=499)
             return json_response(answer[1])
@@ -125,7 +131,7 @@ class OpenAIIngress:
             # and a replica that dies before it is replaced by another.
             answer = await unless_disconnected(request, call_with_retry(
                 lambda: handle.remote(body), lambda chunks: anext(chunks, None), self.settings.retry,
-                f"{api} on {name}"))
+                f"{api} on {name}", self._replicas(name)))
             if answer is None:
                 return Response(status_code=499)
         except Exception as exc:
