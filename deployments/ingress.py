@@ -7,6 +7,7 @@ in front of every route. It imports no engine code, so its replicas stay light.
 """
 import asyncio
 import importlib.metadata
+import logging
 import os
 from collections.abc import AsyncIterator, Callable
 
@@ -43,6 +44,7 @@ ROUTES = [
     ("GET", "/health", "health"), ("GET", "/version", "version"), ("GET", "/metrics", "metrics"),
 ]  # with `rag` configured, also OpenAI's Files / Vector Stores / Responses routes (deployments.openai_rag_routes)
 API_KEY_ENV = "SERVECLUSTER_API_KEY"
+log = logging.getLogger("ray.serve")
 
 
 class IngressSettings(BaseModel):
@@ -174,6 +176,15 @@ class OpenAIIngress:
         return await self._call("detokenize", "detokenize", body, request)
 
     async def health(self) -> Response:
+        """200 while every served model has a replica to take requests. Otherwise 503 naming the models
+        without one, e.g. replicas that died and cannot be placed again (Serve's controller log names the
+        resources they wait for; `serve status` shows the deployment UNHEALTHY or short of replicas)."""
+        missing = [name for name, handle in self.servers.items()
+                   if replica_stats.running_replicas(handle.deployment_name) == 0]
+        if missing:
+            message = f"no replica is running for: {', '.join(missing)}"
+            log.warning("/health: %s", message)
+            return error_response(APIError(message, 503))
         return Response(status_code=200)
 
     async def version(self) -> Response:

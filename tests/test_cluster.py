@@ -62,6 +62,15 @@ def settled(http: httpx.Client, name: str) -> dict[str, float]:
                     and a, what=f"settled {name}")
 
 
+def scheduling_warning(pending: int) -> bool:
+    """Serve's controller logged, in its last lines, `pending` Generator replicas waiting for gen_slot (it
+    names the resources required and available; after RAY_SERVE_SLOW_STARTUP_WARNING_S, 2 s in these tests)."""
+    logs = os.path.join(ray._private.worker._global_node.get_logs_dir_path(), "serve")  # noqa: SLF001
+    text = "".join(open(os.path.join(logs, f)).read() for f in os.listdir(logs) if f.startswith("controller"))
+    return any(f"has {pending} replicas that have taken more" in line and "to be scheduled" in line
+               and GEN_DEPLOYMENT in line and "gen_slot" in line for line in text.splitlines()[-200:])
+
+
 def test_replicas_are_spread_and_pinned_by_resources(cluster, http):
     c, workers, _ = cluster
     wait_for(lambda: http.get("/v1/models").status_code == 200, what="the app")
@@ -176,13 +185,7 @@ def test_removing_a_worker_replaces_its_replicas(cluster, http):
              what="the Embedder replica re-placed")
     # The Generator replica needs the gone node's gen_slot: serve status shows the deployment short of
     # a replica, and the controller log says which resources it waits for.
-    logs = os.path.join(ray._private.worker._global_node.get_logs_dir_path(), "serve")  # noqa: SLF001
-
-    def scheduling_warning() -> bool:
-        text = "".join(open(os.path.join(logs, f)).read() for f in os.listdir(logs) if f.startswith("controller"))
-        return any("to be scheduled" in line and GEN_DEPLOYMENT in line and "gen_slot" in line
-                   for line in text.splitlines()[-200:])
-    wait_for(scheduling_warning, what="the controller's report of the unplaceable replica")
+    wait_for(lambda: scheduling_warning(1), what="the controller's report of the unplaceable replica")
     status = serve.status().applications["default"].deployments[GEN_DEPLOYMENT]
     assert status.status != "HEALTHY" or "gen_slot" in status.message, status
     assert chat(http, "And now?").status_code == 200
@@ -190,7 +193,8 @@ def test_removing_a_worker_replaces_its_replicas(cluster, http):
 
 def test_no_replica_left_is_a_503_with_retry_after(cluster, http):
     """The last gen_slot goes with the last worker: the Generator has no replica anywhere. A chat waits
-    retry.retry_budget_s for one, then gets 503 with Retry-After, not a 500 and not an endless wait."""
+    retry.retry_budget_s for one, then gets 503 with Retry-After, not a 500 and not an endless wait;
+    /health names the model; serve status and the controller log say the replica waits for gen_slot."""
     c, workers, _ = cluster
     c.remove_node(next(w for w in workers if w.node_id in set(replica_nodes(GEN_DEPLOYMENT).values())))
     wait_for(lambda: not replica_nodes(GEN_DEPLOYMENT), what="the last Generator replica to die")
@@ -198,3 +202,8 @@ def test_no_replica_left_is_a_503_with_retry_after(cluster, http):
     assert r.status_code == 503, r.text
     assert int(r.headers["retry-after"]) >= 1 and "no replica is running" in r.json()["error"]["message"]
     assert http.post("/v1/embeddings", json={"model": EMBED, "input": "x"}).status_code == 200  # the rest serves
+    health = wait_for(lambda: (h := httpx.get(cluster[2] + "/health")).status_code == 503 and h, what="/health 503")
+    assert health.json()["error"]["message"] == f"no replica is running for: {GEN}"
+    status = serve.status().applications["default"].deployments[GEN_DEPLOYMENT]
+    assert status.status != "HEALTHY" and not status.replica_states.get("RUNNING"), status
+    wait_for(lambda: scheduling_warning(2), what="the controller's report of both unplaceable replicas")
