@@ -78,6 +78,14 @@ def snapshots(deployment: str) -> list[dict] | None:
     return stats.snapshots()
 
 
+def running_replicas(deployment: str) -> int | None:
+    """How many replicas of a deployment a router of this process can send to now (None: no router of
+    this process routes to it). A replica leaves the count when the controller drops it or a request
+    to it meets its death."""
+    router = _ROUTERS.get(deployment)
+    return None if router is None else len(router.curr_replicas)
+
+
 class StatsRouter(PowerOfTwoChoicesRequestRouter):
     """Serve's default routing; it also makes its replicas' stats readable for /metrics."""
 

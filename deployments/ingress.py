@@ -7,8 +7,9 @@ in front of every route. It imports no engine code, so its replicas stay light.
 """
 import asyncio
 import importlib.metadata
+import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -43,6 +44,7 @@ ROUTES = [
     ("GET", "/health", "health"), ("GET", "/version", "version"), ("GET", "/metrics", "metrics"),
 ]  # with `rag` configured, also OpenAI's Files / Vector Stores / Responses routes (deployments.openai_rag_routes)
 API_KEY_ENV = "SERVECLUSTER_API_KEY"
+log = logging.getLogger("ray.serve")
 
 
 class IngressSettings(BaseModel):
@@ -103,6 +105,11 @@ class OpenAIIngress:
                            404, "model")
         return model
 
+    def _replicas(self, name: str) -> Callable[[], int | None]:
+        """How many replicas of a model the routers of this ingress replica can send to now."""
+        deployment = self.servers[name].deployment_name
+        return lambda: replica_stats.running_replicas(deployment)
+
     async def _call(self, api: str, method: str, body, request: Request) -> Response:
         # Errors are answered here, not by exception handlers: Serve installs its own handler
         # for BackPressureError on the app, which would bypass our error shape.
@@ -110,7 +117,8 @@ class OpenAIIngress:
             name = self._pick(body.model, api)
             handle = getattr(self.servers[name], method)
             answer = await unless_disconnected(request, call_with_retry(
-                lambda: handle.remote(body), lambda call: call, self.settings.retry, f"{api} on {name}"))
+                lambda: handle.remote(body), lambda call: call, self.settings.retry, f"{api} on {name}",
+                self._replicas(name)))
             if answer is None:  # the client left; the replica's work was cancelled
                 return Response(status_code=499)
             return json_response(answer[1])
@@ -125,7 +133,7 @@ class OpenAIIngress:
             # and a replica that dies before it is replaced by another.
             answer = await unless_disconnected(request, call_with_retry(
                 lambda: handle.remote(body), lambda chunks: anext(chunks, None), self.settings.retry,
-                f"{api} on {name}"))
+                f"{api} on {name}", self._replicas(name)))
             if answer is None:
                 return Response(status_code=499)
         except Exception as exc:
@@ -168,6 +176,15 @@ class OpenAIIngress:
         return await self._call("detokenize", "detokenize", body, request)
 
     async def health(self) -> Response:
+        """200 while every served model has a replica to take requests. Otherwise 503 naming the models
+        without one, e.g. replicas that died and cannot be placed again (Serve's controller log names the
+        resources they wait for; `serve status` shows the deployment UNHEALTHY or short of replicas)."""
+        missing = [name for name, handle in self.servers.items()
+                   if replica_stats.running_replicas(handle.deployment_name) == 0]
+        if missing:
+            message = f"no replica is running for: {', '.join(missing)}"
+            log.warning("/health: %s", message)
+            return error_response(APIError(message, 503))
         return Response(status_code=200)
 
     async def version(self) -> Response:
