@@ -498,10 +498,11 @@ class VectorStores:
             cached = self.indexes.get(vs_id)
             if cached is not None and cached[0] == row["version"]:
                 return cached[1]
-            path = self.index_path(vs_id, row["version"])
-            if os.path.exists(path):
-                index = VectorIndex.load(row["index_kind"], row["dim"], path)
-            else:
+            try:
+                index = VectorIndex.load(row["index_kind"], row["dim"], self.index_path(vs_id, row["version"]))
+            except RuntimeError:  # no file at this version (not flushed yet, or a newer one replaced it)
+                index = None
+            if index is None:
                 rows = self.query("SELECT id, vector FROM chunks WHERE vector_store_id = ? ORDER BY id", (vs_id,))
                 ids = np.array([r["id"] for r in rows], dtype=np.int64)
                 vectors = np.frombuffer(b"".join(r["vector"] for r in rows), dtype=np.float32).reshape(len(rows), row["dim"])
@@ -511,7 +512,8 @@ class VectorStores:
             return index
 
     def flush(self) -> None:
-        """Write every index that changed since its last write; older versions' files go away."""
+        """Write every index that changed since its last write; older versions' files go away
+        (not newer ones: another process sharing the directory may have written those)."""
         for vs_id in list(self.dirty):
             with self.store_lock(vs_id):
                 if vs_id not in self.dirty or vs_id not in self.indexes:
@@ -521,8 +523,11 @@ class VectorStores:
                 self.dirty.discard(vs_id)
                 folder = os.path.dirname(self.index_path(vs_id, version))
                 for name in os.listdir(folder):
-                    if name.endswith(".faiss") and name != f"v{version}.faiss":
-                        os.unlink(os.path.join(folder, name))
+                    if name.endswith(".faiss") and int(name[1:-len(".faiss")]) < version:
+                        try:
+                            os.unlink(os.path.join(folder, name))
+                        except FileNotFoundError:
+                            pass  # another process removed it first
 
     # ---- search ---------------------------------------------------------------------------------
     def search(self, vs_id: str, queries: np.ndarray, max_num_results: int = 10, filters: dict | None = None,
