@@ -11,6 +11,7 @@ by handle and answers its dict as JSON, errors in the API's one shape (deploymen
     /v1/vector_stores/{vs}/file_batches        POST;  /{batch}: GET;  /{batch}/cancel: POST;  /{batch}/files: GET
     /v1/vector_stores/{vs}/search              POST
     /v1/responses                              POST (tools=[file_search]; SSE with stream)
+    /v1/responses/{response_id}                GET, DELETE (stored responses)
 
 The OpenAI-Beta header and unknown body fields are ignored. Store files and batches that are
 still in_progress carry `openai-poll-after-ms`, so the SDK's *_and_poll helpers poll quickly.
@@ -52,7 +53,14 @@ async def answer(call) -> Response:
 
 async def rag_chat(rag: DeploymentHandle, body: ChatCompletionRequest) -> Response:
     """The RAG chat model's /v1/chat/completions (the ingress calls this for its served name)."""
-    return await answer(rag.chat.remote(body))
+    if not body.stream:
+        return await answer(rag.chat.remote(body))
+    try:
+        chunks: DeploymentResponseGenerator = rag.options(stream=True).chat_stream.remote(body)
+        first = await anext(chunks)  # before the headers: a rejected request keeps its status
+    except Exception as exc:
+        return error_json(exc)
+    return StreamingResponse(chat_sse(first, chunks), media_type="text/event-stream")
 
 
 def rag_router(rag: DeploymentHandle) -> APIRouter:
@@ -168,6 +176,14 @@ def rag_router(rag: DeploymentHandle) -> APIRouter:
             return error_json(exc)
         return StreamingResponse(sse(first, events), media_type="text/event-stream")
 
+    @router.get("/v1/responses/{response_id}")
+    async def get_response(response_id: str) -> Response:
+        return await answer(rag.get_response.remote(response_id))
+
+    @router.delete("/v1/responses/{response_id}")
+    async def delete_response(response_id: str) -> Response:
+        return await answer(rag.delete_response.remote(response_id))
+
     return router
 
 
@@ -190,3 +206,18 @@ async def sse(first: dict, rest: DeploymentResponseGenerator) -> AsyncIterator[s
         error = to_error(exc)[0].error
         yield frame({"type": "error", "sequence_number": seq + 1, "code": str(error.code), "message": error.message,
                      "param": error.param})
+
+
+async def chat_sse(first: dict, rest: DeploymentResponseGenerator) -> AsyncIterator[str]:
+    """The RAG chat model's chunks as the ingress streams chat (`data:` lines, then [DONE]); these
+    are dicts, not the ingress's pydantic chunks, because the first carries `sources`."""
+    try:
+        yield f"data: {json.dumps(first)}\n\n"
+        async for chunk in rest:
+            yield f"data: {json.dumps(chunk)}\n\n"
+    except asyncio.CancelledError:  # the client went away: stop generating
+        rest.cancel()
+        raise
+    except Exception as exc:
+        yield f"data: {to_error(exc)[0].model_dump_json()}\n\n"
+    yield "data: [DONE]\n\n"

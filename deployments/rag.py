@@ -25,7 +25,7 @@ from deployments.rag_protocol import (
     FileBatchCreateRequest, RankingOptions, ResponsesRequest, VectorStoreCreateRequest, VectorStoreFileCreateRequest,
     VectorStoreSearchRequest, VectorStoreUpdateRequest)
 from engine.loader import resolve_model
-from rag import Ingester, NotFoundError, VectorStores
+from rag import Ingester, NotFoundError, StoredResponses, VectorStores
 from rag.chunking import max_chunk_tokens
 
 logger = logging.getLogger(__name__)
@@ -70,6 +70,7 @@ class VectorStoreServer:
         info = await embedder.describe.remote()
         tokenizer = await asyncio.to_thread(AutoTokenizer.from_pretrained, resolve_model(info.card.root))
         self.stores = VectorStores(settings.data_dir, tokenizer, max_chunk_tokens(tokenizer, info.card.max_model_len))
+        self.stored_responses = StoredResponses(self.stores)
         self.ingester = Ingester(self.stores, self._embed, settings.ingest_workers, settings.embed_batch_size)
         resumed = self.ingester.recover()
         if resumed:
@@ -255,27 +256,51 @@ class VectorStoreServer:
             raise APIError(f"model: the Responses API is served by `{self.settings.generate_model}`, got `{model}`",
                            404, "model")
 
+    def _history(self, req: ResponsesRequest) -> list[dict]:
+        """The conversation of `previous_response_id` (404 naming it if unknown), else none."""
+        return self.stored_responses.conversation(req.previous_response_id) if req.previous_response_id else []
+
+    async def _store(self, req: ResponsesRequest, response: dict, history: list[dict], text: str) -> None:
+        if req.store:
+            conversation = history + req.messages() + [{"role": "assistant", "content": text}]
+            await asyncio.to_thread(self.stored_responses.save, response, conversation)
+
+    @api_errors
+    async def get_response(self, response_id: str) -> dict:
+        return await asyncio.to_thread(self.stored_responses.get, response_id)
+
+    @api_errors
+    async def delete_response(self, response_id: str) -> dict:
+        return await asyncio.to_thread(self.stored_responses.delete, response_id)
+
     @api_errors
     async def responses(self, req: ResponsesRequest) -> dict:
         self._check_model(req.model)
+        history = self._history(req)
         tool = req.file_search()
         call, hits = None, []
         if tool is not None:
             hits = await self._retrieve(tool.vector_store_ids, [req.user_text()], tool.max_num_results, tool.filters,
                                         tool.ranking_options)
             call = file_search_call(random_id("fs"), req.user_text(), hits, req.include, "completed")
-        messages, used = self._prompt(req.instructions, req.messages(), hits)
+        messages, used = self._prompt(req.instructions, history + req.messages(), hits)
         chat = await self.generator.chat.remote(self._chat_request(req, messages, stream=False))
         choice = chat.choices[0]
         text = choice.message.content or ""
         message = output_message(random_id("msg"), text, citations(text, used), "completed")
         usage = {"input_tokens": chat.usage.prompt_tokens, "output_tokens": chat.usage.completion_tokens or 0}
-        return response_object(req, random_id("resp"), [o for o in (call, message) if o], usage,
-                               "incomplete" if choice.finish_reason == "length" else "completed")
+        response = response_object(req, random_id("resp"), [o for o in (call, message) if o], usage,
+                                   "incomplete" if choice.finish_reason == "length" else "completed")
+        await self._store(req, response, history, text)
+        return response
 
     async def responses_stream(self, req: ResponsesRequest) -> AsyncIterator[dict]:
         """Responses streaming events, in OpenAI's order, each with its sequence_number."""
         self._check_model(req.model)  # errors found before the first event get their HTTP status
+        try:
+            history = self._history(req)
+        except NotFoundError as exc:
+            raise APIError(exc.message, 404, exc.param) from None
         tool, hits = req.file_search(), []
         if tool is not None:
             self._use_reranker(tool.ranking_options)
@@ -306,7 +331,7 @@ class VectorStoreServer:
             yield event("response.file_search_call.completed", output_index=0, item_id=call_id)
             output.append(file_search_call(call_id, query, hits, req.include, "completed"))
             yield event("response.output_item.done", output_index=0, item=output[-1])
-        messages, used = self._prompt(req.instructions, req.messages(), hits)
+        messages, used = self._prompt(req.instructions, history + req.messages(), hits)
         index, msg_id, text, usage, finish = len(output), random_id("msg"), "", None, None
         yield event("response.output_item.added", output_index=index,
                     item=output_message(msg_id, "", [], "in_progress"))
@@ -332,27 +357,44 @@ class VectorStoreServer:
         output.append(output_message(msg_id, text, annotations, "completed"))
         yield event("response.output_item.done", output_index=index, item=output[-1])
         status = "incomplete" if finish == "length" else "completed"
-        yield event(f"response.{status}", response=response_object(req, rid, output, usage, status))
+        response = response_object(req, rid, output, usage, status)
+        await self._store(req, response, history, text)  # before the last event: a client may fetch it next
+        yield event(f"response.{status}", response=response)
 
     # ---- the RAG chat model ---------------------------------------------------------------------
     @api_errors
     async def chat(self, req: ChatCompletionRequest) -> dict:
         """A chat completion from the generator with sources from the bound vector stores; the
         sources come back in the extra field `sources` (search results)."""
-        if req.stream:
-            raise APIError(f"stream: the RAG chat model `{self.settings.chat_model}` answers without streaming; "
-                           "use POST /v1/responses with the file_search tool to stream", 400, "stream")
+        body, used = await self._chat_with_sources(req)
+        resp = (await self.generator.chat.remote(body)).model_dump()
+        return {**resp, "model": self.settings.chat_model, "sources": used}
+
+    async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict]:
+        """chat.completion.chunk dicts; the first one carries the extra field `sources`, so a
+        client can show them before the answer arrives."""
+        try:
+            body, used = await self._chat_with_sources(req)
+        except NotFoundError as exc:
+            raise APIError(exc.message, 404, exc.param) from None
+        sources = {"sources": used}
+        async for chunk in self.generator_stream.chat_stream.remote(body):
+            yield {**chunk.model_dump(mode="json"), "model": self.settings.chat_model, **sources}
+            sources = {}
+
+    async def _chat_with_sources(self, req: ChatCompletionRequest) -> tuple[ChatCompletionRequest, list[dict]]:
+        """The generator's request, its system message holding the bound stores' best chunks for
+        the last user message, and those chunks."""
         vs_ids = self._bound_stores()
         messages = [m.template_dict() for m in req.messages]
         users = [m["content"] for m in messages if m["role"] == "user"]
-        if not users or not users[-1].strip():
+        if not users or not isinstance(users[-1], str) or not users[-1].strip():
             raise APIError("messages: needs a user message with text", 400, "messages")
         hits = await self._retrieve(vs_ids, [users[-1]], 5, None, None) if vs_ids else []
         prompt, used = self._prompt(None, messages, hits)
         body = ChatCompletionRequest.model_validate({**req.model_dump(exclude_none=True),
                                                      "model": self.settings.generate_model, "messages": prompt})
-        resp = (await self.generator.chat.remote(body)).model_dump()
-        return {**resp, "model": self.settings.chat_model, "sources": used}
+        return body, used
 
     def _bound_stores(self) -> list[str]:
         stores = self.stores.list_stores(limit=100)["data"]
@@ -403,6 +445,6 @@ def response_object(req: ResponsesRequest, rid: str, output: list[dict], usage: 
             "output": output, "instructions": req.instructions, "tools": req.tools, "tool_choice": req.tool_choice,
             "parallel_tool_calls": req.parallel_tool_calls, "temperature": req.temperature, "top_p": req.top_p,
             "max_output_tokens": req.max_output_tokens, "metadata": req.metadata or {}, "usage": usage,
-            "error": None, "previous_response_id": None, "text": {"format": {"type": "text"}},
-            "truncation": "disabled",
+            "error": None, "previous_response_id": req.previous_response_id, "store": req.store,
+            "text": {"format": {"type": "text"}}, "truncation": "disabled",
             "incomplete_details": {"reason": "max_output_tokens"} if status == "incomplete" else None}

@@ -82,7 +82,8 @@ class FileSearchTool(RequestModel):
 class ResponsesRequest(RequestModel):
     """POST /v1/responses: `input` is a string or a list of messages ({role, content}, content a
     string or input_text parts). Only the `file_search` tool is served; it runs on every request
-    (retrieval does not depend on the model choosing to call it)."""
+    (retrieval does not depend on the model choosing to call it). `store` keeps the response for
+    GET/DELETE /v1/responses/{id}; `previous_response_id` continues a stored one's conversation."""
     model: str
     input: str | list[dict[str, Any]]
     instructions: str | None = None
@@ -95,6 +96,8 @@ class ResponsesRequest(RequestModel):
     metadata: dict[str, str] | None = None
     tool_choice: Any = "auto"
     parallel_tool_calls: bool = True
+    store: bool = True
+    previous_response_id: str | None = None
 
     @model_validator(mode="after")
     def _check(self):

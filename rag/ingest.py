@@ -3,8 +3,9 @@
 `Ingester` keeps a queue of (vector store, file) pairs. Each worker takes files until it holds
 `batch_chunks` chunks (or the queue is empty), embeds them with one call of `embed` (an async
 function: texts -> L2-normalized float32 rows; the deployment passes the embedding
-deployment's handle), then completes each file in its own transaction. Files from many small
-uploads thus share embedding batches, and several workers keep the embedder busy.
+deployment's handle), then completes those files together in one SQLite transaction. Files from
+many small uploads thus share embedding batches and commits, and several workers keep the
+embedder busy.
 
 A file that cannot be parsed fails with its parser's code (unsupported_file / invalid_file);
 an embedding error fails the files of that batch with server_error. `recover()` re-queues
@@ -69,10 +70,9 @@ class Ingester:
                     self.queue.task_done()
 
     async def _prepare(self, vs_id: str, file_id: str) -> tuple[str, str, list[str]] | None:
-        if not self.stores.is_pending(vs_id, file_id):
-            return None  # cancelled or detached while queued
         try:
-            return vs_id, file_id, await asyncio.to_thread(self.stores.prepare, vs_id, file_id)
+            chunks = await asyncio.to_thread(self.stores.prepare, vs_id, file_id)
+            return None if chunks is None else (vs_id, file_id, chunks)  # None: cancelled or detached while queued
         except (UnsupportedFile, InvalidFile) as exc:
             self.stores.fail(vs_id, file_id, exc.code, str(exc))
         except NotFoundError:
@@ -90,14 +90,14 @@ class Ingester:
             for vs_id, file_id, _ in prepared:
                 self.stores.fail(vs_id, file_id, "server_error", f"embedding failed: {type(exc).__name__}: {exc}")
             return
-        start = 0
-        for vs_id, file_id, chunks in prepared:
-            rows = vectors[start:start + len(chunks)]
-            start += len(chunks)
-            try:
-                await asyncio.to_thread(self.stores.complete, vs_id, file_id, chunks, rows)
-            except Exception as exc:
+        bounds = np.cumsum([0] + [len(chunks) for _, _, chunks in prepared])
+        files = [(vs_id, file_id, chunks, vectors[bounds[i]:bounds[i + 1]])
+                 for i, (vs_id, file_id, chunks) in enumerate(prepared)]
+        try:
+            await asyncio.to_thread(self.stores.complete_many, files)
+        except Exception as exc:
+            for vs_id, file_id, _ in prepared:
                 self.stores.fail(vs_id, file_id, "server_error", f"{type(exc).__name__}: {exc}")
-            self.done += 1
+        self.done += len(prepared)
         logger.info("ingested %d files (%d chunks); %d files done, %d queued",
                     len(prepared), len(texts), self.done, self.queue.qsize())

@@ -21,7 +21,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from typing import Any
 
 import numpy as np
@@ -415,53 +415,69 @@ class VectorStores:
         return [(r["vector_store_id"], r["file_id"]) for r in
                 self.query("SELECT vector_store_id, file_id FROM store_files WHERE status = 'in_progress' ORDER BY seq")]
 
-    def is_pending(self, vs_id: str, file_id: str) -> bool:
-        return bool(self.query("SELECT 1 FROM store_files WHERE vector_store_id = ? AND file_id = ? "
-                               "AND status = 'in_progress'", (vs_id, file_id)))
-
-    def prepare(self, vs_id: str, file_id: str) -> list[str]:
-        """The file's chunks, by its store file's strategy. Raises parsing's UnsupportedFile /
-        InvalidFile for the caller to record with `fail`."""
+    def prepare(self, vs_id: str, file_id: str) -> list[str] | None:
+        """The file's chunks, by its store file's strategy; None if it is no longer in_progress
+        (cancelled or detached while queued). Raises parsing's UnsupportedFile / InvalidFile for
+        the caller to record with `fail`."""
         row = self._store_file_row(vs_id, file_id)
+        if row["status"] != "in_progress":
+            return None
         spec = json.loads(row["chunking"])["static"]
         strategy = ChunkingStrategy("static", spec["max_chunk_size_tokens"], spec["chunk_overlap_tokens"])
         filename, data = self.file_content(file_id)
         return chunk_text(extract_text(filename, data), self.tokenizer, strategy)
 
     def complete(self, vs_id: str, file_id: str, texts: list[str], vectors: np.ndarray) -> bool:
-        """Store a file's chunks and mark it completed, in one transaction, and add them to the
-        in-memory index. False (nothing stored) if the file is no longer in_progress (cancelled,
-        detached or deleted meanwhile). `vectors` are L2-normalized, one row per text."""
-        vectors = np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(texts), -1)
-        with self.store_lock(vs_id):
+        return self.complete_many([(vs_id, file_id, texts, vectors)])[0]
+
+    def complete_many(self, files: list[tuple[str, str, list[str], np.ndarray]]) -> list[bool]:
+        """Store the chunks of several files, (vs id, file id, texts, L2-normalized vectors one row
+        per text), and mark them completed, all in one transaction (one WAL sync for a whole
+        embedding batch), then add them to the in-memory indexes. Per file: False (nothing stored)
+        if it is no longer in_progress (cancelled, detached or deleted meanwhile)."""
+        files = [(vs_id, file_id, texts, np.ascontiguousarray(vectors, dtype=np.float32).reshape(len(texts), -1)
+                  if len(texts) else np.zeros((0, 0), np.float32)) for vs_id, file_id, texts, vectors in files]
+        stored, added = [], {}  # vs id -> (version before, [ids], [vectors])
+        with ExitStack() as held:
+            for vs_id in sorted({f[0] for f in files}):  # a fixed order: no deadlock between workers
+                held.enter_context(self.store_lock(vs_id))
             with self.tx() as db:
-                store = db.execute("SELECT dim, version FROM vector_stores WHERE id = ?", (vs_id,)).fetchone()
-                if store is None or not db.execute(
-                        "SELECT 1 FROM store_files WHERE vector_store_id = ? AND file_id = ? AND status = 'in_progress'",
-                        (vs_id, file_id)).fetchone():
-                    return False
-                if len(texts) and store["dim"] is not None and store["dim"] != vectors.shape[1]:
-                    raise ValueError(f"embedding dimension {vectors.shape[1]} differs from the store's {store['dim']}")
-                ids = []
-                for position, (text, vector) in enumerate(zip(texts, vectors)):
-                    ids.append(db.execute("INSERT INTO chunks (vector_store_id, file_id, position, text, vector) "
-                                          "VALUES (?, ?, ?, ?, ?)", (vs_id, file_id, position, text,
-                                                                     vector.tobytes())).lastrowid)
-                usage = sum(len(t.encode()) for t in texts) + vectors.nbytes
-                db.execute("UPDATE store_files SET status = 'completed', usage_bytes = ? "
-                           "WHERE vector_store_id = ? AND file_id = ?", (usage, vs_id, file_id))
-                if ids:
-                    db.execute("UPDATE vector_stores SET version = version + 1, dim = ? WHERE id = ?",
-                               (vectors.shape[1], vs_id))
-            if ids:
+                next_id = (db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'chunks'").fetchone() or [0])[0] + 1
+                for vs_id, file_id, texts, vectors in files:
+                    store = db.execute("SELECT dim, version FROM vector_stores WHERE id = ?", (vs_id,)).fetchone()
+                    if store is None or not db.execute(
+                            "SELECT 1 FROM store_files WHERE vector_store_id = ? AND file_id = ? AND status = 'in_progress'",
+                            (vs_id, file_id)).fetchone():
+                        stored.append(False)
+                        continue
+                    if len(texts) and store["dim"] is not None and store["dim"] != vectors.shape[1]:
+                        raise ValueError(f"embedding dimension {vectors.shape[1]} differs from the store's {store['dim']}")
+                    ids = list(range(next_id, next_id + len(texts)))
+                    next_id += len(texts)
+                    db.executemany("INSERT INTO chunks (id, vector_store_id, file_id, position, text, vector) "
+                                   "VALUES (?, ?, ?, ?, ?, ?)",
+                                   [(i, vs_id, file_id, position, text, vector.tobytes())
+                                    for position, (i, text, vector) in enumerate(zip(ids, texts, vectors))])
+                    usage = sum(len(t.encode()) for t in texts) + vectors.nbytes
+                    db.execute("UPDATE store_files SET status = 'completed', usage_bytes = ? "
+                               "WHERE vector_store_id = ? AND file_id = ?", (usage, vs_id, file_id))
+                    if ids:
+                        entry = added.setdefault(vs_id, (store["version"], [], []))
+                        entry[1].extend(ids)
+                        entry[2].append(vectors)
+                        db.execute("UPDATE vector_stores SET dim = ? WHERE id = ?", (vectors.shape[1], vs_id))
+                    stored.append(True)
+                for vs_id in added:
+                    db.execute("UPDATE vector_stores SET version = version + 1 WHERE id = ?", (vs_id,))
+            for vs_id, (version, ids, vectors) in added.items():
                 cached = self.indexes.get(vs_id)
-                if cached is not None and cached[0] == store["version"]:
-                    cached[1].add(np.array(ids, dtype=np.int64), vectors)
-                    self.indexes[vs_id] = (store["version"] + 1, cached[1])
+                if cached is not None and cached[0] == version:
+                    cached[1].add(np.array(ids, dtype=np.int64), np.concatenate(vectors))
+                    self.indexes[vs_id] = (version + 1, cached[1])
                     self.dirty.add(vs_id)
                 else:
                     self.indexes.pop(vs_id, None)
-        return True
+        return stored
 
     def fail(self, vs_id: str, file_id: str, code: str, message: str) -> None:
         with self.tx() as db:
@@ -482,10 +498,11 @@ class VectorStores:
             cached = self.indexes.get(vs_id)
             if cached is not None and cached[0] == row["version"]:
                 return cached[1]
-            path = self.index_path(vs_id, row["version"])
-            if os.path.exists(path):
-                index = VectorIndex.load(row["index_kind"], row["dim"], path)
-            else:
+            try:
+                index = VectorIndex.load(row["index_kind"], row["dim"], self.index_path(vs_id, row["version"]))
+            except RuntimeError:  # no file at this version (not flushed yet, or a newer one replaced it)
+                index = None
+            if index is None:
                 rows = self.query("SELECT id, vector FROM chunks WHERE vector_store_id = ? ORDER BY id", (vs_id,))
                 ids = np.array([r["id"] for r in rows], dtype=np.int64)
                 vectors = np.frombuffer(b"".join(r["vector"] for r in rows), dtype=np.float32).reshape(len(rows), row["dim"])
@@ -495,7 +512,8 @@ class VectorStores:
             return index
 
     def flush(self) -> None:
-        """Write every index that changed since its last write; older versions' files go away."""
+        """Write every index that changed since its last write; older versions' files go away
+        (not newer ones: another process sharing the directory may have written those)."""
         for vs_id in list(self.dirty):
             with self.store_lock(vs_id):
                 if vs_id not in self.dirty or vs_id not in self.indexes:
@@ -505,8 +523,11 @@ class VectorStores:
                 self.dirty.discard(vs_id)
                 folder = os.path.dirname(self.index_path(vs_id, version))
                 for name in os.listdir(folder):
-                    if name.endswith(".faiss") and name != f"v{version}.faiss":
-                        os.unlink(os.path.join(folder, name))
+                    if name.endswith(".faiss") and int(name[1:-len(".faiss")]) < version:
+                        try:
+                            os.unlink(os.path.join(folder, name))
+                        except FileNotFoundError:
+                            pass  # another process removed it first
 
     # ---- search ---------------------------------------------------------------------------------
     def search(self, vs_id: str, queries: np.ndarray, max_num_results: int = 10, filters: dict | None = None,

@@ -1,8 +1,10 @@
 """OpenAI Files / Vector Stores / Responses file_search on Serve, driven by the real `openai`
 SDK (and httpx for raw shapes): one Ray start for the module, bundled models, small limits.
-The last test kills the vector-store replica mid-ingestion and restarts the app."""
+The last two tests kill the vector-store replica mid-ingestion, restart the app with two
+vector-store replicas, and search through both."""
 import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
 import httpx
 import openai
@@ -26,7 +28,7 @@ DOCS = {
 }
 
 
-def app_args(data_dir: str) -> AppArgs:
+def app_args(data_dir: str, rag_replicas: int = 1) -> AppArgs:
     return AppArgs(
         models=[small(EMBED, "embed", cpus=0.4, max_len=EMBED_LEN), small(GEN, "generate", cpus=0.4),
                 small(EMBED, "score", RERANK, cpus=0.2, max_len=EMBED_LEN)],
@@ -34,7 +36,7 @@ def app_args(data_dir: str) -> AppArgs:
         rag={"embed_model": EMBED, "rerank_model": RERANK, "generate_model": GEN, "data_dir": data_dir,
              "max_file_bytes": MAX_FILE_BYTES, "embed_batch_size": 4, "ingest_workers": 1,
              "chat_model": RAG_CHAT, "chat_vector_stores": ["docs"],
-             "deployment_config": {"ray_actor_options": {"num_cpus": 0.05}}})
+             "deployment_config": {"ray_actor_options": {"num_cpus": 0.05}, "num_replicas": rag_replicas}})
 
 
 @pytest.fixture(scope="module")
@@ -216,6 +218,36 @@ def test_responses_errors(http, store):
         {"type": "file_search", "vector_store_ids": [store.id], "filters": {"type": "eq"}}]}), 400)
 
 
+def test_stored_responses_and_previous_response_id(client, http, store):
+    tool = {"type": "file_search", "vector_store_ids": [store.id], "max_num_results": 1}
+    first = client.responses.create(model=GEN, input="Where is the Eiffel Tower?", tools=[tool], max_output_tokens=6,
+                                    temperature=0)
+    got = client.responses.retrieve(first.id)
+    assert got.id == first.id and got.output_text == first.output_text and got.previous_response_id is None
+    question = "When was it finished?"
+    alone = client.responses.create(model=GEN, input=question, max_output_tokens=2, store=False)
+    follow = client.responses.create(model=GEN, input=question, previous_response_id=first.id, max_output_tokens=2)
+    assert follow.previous_response_id == first.id
+    # the first turn (its question and its answer) is in the prompt of the follow-up
+    assert follow.usage.input_tokens > alone.usage.input_tokens + 8
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(alone.id)  # store=False keeps nothing
+    events = list(client.responses.create(model=GEN, input="And the Louvre?", previous_response_id=follow.id,
+                                          max_output_tokens=2, stream=True))
+    streamed = events[-1].response
+    assert streamed.previous_response_id == follow.id
+    assert client.responses.retrieve(streamed.id).output_text == streamed.output_text
+    client.responses.delete(follow.id)
+    with pytest.raises(openai.NotFoundError):
+        client.responses.retrieve(follow.id)
+    error_of(http.delete(f"/v1/responses/{follow.id}"), 404)
+    for stream in (False, True):
+        err = error_of(http.post("/v1/responses", json={"model": GEN, "input": "x", "stream": stream,
+                                                        "previous_response_id": "resp_nope"}), 404)
+        assert "resp_nope" in err["message"] and err["param"] == "previous_response_id"
+    assert "resp_nope" in error_of(http.get("/v1/responses/resp_nope"), 404)["message"]
+
+
 def test_chat_completions_path(client, http, store):
     resp = http.post("/v1/chat/completions", json={"model": RAG_CHAT, "max_tokens": 8,
                                                     "messages": [{"role": "user", "content": "What is the Louvre?"}]})
@@ -224,6 +256,13 @@ def test_chat_completions_path(client, http, store):
     assert body["sources"][0]["filename"] == "louvre.txt"
     sdk = client.chat.completions.create(model=RAG_CHAT, max_tokens=4, messages=[{"role": "user", "content": "Louvre?"}])
     assert sdk.model_extra["sources"]
+    chunks = list(client.chat.completions.create(model=RAG_CHAT, max_tokens=6, stream=True,
+                                                 messages=[{"role": "user", "content": "What is the Louvre?"}]))
+    assert all(c.object == "chat.completion.chunk" and c.model == RAG_CHAT for c in chunks)
+    assert chunks[0].model_extra["sources"][0]["filename"] == "louvre.txt"  # sources on the first chunk only
+    assert not any("sources" in (c.model_extra or {}) for c in chunks[1:])
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices)
+    assert chunks[-1].choices[0].finish_reason in ("stop", "length")
 
 
 def test_batch_cancel_and_deletes(client, http, store):
@@ -262,6 +301,7 @@ def test_restart_loses_nothing_completed(client, http, served):
     """Kill the vector-store replica mid-ingestion, then restart the app: every file completed
     before is still completed and searchable; nothing stays in_progress."""
     _, data_dir = served
+    kept = client.responses.create(model=GEN, input="Say hi.", max_output_tokens=2)
     vs = client.vector_stores.create(name="durable")
     ids = [client.files.create(file=(f"d{i}.txt", f"durable document number {i}. " * 40), purpose="assistants").id
            for i in range(40)]
@@ -276,7 +316,9 @@ def test_restart_loses_nothing_completed(client, http, served):
     serve.delete("default")
     completed_before = {f["id"] for f in json.loads(open_store_files(data_dir, vs.id)) if f["status"] == "completed"}
     assert len(completed_before) >= 4
-    serve.run(build_app(app_args(data_dir)), name="default", route_prefix="/", blocking=False)
+    # two replicas now: both resume the unfinished files; each file still ends completed once
+    serve.run(build_app(app_args(data_dir, rag_replicas=2)), name="default", route_prefix="/", blocking=False)
+    assert client.responses.retrieve(kept.id).output_text == kept.output_text
     for _ in range(3000):  # a hang guard, not a time limit: recovery either ends or the test fails
         counts = client.vector_stores.retrieve(vs.id).file_counts
         if counts.in_progress == 0:
@@ -289,6 +331,25 @@ def test_restart_loses_nothing_completed(client, http, served):
         number = ids.index(file_id)
         hits = client.vector_stores.search(vs.id, query=f"durable document number {number}.", max_num_results=50).data
         assert file_id in {h.file_id for h in hits}
+
+
+def test_two_replicas_search_what_one_ingested(client):
+    """Runs on the two-replica app of the test above: a file ingested through one replica is
+    found by every search, whichever replica answers (each reloads its index when the store's
+    version on disk changed). 16 concurrent searches reach both replicas."""
+    (vs,) = [v for v in client.vector_stores.list(limit=100) if v.name == "durable"]
+    query = "zebras migrate across the Serengeti"
+
+    def search_all() -> list[list[str]]:
+        with ThreadPoolExecutor(16) as pool:
+            return list(pool.map(lambda _: [h.filename for h in client.vector_stores.search(
+                vs.id, query=query, max_num_results=1).data], range(16)))
+    assert all(hits != ["zebra.txt"] for hits in search_all())  # both replicas cache the index without it
+    added = client.vector_stores.files.upload_and_poll(vector_store_id=vs.id, file=("zebra.txt", query.encode()))
+    assert added.status == "completed"
+    assert search_all() == [["zebra.txt"]] * 16
+    client.vector_stores.files.delete(added.id, vector_store_id=vs.id)
+    assert all(hits != ["zebra.txt"] for hits in search_all())
 
 
 def open_store_files(data_dir: str, vs_id: str) -> str:

@@ -263,3 +263,23 @@ def test_two_processes_share_one_data_dir(tmp_path, tokenizer):
     assert [h["filename"] for h in reader.search(vs["id"], q, 5)] == ["two.txt"]
     writer.close()
     reader.close()
+
+
+def test_files_of_one_embedding_batch_complete_together(stores):
+    """Ingestion stores a whole embedding batch in one transaction: an empty file among them
+    completes with no chunks, a file detached while queued is skipped, the rest are searchable."""
+    vs = stores.create_store(name="batch")
+    texts = ["red apples", "", "green pears", "blue plums"]
+    ids = [stores.create_file(f"d{i}.txt", "assistants", t.encode())["id"] for i, t in enumerate(texts)]
+    stores.create_batch(vs["id"], ids)
+    prepared = [(vs["id"], f, stores.prepare(vs["id"], f)) for f in ids]
+    assert prepared[1][2] == []
+    stores.detach_file(vs["id"], ids[3])
+    with pytest.raises(NotFoundError):
+        stores.prepare(vs["id"], ids[3])
+    stored = stores.complete_many([(v, f, c, fake_embed_rows(c)) for v, f, c in prepared])
+    assert stored == [True, True, True, False]
+    assert [f["status"] for f in stores.list_store_files(vs["id"], order="asc")["data"]] == ["completed"] * 3
+    hits = stores.search(vs["id"], fake_embed_rows(["pears"]), 1)
+    assert hits[0]["filename"] == "d2.txt"
+    assert stores.index(vs["id"]).size == 2
