@@ -34,26 +34,45 @@ class _Waiter:
 
 class AsyncLLM:
     def __init__(self, config: EngineConfig):
-        self.engine = LLMEngine(config)
         self.config = config
+        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
+        self._waiters: dict[str, _Waiter] = {}  # by request id: generations and pooling calls
+        self._running = True
+        self._heartbeat = time.monotonic()  # the engine thread's last sign of progress
+        # The engine is built on the thread that runs it. On CPU, torch's OpenMP pool belongs to the
+        # thread that first runs a parallel op; a model loaded on the caller's thread leaves a second
+        # pool, and with more OpenMP threads than cores libgomp stops spinning between ops, so every op
+        # of the engine thread sleeps and wakes: decode steps measured 2x slower (README).
+        built = threading.Event()
+        failure: list[BaseException] = []
+        self._thread = threading.Thread(target=self._build_and_loop, args=(built, failure), name="engine",
+                                        daemon=True)
+        self._thread.start()
+        built.wait()
+        if failure:
+            raise failure[0]
         self.task = self.engine.task
         self.max_model_len = self.engine.max_model_len
         self.tokenizer = self.engine.tokenizer
         self.id2label = self.engine.id2label
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
-        self._waiters: dict[str, _Waiter] = {}  # by request id: generations and pooling calls
-        self._snapshot = self.engine.stats_snapshot()
-        self.engine.on_batch_start = self._publish_stats
-        self._running = True
-        self._heartbeat = time.monotonic()  # the engine thread's last sign of progress
-        self._thread = threading.Thread(target=self._loop, name="engine", daemon=True)
-        self._thread.start()
 
     @classmethod
     def from_args(cls, **kwargs) -> "AsyncLLM":
         return cls(EngineConfig(**kwargs))
 
     # ---- the engine thread --------------------------------------------------------------------
+    def _build_and_loop(self, built: threading.Event, failure: list[BaseException]) -> None:
+        try:
+            self.engine = LLMEngine(self.config)
+            self._snapshot = self.engine.stats_snapshot()
+            self.engine.on_batch_start = self._publish_stats
+        except BaseException as e:
+            failure.append(e)
+            return
+        finally:
+            built.set()
+        self._loop()
+
     def _loop(self) -> None:
         while self._running:
             block = not self.engine.has_unfinished()
