@@ -10,8 +10,9 @@ import torch.nn.functional as F
 from torch import nn
 
 QUANTIZATION_METHODS = ("int8",)
-# Rows up to which the CPU int8 kernel beats dequantize + fp32 matmul (bench/generate.py --quantization).
-CPU_INT8_KERNEL_MAX_ROWS = 8
+# Rows up to which the CPU int8 kernel beats dequantize + fp32 matmul (2 threads, SmolLM2's shapes: the
+# kernel wins up to 64 rows for every projection and the logits head, they tie at 128; README).
+CPU_INT8_KERNEL_MAX_ROWS = 64
 
 
 def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -22,7 +23,7 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return q.to(dtype) * scale.to(dtype)[:, None]
+    return q * scale.to(dtype)[:, None]  # one pass: int8 * float promotes to the float dtype
 
 
 def _portable_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
