@@ -470,7 +470,8 @@ def settled(base_url: str, model: str) -> dict:
 def test_overload_answers_503_with_retry_after(base_url):
     """TIGHT runs one request and queues one; a third is refused instead of queued forever."""
     headers = {"Authorization": f"Bearer {API_KEY}"}
-    hold = {"model": TIGHT, "prompt": "Go on forever:", "max_tokens": 400, "ignore_eos": True, "stream": True}
+    # Long enough to still run when the two quick requests arrive; the queued one waits for all of it.
+    hold = {"model": TIGHT, "prompt": "Go on forever:", "max_tokens": 120, "ignore_eos": True, "stream": True}
     quick = {"model": TIGHT, "prompt": "Hi", "max_tokens": 1}
 
     async def scenario():
