@@ -1,6 +1,6 @@
 """The engine's host cost per decode step: a whole `LLMEngine.step()` against the model forward inside it.
 
-A random 2-layer Llama with hidden size 64 makes the model's own work nearly nothing, so what is left
+The tests' random 2-layer Llama with hidden size 64 makes the model's own work nearly nothing, so what is left
 of a step is the host path: scheduling, KV-block bookkeeping, packing the step's inputs, sampling,
 detokenizing and building outputs. On a GPU that path bounds a decode step from below however fast
 the kernels are (issue 8's target is 4 ms at 256 running), so it is measured here, on any device.
@@ -11,28 +11,18 @@ response (text decoded once at the end), DELTA how it runs a stream (text decode
     python bench/host.py                 # 64 and 256 running, both output kinds, this machine's device
     python bench/host.py --running 1024"""
 import argparse
+import os
 import statistics
+import sys
 import tempfile
 import time
 
 import torch
 
-from common import print_machine, quiet_transformers, table
+from common import ROOT, print_machine, quiet_transformers, table
 
-
-def tiny_llama(path: str) -> str:
-    import transformers as T
-    from tokenizers import Tokenizer, models, pre_tokenizers
-    vocab = {f"w{i}": i for i in range(512)} | {"<unk>": 512, "<s>": 513, "</s>": 514}
-    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
-    tok.pre_tokenizer = pre_tokenizers.Whitespace()
-    fast = T.PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
-    cfg = T.LlamaConfig(vocab_size=len(vocab), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=2048,
-                        bos_token_id=513, eos_token_id=514)
-    T.LlamaForCausalLM(cfg).save_pretrained(path)
-    fast.save_pretrained(path)
-    return path
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from conftest import build_decoder  # noqa: E402 (the tests' tiny models)
 
 
 def measure(model_dir: str, running: int, kind, steps: int) -> tuple[float, float]:
@@ -41,7 +31,7 @@ def measure(model_dir: str, running: int, kind, steps: int) -> tuple[float, floa
                                  max_num_batched_tokens=running * 130, num_blocks=running * 20, enforce_eager=True))
     params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True, output_kind=kind)
     for i in range(running):
-        eng.add_generation(f"r{i}", [(i * 7 + j) % 500 for j in range(128)], params)
+        eng.add_generation(f"r{i}", [3 + (i * 7 + j) % (eng.vocab_size - 3) for j in range(128)], params)
     eng.step()  # every prefill
     eng.step()
     forward_s: list[float] = []
@@ -75,7 +65,7 @@ def main() -> None:
                     f"{args.steps} decode steps; CUDA graphs off (the forward is timed in Python)"})
     rows = []
     with quiet_transformers(), tempfile.TemporaryDirectory() as d:
-        model_dir = tiny_llama(d)
+        model_dir = build_decoder("llama", d, 0)
         for n in args.running:
             for kind in (RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA):
                 step_ms, fwd_ms = measure(model_dir, n, kind, args.steps)

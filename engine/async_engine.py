@@ -10,6 +10,7 @@ import queue
 import threading
 import time
 import uuid
+from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
@@ -43,14 +44,10 @@ class AsyncLLM:
         # thread that first runs a parallel op; a model loaded on the caller's thread leaves a second
         # pool, and with more OpenMP threads than cores libgomp stops spinning between ops, so every op
         # of the engine thread sleeps and wakes: decode steps measured 2x slower (README).
-        built = threading.Event()
-        failure: list[BaseException] = []
-        self._thread = threading.Thread(target=self._build_and_loop, args=(built, failure), name="engine",
-                                        daemon=True)
+        built: Future = Future()
+        self._thread = threading.Thread(target=self._build_and_loop, args=(built,), name="engine", daemon=True)
         self._thread.start()
-        built.wait()
-        if failure:
-            raise failure[0]
+        built.result()  # raises what building the engine raised
         self.task = self.engine.task
         self.max_model_len = self.engine.max_model_len
         self.tokenizer = self.engine.tokenizer
@@ -61,16 +58,15 @@ class AsyncLLM:
         return cls(EngineConfig(**kwargs))
 
     # ---- the engine thread --------------------------------------------------------------------
-    def _build_and_loop(self, built: threading.Event, failure: list[BaseException]) -> None:
+    def _build_and_loop(self, built: Future) -> None:
         try:
             self.engine = LLMEngine(self.config)
             self._snapshot = self.engine.stats_snapshot()
             self.engine.on_batch_start = self._publish_stats
         except BaseException as e:
-            failure.append(e)
+            built.set_exception(e)
             return
-        finally:
-            built.set()
+        built.set_result(None)
         self._loop()
 
     def _loop(self) -> None:

@@ -57,7 +57,8 @@ class Int8Linear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The dequantized weights, for code that reads rows of them (yes/no reranker heads)."""
+        """The dequantized weights: keeps DecoderModel.output_embeddings() meaning the same for a
+        quantized untied head."""
         return dequantize(self.qweight, self.scale, self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
