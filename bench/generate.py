@@ -29,6 +29,7 @@ import numpy as np
 import torch
 
 from common import Section, load_scifact, matmul_gflops, pct, print_machine, quiet_transformers, ratio, table
+from engine.quantization import QUANTIZATION_METHODS  # noqa: E402 (common puts the repo on sys.path)
 
 MODEL = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -226,8 +227,8 @@ def main() -> None:
     ap.add_argument("--max-num-seqs", type=int, default=128)
     ap.add_argument("--skip", nargs="*", default=[], choices=["hf", "hf-batch", "llama"])
     ap.add_argument("--profile", action="store_true", help="torch.profiler breakdown of engine decode steps")
-    ap.add_argument("--quantization", nargs="+", default=["none"], choices=["none", "int8"],
-                    help="engine weight modes to run, each at every concurrency (int8: weight-only)")
+    ap.add_argument("--quantization", nargs="+", default=["none"], choices=["none", *QUANTIZATION_METHODS],
+                    help="engine weight modes to run, each at every concurrency (int8: weight-only; w8a8: int8 activations too)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if importlib.util.find_spec("llama_cpp") is None and "llama" not in args.skip:
@@ -262,7 +263,7 @@ def main() -> None:
                     f"{args.waves} x C requests, closed loop (C in flight)",
         "engine": f"AsyncLLM, max_num_batched_tokens={args.max_num_batched_tokens}, max_num_seqs={args.max_num_seqs}, "
                   f"prefix caching on, block_size 16, weights: {', '.join(args.quantization)} "
-                  f"(int8: weight-only, per-channel, engine.quantization)",
+                  f"(int8: weight-only; w8a8: int8 weights and per-token int8 activations; engine.quantization)",
         "baselines": f"HF transformers generate (float32, sdpa, DynamicCache) on the engine's converted checkpoint; "
                      f"llama.cpp {llama_cpp_version()} on {GGUF}, n_threads=2, n_ctx=2048, "
                      f"create_completion(stream) greedy, EOS banned by logit_bias"})

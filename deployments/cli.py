@@ -20,6 +20,7 @@ from ray import serve
 from cluster.shapes import cpu_shape, gpu_shape
 from deployments.builder import AppArgs, ModelArgs, build_app
 from deployments.ingest_cli import add_ingest_parser, ingest
+from engine.quantization import QUANTIZATION_METHODS
 
 
 def parser() -> argparse.ArgumentParser:
@@ -33,8 +34,9 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--served-model-name", nargs="+", default=None,
                    help="name(s) in the API; as in vLLM, the first one is used in responses")
     s.add_argument("--dtype", default="auto")
-    s.add_argument("--quantization", "-q", default=None, choices=["int8"],
-                   help="weight-only int8 for decoders (faster small-batch decode on CPU)")
+    s.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_METHODS,
+                   help="decoders: int8 = weight-only int8 (faster small-batch decode on CPU); w8a8 = int8 weights "
+                        "and per-token int8 activations (faster at every batch size on CPU, less accurate)")
     s.add_argument("--max-model-len", type=int, default=None)
     s.add_argument("--max-num-seqs", type=int, default=None)
     s.add_argument("--max-num-batched-tokens", type=int, default=None)

@@ -29,7 +29,8 @@ class EngineConfig:
     kv_cache_memory_bytes: int = 1 << 30  # CPU pool size when num_blocks is not given
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
-    # "int8": weight-only int8 for decoders (engine.quantization); None serves the weights as loaded.
+    # Decoders only (engine.quantization): "int8" weight-only int8; "w8a8" int8 weights and per-token int8
+    # activations. None serves the weights as loaded.
     quantization: str | None = None
     # Decode steps run eagerly instead of from captured CUDA graphs (vLLM's option; CPU never captures).
     enforce_eager: bool = False

@@ -26,7 +26,7 @@ class ModelRunner:
             p.data = p.data.to(device=device, dtype=dtype)
         self.model = model.to(device).eval()
         if quantization is not None:
-            quantize_decoder(self.model, logits_head=generates)  # config checked the method
+            quantize_decoder(self.model, quantization, logits_head=generates)  # config checked the method
         self.is_decoder = model.is_decoder
         self.attention_backend = select_attention_backend(device)
         for attn in self.model.attention_layers:

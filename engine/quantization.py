@@ -1,29 +1,37 @@
-"""Weight-only int8 quantization of a decoder's linear layers (one symmetric scale per output channel).
+"""int8 quantization of a decoder's linear layers: one symmetric scale per output channel.
 
-At small batches a decode step is bound by reading the weights from memory: int8 reads a quarter of
-fp32's bytes. Activations stay in the serving dtype, so attention, norms and the KV cache are unchanged.
-The matmul kernel is picked here, once per device: on CPU, torch's int8 x bf16 kernel for the few rows
-of a decode step and a dequantized fp32 matmul for prefill-sized inputs (README: measured crossover);
-elsewhere a portable dequantize-then-matmul."""
+Two methods:
+- "int8" (weight-only, W8A16): activations stay in the serving dtype. At small batches a decode step is
+  bound by reading the weights, and int8 reads a quarter of fp32's bytes.
+- "w8a8": int8 weights and int8 activations with one dynamic scale per token (vLLM's W8A8-INT8 scheme;
+  llama.cpp quantizes activations to 8 bits for its quantized dot products too). Every matmul is
+  int8 x int8 with int32 accumulation, which CPUs with VNNI run several times faster than fp32 at
+  every batch size, prefill included; it costs some accuracy (README: perplexity and top-1 agreement).
+Attention, norms and the KV cache keep the serving dtype in both. The matmul kernel is picked here,
+once per device and method: on CPU, torch's int8 kernels; elsewhere a portable float matmul of the
+same integers (correct, not faster)."""
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZATION_METHODS = ("int8",)
-# Rows up to which the CPU int8 kernel beats dequantize + fp32 matmul (2 threads, SmolLM2's shapes: the
-# kernel wins up to 64 rows for every projection and the logits head, they tie at 128; README).
+QUANTIZATION_METHODS = ("int8", "w8a8")
+# Rows up to which the CPU int8 x bf16 kernel beats dequantize + fp32 matmul (2 threads, SmolLM2's shapes:
+# the kernel wins up to 64 rows for every projection and the logits head, they tie at 128; README).
 CPU_INT8_KERNEL_MAX_ROWS = 64
 
 
-def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """int8 weights and float32 per-row scales with weight ~= q * scale[:, None]."""
-    w = weight.float()
-    scale = w.abs().amax(dim=1).clamp(min=1e-12) / 127
-    return torch.round(w / scale[:, None]).clamp(-127, 127).to(torch.int8), scale
+def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """int8 rows and float32 per-row scales [rows, 1] with x ~= q * scale, rounded to nearest.
+    Used for weights once and for activations on every w8a8 matmul, so it is kept to a few ops."""
+    x = x.float()
+    # abs().amax(): torch's inf-norm kernel is 5-10x slower at 32+ rows (measured).
+    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(127)
+    return torch.div(x, scale).round_().to(torch.int8), scale
 
 
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return q * scale.to(dtype)[:, None]  # one pass: int8 * float promotes to the float dtype
+    """scale: [rows, 1], as quantize_int8 returns it."""
+    return q * scale.to(dtype)  # one pass: int8 * float promotes to the float dtype
 
 
 def _portable_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
@@ -33,40 +41,65 @@ def _portable_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
 def _cpu_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     if rows.shape[0] > CPU_INT8_KERNEL_MAX_ROWS:
-        return F.linear(x, dequantize(layer.qweight, layer.scale, x.dtype))
+        return F.linear(x, dequantize(layer.qweight, layer.scale[:, None], x.dtype))
     # The kernel's int8 x bf16 path is the fast one even without bf16 hardware; its fp32 path is not.
     out = torch._weight_int8pack_mm(rows.to(torch.bfloat16), layer.qweight, layer.scale_bf16)
     return out.to(x.dtype).view(*x.shape[:-1], -1)
 
 
-def select_int8_matmul(device: torch.device):
-    return _cpu_matmul if device.type == "cpu" else _portable_matmul
+def _int8_activations_matmul(x: torch.Tensor, layer: "Int8Linear", int_mm) -> torch.Tensor:
+    xq, xscale = quantize_int8(x.reshape(-1, x.shape[-1]))
+    # Convert first, then scale in place: int32 * float32 promotes element by element, 1.5-4x slower.
+    out = int_mm(xq, layer.qweight.t()).float().mul_(layer.scale).mul_(xscale)
+    return out.to(x.dtype).view(*x.shape[:-1], -1)
+
+
+def _float_int_mm(xq: torch.Tensor, qweight_t: torch.Tensor) -> torch.Tensor:
+    # int8 values are exact in float32, and so are their sums below 2^24 (|sum| <= 127^2 x in_features).
+    return xq.float() @ qweight_t.float()
+
+
+def _cpu_w8a8_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
+    return _int8_activations_matmul(x, layer, torch._int_mm)
+
+
+def _portable_w8a8_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
+    return _int8_activations_matmul(x, layer, _float_int_mm)
+
+
+def select_int8_matmul(device: torch.device, method: str):
+    """The one place that picks an int8 kernel for a device and method."""
+    on_cpu = device.type == "cpu"
+    if method == "w8a8":
+        return _cpu_w8a8_matmul if on_cpu else _portable_w8a8_matmul
+    return _cpu_matmul if on_cpu else _portable_matmul
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, shard_sizes: tuple[int, ...] | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, method: str = "int8",
+                 shard_sizes: tuple[int, ...] | None = None):
         super().__init__()
         self.shard_sizes = shard_sizes  # a fused projection's split (q/k/v, gate/up), as on the nn.Linear
         q, scale = quantize_int8(weight)
         self.register_buffer("qweight", q)
-        self.register_buffer("scale", scale)
-        self.register_buffer("scale_bf16", scale.to(torch.bfloat16))
+        self.register_buffer("scale", scale.squeeze(1))  # [out_features]: scales the matmul's columns
+        self.register_buffer("scale_bf16", self.scale.to(torch.bfloat16))  # the int8 x bf16 kernel's
         self.bias = bias
         self.dtype = weight.dtype
-        self.matmul = select_int8_matmul(weight.device)
+        self.matmul = select_int8_matmul(weight.device, method)
 
     @property
     def weight(self) -> torch.Tensor:
         """The dequantized weights: keeps DecoderModel.output_embeddings() meaning the same for a
         quantized untied head."""
-        return dequantize(self.qweight, self.scale, self.dtype)
+        return dequantize(self.qweight, self.scale[:, None], self.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.matmul(x, self)
         return out if self.bias is None else out + self.bias
 
 
-def quantize_decoder(model: nn.Module, logits_head: bool) -> None:
+def quantize_decoder(model: nn.Module, method: str, logits_head: bool) -> None:
     """Replaces every projection of every layer, and the logits head of a generating model, by its
     quantized form in place. A tied logits head gets its own int8 copy; the input embedding table stays
     as it is (a lookup reads one row per token)."""
@@ -76,6 +109,7 @@ def quantize_decoder(model: nn.Module, logits_head: bool) -> None:
         for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
                              (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
             linear = getattr(parent, name)
-            setattr(parent, name, Int8Linear(linear.weight.data, linear.bias, getattr(linear, "shard_sizes", None)))
+            setattr(parent, name, Int8Linear(linear.weight.data, linear.bias, method,
+                                             getattr(linear, "shard_sizes", None)))
     if logits_head:
-        model.lm_head = Int8Linear(model.output_embeddings().data, None)
+        model.lm_head = Int8Linear(model.output_embeddings().data, None, method)
