@@ -229,6 +229,8 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="torch.profiler breakdown of engine decode steps")
     ap.add_argument("--quantization", nargs="+", default=["none"], choices=["none", *QUANTIZATION_METHODS],
                     help="engine weight modes to run, each at every concurrency (int8: weight-only; w8a8: int8 activations too)")
+    ap.add_argument("--compile-layers", action="store_true",
+                    help="engine compile_layers=True (torch.compile each decoder layer; compiled during warm-up)")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if importlib.util.find_spec("llama_cpp") is None and "llama" not in args.skip:
@@ -246,7 +248,7 @@ def main() -> None:
     def make_engine(quantization: str | None) -> AsyncLLM:
         return AsyncLLM(EngineConfig(model=MODEL, max_model_len=2048, quantization=quantization,
                                      max_num_batched_tokens=args.max_num_batched_tokens,
-                                     max_num_seqs=args.max_num_seqs))
+                                     max_num_seqs=args.max_num_seqs, compile_layers=args.compile_layers))
 
     modes = [None if q == "none" else q for q in args.quantization]
     engine = make_engine(modes[0])
@@ -262,6 +264,7 @@ def main() -> None:
                     f"greedy, max_tokens={args.max_tokens}, ignore_eos; level 1 = 8 requests, level C = "
                     f"{args.waves} x C requests, closed loop (C in flight)",
         "engine": f"AsyncLLM, max_num_batched_tokens={args.max_num_batched_tokens}, max_num_seqs={args.max_num_seqs}, "
+                  f"compile_layers={args.compile_layers}, "
                   f"prefix caching on, block_size 16, weights: {', '.join(args.quantization)} "
                   f"(int8: weight-only; w8a8: int8 weights and per-token int8 activations; engine.quantization)",
         "baselines": f"HF transformers generate (float32, sdpa, DynamicCache) on the engine's converted checkpoint; "
@@ -273,10 +276,12 @@ def main() -> None:
         sync_engine = None
         for mode in modes:
             engine = engine if sync_engine is None else make_engine(mode)
-            label = "engine AsyncLLM" + (f" {mode}" if mode else "")
-            # Warm-up: one short request through the whole path.
-            warm = Result("warm", dname, 1)
-            asyncio.run(run_engine_level(engine, [levels[args.concurrency[0]][0][:40]], 1, 4, warm))
+            label = "engine AsyncLLM" + (f" {mode}" if mode else "") + (" compiled" if args.compile_layers else "")
+            # Warm-up: short requests alone and two at a time through the whole path (compiles both
+            # shapes of a compiled engine: batch 1 is specialized, larger batches share one graph).
+            short = levels[args.concurrency[0]][0][:40]
+            for c in (1, 2):
+                asyncio.run(run_engine_level(engine, [short] * c, c, 4, Result("warm", dname, c)))
             for c in args.concurrency:
                 r = Result(label, f"{dname} {mode}" if mode else dname, c)
                 asyncio.run(run_engine_level(engine, levels[c], c, args.max_tokens, r))

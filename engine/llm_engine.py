@@ -51,7 +51,8 @@ class LLMEngine:
         if device.type == "cpu":
             keep_freed_memory()
         self.runner = ModelRunner(hf, iter_weights(self.model_dir), self.max_model_len, device,
-                                  config.torch_dtype(device), config.quantization, self.task == "generate")
+                                  config.torch_dtype(device), config.quantization, self.task == "generate",
+                                  config.compile_layers)
         self.vocab_size = self.runner.model.spec.vocab_size if self.is_decoder else hf.vocab_size
         self.id2label = {int(k): v for k, v in (getattr(hf, "id2label", None) or {}).items()}
         self._setup_pooling()

@@ -16,7 +16,7 @@ from engine.scheduler import SchedulerOutput
 
 class ModelRunner:
     def __init__(self, hf_config, weights, max_model_len: int, device: torch.device, dtype: torch.dtype,
-                 quantization: str | None = None, generates: bool = True):
+                 quantization: str | None = None, generates: bool = True, compile_layers: bool = False):
         self.device, self.dtype = device, dtype
         self.max_model_len = max_model_len
         model = model_class(hf_config)(hf_config, max_model_len)
@@ -28,6 +28,12 @@ class ModelRunner:
         if quantization is not None:
             quantize_decoder(self.model, quantization, logits_head=generates)  # config checked the method
         self.is_decoder = model.is_decoder
+        if compile_layers:
+            if not self.is_decoder:
+                raise ValueError("compile_layers applies to decoder models (generation and yes/no reranking) only")
+            # dynamic: one graph serves every token count; attention's per-step routing stays eager.
+            for layer in self.model.layers:
+                layer.forward = torch.compile(layer.forward, dynamic=True)
         self.attention_backend = select_attention_backend(device)
         for attn in self.model.attention_layers:
             attn.backend = self.attention_backend

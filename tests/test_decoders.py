@@ -457,3 +457,25 @@ def test_logprobs_match_hf(llama, ref):
             assert abs(v.logprob - row[t].item()) <= 1e-4
     assert math.isclose(c.cumulative_logprob, sum(e[t].logprob for t, e in zip(c.token_ids, c.logprobs)),
                         abs_tol=1e-5)
+
+
+def test_compiled_layers_generate_as_eager(tiny_model):
+    """compile_layers fuses each layer's small ops: fused float arithmetic may round differently, so
+    greedy tokens must match eager and logprobs agree closely, across prefill, decode and batch sizes 1..3."""
+    model_dir = tiny_model("llama")
+    prompts = [sentence(700 + i, n) for i, n in enumerate((4, 17, 9))]
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=1, ignore_eos=True)
+    eager = LLM(model_dir, dtype="float32", block_size=8).generate(prompts, params)
+    llm = LLM(model_dir, dtype="float32", block_size=8, compile_layers=True)
+    compiled = llm.generate(prompts[:1], params) + llm.generate(prompts[1:], params)
+    for a, b in zip(eager, compiled):
+        ca, cb = a.outputs[0], b.outputs[0]
+        assert ca.token_ids == cb.token_ids
+        for tok, ea, eb in zip(ca.token_ids, ca.logprobs, cb.logprobs):
+            assert abs(ea[tok].logprob - eb[tok].logprob) < 1e-4
+    assert_pool_free(llm)
+
+
+def test_compile_layers_of_an_encoder_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="compile_layers applies to decoder models"):
+        LLM(tiny_model("bert"), dtype="float32", compile_layers=True)
