@@ -35,7 +35,7 @@ class EngineConfig:
     # Decode steps run eagerly instead of from captured CUDA graphs (vLLM's option; CPU never captures).
     enforce_eager: bool = False
     # torch.compile each decoder layer, fusing its many small ops (norms, rotary, activation quantization):
-    # on CPU a batch-1 decode step is dominated by them. Compiles on the first steps (~35 s for SmolLM2).
+    # on CPU a batch-1 decode step is dominated by them. Compiles on the first steps (~15 s for SmolLM2).
     compile_layers: bool = False
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     # Embed / score / classify inputs over max_model_len are cut to it instead of refused, as TEI's

@@ -31,9 +31,8 @@ class ModelRunner:
         if compile_layers:
             if not self.is_decoder:
                 raise ValueError("compile_layers applies to decoder models (generation and yes/no reranking) only")
-            # dynamic: one graph serves every token count; attention's per-step routing stays eager.
             for layer in self.model.layers:
-                layer.forward = torch.compile(layer.forward, dynamic=True)
+                layer.compile_around_attention()
         self.attention_backend = select_attention_backend(device)
         for attn in self.model.attention_layers:
             attn.backend = self.attention_backend
