@@ -9,14 +9,14 @@ import asyncio
 import importlib.metadata
 import logging
 import os
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
 from fastapi.middleware.cors import CORSMiddleware
 from pydantic import BaseModel
 from ray import serve
-from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
+from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
@@ -30,6 +30,7 @@ from deployments.protocol import (
     EmbeddingRequest, ModelInfo, ModelList, RerankRequest, ScoreRequest, TokenizeRequest)
 from deployments.retry import RetryPolicy, call_with_retry, unless_disconnected
 from deployments.security import ApiKeyMiddleware, BodyLimitMiddleware
+from deployments.sse import data_events
 
 # (HTTP method, path, OpenAIIngress method). Paths are vLLM's; rerank also answers Cohere's /v2.
 ROUTES = [
@@ -139,7 +140,7 @@ class OpenAIIngress:
         except Exception as exc:
             return error_response(exc)
         chunks, first = answer
-        return StreamingResponse(sse(first, chunks), media_type="text/event-stream")
+        return StreamingResponse(data_events(first, chunks), media_type="text/event-stream")
 
     # ---- routes ---------------------------------------------------------------------------------
     async def list_models(self) -> Response:
@@ -204,20 +205,6 @@ class OpenAIIngress:
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-async def sse(first: BaseModel | None, rest: DeploymentResponseGenerator) -> AsyncIterator[str]:
-    """Server-sent events as vLLM sends them. An error after the headers went out becomes an
-    error event; a client that disconnects cancels the model's stream (and its engine request)."""
-    try:
-        if first is not None:
-            yield f"data: {first.model_dump_json()}\n\n"
-        async for chunk in rest:
-            yield f"data: {chunk.model_dump_json()}\n\n"
-    except asyncio.CancelledError:
-        rest.cancel()
-        raise
-    except Exception as exc:
-        yield f"data: {to_error(exc)[0].model_dump_json()}\n\n"
-    yield "data: [DONE]\n\n"
 
 
 # ---- errors: every failure leaves in the one error shape --------------------------------------

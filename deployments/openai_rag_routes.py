@@ -31,6 +31,7 @@ from deployments.protocol import ChatCompletionRequest
 from deployments.rag_protocol import (
     POLL_AFTER_MS, FileBatchCreateRequest, ResponsesRequest, VectorStoreCreateRequest, VectorStoreFileCreateRequest,
     VectorStoreFileUpdateRequest, VectorStoreSearchRequest, VectorStoreUpdateRequest)
+from deployments.sse import data_events
 
 Order = Literal["asc", "desc"]
 Status = Literal["in_progress", "completed", "failed", "cancelled"]
@@ -60,7 +61,7 @@ async def rag_chat(rag: DeploymentHandle, body: ChatCompletionRequest) -> Respon
         first = await anext(chunks)  # before the headers: a rejected request keeps its status
     except Exception as exc:
         return error_json(exc)
-    return StreamingResponse(chat_sse(first, chunks), media_type="text/event-stream")
+    return StreamingResponse(data_events(first, chunks), media_type="text/event-stream")
 
 
 def rag_router(rag: DeploymentHandle) -> APIRouter:
@@ -206,18 +207,3 @@ async def sse(first: dict, rest: DeploymentResponseGenerator) -> AsyncIterator[s
         error = to_error(exc)[0].error
         yield frame({"type": "error", "sequence_number": seq + 1, "code": str(error.code), "message": error.message,
                      "param": error.param})
-
-
-async def chat_sse(first: dict, rest: DeploymentResponseGenerator) -> AsyncIterator[str]:
-    """The RAG chat model's chunks as the ingress streams chat (`data:` lines, then [DONE]); these
-    are dicts, not the ingress's pydantic chunks, because the first carries `sources`."""
-    try:
-        yield f"data: {json.dumps(first)}\n\n"
-        async for chunk in rest:
-            yield f"data: {json.dumps(chunk)}\n\n"
-    except asyncio.CancelledError:  # the client went away: stop generating
-        rest.cancel()
-        raise
-    except Exception as exc:
-        yield f"data: {to_error(exc)[0].model_dump_json()}\n\n"
-    yield "data: [DONE]\n\n"

@@ -8,7 +8,9 @@ left in_progress (rag.ingest.Ingester.recover). Methods return OpenAI's objects 
 unknown id is a 404 APIError, a bad field a 400 naming it.
 """
 import asyncio
+import contextlib
 import functools
+import inspect
 import logging
 import re
 from collections.abc import AsyncIterator
@@ -51,7 +53,19 @@ class RAGSettings(BaseModel):
 
 
 def api_errors(method):
-    """The library's NotFoundError becomes a 404 APIError (which crosses Ray intact)."""
+    """The library's NotFoundError becomes a 404 APIError (which crosses Ray intact), from a method or
+    from a streaming method (an async generator) at whichever event it happens."""
+    if inspect.isasyncgenfunction(method):
+        @functools.wraps(method)
+        async def stream(self, *args, **kwargs):
+            try:
+                async with contextlib.aclosing(method(self, *args, **kwargs)) as events:
+                    async for item in events:
+                        yield item
+            except NotFoundError as exc:
+                raise APIError(exc.message, 404, exc.param) from None
+        return stream
+
     @functools.wraps(method)
     async def wrapper(self, *args, **kwargs):
         try:
@@ -294,13 +308,11 @@ class VectorStoreServer:
         await self._store(req, response, history, text)
         return response
 
+    @api_errors
     async def responses_stream(self, req: ResponsesRequest) -> AsyncIterator[dict]:
         """Responses streaming events, in OpenAI's order, each with its sequence_number."""
         self._check_model(req.model)  # errors found before the first event get their HTTP status
-        try:
-            history = self._history(req)
-        except NotFoundError as exc:
-            raise APIError(exc.message, 404, exc.param) from None
+        history = self._history(req)
         tool, hits = req.file_search(), []
         if tool is not None:
             self._use_reranker(tool.ranking_options)
@@ -323,11 +335,8 @@ class VectorStoreServer:
                         item=file_search_call(call_id, query, [], req.include, "in_progress"))
             yield event("response.file_search_call.in_progress", output_index=0, item_id=call_id)
             yield event("response.file_search_call.searching", output_index=0, item_id=call_id)
-            try:
-                hits = await self._retrieve(tool.vector_store_ids, [query], tool.max_num_results, tool.filters,
-                                            tool.ranking_options)
-            except NotFoundError as exc:
-                raise APIError(exc.message, 404, exc.param) from None
+            hits = await self._retrieve(tool.vector_store_ids, [query], tool.max_num_results, tool.filters,
+                                        tool.ranking_options)
             yield event("response.file_search_call.completed", output_index=0, item_id=call_id)
             output.append(file_search_call(call_id, query, hits, req.include, "completed"))
             yield event("response.output_item.done", output_index=0, item=output[-1])
@@ -370,13 +379,11 @@ class VectorStoreServer:
         resp = (await self.generator.chat.remote(body)).model_dump()
         return {**resp, "model": self.settings.chat_model, "sources": used}
 
+    @api_errors
     async def chat_stream(self, req: ChatCompletionRequest) -> AsyncIterator[dict]:
         """chat.completion.chunk dicts; the first one carries the extra field `sources`, so a
         client can show them before the answer arrives."""
-        try:
-            body, used = await self._chat_with_sources(req)
-        except NotFoundError as exc:
-            raise APIError(exc.message, 404, exc.param) from None
+        body, used = await self._chat_with_sources(req)
         sources = {"sources": used}
         async for chunk in self.generator_stream.chat_stream.remote(body):
             yield {**chunk.model_dump(mode="json"), "model": self.settings.chat_model, **sources}

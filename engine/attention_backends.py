@@ -50,11 +50,14 @@ class GatherDecode:
     Whole blocks are contiguous rows of the pool, so `index_select` copies them as memcpys (advanced
     indexing was 3.7x slower at 32 decodes); CUDA uses the in-place paged kernel instead."""
 
+    def __init__(self, dtype: torch.dtype = torch.float32):
+        self.dtype = dtype  # the queries': SDPA takes an additive mask only in their dtype
+
     def prepare(self, ctx: Context, block_size: int) -> torch.Tensor:
         lens = ctx.decode_context_lens
         keys = torch.arange(ctx.decode_block_table.shape[1] * block_size, device=lens.device)
         # An additive mask, built once per step: SDPA converts a boolean one in every layer.
-        mask = torch.zeros((lens.shape[0], 1, 1, keys.shape[0]), device=lens.device)
+        mask = torch.zeros((lens.shape[0], 1, 1, keys.shape[0]), dtype=self.dtype, device=lens.device)
         return mask.masked_fill_((keys[None] >= lens[:, None])[:, None, None, :], float("-inf"))
 
     def __call__(self, layer, q, ctx: Context) -> torch.Tensor:
@@ -67,7 +70,7 @@ class GatherDecode:
         # GQA without copying K/V: a kv head's query heads become its rows of queries.
         qd = q.view(b, layer.num_kv_heads, layer.num_heads // layer.num_kv_heads, layer.head_dim)
         od = F.scaled_dot_product_attention(qd, kk.view(shape).transpose(1, 2), vv.view(shape).transpose(1, 2),
-                                            attn_mask=ctx.decode_meta.to(q.dtype), scale=layer.scale)
+                                            attn_mask=ctx.decode_meta, scale=layer.scale)
         return od.reshape(b, layer.num_heads, layer.head_dim)
 
 
@@ -93,11 +96,11 @@ class AttentionBackend:
             ctx.decode_meta = self.decode.prepare(ctx, block_size)
 
 
-def select_attention_backend(device: torch.device) -> AttentionBackend:
+def select_attention_backend(device: torch.device, dtype: torch.dtype) -> AttentionBackend:
     """The one place where CUDA-only kernels are chosen; everything else gets the portable ones."""
     if device.type != "cuda":
-        return AttentionBackend(PerSequencePrefill(), GatherDecode())
+        return AttentionBackend(PerSequencePrefill(), GatherDecode(dtype))
     from engine.flex_prefill import FlexPrefill, flex_available
     from engine.triton_decode import TritonPagedDecode, triton_available
     return AttentionBackend(FlexPrefill(device) if flex_available() else PerSequencePrefill(),
-                            TritonPagedDecode() if triton_available() else GatherDecode())
+                            TritonPagedDecode() if triton_available() else GatherDecode(dtype))

@@ -33,7 +33,7 @@ class ModelRunner:
                 raise ValueError("compile_layers applies to decoder models (generation and yes/no reranking) only")
             for layer in self.model.layers:
                 layer.compile_around_attention()
-        self.attention_backend = select_attention_backend(device)
+        self.attention_backend = select_attention_backend(device, dtype)
         for attn in self.model.attention_layers:
             attn.backend = self.attention_backend
         self.block_size = 0
