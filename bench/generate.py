@@ -229,8 +229,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="torch.profiler breakdown of engine decode steps")
     ap.add_argument("--quantization", nargs="+", default=["none"], choices=["none", *QUANTIZATION_METHODS],
                     help="engine weight modes to run, each at every concurrency (int8: weight-only; w8a8: int8 activations too)")
-    ap.add_argument("--compile-layers", action="store_true",
-                    help="engine compile_layers=True (torch.compile each decoder layer; compiled during warm-up)")
+    ap.add_argument("--compile-decode", action="store_true",
+                    help="also run each weight mode with compile_decode=True (decode steps as one torch.compile "
+                         "graph, compiled at start): eager and compiled rows from the same run")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if importlib.util.find_spec("llama_cpp") is None and "llama" not in args.skip:
@@ -245,13 +246,14 @@ def main() -> None:
     from engine import AsyncLLM, EngineConfig
     from engine.quantization import Int8Linear
 
-    def make_engine(quantization: str | None) -> AsyncLLM:
+    def make_engine(quantization: str | None, compiled: bool) -> AsyncLLM:
         return AsyncLLM(EngineConfig(model=MODEL, max_model_len=2048, quantization=quantization,
                                      max_num_batched_tokens=args.max_num_batched_tokens,
-                                     max_num_seqs=args.max_num_seqs, compile_layers=args.compile_layers))
+                                     max_num_seqs=args.max_num_seqs, compile_decode=compiled))
 
-    modes = [None if q == "none" else q for q in args.quantization]
-    engine = make_engine(modes[0])
+    modes = [(None if q == "none" else q, compiled) for q in args.quantization
+             for compiled in ((False, True) if args.compile_decode else (False,))]
+    engine = make_engine(*modes[0])
     dtype = engine.engine.runner.dtype
     dname = str(dtype).removeprefix("torch.")
     tok = engine.tokenizer
@@ -264,7 +266,6 @@ def main() -> None:
                     f"greedy, max_tokens={args.max_tokens}, ignore_eos; level 1 = 8 requests, level C = "
                     f"{args.waves} x C requests, closed loop (C in flight)",
         "engine": f"AsyncLLM, max_num_batched_tokens={args.max_num_batched_tokens}, max_num_seqs={args.max_num_seqs}, "
-                  f"compile_layers={args.compile_layers}, "
                   f"prefix caching on, block_size 16, weights: {', '.join(args.quantization)} "
                   f"(int8: weight-only; w8a8: int8 weights and per-token int8 activations; engine.quantization)",
         "baselines": f"HF transformers generate (float32, sdpa, DynamicCache) on the engine's converted checkpoint; "
@@ -274,11 +275,14 @@ def main() -> None:
     results: list[Result] = []
     with quiet_transformers():
         sync_engine = None
-        for mode in modes:
-            engine = engine if sync_engine is None else make_engine(mode)
-            label = "engine AsyncLLM" + (f" {mode}" if mode else "") + (" compiled" if args.compile_layers else "")
-            # Warm-up: short requests alone and two at a time through the whole path (compiles both
-            # shapes of a compiled engine: batch 1 is specialized, larger batches share one graph).
+        for mode, compiled in modes:
+            if sync_engine is not None:
+                started = time.perf_counter()
+                engine = make_engine(mode, compiled)
+                if compiled:
+                    print(f"compile_decode: engine started in {time.perf_counter() - started:.0f} s")
+            label = "engine AsyncLLM" + (f" {mode}" if mode else "") + (" compile_decode" if compiled else "")
+            # Warm-up: short requests alone and two at a time through the whole path.
             short = levels[args.concurrency[0]][0][:40]
             for c in (1, 2):
                 asyncio.run(run_engine_level(engine, [short] * c, c, 4, Result("warm", dname, c)))

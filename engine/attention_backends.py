@@ -57,20 +57,23 @@ class GatherDecode:
         lens = ctx.decode_context_lens
         keys = torch.arange(ctx.decode_block_table.shape[1] * block_size, device=lens.device)
         # An additive mask, built once per step: SDPA converts a boolean one in every layer.
-        mask = torch.zeros((lens.shape[0], 1, 1, keys.shape[0]), dtype=self.dtype, device=lens.device)
-        return mask.masked_fill_((keys[None] >= lens[:, None])[:, None, None, :], float("-inf"))
+        mask = torch.zeros((lens.shape[0], keys.shape[0]), dtype=self.dtype, device=lens.device)
+        return mask.masked_fill_(keys[None] >= lens[:, None], float("-inf"))
 
     def __call__(self, layer, q, ctx: Context) -> torch.Tensor:
         table = ctx.decode_block_table
         b, w = table.shape
-        shape = (b, w * layer.block_size, layer.num_kv_heads, layer.head_dim)
+        # (b, w, block) then flatten, not one view to (b, w * block): a compiled graph then needs no
+        # guard on w, so one graph serves every context length.
+        shape = (b, w, layer.block_size, layer.num_kv_heads, layer.head_dim)
         blocks = table.flatten()
         kk = layer.k_cache.view(-1, layer.block_size * layer.num_kv_heads * layer.head_dim).index_select(0, blocks)
         vv = layer.v_cache.view(-1, layer.block_size * layer.num_kv_heads * layer.head_dim).index_select(0, blocks)
         # GQA without copying K/V: a kv head's query heads become its rows of queries.
         qd = q.view(b, layer.num_kv_heads, layer.num_heads // layer.num_kv_heads, layer.head_dim)
-        od = F.scaled_dot_product_attention(qd, kk.view(shape).transpose(1, 2), vv.view(shape).transpose(1, 2),
-                                            attn_mask=ctx.decode_meta, scale=layer.scale)
+        od = F.scaled_dot_product_attention(qd, kk.view(shape).flatten(1, 2).transpose(1, 2),
+                                            vv.view(shape).flatten(1, 2).transpose(1, 2),
+                                            attn_mask=ctx.decode_meta[:, None, None, :], scale=layer.scale)
         return od.reshape(b, layer.num_heads, layer.head_dim)
 
 

@@ -47,12 +47,13 @@ class LLMEngine:
         self.max_model_len = resolve_max_model_len(hf, config, self.is_decoder,
                                                    read_sentence_transformers_max_seq_length(self.model_dir))
         self.task = resolve_task(hf, config)
+        if config.compile_decode and self.task != "generate":
+            raise ValueError(f"compile_decode applies to generation (decode steps) only, not task {self.task!r}")
         device = config.torch_device()
         if device.type == "cpu":
             keep_freed_memory()
         self.runner = ModelRunner(hf, iter_weights(self.model_dir), self.max_model_len, device,
-                                  config.torch_dtype(device), config.quantization, self.task == "generate",
-                                  config.compile_layers)
+                                  config.torch_dtype(device), config.quantization, self.task == "generate")
         self.vocab_size = self.runner.model.spec.vocab_size if self.is_decoder else hf.vocab_size
         self.id2label = {int(k): v for k, v in (getattr(hf, "id2label", None) or {}).items()}
         self._setup_pooling()
@@ -64,6 +65,8 @@ class LLMEngine:
             self.runner.allocate_kv_cache(num_blocks, config.block_size)
             if not config.enforce_eager:
                 self.runner.capture_decode_graphs(config.max_num_seqs)
+            if config.compile_decode and self.runner.decode_graphs is None:  # CUDA graphs replay them already
+                self.runner.compile_decode()
             kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
             self.runner.sampler = Sampler(eos)
         self.kv = kv

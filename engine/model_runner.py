@@ -4,6 +4,7 @@ import itertools
 import torch
 
 from engine.attention_backends import select_attention_backend
+from engine.compiled_decode import CompiledDecode
 from engine.context import Context, PrefillSpan, set_context
 from engine.cuda_graphs import DecodeGraphs
 from engine.models import model_class
@@ -16,7 +17,7 @@ from engine.scheduler import SchedulerOutput
 
 class ModelRunner:
     def __init__(self, hf_config, weights, max_model_len: int, device: torch.device, dtype: torch.dtype,
-                 quantization: str | None = None, generates: bool = True, compile_layers: bool = False):
+                 quantization: str | None = None, generates: bool = True):
         self.device, self.dtype = device, dtype
         self.max_model_len = max_model_len
         model = model_class(hf_config)(hf_config, max_model_len)
@@ -28,11 +29,6 @@ class ModelRunner:
         if quantization is not None:
             quantize_decoder(self.model, quantization, logits_head=generates)  # config checked the method
         self.is_decoder = model.is_decoder
-        if compile_layers:
-            if not self.is_decoder:
-                raise ValueError("compile_layers applies to decoder models (generation and yes/no reranking) only")
-            for layer in self.model.layers:
-                layer.compile_around_attention()
         self.attention_backend = select_attention_backend(device, dtype)
         for attn in self.model.attention_layers:
             attn.backend = self.attention_backend
@@ -42,6 +38,7 @@ class ModelRunner:
         self.score_weight: torch.Tensor | None = None  # [1, hidden] for yes/no rerankers
         self.sampler: Sampler | None = None
         self.decode_graphs: DecodeGraphs | None = None
+        self.compiled_decode: CompiledDecode | None = None
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         s = self.model.spec
@@ -71,6 +68,12 @@ class ModelRunner:
                 return
         self.decode_graphs = DecodeGraphs(self, max_num_seqs, capture)
 
+    def compile_decode(self) -> None:
+        """Decode steps that no CUDA graph replays run one compiled graph of the model (engine option
+        compile_decode), compiled here rather than on the first request."""
+        self.compiled_decode = CompiledDecode(self.model)
+        self.compiled_decode.warm_up(self)
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> tuple[list[tuple[Request, SampledToken]],
                                                        list[tuple[Request, torch.Tensor]]]:
@@ -91,13 +94,14 @@ class ModelRunner:
         pos = torch.arange(len(ids), device=self.device) + offsets[rows]
         input_ids = self._tensor(ids)
         token_types = self._tensor(types) if types else None
-        if self.decode_graphs is not None and all(self._is_decode(r, n) for r, n in pairs) \
-                and len(reqs) <= self.decode_graphs.max_batch:
+        all_decode = all(self._is_decode(r, n) for r, n in pairs)
+        if self.decode_graphs is not None and all_decode and len(reqs) <= self.decode_graphs.max_batch:
             hidden = self.decode_graphs.run(input_ids, pos, *self._decode_inputs(reqs, pos))
         else:
+            forward = self.compiled_decode if all_decode and self.compiled_decode is not None else self.model
             set_context(self._context(reqs, counts, rows, pos))
             try:
-                hidden = self.model(input_ids, pos, token_types)
+                hidden = forward(input_ids, pos, token_types)
             finally:
                 set_context(Context())
         return self._outputs(hidden, reqs, counts, ends)

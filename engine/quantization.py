@@ -76,10 +76,8 @@ def select_int8_matmul(device: torch.device, method: str):
 
 
 class Int8Linear(nn.Module):
-    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, method: str = "int8",
-                 shard_sizes: tuple[int, ...] | None = None):
+    def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, method: str = "int8"):
         super().__init__()
-        self.shard_sizes = shard_sizes  # a fused projection's split (q/k/v, gate/up), as on the nn.Linear
         q, scale = quantize_int8(weight)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale.squeeze(1))  # [out_features]: scales the matmul's columns
@@ -109,7 +107,6 @@ def quantize_decoder(model: nn.Module, method: str, logits_head: bool) -> None:
         for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
                              (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
             linear = getattr(parent, name)
-            setattr(parent, name, Int8Linear(linear.weight.data, linear.bias, method,
-                                             getattr(linear, "shard_sizes", None)))
+            setattr(parent, name, Int8Linear(linear.weight.data, linear.bias, method))
     if logits_head:
         model.lm_head = Int8Linear(model.output_embeddings().data, None, method)

@@ -459,15 +459,20 @@ def test_logprobs_match_hf(llama, ref):
                         abs_tol=1e-5)
 
 
-def test_compiled_layers_generate_as_eager(tiny_model):
-    """compile_layers fuses each layer's small ops: fused float arithmetic may round differently, so
-    greedy tokens must match eager and logprobs agree closely, across prefill, decode and batch sizes 1..3."""
+@pytest.mark.parametrize("quantization", [None, "w8a8"])
+def test_compiled_decode_generates_as_eager_from_one_graph(tiny_model, quantization):
+    """compile_decode runs decode steps as one compiled graph: fused float arithmetic may round
+    differently, so greedy tokens must match eager and logprobs agree closely, across prefill, decode,
+    batch sizes 1..3 and contexts inside one block and across several. The graph compiled at start
+    serves all of them: a recompile would stall a server for as long as the first compile."""
     model_dir = tiny_model("llama")
     prompts = [sentence(700 + i, n) for i, n in enumerate((4, 17, 9))]
     params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=1, ignore_eos=True)
-    eager = LLM(model_dir, dtype="float32", block_size=8).generate(prompts, params)
-    llm = LLM(model_dir, dtype="float32", block_size=8, compile_layers=True)
+    eager = LLM(model_dir, dtype="float32", block_size=8, quantization=quantization).generate(prompts, params)
+    llm = LLM(model_dir, dtype="float32", block_size=8, quantization=quantization, compile_decode=True)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = llm.generate(prompts[:1], params) + llm.generate(prompts[1:], params)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
     for a, b in zip(eager, compiled):
         ca, cb = a.outputs[0], b.outputs[0]
         assert ca.token_ids == cb.token_ids
@@ -476,6 +481,6 @@ def test_compiled_layers_generate_as_eager(tiny_model):
     assert_pool_free(llm)
 
 
-def test_compile_layers_of_an_encoder_is_refused(tiny_model):
-    with pytest.raises(ValueError, match="compile_layers applies to decoder models"):
-        LLM(tiny_model("bert"), dtype="float32", compile_layers=True)
+def test_compile_decode_without_generation_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="compile_decode applies to generation"):
+        LLM(tiny_model("bert"), dtype="float32", compile_decode=True)

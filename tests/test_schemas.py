@@ -293,8 +293,10 @@ def test_cli_takes_vllm_serve_commands():
     build_app(args)  # the same application serve_config.yaml builds, for one model
     ns, _ = cli.parser().parse_known_args(["serve", MINILM, "--task", "embed", "--auto-truncate"])
     assert cli.app_args(ns).models[0].engine_config({})["auto_truncate"] is True
-    ns, _ = cli.parser().parse_known_args(["serve", "HuggingFaceTB/SmolLM2-135M-Instruct", "-q", "int8"])
-    assert cli.app_args(ns).models[0].engine_config({})["quantization"] == "int8"
+    ns, _ = cli.parser().parse_known_args(["serve", "HuggingFaceTB/SmolLM2-135M-Instruct", "-q", "int8",
+                                           "--compile-decode", "--enforce-eager"])
+    config = cli.app_args(ns).models[0].engine_config({})
+    assert (config["quantization"], config["compile_decode"], config["enforce_eager"]) == ("int8", True, True)
 
 
 def test_every_route_names_an_ingress_method():

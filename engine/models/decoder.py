@@ -93,29 +93,17 @@ class DecoderLayer(nn.Module):
         self.mlp.down_proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=False)
 
     def forward(self, rotary: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        return self.attention_output_and_mlp(x, self.attn(*self.attention_inputs(rotary, x)))
-
-    def attention_inputs(self, rotary: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor):
         s, attn = self.s, self.self_attn
-        q, k, v = attn.qkv_proj(self.input_layernorm(x)).split(attn.qkv_proj.shard_sizes, dim=-1)
-        q = q.view(-1, s.num_heads, s.head_dim)
-        k = k.view(-1, s.num_kv_heads, s.head_dim)
+        # Heads first, then split: no reshape of split columns, which a compiled graph would specialise
+        # on a batch of one.
+        qkv = attn.qkv_proj(self.input_layernorm(x)).view(-1, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
+        q, k, v = qkv.split((s.num_heads, s.num_kv_heads, s.num_kv_heads), dim=1)
         if s.qk_norm:
             q, k = attn.q_norm(q), attn.k_norm(k)
-        return apply_rotary(q, *rotary), apply_rotary(k, *rotary), v.view(-1, s.num_kv_heads, s.head_dim)
-
-    def attention_output_and_mlp(self, x: torch.Tensor, attn_out: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn.o_proj(attn_out)
+        x = x + attn.o_proj(self.attn(apply_rotary(q, *rotary), apply_rotary(k, *rotary), v))
         gate, up = self.mlp.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        act = F.gelu(gate, approximate="tanh") if self.s.gelu else F.silu(gate)
+        act = F.gelu(gate, approximate="tanh") if s.gelu else F.silu(gate)
         return x + self.mlp.down_proj(act * up)
-
-    def compile_around_attention(self) -> None:
-        """torch.compile what runs before and after attention (engine option compile_layers), fusing its
-        small ops. Attention stays eager: the graphs then depend on tensor shapes only, never on a step's
-        routing (spans, block tables), and the attention backend keeps its own kernels."""
-        self.attention_inputs = torch.compile(self.attention_inputs, dynamic=True)
-        self.attention_output_and_mlp = torch.compile(self.attention_output_and_mlp, dynamic=True)
 
 
 class DecoderModel(nn.Module):
