@@ -80,6 +80,18 @@ def test_w8a8_scales_each_token_alone():
     assert torch.equal(together, torch.cat([layer(x[i:i + 1]) for i in range(6)]))
 
 
+@pytest.mark.parametrize("method", ["int8", "w8a8"])
+def test_compiled_int8_layers_compute_the_same_numbers(method):
+    """compile_decode compiles these layers into the decode graph: the activations' scales and int8
+    values, and the rescaled product, are bit for bit eager's for one token and for a packed step."""
+    torch.manual_seed(2)
+    layer = Q.Int8Linear(torch.randn(40, 64), torch.randn(40), method)
+    compiled = torch.compile(layer.forward, dynamic=True)
+    for rows in (1, 5):
+        x = torch.randn(rows, 64) * torch.logspace(-2, 2, rows)[:, None]
+        assert torch.equal(compiled(x), layer(x))
+
+
 def test_quantization_is_checked():
     with pytest.raises(ValueError, match="quantization must be one of int8, w8a8"):
         EngineConfig(model="m", quantization="int4")
