@@ -229,9 +229,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="torch.profiler breakdown of engine decode steps")
     ap.add_argument("--quantization", nargs="+", default=["none"], choices=["none", *QUANTIZATION_METHODS],
                     help="engine weight modes to run, each at every concurrency (int8: weight-only; w8a8: int8 activations too)")
-    ap.add_argument("--compile-decode", action="store_true",
-                    help="also run each weight mode with compile_decode=True (decode steps as one torch.compile "
-                         "graph, compiled at start): eager and compiled rows from the same run")
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="also run each weight mode with torch_compile=True (decode steps as one torch.compile "
+                         "graph, fused w8a8 prefill layers; compiled at start): eager and compiled rows, same run")
     ap.add_argument("--seed", type=int, default=0)
     args = ap.parse_args()
     if importlib.util.find_spec("llama_cpp") is None and "llama" not in args.skip:
@@ -249,10 +249,10 @@ def main() -> None:
     def make_engine(quantization: str | None, compiled: bool) -> AsyncLLM:
         return AsyncLLM(EngineConfig(model=MODEL, max_model_len=2048, quantization=quantization,
                                      max_num_batched_tokens=args.max_num_batched_tokens,
-                                     max_num_seqs=args.max_num_seqs, compile_decode=compiled))
+                                     max_num_seqs=args.max_num_seqs, torch_compile=compiled))
 
     modes = [(None if q == "none" else q, compiled) for q in args.quantization
-             for compiled in ((False, True) if args.compile_decode else (False,))]
+             for compiled in ((False, True) if args.torch_compile else (False,))]
     engine = make_engine(*modes[0])
     dtype = engine.engine.runner.dtype
     dname = str(dtype).removeprefix("torch.")
@@ -280,8 +280,8 @@ def main() -> None:
                 started = time.perf_counter()
                 engine = make_engine(mode, compiled)
                 if compiled:
-                    print(f"compile_decode: engine started in {time.perf_counter() - started:.0f} s")
-            label = "engine AsyncLLM" + (f" {mode}" if mode else "") + (" compile_decode" if compiled else "")
+                    print(f"torch_compile: engine started in {time.perf_counter() - started:.0f} s")
+            label = "engine AsyncLLM" + (f" {mode}" if mode else "") + (" torch_compile" if compiled else "")
             # Warm-up: short requests alone and two at a time through the whole path.
             short = levels[args.concurrency[0]][0][:40]
             for c in (1, 2):

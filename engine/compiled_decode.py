@@ -1,4 +1,4 @@
-"""Decode steps through one torch.compile graph of the whole model (engine option compile_decode).
+"""Decode steps through one torch.compile graph of the whole model (engine option torch_compile).
 
 The CPU counterpart of CUDA graphs: a small batch's decode step is a thousand tiny ops (norms, rotary,
 activation quantization, attention bookkeeping) whose dispatch costs more than their arithmetic.

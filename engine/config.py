@@ -34,10 +34,11 @@ class EngineConfig:
     quantization: str | None = None
     # Decode steps run eagerly instead of from captured CUDA graphs (vLLM's option; CPU never captures).
     enforce_eager: bool = False
-    # Decoders: decode steps that no CUDA graph replays run as one torch.compile graph of the whole model
-    # (engine.compiled_decode): on CPU a small batch's step is dominated by the dispatch of its many small
+    # Generation: decode steps that no CUDA graph replays run as one torch.compile graph of the whole model
+    # (engine.compiled_decode), and w8a8 layers fuse their quantizing and rescaling for prefill steps
+    # (engine.quantization). On CPU a small batch's step is dominated by the dispatch of its many small
     # ops. Compiles when the engine starts (README: how long, and what it gains).
-    compile_decode: bool = False
+    torch_compile: bool = False
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     # Embed / score / classify inputs over max_model_len are cut to it instead of refused, as TEI's
     # --auto-truncate: for clients (LangChain, LlamaIndex) that cannot send truncate_prompt_tokens.

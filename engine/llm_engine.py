@@ -47,8 +47,8 @@ class LLMEngine:
         self.max_model_len = resolve_max_model_len(hf, config, self.is_decoder,
                                                    read_sentence_transformers_max_seq_length(self.model_dir))
         self.task = resolve_task(hf, config)
-        if config.compile_decode and self.task != "generate":
-            raise ValueError(f"compile_decode applies to generation (decode steps) only, not task {self.task!r}")
+        if config.torch_compile and self.task != "generate":
+            raise ValueError(f"torch_compile applies to generation only, not task {self.task!r}")
         device = config.torch_device()
         if device.type == "cpu":
             keep_freed_memory()
@@ -65,8 +65,8 @@ class LLMEngine:
             self.runner.allocate_kv_cache(num_blocks, config.block_size)
             if not config.enforce_eager:
                 self.runner.capture_decode_graphs(config.max_num_seqs)
-            if config.compile_decode and self.runner.decode_graphs is None:  # CUDA graphs replay them already
-                self.runner.compile_decode()
+            if config.torch_compile:  # decode steps: unless CUDA graphs replay them already
+                self.runner.compile(decode_steps=self.runner.decode_graphs is None)
             kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
             self.runner.sampler = Sampler(eos)
         self.kv = kv

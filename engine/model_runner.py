@@ -9,7 +9,7 @@ from engine.context import Context, PrefillSpan, set_context
 from engine.cuda_graphs import DecodeGraphs
 from engine.models import model_class
 from engine.pooling import pool_segments
-from engine.quantization import quantize_decoder
+from engine.quantization import compile_int8_layers, quantize_decoder
 from engine.request import Request
 from engine.sampler import SampledToken, Sampler
 from engine.scheduler import SchedulerOutput
@@ -68,11 +68,14 @@ class ModelRunner:
                 return
         self.decode_graphs = DecodeGraphs(self, max_num_seqs, capture)
 
-    def compile_decode(self) -> None:
-        """Decode steps that no CUDA graph replays run one compiled graph of the model (engine option
-        compile_decode), compiled here rather than on the first request."""
-        self.compiled_decode = CompiledDecode(self.model)
-        self.compiled_decode.warm_up(self)
+    def compile(self, decode_steps: bool) -> None:
+        """Engine option torch_compile, compiled here rather than on the first request: int8 layers take
+        their fused kernels for prefill-sized inputs, and decode steps that no CUDA graph replays
+        (decode_steps) run one compiled graph of the whole model."""
+        compile_int8_layers(self.model)
+        if decode_steps:
+            self.compiled_decode = CompiledDecode(self.model)
+            self.compiled_decode.warm_up(self)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> tuple[list[tuple[Request, SampledToken]],

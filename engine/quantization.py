@@ -47,10 +47,20 @@ def _cpu_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
     return out.to(x.dtype).view(*x.shape[:-1], -1)
 
 
-def _int8_activations_matmul(x: torch.Tensor, layer: "Int8Linear", int_mm) -> torch.Tensor:
-    xq, xscale = quantize_int8(x.reshape(-1, x.shape[-1]))
+def _int8_activations_product(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                              int_mm) -> torch.Tensor:
+    xq, xscale = quantize_int8(rows)
     # Convert first, then scale in place: int32 * float32 promotes element by element, 1.5-4x slower.
-    out = int_mm(xq, layer.qweight.t()).float().mul_(layer.scale).mul_(xscale)
+    return int_mm(xq, qweight.t()).float().mul_(scale).mul_(xscale)
+
+
+# The same function compiled (engine option torch_compile): quantizing and rescaling become one pass each
+# instead of seven; 1.1-2.9x faster per SmolLM2 projection at 4,096 rows (the matmul's share varies).
+_fused_int8_activations_product = torch.compile(_int8_activations_product, dynamic=True)
+
+
+def _int8_activations_matmul(x: torch.Tensor, layer: "Int8Linear", int_mm) -> torch.Tensor:
+    out = _int8_activations_product(x.reshape(-1, x.shape[-1]), layer.qweight, layer.scale, int_mm)
     return out.to(x.dtype).view(*x.shape[:-1], -1)
 
 
@@ -63,15 +73,27 @@ def _cpu_w8a8_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
     return _int8_activations_matmul(x, layer, torch._int_mm)
 
 
+def _cpu_fused_w8a8_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
+    rows = x.reshape(-1, x.shape[-1])
+    # A compiled decode graph fuses the eager form itself; a small eager step would pay more for the
+    # compiled call (guards, wrapper) than it saves.
+    if torch.compiler.is_compiling() or rows.shape[0] <= CPU_INT8_KERNEL_MAX_ROWS:
+        return _cpu_w8a8_matmul(x, layer)
+    out = _fused_int8_activations_product(rows, layer.qweight, layer.scale, torch._int_mm)
+    return out.to(x.dtype).view(*x.shape[:-1], -1)
+
+
 def _portable_w8a8_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
     return _int8_activations_matmul(x, layer, _float_int_mm)
 
 
-def select_int8_matmul(device: torch.device, method: str):
-    """The one place that picks an int8 kernel for a device and method."""
+def select_int8_matmul(device: torch.device, method: str, compiled: bool = False):
+    """The one place that picks an int8 kernel for a device and method (compiled: torch_compile is on)."""
     on_cpu = device.type == "cpu"
     if method == "w8a8":
-        return _cpu_w8a8_matmul if on_cpu else _portable_w8a8_matmul
+        if not on_cpu:
+            return _portable_w8a8_matmul
+        return _cpu_fused_w8a8_matmul if compiled else _cpu_w8a8_matmul
     return _cpu_matmul if on_cpu else _portable_matmul
 
 
@@ -83,7 +105,7 @@ class Int8Linear(nn.Module):
         self.register_buffer("scale", scale.squeeze(1))  # [out_features]: scales the matmul's columns
         self.register_buffer("scale_bf16", self.scale.to(torch.bfloat16))  # the int8 x bf16 kernel's
         self.bias = bias
-        self.dtype = weight.dtype
+        self.dtype, self.method = weight.dtype, method
         self.matmul = select_int8_matmul(weight.device, method)
 
     @property
@@ -110,3 +132,18 @@ def quantize_decoder(model: nn.Module, method: str, logits_head: bool) -> None:
             setattr(parent, name, Int8Linear(linear.weight.data, linear.bias, method))
     if logits_head:
         model.lm_head = Int8Linear(model.output_embeddings().data, None, method)
+
+
+@torch.inference_mode()  # as engine steps run: a graph compiled outside it would not serve them
+def compile_int8_layers(model: nn.Module) -> None:
+    """Engine option torch_compile: every int8 layer switches to its compiled kernel where it has one,
+    each distinct shape compiled now (one call with prefill-sized zeros) rather than on a request."""
+    warmed = set()
+    for layer in model.modules():
+        if not isinstance(layer, Int8Linear):
+            continue
+        layer.matmul = select_int8_matmul(layer.qweight.device, layer.method, compiled=True)
+        if layer.qweight.shape not in warmed:
+            warmed.add(layer.qweight.shape)
+            layer(torch.zeros(2 * CPU_INT8_KERNEL_MAX_ROWS, layer.qweight.shape[1], dtype=layer.dtype,
+                              device=layer.qweight.device))

@@ -460,7 +460,7 @@ def test_logprobs_match_hf(llama, ref):
 
 
 def test_compiled_decode_generates_as_eager_from_one_graph(tiny_model):
-    """compile_decode runs decode steps as one compiled graph: fused float arithmetic may round
+    """torch_compile runs decode steps as one compiled graph: fused float arithmetic may round
     differently, so greedy tokens must match eager and logprobs agree closely, across prefill, decode,
     batch sizes 1..3 and contexts inside one block and across several. The graph compiled at start
     serves all of them: a recompile would stall a server for as long as the first compile."""
@@ -468,7 +468,7 @@ def test_compiled_decode_generates_as_eager_from_one_graph(tiny_model):
     prompts = [sentence(700 + i, n) for i, n in enumerate((4, 17, 9))]
     params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=1, ignore_eos=True)
     eager = LLM(model_dir, dtype="float32", block_size=8).generate(prompts, params)
-    llm = LLM(model_dir, dtype="float32", block_size=8, compile_decode=True)
+    llm = LLM(model_dir, dtype="float32", block_size=8, torch_compile=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = llm.generate(prompts[:1], params) + llm.generate(prompts[1:], params)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
@@ -480,21 +480,27 @@ def test_compiled_decode_generates_as_eager_from_one_graph(tiny_model):
     assert_pool_free(llm)
 
 
-def test_compiled_w8a8_decode_is_one_graph(tiny_model):
-    """With int8 activations the model is not compared token for token: a ~1e-7 difference of the
-    fused float ops can move an activation across an int8 rounding boundary (README), as any
-    perturbation that small does in eager. Its int8 layers compile to eager's exact numbers
-    (test_quantization), and one graph serves every decode step."""
-    prompts = [sentence(710 + i, n) for i, n in enumerate((4, 17, 9))]
-    llm = LLM(tiny_model("llama"), dtype="float32", block_size=8, quantization="w8a8", compile_decode=True)
+def test_compiled_w8a8_prefill_is_eager_and_decode_one_graph(tiny_model):
+    """With int8 activations the decode steps are not compared token for token: a ~1e-7 difference of
+    the fused float ops can move an activation across an int8 rounding boundary (README), as any
+    perturbation that small does in eager. The int8 layers compute eager's exact numbers (test_quantization),
+    so a prefill step, whose other ops stay eager, is bit for bit eager's (its first token, from a long
+    prompt through the fused prefill kernel too); and one graph serves every decode step."""
+    model_dir = tiny_model("llama")
+    prompts = [sentence(710 + i, n) for i, n in enumerate((4, 17, 90))]
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=1, ignore_eos=True)
+    eager = LLM(model_dir, dtype="float32", block_size=8, quantization="w8a8").generate(prompts, params)
+    llm = LLM(model_dir, dtype="float32", block_size=8, quantization="w8a8", torch_compile=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True)
-    outs = llm.generate(prompts[:1], params) + llm.generate(prompts[1:], params)
+    compiled = llm.generate(prompts[:1], params) + llm.generate(prompts[1:], params)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs
-    assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6, 6]
+    for a, b in zip(eager, compiled):
+        ca, cb = a.outputs[0], b.outputs[0]
+        assert len(cb.token_ids) == 6 and ca.token_ids[0] == cb.token_ids[0]
+        assert ca.logprobs[0][ca.token_ids[0]].logprob == cb.logprobs[0][cb.token_ids[0]].logprob
     assert_pool_free(llm)
 
 
-def test_compile_decode_without_generation_is_refused(tiny_model):
-    with pytest.raises(ValueError, match="compile_decode applies to generation"):
-        LLM(tiny_model("bert"), dtype="float32", compile_decode=True)
+def test_torch_compile_without_generation_is_refused(tiny_model):
+    with pytest.raises(ValueError, match="torch_compile applies to generation"):
+        LLM(tiny_model("bert"), dtype="float32", torch_compile=True)

@@ -82,14 +82,18 @@ def test_w8a8_scales_each_token_alone():
 
 @pytest.mark.parametrize("method", ["int8", "w8a8"])
 def test_compiled_int8_layers_compute_the_same_numbers(method):
-    """compile_decode compiles these layers into the decode graph: the activations' scales and int8
-    values, and the rescaled product, are bit for bit eager's for one token and for a packed step."""
+    """torch_compile compiles these layers inside the decode graph, and w8a8's alone for prefill-sized
+    inputs: the activations' scales and int8 values, and the rescaled product, stay bit for bit eager's."""
     torch.manual_seed(2)
     layer = Q.Int8Linear(torch.randn(40, 64), torch.randn(40), method)
-    compiled = torch.compile(layer.forward, dynamic=True)
-    for rows in (1, 5):
-        x = torch.randn(rows, 64) * torch.logspace(-2, 2, rows)[:, None]
-        assert torch.equal(compiled(x), layer(x))
+    inputs = [torch.randn(rows, 64) * torch.logspace(-2, 2, rows)[:, None]
+              for rows in (1, 5, 3 * Q.CPU_INT8_KERNEL_MAX_ROWS)]
+    eager = [layer(x) for x in inputs]
+    in_a_graph = torch.compile(layer.forward, dynamic=True)
+    assert all(torch.equal(in_a_graph(x), want) for x, want in zip(inputs[:2], eager))
+    Q.compile_int8_layers(layer)
+    with torch.inference_mode():
+        assert all(torch.equal(layer(x), want) for x, want in zip(inputs, eager))
 
 
 def test_quantization_is_checked():
