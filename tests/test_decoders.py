@@ -501,6 +501,20 @@ def test_compiled_w8a8_prefill_is_eager_and_decode_one_graph(tiny_model):
     assert_pool_free(llm)
 
 
+def test_compiled_decode_under_preemption(tiny_model, ref):
+    """Preempted requests recompute their prefill eagerly and resume decoding through the compiled
+    graph; tokens stay Hugging Face's and no block is left."""
+    prompts, n = [sentence(400 + i, 3 + 2 * i) for i in range(4)], 24
+    tok = T.AutoTokenizer.from_pretrained(tiny_model("llama"))
+    need = [cdiv(len(tok(p)["input_ids"]) + n, 8) for p in prompts]
+    llm = LLM(tiny_model("llama"), dtype="float32", block_size=8, num_blocks=max(need) + 2, torch_compile=True)
+    victims = count_preemptions(llm)
+    for out in llm.generate(prompts, greedy(n)):
+        ref("llama").check(out, n)
+    assert victims, "the pool was meant to run out"
+    assert_pool_free(llm)
+
+
 def test_torch_compile_without_generation_is_refused(tiny_model):
     with pytest.raises(ValueError, match="torch_compile applies to generation"):
         LLM(tiny_model("bert"), dtype="float32", torch_compile=True)
