@@ -59,8 +59,9 @@ def _int8_activations_product(rows: torch.Tensor, qweight: torch.Tensor, scale: 
 _fused_int8_activations_product = torch.compile(_int8_activations_product, dynamic=True)
 
 
-def _int8_activations_matmul(x: torch.Tensor, layer: "Int8Linear", int_mm) -> torch.Tensor:
-    out = _int8_activations_product(x.reshape(-1, x.shape[-1]), layer.qweight, layer.scale, int_mm)
+def _int8_activations_matmul(x: torch.Tensor, layer: "Int8Linear", int_mm,
+                             product=_int8_activations_product) -> torch.Tensor:
+    out = product(x.reshape(-1, x.shape[-1]), layer.qweight, layer.scale, int_mm)
     return out.to(x.dtype).view(*x.shape[:-1], -1)
 
 
@@ -74,13 +75,11 @@ def _cpu_w8a8_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
 
 
 def _cpu_fused_w8a8_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
     # A compiled decode graph fuses the eager form itself; a small eager step would pay more for the
     # compiled call (guards, wrapper) than it saves.
-    if torch.compiler.is_compiling() or rows.shape[0] <= CPU_INT8_KERNEL_MAX_ROWS:
+    if torch.compiler.is_compiling() or x.shape[:-1].numel() <= CPU_INT8_KERNEL_MAX_ROWS:
         return _cpu_w8a8_matmul(x, layer)
-    out = _fused_int8_activations_product(rows, layer.qweight, layer.scale, torch._int_mm)
-    return out.to(x.dtype).view(*x.shape[:-1], -1)
+    return _int8_activations_matmul(x, layer, torch._int_mm, _fused_int8_activations_product)
 
 
 def _portable_w8a8_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
@@ -143,7 +142,7 @@ def compile_int8_layers(model: nn.Module) -> None:
         if not isinstance(layer, Int8Linear):
             continue
         layer.matmul = select_int8_matmul(layer.qweight.device, layer.method, compiled=True)
-        if layer.qweight.shape not in warmed:
+        if layer.matmul is _cpu_fused_w8a8_matmul and layer.qweight.shape not in warmed:
             warmed.add(layer.qweight.shape)
             layer(torch.zeros(2 * CPU_INT8_KERNEL_MAX_ROWS, layer.qweight.shape[1], dtype=layer.dtype,
                               device=layer.qweight.device))
