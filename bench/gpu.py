@@ -3,7 +3,8 @@
 Needs only torch, transformers, sentence-transformers and this repository's engine (no Ray). Rows:
   - SciFact embedding with all-MiniLM-L6-v2, fp32 and bf16: docs/s and NDCG@10, engine LLM.embed vs
     sentence-transformers encode (batch 128) at the same dtype;
-  - decode step ms and tok/s with 256 and 1,024 sequences running (128-token prompts) on a random
+  - decode step ms and tok/s (a whole LLMEngine.step(), outputs final-only as LLM.generate takes them)
+    with 256 and 1,024 sequences running (128-token prompts) on a random
     1B-shape Llama (hidden 2048, 16 layers, 32/8 heads, vocab 49,152), bf16, vs Hugging Face's own
     decode step (DynamicCache) at the same batch;
   - 256 prompts x 128 tokens -> 128 tokens end to end, engine LLM.generate vs HF `generate`, one batch;
@@ -24,6 +25,7 @@ import random
 import sys
 import tempfile
 import time
+import traceback
 
 import numpy as np
 import torch
@@ -173,6 +175,7 @@ def embedding_rows(args, sizes: Sizes, device: torch.device, dtypes: list[str]) 
 def decode_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str, hf) -> list[list]:
     """Engine decode steps with N running, against HF's decode step at the same N."""
     from engine import SamplingParams
+    from engine.params import RequestOutputKind
     rows, vocab = [], hf.config.vocab_size
     hf_dtype = hf.to(getattr(torch, dtype))
     for n in sizes.running:
@@ -183,7 +186,9 @@ def decode_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str,
                          num_blocks=n * -(-tokens_per_seq // 16) + 8, max_model_len=tokens_per_seq + 16,
                          device=str(device))
         eng = llm.engine
-        params = SamplingParams(temperature=0.0, max_tokens=sizes.decode_steps + 6, ignore_eos=True)
+        # One output at the end, as LLM.generate and a non-streaming server request take them.
+        params = SamplingParams(temperature=0.0, max_tokens=sizes.decode_steps + 6, ignore_eos=True,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
         for i, ids in enumerate(prompts):
             add_request(eng, f"d{i}", ids, params)
         sched = eng.scheduler
@@ -290,7 +295,7 @@ def rerank_row(shape: str, sizes: Sizes, device: torch.device, dtype: str, small
         secs, outs = timed(device, lambda: llm.score(flat_q, flat_d))
         scores = np.array([o.outputs.score for o in outs])
         prompt = llm.engine.yes_no
-        encoded = [[prompt.encode(q, d, 1024, None) for d in ds] for q, ds in zip(queries, docs)]
+        encoded = [prompt.encode([(q, d) for d in ds], 1024, None) for q, ds in zip(queries, docs)]
         tok_per_pair = np.mean([len(x) for xs in encoded for x in xs])
         del llm
         free(device)
@@ -337,22 +342,35 @@ def main() -> None:
     print(f"## bench/gpu.py on {name}, torch {torch.__version__}{' (--small: tiny shapes)' if args.small else ''}\n")
     t0 = time.perf_counter()
     rows = []
+
+    def run_rows(label: str, fn) -> None:
+        """A row that fails is reported as failed and the others still run: one GPU lease, one table."""
+        try:
+            out = fn()
+        except Exception as e:  # noqa: BLE001 (reported in the table, traceback above it)
+            traceback.print_exc()
+            out = [[label, "FAILED", f"{type(e).__name__}: {str(e)[:80]}", "", "", "", ""]]
+            free(device)
+        rows.extend(out)
+        for row in out:
+            print(f"[{time.perf_counter() - t0:.0f} s] " + " | ".join(map(str, row)), flush=True)
+
     if "embed" not in args.skip:
-        rows += embedding_rows(args, sizes, device, embed_dtypes)
+        run_rows("embed", lambda: embedding_rows(args, sizes, device, embed_dtypes))
     if {"decode", "e2e", "parity"} - set(args.skip):
         with tempfile.TemporaryDirectory() as path:
             hf = random_decoder("llama-1b", args.small, device, path)
             if "parity" not in args.skip:
-                rows.append(parity_row(sizes, device, path, hf))
+                run_rows("parity", lambda: [parity_row(sizes, device, path, hf)])
             if "decode" not in args.skip:
-                rows += decode_rows(args, sizes, device, dtype, path, hf)
+                run_rows("decode", lambda: decode_rows(args, sizes, device, dtype, path, hf))
             if "e2e" not in args.skip:
-                rows.append(end_to_end_row(args, sizes, device, dtype, path, hf))
+                run_rows("e2e", lambda: [end_to_end_row(args, sizes, device, dtype, path, hf)])
             del hf
             free(device)
     if "rerank" not in args.skip:
         for shape in ("smollm2-135m", "qwen3-reranker-0.6b"):
-            rows.append(rerank_row(shape, sizes, device, dtype, args.small))
+            run_rows(f"rerank {shape}", lambda: [rerank_row(shape, sizes, device, dtype, args.small)])
     print(table(["workload", "unit", "engine", "baseline", "engine / baseline", "quality", "baseline is"], rows))
     print(f"\n{time.perf_counter() - t0:.0f} s in all. bf16 embedding row: "
           f"{'run' if 'bfloat16' in embed_dtypes else 'skipped (bf16 is not fast on this device)'}.")

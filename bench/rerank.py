@@ -158,7 +158,7 @@ def run_decoder(args, sets) -> None:
     llm = engines[True]
     dtype = llm.engine.runner.dtype
     yn = llm.engine.yes_no
-    pair_ids = [yn.encode(q, d, llm.engine.max_model_len, -1) for q, docs in sets for d in docs]
+    pair_ids = yn.encode([(q, d) for q, docs in sets for d in docs], llm.engine.max_model_len, -1)
     lengths = [len(x) for x in pair_ids]
     tok = llm.get_tokenizer()
     no_id, yes_id = (tok(t, add_special_tokens=False)["input_ids"][0] for t in tokens)

@@ -33,9 +33,9 @@ class InputProcessor:
         # Embedding models score a pair as the cosine of its two embeddings, as vLLM does.
         self.bi_encoder = bi_encoder
 
-    def encode(self, prompt: str | list[int], truncate_prompt_tokens: int | None = None,
-               add_special_tokens: bool = True) -> list[int]:
-        return encode(self.tokenizer, prompt, self.max_model_len, truncate_prompt_tokens, self.vocab_size,
+    def encode(self, prompts: list[str | list[int]], truncate_prompt_tokens: int | None = None,
+               add_special_tokens: bool = True) -> list[list[int]]:
+        return encode(self.tokenizer, prompts, self.max_model_len, truncate_prompt_tokens, self.vocab_size,
                       add_special_tokens, keep_end=self.is_decoder)
 
     # ---- generation ---------------------------------------------------------------------------
@@ -46,7 +46,7 @@ class InputProcessor:
         bad = [t for t in params.logit_bias or {} if not 0 <= t < self.vocab_size]
         if bad:
             raise ValueError(f"logit_bias keys must be token ids in [0, {self.vocab_size}), got {bad[:5]}")
-        ids = self.encode(prompt, params.truncate_prompt_tokens, add_special_tokens=not self._has_bos(prompt))
+        ids = self.encode([prompt], params.truncate_prompt_tokens, add_special_tokens=not self._has_bos(prompt))[0]
         room = self.max_model_len - len(ids)
         if room < 1:
             raise ValueError(f"the prompt has {len(ids)} tokens, which leaves no room to generate within "
@@ -75,16 +75,14 @@ class InputProcessor:
         if self.task != "embed" and not self.bi_encoder:
             raise ValueError(f"model {self.served_name} serves task {self.task!r}, not embeddings")
         self._check_dimensions(params.dimensions)
-        return self._job(request_id, "embed", params, [self.encode(p, params.truncate_prompt_tokens)
-                                                       for p in prompts])
+        return self._job(request_id, "embed", params, self.encode(prompts, params.truncate_prompt_tokens))
 
     def classify(self, request_id: str, prompts: list[str | list[int]], params: PoolingParams) -> PoolingJob:
         if self.task != "classify":
             raise ValueError(f"model {self.served_name} serves task {self.task!r}, not classification")
         if not prompts:
             raise ValueError("input must not be empty")
-        return self._job(request_id, "classify", params, [self.encode(p, params.truncate_prompt_tokens)
-                                                          for p in prompts])
+        return self._job(request_id, "classify", params, self.encode(prompts, params.truncate_prompt_tokens))
 
     def score(self, request_id: str, text_1: str | list[str], text_2: str | list[str],
               params: PoolingParams) -> PoolingJob:
@@ -93,10 +91,10 @@ class InputProcessor:
         pairs, t = pair_texts(text_1, text_2), params.truncate_prompt_tokens
         if self.bi_encoder:
             return self._job(request_id, "pair_cosine", params,
-                             [self.encode(x, t) for pair in pairs for x in pair])
+                             self.encode([x for pair in pairs for x in pair], t))
         if self.yes_no is not None:
             return self._job(request_id, "score", params,
-                             [self.yes_no.encode(q, d, self.max_model_len, t) for q, d in pairs])
+                             self.yes_no.encode(pairs, self.max_model_len, t))
         encoded = [encode_pair(self.tokenizer, q, d, self.max_model_len, t) for q, d in pairs]
         return self._job(request_id, "score", params, [ids for ids, _ in encoded], [types for _, types in encoded])
 

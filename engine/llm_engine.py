@@ -132,7 +132,7 @@ class LLMEngine:
 
     def encode_prompt(self, prompt: str | list[int], truncate_prompt_tokens: int | None = None,
                       add_special_tokens: bool = True) -> list[int]:
-        return self.input_processor.encode(prompt, truncate_prompt_tokens, add_special_tokens)
+        return self.input_processor.encode([prompt], truncate_prompt_tokens, add_special_tokens)[0]
 
     def add_generation(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
         self._check_new(request_id)

@@ -208,7 +208,7 @@ class OutputProcessor:
         reqs, params = job.requests, job.params
         data = [results[r.request_id] for r in reqs]
         if job.kind == "embed":
-            return [_pooling_output(r, EmbeddingOutput(self._embedding(v, params))) for r, v in zip(reqs, data)]
+            return [_pooling_output(r, EmbeddingOutput(v)) for r, v in zip(reqs, self._embeddings(data, params))]
         if job.kind == "classify":
             return [_pooling_output(r, ClassificationOutput((v.softmax(-1) if params.activation else v).tolist()))
                     for r, v in zip(reqs, data)]
@@ -223,12 +223,12 @@ class OutputProcessor:
                                              num_cached_tokens=a.num_cached_tokens + b.num_cached_tokens))
         return outs
 
-    def _embedding(self, v: torch.Tensor, params) -> list[float]:
-        v = v.float()
+    def _embeddings(self, data: list[torch.Tensor], params) -> list[list[float]]:
+        v = torch.stack(data).float()  # the call's vectors at once: one normalize, one conversion to lists
         if params.dimensions is not None:
-            v = v[:params.dimensions]
+            v = v[:, :params.dimensions]
         if self.normalize if params.normalize is None else params.normalize:
-            v = torch.nn.functional.normalize(v, dim=0)
+            v = torch.nn.functional.normalize(v, dim=1)
         return v.tolist()
 
 

@@ -105,26 +105,25 @@ def check_token_ids(ids: list[int], vocab_size: int) -> list[int]:
     return ids
 
 
-def encode(tokenizer, prompt: str | list[int], max_model_len: int, truncate_prompt_tokens: int | None,
-           vocab_size: int, add_special_tokens: bool = True, keep_end: bool = False) -> list[int]:
-    """keep_end: decoders keep a truncated prompt's end (what the model continues from); encoders
-    keep its beginning, as Hugging Face tokenizers truncate."""
-    if isinstance(prompt, str):
-        ids = tokenizer(prompt, add_special_tokens=add_special_tokens)["input_ids"]
-    else:
-        ids = check_token_ids(list(prompt), vocab_size)
-    if not ids:
-        raise ValueError("prompt must not be empty")
+def encode(tokenizer, prompts: list[str | list[int]], max_model_len: int, truncate_prompt_tokens: int | None,
+           vocab_size: int, add_special_tokens: bool = True, keep_end: bool = False) -> list[list[int]]:
+    """Every prompt's token ids; the texts in one batched tokenizer call (its Rust side runs them in
+    parallel). keep_end: decoders keep a truncated prompt's end (what the model continues from);
+    encoders keep its beginning, as Hugging Face tokenizers truncate, so the tokenizer cuts them."""
     limit = truncation_length(max_model_len, truncate_prompt_tokens)
-    if limit is None:
-        if len(ids) > max_model_len:
+    cut = limit is not None and not keep_end
+    texts = [p for p in prompts if isinstance(p, str)]
+    encoded = iter(tokenizer(texts, add_special_tokens=add_special_tokens, truncation=cut,
+                             max_length=limit if cut else None)["input_ids"] if texts else ())
+    out = []
+    for prompt in prompts:
+        ids = next(encoded) if isinstance(prompt, str) else check_token_ids(list(prompt), vocab_size)
+        if not ids:
+            raise ValueError("prompt must not be empty")
+        if limit is None and len(ids) > max_model_len:
             raise length_error(len(ids), max_model_len)
-        return ids
-    if len(ids) <= limit:
-        return ids
-    if keep_end or not isinstance(prompt, str):
-        return ids[-limit:]
-    return tokenizer(prompt, add_special_tokens=add_special_tokens, truncation=True, max_length=limit)["input_ids"]
+        out.append(ids if limit is None or len(ids) <= limit else ids[-limit:])
+    return out
 
 
 def encode_pair(tokenizer, text_1: str, text_2: str, max_model_len: int,
@@ -215,21 +214,30 @@ class YesNoPrompt:
         if template.bos and tokenizer.bos_token_id is None:
             raise ValueError("this reranker's prompt starts with a BOS token, but the tokenizer has none")
         self.tail_ids = [t for piece in template.tail
-                         for t in self._ids(piece.replace("{instruction}", template.instruction))]
+                         for t in self._ids([piece.replace("{instruction}", template.instruction)])[0]]
 
-    def _ids(self, text: str) -> list[int]:
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+    def _ids(self, texts: list[str]) -> list[list[int]]:
+        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
 
-    def encode(self, query: str, document: str, max_model_len: int, truncate_prompt_tokens: int | None) -> list[int]:
+    def encode(self, pairs: list[tuple[str, str]], max_model_len: int,
+               truncate_prompt_tokens: int | None) -> list[list[int]]:
+        """Every (query, document) pair's prompt ids; each template piece is tokenized for all pairs in one
+        batched call, and a query's head once for all its documents."""
         t = self.template
-        head = [self.tokenizer.bos_token_id] if t.bos else []
+        queries = list(dict.fromkeys(q for q, _ in pairs))
+        heads = {q: [self.tokenizer.bos_token_id] if t.bos else [] for q in queries}
         for piece in t.head:
-            head += self._ids(piece.format(query=query, instruction=t.instruction))
-        doc = self._ids(t.document.format(document=document))
-        total = len(head) + len(doc) + len(self.tail_ids)
+            for q, ids in zip(queries, self._ids([piece.format(query=q, instruction=t.instruction) for q in queries])):
+                heads[q] += ids
+        docs = self._ids([t.document.format(document=d) for _, d in pairs])
         limit = truncation_length(max_model_len, truncate_prompt_tokens)
-        if limit is None and total > max_model_len:
-            raise length_error(total, max_model_len)
-        if limit is not None and total > limit:  # cut the document, keep the question and the answer cue
-            doc = doc[:max(0, limit - len(head) - len(self.tail_ids))]
-        return head + doc + self.tail_ids
+        out = []
+        for (q, _), doc in zip(pairs, docs):
+            head = heads[q]
+            total = len(head) + len(doc) + len(self.tail_ids)
+            if limit is None and total > max_model_len:
+                raise length_error(total, max_model_len)
+            if limit is not None and total > limit:  # cut the document, keep the question and the answer cue
+                doc = doc[:max(0, limit - len(head) - len(self.tail_ids))]
+            out.append(head + doc + self.tail_ids)
+        return out
