@@ -1,4 +1,5 @@
 """Cumulative histograms with vLLM's bucket edges, cheap to snapshot for Prometheus."""
+import bisect
 from dataclasses import dataclass, field
 
 TTFT_BUCKETS = (0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0,
@@ -20,8 +21,7 @@ class Histogram:
         self.counts = [0] * (len(self.buckets) + 1)
 
     def observe(self, value: float) -> None:
-        i = next((i for i, edge in enumerate(self.buckets) if value <= edge), len(self.buckets))
-        self.counts[i] += 1
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1  # the first edge >= value; past all: +Inf
         self.sum += value
         self.count += 1
 

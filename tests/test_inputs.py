@@ -87,6 +87,21 @@ def test_truncate_prompt_tokens_for_encoders(embedder):
             embedder.embed(LONG, truncate_prompt_tokens=bad)
 
 
+def test_one_batched_call_encodes_as_one_call_per_input(embedder):
+    """Texts go through the tokenizer in one batch: short, cut and token-id inputs come out as alone."""
+    tok = embedder.get_tokenizer()
+    inputs = ["a short one", LONG, tok("two words")["input_ids"], list(range(5, 40)), LONG[:40]]
+    batch = embedder.embed(inputs, truncate_prompt_tokens=-1)
+    for x, out in zip(inputs, batch):
+        alone = embedder.embed([x], truncate_prompt_tokens=-1)[0]
+        assert out.prompt_token_ids == alone.prompt_token_ids
+        assert out.outputs.embedding == pytest.approx(alone.outputs.embedding, abs=1e-6)
+    assert batch[3].prompt_token_ids == list(range(24, 40))  # token ids over the limit keep their end
+    with pytest.raises(ValueError, match=r"maximum context length is 16 tokens"):
+        embedder.embed(["fine", LONG])  # one input too long fails the call, nothing left running
+    assert_pool_free(embedder)
+
+
 def test_truncate_prompt_tokens_for_decoders(generator):
     tok = generator.get_tokenizer()
     ids = tok(LONG)["input_ids"]
