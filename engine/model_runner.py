@@ -175,7 +175,10 @@ class ModelRunner:
                 sample_reqs.append(req)
         sampled, pooled = [], []
         if sample_reqs:
-            logits = self.model.compute_logits(hidden[sample_rows]).float()
+            # An all-decode step samples every row; otherwise the rows go over as a pinned copy (indexing with
+            # a list would copy from pageable memory and wait for the GPU before the head is even launched).
+            rows = hidden if len(sample_rows) == hidden.shape[0] else hidden[self._tensor(sample_rows)]
+            logits = self.model.compute_logits(rows).float()
             sampled = list(zip(sample_reqs, self.sampler(logits, sample_reqs)))
         if pool_reqs:
             starts, ends_t = self._tensor([s for s, _ in pool_spans]), self._tensor([e for _, e in pool_spans])
