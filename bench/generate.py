@@ -25,7 +25,6 @@ import os
 import random
 import time
 
-import numpy as np
 import torch
 
 from common import Section, load_scifact, matmul_gflops, pct, print_machine, quiet_transformers, ratio, table

@@ -205,8 +205,6 @@ class OpenAIIngress:
         return PlainTextResponse(text, media_type="text/plain; version=0.0.4; charset=utf-8")
 
 
-
-
 # ---- errors: every failure leaves in the one error shape --------------------------------------
 def error_response(exc: BaseException) -> JSONResponse:
     body, headers = to_error(exc)
