@@ -3,8 +3,8 @@
 Needs only torch, transformers, sentence-transformers and this repository's engine (no Ray). Rows:
   - SciFact embedding with all-MiniLM-L6-v2, fp32 and bf16: docs/s and NDCG@10, engine LLM.embed vs
     sentence-transformers encode (batch 128) at the same dtype;
-  - decode step ms and tok/s (a whole LLMEngine.step(), outputs final-only as LLM.generate takes them)
-    with 256 and 1,024 sequences running (128-token prompts) on a random
+  - decode step ms and tok/s (a whole LLMEngine.step(), outputs final-only as LLM.generate takes them),
+    async scheduling on (the CUDA default) and off, with 256 and 1,024 sequences running (128-token prompts) on a random
     1B-shape Llama (hidden 2048, 16 layers, 32/8 heads, vocab 49,152), bf16, vs Hugging Face's own
     decode step (DynamicCache) at the same batch;
   - 256 prompts x 128 tokens -> 128 tokens end to end, engine LLM.generate vs HF `generate`, one batch;
@@ -173,41 +173,49 @@ def embedding_rows(args, sizes: Sizes, device: torch.device, dtypes: list[str]) 
 
 
 def decode_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str, hf) -> list[list]:
-    """Engine decode steps with N running, against HF's decode step at the same N."""
-    from engine import SamplingParams
-    from engine.params import RequestOutputKind
+    """Engine decode steps with N running, async scheduling on (the default on CUDA) and off, against HF's
+    decode step at the same N."""
     rows, vocab = [], hf.config.vocab_size
     hf_dtype = hf.to(getattr(torch, dtype))
     for n in sizes.running:
         rng = random.Random(n)
         prompts = [random_ids(rng, sizes.prompt, vocab) for _ in range(n)]
-        tokens_per_seq = sizes.prompt + sizes.decode_steps + 8
-        llm = engine_llm(path, dtype, max_num_seqs=n, max_num_batched_tokens=max(8192, 2 * sizes.prompt),
-                         num_blocks=n * -(-tokens_per_seq // 16) + 8, max_model_len=tokens_per_seq + 16,
-                         device=str(device))
-        eng = llm.engine
-        # One output at the end, as LLM.generate and a non-streaming server request take them.
-        params = SamplingParams(temperature=0.0, max_tokens=sizes.decode_steps + 6, ignore_eos=True,
-                                output_kind=RequestOutputKind.FINAL_ONLY)
-        for i, ids in enumerate(prompts):
-            add_request(eng, f"d{i}", ids, params)
-        sched = eng.scheduler
-        while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
-            eng.step()  # the prefills, chunked by the token budget
-        for _ in range(2):
-            eng.step()
-        secs, _ = timed(device, lambda: [eng.step() for _ in range(sizes.decode_steps)])
-        step_ms = 1e3 * secs / sizes.decode_steps
-        while eng.has_unfinished():
-            eng.step()
-        del llm, eng
-        free(device)
         hf_ms = hf_decode_step_ms(hf_dtype, prompts, sizes.decode_steps, device)
-        rows.append([f"decode step, {n} running, random {args.decoder_shape}, {dtype}", "ms (tok/s)",
-                     f"{step_ms:.2f} ({n / step_ms * 1e3:,.0f})", f"{hf_ms:.2f} ({n / hf_ms * 1e3:,.0f})",
-                     ratio(hf_ms, step_ms), "", "HF forward step, DynamicCache"])
         free(device)
+        for async_scheduling in (True, False):
+            step_ms = engine_decode_step_ms(sizes, device, dtype, path, prompts, async_scheduling)
+            mode = "async scheduling" if async_scheduling else "synchronous scheduling"
+            rows.append([f"decode step, {n} running, random {args.decoder_shape}, {dtype}, {mode}", "ms (tok/s)",
+                         f"{step_ms:.2f} ({n / step_ms * 1e3:,.0f})", f"{hf_ms:.2f} ({n / hf_ms * 1e3:,.0f})",
+                         ratio(hf_ms, step_ms), "", "HF forward step, DynamicCache"])
     return rows
+
+
+def engine_decode_step_ms(sizes: Sizes, device: torch.device, dtype: str, path: str, prompts: list[list[int]],
+                          async_scheduling: bool) -> float:
+    from engine import SamplingParams
+    from engine.params import RequestOutputKind
+    n, tokens_per_seq = len(prompts), sizes.prompt + sizes.decode_steps + 8
+    llm = engine_llm(path, dtype, max_num_seqs=n, max_num_batched_tokens=max(8192, 2 * sizes.prompt),
+                     num_blocks=n * -(-tokens_per_seq // 16) + 8, max_model_len=tokens_per_seq + 16,
+                     device=str(device), async_scheduling=async_scheduling)
+    eng = llm.engine
+    # One output at the end, as LLM.generate and a non-streaming server request take them.
+    params = SamplingParams(temperature=0.0, max_tokens=sizes.decode_steps + 6, ignore_eos=True,
+                            output_kind=RequestOutputKind.FINAL_ONLY)
+    for i, ids in enumerate(prompts):
+        add_request(eng, f"d{i}", ids, params)
+    sched = eng.scheduler
+    while sched.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in sched.running):
+        eng.step()  # the prefills, chunked by the token budget
+    for _ in range(2):
+        eng.step()
+    secs, _ = timed(device, lambda: [eng.step() for _ in range(sizes.decode_steps)])
+    while eng.has_unfinished():
+        eng.step()
+    del llm, eng
+    free(device)
+    return 1e3 * secs / sizes.decode_steps
 
 
 @torch.inference_mode()

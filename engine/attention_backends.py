@@ -99,11 +99,16 @@ class AttentionBackend:
             ctx.decode_meta = self.decode.prepare(ctx, block_size)
 
 
-def select_attention_backend(device: torch.device, dtype: torch.dtype) -> AttentionBackend:
-    """The one place where CUDA-only kernels are chosen; everything else gets the portable ones."""
+def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> AttentionBackend:
+    """The one place where CUDA-only kernels are chosen; everything else gets the portable ones. Prefill on
+    CUDA: flash-attention varlen in fp16 / bf16 where it checks out, else FlexAttention (fp32 too)."""
     if device.type != "cuda":
         return AttentionBackend(PerSequencePrefill(), GatherDecode(dtype))
     from engine.flex_prefill import FlexPrefill, flex_available
     from engine.triton_decode import TritonPagedDecode, triton_available
-    return AttentionBackend(FlexPrefill(device) if flex_available() else PerSequencePrefill(),
-                            TritonPagedDecode() if triton_available() else GatherDecode(dtype))
+    from engine.varlen_prefill import VarlenPrefill, varlen_kernel
+    if head_dim is not None and (attend := varlen_kernel(device, dtype, head_dim)) is not None:
+        prefill = VarlenPrefill(device, attend)
+    else:
+        prefill = FlexPrefill(device) if flex_available() else PerSequencePrefill()
+    return AttentionBackend(prefill, TritonPagedDecode() if triton_available() else GatherDecode(dtype))

@@ -39,6 +39,10 @@ class EngineConfig:
     # (engine.quantization). On CPU a small batch's step is dominated by the dispatch of its many small
     # ops. Compiles when the engine starts (README: how long, and what it gains).
     torch_compile: bool = False
+    # Schedule and launch each step before the previous one's tokens reach the host, so host work overlaps the
+    # device's (vLLM's async scheduling). None: on where the device runs kernels asynchronously (CUDA); a CPU
+    # runs the model on the host's own cores, so nothing would overlap.
+    async_scheduling: bool | None = None
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     # Embed / score / classify inputs over max_model_len are cut to it instead of refused, as TEI's
     # --auto-truncate: for clients (LangChain, LlamaIndex) that cannot send truncate_prompt_tokens.
@@ -82,6 +86,9 @@ class EngineConfig:
         if self.device != "auto":
             return torch.device(self.device)
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+    def uses_async_scheduling(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype != "auto":

@@ -75,12 +75,13 @@ class KVCacheManager:
             self.req_num_cached[req.request_id] = min(self.req_num_cached[req.request_id], first)
 
     def _cache_full_blocks(self, req: Request, blocks: list[Block], num_tokens: int) -> None:
-        # A block is registered once the step that fills it is scheduled: its tokens are known,
-        # and every layer writes K/V before any attention reads it, even within the same step.
+        # A block is registered once the step that fills it is scheduled and its tokens are known (a token
+        # still being sampled by the step in flight is not): every layer writes K/V before any attention
+        # reads it, even within the same step.
         if not self.pool.enable_prefix_caching:
             return
         bs, done = self.block_size, self.req_num_cached.get(req.request_id, 0)
-        num_full = num_tokens // bs
+        num_full = min(num_tokens, req.num_tokens) // bs
         if num_full <= done:
             return
         hashes = self._hashes(req)

@@ -1,6 +1,7 @@
-"""The synchronous engine: requests in, one scheduled step at a time, outputs out."""
+"""The engine: requests in, one scheduled step at a time, outputs out."""
 import dataclasses
 import itertools
+from collections import deque
 from collections.abc import Callable
 import json
 import os
@@ -15,7 +16,7 @@ from engine.loader import (iter_weights, load_config, read_matryoshka_dims,
                            read_sentence_transformers_max_seq_length, read_sentence_transformers_pooling,
                            resolve_model)
 from engine.metrics import Stats
-from engine.model_runner import ModelRunner
+from engine.model_runner import ModelRunner, StepResult
 from engine.models import model_class
 from engine.output_processor import OutputProcessor
 from engine.outputs import PoolingJobOutput, RequestOutput
@@ -68,7 +69,7 @@ class LLMEngine:
             if config.torch_compile:  # decode steps: unless CUDA graphs replay them already
                 self.runner.compile(decode_steps=self.runner.decode_graphs is None)
             kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
-            self.runner.sampler = Sampler(eos)
+            self.runner.sampler = Sampler(eos, decide_on_host=device.type == "cpu")
         self.kv = kv
         self.scheduler = Scheduler(kv, config.max_num_batched_tokens, config.max_num_seqs,
                                    config.long_prefill_token_threshold)
@@ -79,6 +80,10 @@ class LLMEngine:
             config.block_size, kv.pool.num_blocks if kv else None, spec.hidden_size, self.matryoshka, self.yes_no,
             bi_encoder=self.task in ("embed", "score") and self.yes_no is None and spec.num_labels is None)
         self.output_processor = OutputProcessor(self.tokenizer, eos, self.max_model_len, self.normalize, self.stats)
+        # Async scheduling (vLLM's): the next step is scheduled and launched before this one's tokens reach the
+        # host, so the host's work overlaps the device's. Steps launched, results not yet processed:
+        self.async_scheduling = config.uses_async_scheduling(device)
+        self._in_flight: deque[StepResult] = deque()
         # Called with a stats snapshot when a step's batch starts (AsyncLLM publishes it to /metrics).
         self.on_batch_start: Callable[[dict], None] | None = None
         self._ids = itertools.count()
@@ -175,19 +180,30 @@ class LLMEngine:
                 self.stats.request_success_total["abort"] += 1
 
     def has_unfinished(self) -> bool:
-        return self.scheduler.has_work()
+        return self.scheduler.has_work() or bool(self._in_flight)
 
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput | PoolingJobOutput]:
+        """Launches a step and returns the outputs of the one before it (async scheduling) or its own."""
+        outputs = []
+        if self._in_flight and any(r.sampling_params.has_penalties for r in self.scheduler.running
+                                   if not r.is_pooling):
+            outputs = self._process(self._in_flight.popleft())  # penalties read the tokens so far
+        launched = self._launch()
+        if len(self._in_flight) > (1 if launched and self.async_scheduling else 0):
+            outputs += self._process(self._in_flight.popleft())
+        return outputs
+
+    def _launch(self) -> bool:
         sched = self.scheduler.schedule()
         if not sched.requests:
-            return []
+            return False
         if self.on_batch_start is not None:
             # A pooling request finishes in the step that runs it: only a snapshot taken now shows it
             # running, as vLLM counts the batch it executes.
             self.on_batch_start(self.stats_snapshot())
         try:
-            sampled, pooled = self.runner.execute(sched)
+            result = self.runner.execute(sched)
         except BaseException:
             # Blocks were registered in the prefix cache when scheduled; this step wrote none of them.
             if self.kv is not None:
@@ -196,8 +212,17 @@ class LLMEngine:
             raise
         for req, n in zip(sched.requests, sched.num_tokens):
             req.num_computed_tokens += n
-        for req, _ in pooled:
+        for req in result.sampled_reqs:
+            req.num_pending_tokens += 1
+        for req in result.pooled_reqs:  # done with the scheduler: the next step must not see it running
             self.scheduler.finish(req, RequestStatus.FINISHED_STOPPED)
+        self._in_flight.append(result)
+        return True
+
+    def _process(self, result: StepResult) -> list[RequestOutput | PoolingJobOutput]:
+        sampled, pooled = result.get()
+        for req, _ in sampled:
+            req.num_pending_tokens -= 1
         outputs: list[RequestOutput | PoolingJobOutput] = self.output_processor.process_pooled(pooled)
         generated, finished = self.output_processor.process_sampled(sampled)
         for req, status in finished:

@@ -1,5 +1,6 @@
 """Packs a scheduled step into flat tensors, runs the model, pools or samples the results."""
 import itertools
+from dataclasses import dataclass
 
 import torch
 
@@ -11,8 +12,26 @@ from engine.models import model_class
 from engine.pooling import pool_segments
 from engine.quantization import compile_int8_layers, quantize_decoder
 from engine.request import Request
-from engine.sampler import SampledToken, Sampler
+from engine.sampler import SampledToken, Sampler, SamplerOutput
 from engine.scheduler import SchedulerOutput
+from engine.transfer import to_device, to_host
+
+
+@dataclass(slots=True)
+class StepResult:
+    """What a launched step computes, on its way to the host. get() waits for the step: at once without
+    async scheduling, one step later with it, while the device runs the next step."""
+    sampled_reqs: list[Request]
+    sampled: SamplerOutput | None
+    pooled_reqs: list[Request]
+    pooled: torch.Tensor | None  # [len(pooled_reqs), ...] on the host
+    done: torch.cuda.Event | None  # recorded after the copies to the host; None on the CPU
+
+    def get(self) -> tuple[list[tuple[Request, SampledToken]], list[tuple[Request, torch.Tensor]]]:
+        if self.done is not None:
+            self.done.synchronize()
+        sampled = list(zip(self.sampled_reqs, self.sampled.tokens())) if self.sampled is not None else []
+        return sampled, list(zip(self.pooled_reqs, self.pooled)) if self.pooled is not None else []
 
 
 class ModelRunner:
@@ -29,8 +48,9 @@ class ModelRunner:
         if quantization is not None:
             quantize_decoder(self.model, quantization, logits_head=generates)  # config checked the method
         self.is_decoder = model.is_decoder
-        self.attention_backend = select_attention_backend(device, dtype)
-        for attn in self.model.attention_layers:
+        layers = self.model.attention_layers
+        self.attention_backend = select_attention_backend(device, dtype, layers[0].head_dim if layers else None)
+        for attn in layers:
             attn.backend = self.attention_backend
         self.block_size = 0
         self.num_blocks = 0
@@ -39,6 +59,10 @@ class ModelRunner:
         self.sampler: Sampler | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self.compiled_decode: CompiledDecode | None = None
+        # The latest step's sampled tokens, still on the device, and each sampling request's row in them:
+        # with async scheduling the next step takes its inputs from there before the host has them.
+        self._last_sampled: torch.Tensor | None = None
+        self._last_rows: dict[Request, int] = {}
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         s = self.model.spec
@@ -78,15 +102,19 @@ class ModelRunner:
             self.compiled_decode.warm_up(self)
 
     @torch.inference_mode()
-    def execute(self, sched: SchedulerOutput) -> tuple[list[tuple[Request, SampledToken]],
-                                                       list[tuple[Request, torch.Tensor]]]:
+    def execute(self, sched: SchedulerOutput) -> StepResult:
+        """Launches the step; the device may still be running it when this returns."""
         # Prefill chunks first, then single-token decodes, so decodes form one batch at the end.
         pairs = sorted(zip(sched.requests, sched.num_tokens), key=lambda rn: self._is_decode(*rn))
         reqs, counts = [r for r, _ in pairs], [n for _, n in pairs]
-        ids, types = [], []
+        ids, types, pending_at, pending_rows = [], [], [], []
         for req, n in zip(reqs, counts):
             c = req.num_computed_tokens
             ids.extend(req.token_ids[c:c + n])
+            if req.num_pending_tokens and c + n > req.num_tokens:  # its last token is the latest step's draw
+                pending_at.append(len(ids))
+                pending_rows.append(self._last_rows[req])
+                ids.append(0)
             if req.token_type_ids is not None:
                 types.extend(req.token_type_ids[c:c + n])
         ends = list(itertools.accumulate(counts))
@@ -96,6 +124,8 @@ class ModelRunner:
                                                                               output_size=len(ids))
         pos = torch.arange(len(ids), device=self.device) + offsets[rows]
         input_ids = self._tensor(ids)
+        if pending_at:
+            input_ids[self._tensor(pending_at)] = self._last_sampled[self._tensor(pending_rows)]
         token_types = self._tensor(types) if types else None
         all_decode = all(self._is_decode(r, n) for r, n in pairs)
         if self.decode_graphs is not None and all_decode and len(reqs) <= self.decode_graphs.max_batch:
@@ -110,9 +140,7 @@ class ModelRunner:
         return self._outputs(hidden, reqs, counts, ends)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
-        # Host buffers are pinned on CUDA so the copy to the device does not stall the host.
-        pinned = self.device.type == "cuda"
-        return torch.tensor(values, dtype=torch.long, pin_memory=pinned).to(self.device, non_blocking=pinned)
+        return to_device(values, self.device)
 
     def _is_decode(self, req: Request, n: int) -> bool:
         return self.is_decoder and n == 1 and req.num_computed_tokens > 0
@@ -158,14 +186,14 @@ class ModelRunner:
         ctx.num_prefill_tokens = start
         if decodes:
             ctx.decode_block_table = table[decodes, :-(-max(lengths) // bs)]
-            ctx.decode_context_lens = torch.tensor(lengths, dtype=torch.int32, device=dev)
+            ctx.decode_context_lens = to_device(lengths, dev, torch.int32)
         self.attention_backend.prepare(ctx, bs)
         return ctx
 
-    def _outputs(self, hidden, reqs, counts, ends):
+    def _outputs(self, hidden, reqs, counts, ends) -> StepResult:
         sample_rows, sample_reqs, pool_reqs, pool_spans = [], [], [], []
         for req, n, end in zip(reqs, counts, ends):
-            if req.num_computed_tokens + n < req.num_tokens:
+            if req.num_computed_tokens + n < req.num_tokens_with_pending:
                 continue  # a prefill chunk with more to come
             if req.is_pooling:
                 pool_reqs.append(req)
@@ -173,18 +201,22 @@ class ModelRunner:
             else:
                 sample_rows.append(end - 1)
                 sample_reqs.append(req)
-        sampled, pooled = [], []
+        sampled = pooled = None
         if sample_reqs:
             # An all-decode step samples every row; otherwise the rows go over as a pinned copy (indexing with
             # a list would copy from pageable memory and wait for the GPU before the head is even launched).
             rows = hidden if len(sample_rows) == hidden.shape[0] else hidden[self._tensor(sample_rows)]
             logits = self.model.compute_logits(rows).float()
-            sampled = list(zip(sample_reqs, self.sampler(logits, sample_reqs)))
+            sampled = self.sampler(logits, sample_reqs)
+            self._last_sampled, self._last_rows = sampled.token_ids, {r: i for i, r in enumerate(sample_reqs)}
         if pool_reqs:
             starts, ends_t = self._tensor([s for s, _ in pool_spans]), self._tensor([e for _, e in pool_spans])
-            heads = self._head(pool_segments(hidden, starts, ends_t, self._pooling_method)).float().cpu()
-            pooled = list(zip(pool_reqs, heads))
-        return sampled, pooled
+            pooled = to_host(self._head(pool_segments(hidden, starts, ends_t, self._pooling_method)).float())
+        done = None
+        if self.device.type == "cuda":
+            done = torch.cuda.Event()
+            done.record()
+        return StepResult(sample_reqs, sampled, pool_reqs, pooled, done)
 
     @property
     def _pooling_method(self) -> str:

@@ -92,11 +92,15 @@ class OutputProcessor:
     # ---- generation ---------------------------------------------------------------------------
     def process_sampled(self, sampled: list[tuple[Request, SampledToken]]
                         ) -> tuple[list[RequestOutput], list[tuple[Request, RequestStatus]]]:
-        """Outputs to emit, and the requests that finished (for the scheduler to release)."""
+        """Outputs to emit, and the requests that finished (for the scheduler to release). A token drawn
+        after its sequence ended (aborted, or stopped by the token before it while async scheduling had
+        already launched the next step) is dropped."""
         now = time.monotonic()
         touched: dict[str, list[_Sequence]] = {}
         finished = []
         for req, tok in sampled:
+            if req.status.finished:
+                continue
             gen = self.generations[self.parent_of[req.request_id]]
             seq = gen.sequences[0] if len(gen.sequences) == 1 else self._sequence(gen, req)
             status = self._append_token(seq, tok, now)
@@ -192,11 +196,13 @@ class OutputProcessor:
 
     # ---- pooling ------------------------------------------------------------------------------
     def process_pooled(self, pooled: list[tuple[Request, torch.Tensor]]) -> list[PoolingJobOutput]:
-        """One output per call whose last input this step finished."""
+        """One output per call whose last input this step finished (none for a call aborted meanwhile)."""
         done = []
         for req, data in pooled:
+            rid = self.parent_of.pop(req.request_id, None)
+            if rid is None:
+                continue
             self.stats.prompt_tokens_total += req.num_prompt_tokens
-            rid = self.parent_of.pop(req.request_id)
             state = self.pooling[rid]
             state.results[req.request_id] = data
             if len(state.results) == len(state.job.requests):

@@ -69,6 +69,11 @@ class SamplingParams:
                 raise ValueError(f"{name} {why}, got {getattr(self, name)!r}")
 
     @property
+    def has_penalties(self) -> bool:
+        """Penalties read the tokens generated so far, so their values must be on the host."""
+        return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
+
+    @property
     def greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1
 

@@ -34,6 +34,8 @@ class Request:
     max_tokens: int = 0  # output budget resolved against max_model_len
     num_prompt_tokens: int = 0
     num_computed_tokens: int = 0
+    # Tokens sampled by a step still in flight (async scheduling): counted, not yet in token_ids.
+    num_pending_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
     block_ids: list[int] = field(default_factory=list)
     status: RequestStatus = RequestStatus.WAITING
@@ -59,6 +61,14 @@ class Request:
     @property
     def num_output_tokens(self) -> int:
         return len(self.token_ids) - self.num_prompt_tokens
+
+    @property
+    def num_tokens_with_pending(self) -> int:
+        return len(self.token_ids) + self.num_pending_tokens
+
+    @property
+    def num_outputs_with_pending(self) -> int:
+        return self.num_output_tokens + self.num_pending_tokens
 
     @property
     def output_token_ids(self) -> list[int]:

@@ -10,6 +10,7 @@ import torch
 from engine.outputs import Logprob
 from engine.params import SamplingParams
 from engine.request import Request
+from engine.transfer import to_device, to_host
 
 # top_p first looks among this many most likely tokens: a full sort costs ~2 ms per row of a 50k
 # vocabulary on CPU, and rows whose top_p mass lies beyond the candidates fall back to it.
@@ -30,25 +31,48 @@ class SampledToken:
     logprobs: dict[int, Logprob] | None  # sampled token first, then the top `params.logprobs`
 
 
-def _penalised(p: SamplingParams) -> bool:
-    return p.repetition_penalty != 1.0 or p.presence_penalty != 0.0 or p.frequency_penalty != 0.0
+@dataclass(slots=True)
+class SamplerOutput:
+    """A step's draws: on the device for the next step's inputs, and on their way to the host, where
+    tokens() reads them once the step is done."""
+    token_ids: torch.Tensor  # [B] on the device
+    host_token_ids: torch.Tensor
+    params: list[SamplingParams]
+    logprob_rows: list[int]  # rows that asked for logprobs, and theirs: sampled logprob, rank, top values, top ids
+    host_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
+
+    def tokens(self) -> list[SampledToken]:
+        ids = self.host_token_ids.tolist()
+        out = [SampledToken(t, None, None) for t in ids]
+        if self.host_logprobs is None:
+            return out
+        for i, value, rank, tl, ti in zip(self.logprob_rows, *(t.tolist() for t in self.host_logprobs)):
+            d = {ids[i]: Logprob(value, rank)}
+            for r, (t, v) in enumerate(zip(ti[:self.params[i].logprobs], tl), start=1):
+                d.setdefault(t, Logprob(v, r))
+            out[i].logprob, out[i].logprobs = value, d
+        return out
 
 
 def _column(values: list, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
-    return torch.tensor(values, dtype=dtype).to(like.device, non_blocking=True).unsqueeze(1)
+    return to_device(values, like.device, dtype).unsqueeze(1)
 
 
 class Sampler:
-    def __init__(self, eos_token_ids: set[int]):
+    def __init__(self, eos_token_ids: set[int], decide_on_host: bool = True):
         self.eos_token_ids = set(eos_token_ids)
+        # Whether a rare branch is taken after asking the host if any row needs it (the CPU). On an
+        # accelerator that question waits for the step to finish, so async scheduling could not overlap
+        # the next step with it: the branch runs for every row and is kept where it applies.
+        self.decide_on_host = decide_on_host
         # Keys for unseeded requests, fresh each step; seeded requests never touch it.
         self.generator = torch.Generator()
         self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
         params = [r.sampling_params for r in requests]
-        penalised = [i for i, p in enumerate(params) if _penalised(p)]
-        blocked = self._blocked(requests, logits.shape[1])
+        penalised = [i for i, p in enumerate(params) if p.has_penalties]
+        blocked = self._blocked(requests, logits.shape[1], logits.device)
         biased = [i for i, p in enumerate(params) if p.logit_bias]
         if not penalised and blocked is None and not biased and all(p.greedy for p in params):
             token_ids = logits.argmax(-1)
@@ -59,24 +83,25 @@ class Sampler:
                 apply_penalties(x, penalised, requests)
             for i in biased:  # rare: per request
                 bias = params[i].logit_bias
-                x[i, list(bias)] += torch.tensor(list(bias.values()), device=x.device)
+                x[i, to_device(list(bias), x.device)] += to_device(list(bias.values()), x.device, torch.float32)
             if blocked is not None:
                 x[blocked] = float("-inf")
             token_ids = self._sample(x, requests)
-        return _outputs(logits, token_ids, params)
+        return _output(logits, token_ids, params)
 
-    def _blocked(self, requests: list[Request], vocab: int) -> tuple[torch.Tensor, torch.Tensor] | None:
+    def _blocked(self, requests: list[Request], vocab: int,
+                 device: torch.device) -> tuple[torch.Tensor, torch.Tensor] | None:
         """(rows, ids) of stop and eos ids for requests still short of min_tokens."""
         rows, ids = [], []
         for i, r in enumerate(requests):
             p = r.sampling_params
-            if r.num_output_tokens >= p.min_tokens:
+            if r.num_outputs_with_pending >= p.min_tokens:
                 continue
             stop = set(p.stop_token_ids) if p.ignore_eos else self.eos_token_ids | set(p.stop_token_ids)
             stop = [t for t in stop if 0 <= t < vocab]
             rows += [i] * len(stop)
             ids += stop
-        return (torch.tensor(rows), torch.tensor(ids)) if rows else None
+        return (to_device(rows, device), to_device(ids, device)) if rows else None
 
     def _sample(self, x: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
@@ -85,11 +110,12 @@ class Sampler:
         if not rows:
             return token_ids
         sampled = [requests[i] for i in rows]
-        w = _weights(x if every else x[rows], [r.sampling_params for r in sampled])
-        picked = self._draw(w, self._keys(sampled).to(x.device))
+        rows_t = to_device(rows, x.device)
+        w = _weights(x if every else x[rows_t], [r.sampling_params for r in sampled])
+        picked = self._draw(w, to_device(self._keys(sampled), x.device))
         if every:
             return picked
-        token_ids[rows] = picked
+        token_ids[rows_t] = picked
         return token_ids
 
     def _keys(self, requests: list[Request]) -> torch.Tensor:
@@ -100,7 +126,7 @@ class Sampler:
         keys = torch.randint(-(1 << 63), (1 << 63) - 1, (len(requests),), generator=self.generator)
         if any(seeded):
             seeds = torch.tensor([(r.seed if s else 0) % (1 << 63) for r, s in zip(requests, seeded)])
-            positions = torch.tensor([r.num_output_tokens for r in requests])
+            positions = torch.tensor([r.num_outputs_with_pending for r in requests])
             keys = torch.where(torch.tensor(seeded), _mix(_mix(seeds) + positions * _GOLDEN), keys)
         return keys
 
@@ -120,6 +146,9 @@ class Sampler:
         tail = w.scatter_(1, head_ids, 0.0)  # w is ours: the tail's weights, the head's zeroed
         tail_entrant = _exponential(keys, torch.full_like(keys, vocab))
         in_tail = tail_entrant / tail.sum(-1) < head_time
+        if not self.decide_on_host:
+            ids = torch.arange(vocab, device=w.device)
+            return torch.where(in_tail, (_exponential(keys.unsqueeze(1), ids) / tail).argmin(-1), token_ids)
         if in_tail.any():
             ids = torch.arange(vocab, device=w.device)
             token_ids[in_tail] = (_exponential(keys[in_tail].unsqueeze(1), ids) / tail[in_tail]).argmin(-1)
@@ -176,9 +205,10 @@ def _weights(x: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:
     passes over [B, V]: no step needs a normalised softmax."""
     temperature = _column([p.temperature for p in ps], x)
     w = (x - x.amax(-1, keepdim=True)).div_(temperature).exp_()
-    k = _column([min(p.top_k, w.shape[1]) for p in ps], x, torch.long).squeeze(1)
-    if any(p.top_k for p in ps):
-        kth = w.topk(int(k.max()), -1).values.gather(1, (k.clamp(min=1) - 1).unsqueeze(1))
+    top_k = [min(p.top_k, w.shape[1]) for p in ps]
+    if any(top_k):
+        k = _column(top_k, x, torch.long).squeeze(1)
+        kth = w.topk(max(top_k), -1).values.gather(1, (k.clamp(min=1) - 1).unsqueeze(1))
         w.masked_fill_((k > 0).unsqueeze(1) & (w < kth), 0.0)
     rows = [j for j, p in enumerate(ps) if p.top_p < 1.0]
     if rows:
@@ -206,27 +236,19 @@ def _top_p_drop(w: torch.Tensor, top_p: torch.Tensor, k: int) -> torch.Tensor:
     return drop
 
 
-def _outputs(logits: torch.Tensor, token_ids: torch.Tensor,
-             params: list[SamplingParams]) -> list[SampledToken]:
-    ids = token_ids.tolist()
-    out = [SampledToken(t, None, None) for t in ids]
-    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+def _output(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> SamplerOutput:
+    out = SamplerOutput(token_ids, to_host(token_ids), params, [i for i, p in enumerate(params) if p.logprobs is not None])
+    rows = out.logprob_rows
     if not rows:
         return out
     # vLLM v1's default "raw_logprobs": before penalties, temperature and truncation.
     # logprob = logit - logsumexp, without materialising a [B, V] log_softmax.
-    x = logits if len(rows) == len(params) else logits[rows]
+    rows_t = to_device(rows, logits.device)
+    x = logits if len(rows) == len(params) else logits[rows_t]
     lse = x.float().logsumexp(-1, keepdim=True)
-    chosen = token_ids[rows].unsqueeze(1)
-    chosen_logit = x.gather(1, chosen)
-    ranks = ((x > chosen_logit).sum(-1) + 1).tolist()
-    chosen_lp = chosen_logit.float() - lse
+    chosen_logit = x.gather(1, token_ids[rows_t].unsqueeze(1))
+    ranks = (x > chosen_logit).sum(-1) + 1
     top_logits, top_ids = x.topk(max(params[i].logprobs for i in rows), -1)
-    top_lp = top_logits.float() - lse
-    for i, value, rank, tl, ti in zip(rows, chosen_lp.squeeze(1).tolist(), ranks, top_lp.tolist(),
-                                      top_ids.tolist()):
-        d = {ids[i]: Logprob(value, rank)}
-        for r, (t, v) in enumerate(zip(ti[:params[i].logprobs], tl), start=1):
-            d.setdefault(t, Logprob(v, r))
-        out[i].logprob, out[i].logprobs = value, d
+    out.host_logprobs = tuple(to_host(t) for t in ((chosen_logit.float() - lse).squeeze(1), ranks,
+                                                   top_logits.float() - lse, top_ids))
     return out

@@ -15,6 +15,7 @@ from engine.attention_backends import AttentionBackend, GatherDecode, PerSequenc
 from engine.context import Context, PrefillSpan
 from engine.cuda_graphs import capture_sizes
 from engine.flex_prefill import FlexPrefill
+from engine.varlen_prefill import VarlenPrefill, reference_attend, varlen_kernel
 from engine.pooling import pool_segments
 
 from test_decoders import PROMPTS, SHARED, greedy, ref, run_staggered  # noqa: F401  (ref is a fixture)
@@ -71,16 +72,47 @@ CASES = {"encoder": (12, 12, 8, [(0, 5), (0, 131), (0, 1), (0, 40)], False),
          "decoder, cached and chunked context": (4, 2, 8, [(9, 3), (0, 20), (130, 140), (1, 1), (5, 0 + 12)], True)}
 
 
+CPU = torch.device("cpu")
+PREFILLS = {"per_sequence": PerSequencePrefill, "flex": lambda: FlexPrefill(CPU, compile=False),
+            # The varlen backend's packing (offsets, cached-context keys, GQA) around the kernel's reference.
+            "varlen": lambda: VarlenPrefill(CPU, reference_attend)}
+
+
 @pytest.mark.parametrize("case", CASES)
-@pytest.mark.parametrize("kernel", ["per_sequence", "flex"])
+@pytest.mark.parametrize("kernel", PREFILLS)
 def test_varlen_prefill_matches_per_sequence_attention(case, kernel):
     heads, kv_heads, dim, chunks, causal = CASES[case]
     attn = layer(heads, kv_heads, dim, num_blocks=256)
     q, k, v, ctx, want = step(attn, chunks, causal, seed=len(case))
-    prefill = PerSequencePrefill() if kernel == "per_sequence" else FlexPrefill(torch.device("cpu"), compile=False)
+    prefill = PREFILLS[kernel]()
     ctx.prefill_meta = prefill.prepare(ctx)
     got = prefill(attn, q, k, v, ctx)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
+
+
+def test_flash_varlen_is_chosen_only_where_it_checks_out():
+    assert varlen_kernel(CPU, torch.bfloat16, 64) is None
+    if torch.cuda.is_available():
+        assert varlen_kernel(torch.device("cuda"), torch.float32, 64) is None  # flash attention: fp16 / bf16 only
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs CUDA")
+@pytest.mark.parametrize("case", CASES)
+def test_flash_varlen_prefill_matches_per_sequence_attention(case):
+    heads, kv_heads, dim, chunks, causal = CASES[case]
+    attend = varlen_kernel(torch.device("cuda"), torch.bfloat16, dim)
+    if attend is None:
+        pytest.skip("this torch has no flash-attention varlen call that matches SDPA")
+    attn = layer(heads, kv_heads, dim, num_blocks=256)
+    q, k, v, ctx, want = step(attn, chunks, causal, seed=len(case))
+    attn.k_cache, attn.v_cache = attn.k_cache.cuda().bfloat16(), attn.v_cache.cuda().bfloat16()
+    for span in ctx.prefills:
+        span.context_slots = None if span.context_slots is None else span.context_slots.cuda()
+    ctx.slot_mapping = ctx.slot_mapping.cuda()
+    prefill = VarlenPrefill(torch.device("cuda"), attend)
+    ctx.prefill_meta = prefill.prepare(ctx)
+    got = prefill(attn, *(t.cuda().bfloat16() for t in (q, k, v)), ctx)
+    torch.testing.assert_close(got.float().cpu(), want, atol=3e-2, rtol=3e-2)
 
 
 def test_flex_block_mask_skips_other_sequences_tiles():
@@ -153,18 +185,19 @@ def test_capture_sizes_follow_vllm():
     assert capture_sizes(40) == [1, 2, 4, 8, 16, 24, 32, 40]
 
 
-def use_flex_prefill(llm: LLM) -> None:
-    backend = AttentionBackend(FlexPrefill(llm.engine.runner.device, compile=False), GatherDecode())
+def use_prefill(llm: LLM, kernel: str) -> None:
+    backend = AttentionBackend(PREFILLS[kernel](), GatherDecode())
     llm.engine.runner.attention_backend = backend
     for attn in llm.engine.runner.model.attention_layers:
         attn.backend = backend
 
 
+@pytest.mark.parametrize("kernel", ["flex", "varlen"])
 @pytest.mark.parametrize("arch", ["llama3-gqa", "qwen3"])
-def test_flex_prefill_engine_matches_hf_with_chunks_and_cache_hits(arch, tiny_model, ref):  # noqa: F811
+def test_one_call_prefill_engine_matches_hf_with_chunks_and_cache_hits(arch, kernel, tiny_model, ref):  # noqa: F811
     llm = LLM(tiny_model(arch), dtype="float32", block_size=8, max_num_batched_tokens=24,
               long_prefill_token_threshold=13)
-    use_flex_prefill(llm)
+    use_prefill(llm, kernel)
     for out in llm.generate(PROMPTS + SHARED, greedy()):
         ref(arch).check(out)
     for out in llm.generate(SHARED, greedy()):  # prefix-cache hits: chunks after cached context
@@ -172,20 +205,24 @@ def test_flex_prefill_engine_matches_hf_with_chunks_and_cache_hits(arch, tiny_mo
         assert out.num_cached_tokens > 0
 
 
-def test_flex_prefill_encoder_matches_per_sequence(tiny_model):
+@pytest.mark.parametrize("kernel", ["flex", "varlen"])
+def test_one_call_prefill_encoder_matches_per_sequence(kernel, tiny_model):
     texts = PROMPTS + [PROMPTS[3] + " " + PROMPTS[2]]
     llm = LLM(tiny_model("bert"), dtype="float32")
     want = [o.outputs.embedding for o in llm.embed(texts)]
-    use_flex_prefill(llm)
+    use_prefill(llm, kernel)
     got = [o.outputs.embedding for o in llm.embed(texts)]
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-5, rtol=1e-4)
 
 
-def test_padded_decode_graph_buffers_match_hf(tiny_model, ref):  # noqa: F811
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_padded_decode_graph_buffers_match_hf(async_scheduling, tiny_model, ref):  # noqa: F811
     """The static buffers CUDA graphs replay, run eagerly: decodes padded up to a captured size, padding
-    rows parked in the scratch block, staggered arrivals so the batch size changes every few steps."""
+    rows parked in the scratch block, staggered arrivals so the batch size changes every few steps; with
+    async scheduling, inputs that are the previous step's draws, still on the device."""
     arch = "llama3-gqa"
-    llm = LLM(tiny_model(arch), dtype="float32", block_size=8, max_num_seqs=6, enforce_eager=True)
+    llm = LLM(tiny_model(arch), dtype="float32", block_size=8, max_num_seqs=6, enforce_eager=True,
+              async_scheduling=async_scheduling)
     llm.engine.runner.capture_decode_graphs(6, capture=False)
     graphs, ran = llm.engine.runner.decode_graphs, []
     run = graphs.run

@@ -18,13 +18,19 @@ def req(prompt=(1, 2), output=(), seed=None, **params) -> Request:
                    num_prompt_tokens=len(prompt), seed=seed)
 
 
+class HostSampler(Sampler):
+    """The draws read back on the host at once, as the engine reads a step's when it is done."""
+    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
+        return super().__call__(logits, requests).tokens()
+
+
 def ids(out: list[SampledToken]) -> list[int]:
     return [t.token_id for t in out]
 
 
 @pytest.fixture
 def sampler() -> Sampler:
-    return Sampler({EOS})
+    return HostSampler({EOS})
 
 
 def test_greedy_is_argmax(sampler):
@@ -64,7 +70,7 @@ def test_seeded_request_is_reproducible_in_any_batch():
     target = dict(temperature=0.9, top_p=0.95, top_k=40, min_p=0.01)
 
     def run(others) -> list[int]:
-        sampler, r, picked = Sampler({EOS}), req(seed=1234, **target), []
+        sampler, r, picked = HostSampler({EOS}), req(seed=1234, **target), []
         for _ in range(30):
             batch = others[:2] + [r] + others[2:]
             logits = torch.cat([torch.randn(2, V, generator=gen), target_logits,
@@ -83,9 +89,9 @@ def test_seeded_request_is_reproducible_in_any_batch():
 
 def test_a_seeded_draw_depends_only_on_seed_position_and_logits():
     logits = torch.randn(1, V, generator=torch.Generator().manual_seed(8))
-    once = Sampler({EOS})(logits, [req(seed=99, temperature=1.0, output=(4, 5))])
+    once = HostSampler({EOS})(logits, [req(seed=99, temperature=1.0, output=(4, 5))])
     # Other samplers, other draws before it, other rows beside it: the same token.
-    busy = Sampler({EOS})
+    busy = HostSampler({EOS})
     for _ in range(5):
         busy(torch.randn(3, V), [req(temperature=1.0), req(seed=99, temperature=1.0), req(seed=5, temperature=1.0)])
     crowd = busy(torch.cat([torch.randn(2, V), logits]),
@@ -95,8 +101,8 @@ def test_a_seeded_draw_depends_only_on_seed_position_and_logits():
 
 def test_seeds_and_positions_give_different_draws():
     logits = torch.zeros(1, V)  # uniform: every draw is the noise alone
-    by_seed = {Sampler(set())(logits, [req(seed=s, temperature=1.0)])[0].token_id for s in range(40)}
-    by_position = {Sampler(set())(logits, [req(seed=1, temperature=1.0, output=(5,) * n)])[0].token_id
+    by_seed = {HostSampler(set())(logits, [req(seed=s, temperature=1.0)])[0].token_id for s in range(40)}
+    by_position = {HostSampler(set())(logits, [req(seed=1, temperature=1.0, output=(5,) * n)])[0].token_id
                    for n in range(40)}
     assert len(by_seed) > 20 and len(by_position) > 20
 
@@ -109,17 +115,22 @@ def test_a_rounding_difference_in_the_logits_rarely_changes_a_seeded_draw():
     logits = torch.randn(400, vocab, generator=g) * 2.0
     nudged = (logits + 0.02 * torch.randn(400, vocab, generator=g)).to(torch.bfloat16).float()
     reqs = [req(seed=1000 + i, temperature=1.0) for i in range(400)]
-    a, b = ids(Sampler(set())(logits, reqs)), ids(Sampler(set())(nudged, reqs))
+    a, b = ids(HostSampler(set())(logits, reqs)), ids(HostSampler(set())(nudged, reqs))
     assert len(set(a)) > 200  # it really sampled
     assert sum(x != y for x, y in zip(a, b)) <= 12
 
 
-def test_the_draw_beyond_the_race_candidates_is_exact():
-    """Most of the mass outside the raced tokens: tokens there come out at their probabilities."""
+@pytest.mark.parametrize("decide_on_host", [True, False])
+def test_the_draw_beyond_the_race_candidates_is_exact(decide_on_host):
+    """Most of the mass outside the raced tokens: tokens there come out at their probabilities, whether the
+    host picks the rows that race the rest (CPU) or every row does (accelerators)."""
     vocab = RACE_CANDIDATES * 8
     logits = torch.zeros(4000, vocab)
     logits[:, 0] = math.log(vocab)  # token 0 holds about half of the mass
-    got = torch.tensor(ids(Sampler(set())(logits, [req(seed=i, temperature=1.0) for i in range(4000)])))
+    reqs = [req(seed=i, temperature=1.0) for i in range(4000)]
+    got = torch.tensor(ids(HostSampler(set(), decide_on_host)(logits, reqs)))
+    if not decide_on_host:
+        assert got.tolist() == ids(HostSampler(set())(logits, reqs))  # the same draws either way
     p0 = vocab / (vocab + vocab - 1)
     assert abs((got == 0).float().mean().item() - p0) < 0.03
     assert (got >= RACE_CANDIDATES).float().mean().item() == pytest.approx((1 - p0) * (vocab - RACE_CANDIDATES)
@@ -190,7 +201,7 @@ def test_sampled_token_is_always_inside_the_truncated_set(row, top_k, top_p, min
     row = [v / 100 for v in row]  # distinct logits, so no ties decide anything
     allowed = allowed_by_hand(row, temperature, top_k, top_p, min_p)
     assume(allowed is not None)
-    sampler = Sampler(set())
+    sampler = HostSampler(set())
     params = dict(top_k=top_k, top_p=top_p, min_p=min_p, temperature=temperature)
     logits = torch.tensor([row] * 20)
     got = ids(sampler(logits, [req(seed=seed + i, **params) for i in range(10)]
@@ -293,7 +304,7 @@ def test_the_seeded_stream_lives_in_the_request():
     def draws() -> list[int]:
         r, out = req(seed=42, temperature=1.0), []
         for _ in range(200):
-            out.append(Sampler(set())(logits, [r])[0].token_id)  # a new sampler each step
+            out.append(HostSampler(set())(logits, [r])[0].token_id)  # a new sampler each step
             r.token_ids.append(out[-1])
         return out
     draws_a, draws_b = draws(), draws()

@@ -294,9 +294,10 @@ def test_cli_takes_vllm_serve_commands():
     ns, _ = cli.parser().parse_known_args(["serve", MINILM, "--task", "embed", "--auto-truncate"])
     assert cli.app_args(ns).models[0].engine_config({})["auto_truncate"] is True
     ns, _ = cli.parser().parse_known_args(["serve", "HuggingFaceTB/SmolLM2-135M-Instruct", "-q", "int8",
-                                           "--torch-compile", "--enforce-eager"])
+                                           "--torch-compile", "--enforce-eager", "--no-async-scheduling"])
     config = cli.app_args(ns).models[0].engine_config({})
-    assert (config["quantization"], config["torch_compile"], config["enforce_eager"]) == ("int8", True, True)
+    assert (config["quantization"], config["torch_compile"], config["enforce_eager"], config["async_scheduling"]) == (
+        "int8", True, True, False)
 
 
 def test_every_route_names_an_ingress_method():
