@@ -8,9 +8,15 @@ the kernels are (issue 8's target is 4 ms at 256 running), so it is measured her
 Output kinds: FINAL_ONLY without stop strings is how the server runs a whole (non-streaming)
 response (text decoded once at the end), DELTA how it runs a stream (text decoded every token).
 
+A second table runs the same requests through AsyncLLM, as a server does: the engine thread steps and
+hands each output to the caller's event loop, where one coroutine per request reads its stream. The
+model forward is replaced by zeros there, so each step's wall time is host work only: the engine's,
+the hand-over between the threads and the readers'.
+
     python bench/host.py                 # 64 and 256 running, both output kinds, this machine's device
     python bench/host.py --running 1024"""
 import argparse
+import asyncio
 import os
 import statistics
 import sys
@@ -53,6 +59,32 @@ def measure(model_dir: str, running: int, kind, steps: int) -> tuple[float, floa
     return statistics.median(step_s) * 1e3, statistics.median(forward_s) * 1e3
 
 
+def measure_async_llm(model_dir: str, running: int, kind, steps: int) -> float:
+    """Wall ms per decode step of `running` streams read through AsyncLLM, the model forward stubbed."""
+    from engine import SamplingParams
+    from engine.async_engine import AsyncLLM
+
+    async def run() -> float:
+        llm = AsyncLLM.from_args(model=model_dir, dtype="float32", max_num_seqs=running, block_size=16,
+                                 max_num_batched_tokens=running * 130, num_blocks=running * 20, enforce_eager=True)
+        hidden = llm.engine.runner.model.spec.hidden_size
+        llm.engine.runner.model.forward = lambda ids, pos, types=None: torch.zeros(ids.shape[0], hidden)
+        params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True, output_kind=kind)
+        vocab = llm.engine.vocab_size
+
+        async def read(i: int) -> None:
+            async for _ in llm.generate([3 + (i * 7 + j) % (vocab - 3) for j in range(128)], params):
+                pass
+        try:
+            await asyncio.gather(*[read(i) for i in range(running)])  # warm-up
+            t = time.perf_counter()
+            await asyncio.gather(*[read(i) for i in range(running)])
+            return (time.perf_counter() - t) / steps * 1e3
+        finally:
+            llm.shutdown()
+    return asyncio.run(run())
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--running", type=int, nargs="+", default=[64, 256])
@@ -63,15 +95,20 @@ def main() -> None:
     print_machine("Host cost of a decode step (tiny random Llama: the model's own work is ~0)", torch.float32, {
         "requests": "128-token prompts, greedy, ignore_eos, prefix caching on, block_size 16; median of "
                     f"{args.steps} decode steps; CUDA graphs off (the forward is timed in Python)"})
-    rows = []
+    rows, server_rows = [], []
     with quiet_transformers(), tempfile.TemporaryDirectory() as d:
         model_dir = build_decoder("llama", d, 0)
         for n in args.running:
             for kind in (RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA):
                 step_ms, fwd_ms = measure(model_dir, n, kind, args.steps)
                 rows.append([n, kind.name, step_ms, fwd_ms, step_ms - fwd_ms, (step_ms - fwd_ms) / n * 1e3])
+                server_ms = measure_async_llm(model_dir, n, kind, args.steps)
+                server_rows.append([n, kind.name, server_ms, step_ms - fwd_ms, server_ms - (step_ms - fwd_ms)])
     print(table(["running", "output kind", "step ms", "model forward ms (baseline)", "host ms",
                  "host us per sequence"], rows))
+    print("\nThrough AsyncLLM, the model forward stubbed (wall ms per step, the prefill step included):\n")
+    print(table(["running", "output kind", "AsyncLLM ms per step", "LLMEngine.step host ms (baseline)",
+                 "hand-over and readers ms"], server_rows))
 
 
 if __name__ == "__main__":

@@ -88,18 +88,19 @@ class AsyncLLM:
                 log.exception("engine step failed")
                 self._fail_all(e)
                 continue
-            for out in outputs:
-                self._dispatch(out)
+            self._dispatch(outputs)
             self._snapshot = self.engine.stats_snapshot()
 
-    def _dispatch(self, out: RequestOutput | PoolingJobOutput) -> None:
-        waiter = self._waiters.pop(out.request_id, None) if out.finished else self._waiters.get(out.request_id)
-        if waiter is None:
-            return
-        if waiter.stream is not None:
-            waiter.send(waiter.stream.put_nowait, out)
-        else:
-            waiter.send(_resolve, waiter.future, out.outputs)
+    def _dispatch(self, outputs: list[RequestOutput | PoolingJobOutput]) -> None:
+        """Wakes each caller's event loop once per step, not once per output: a call into a loop from
+        another thread writes to its self-pipe (~7 us here; 1.8 ms a step with 256 streams)."""
+        by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Waiter, RequestOutput | PoolingJobOutput]]] = {}
+        for out in outputs:
+            waiter = self._waiters.pop(out.request_id, None) if out.finished else self._waiters.get(out.request_id)
+            if waiter is not None:
+                by_loop.setdefault(waiter.loop, []).append((waiter, out))
+        for loop, delivered in by_loop.items():
+            loop.call_soon_threadsafe(_deliver, delivered)
 
     def _fail_all(self, error: Exception) -> None:
         waiters, self._waiters = self._waiters, {}
@@ -215,6 +216,14 @@ class AsyncLLM:
         self._running = False
         self._inbox.put(lambda: None)
         self._thread.join(timeout=10)
+
+
+def _deliver(delivered: list[tuple[_Waiter, RequestOutput | PoolingJobOutput]]) -> None:
+    for waiter, out in delivered:
+        if waiter.stream is not None:
+            waiter.stream.put_nowait(out)
+        else:
+            _resolve(waiter.future, out.outputs)
 
 
 def _resolve(future: asyncio.Future, value) -> None:
