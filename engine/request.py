@@ -17,7 +17,8 @@ class RequestStatus(enum.Enum):
 
     @property
     def finished(self) -> bool:
-        return self.value >= RequestStatus.FINISHED_STOPPED.value
+        # _value_, not value (a descriptor call): this is asked for every sampled token.
+        return self._value_ >= RequestStatus.FINISHED_STOPPED._value_
 
 
 FINISH_REASONS = {RequestStatus.FINISHED_STOPPED: "stop", RequestStatus.FINISHED_LENGTH: "length",
