@@ -1,7 +1,7 @@
 """AsyncLLM, the server's engine: its thread steps and hands each step's outputs to the callers' event
 loops (one wake-up per loop per step). Streams carry every delta in order and end as the offline API
-ends, pooling calls resolve, callers on two event loops each get their own, and a stream closed early
-leaves nothing in the engine."""
+ends, callers on two event loops each get their own, and a stream closed early leaves nothing in the
+engine; with and without async scheduling."""
 import asyncio
 import threading
 
@@ -16,9 +16,9 @@ PROMPTS = [sentence(900 + i, 4 + 5 * i) for i in range(6)]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
 
 
-@pytest.fixture(scope="module")
-def engine(tiny_model):
-    llm = AsyncLLM(EngineConfig(tiny_model("llama"), dtype="float32", block_size=8))
+@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async-scheduling"])
+def engine(request, tiny_model):
+    llm = AsyncLLM(EngineConfig(tiny_model("llama"), dtype="float32", block_size=8, async_scheduling=request.param))
     yield llm
     llm.shutdown()
 
@@ -64,7 +64,12 @@ def test_a_stream_closed_early_leaves_nothing(engine):
                                                          output_kind=RequestOutputKind.DELTA))
         async for _ in gen:
             break
-        await gen.aclose()  # puts the abort in the engine thread's inbox, ahead of the call below
+        await gen.aclose()  # puts the abort in the engine thread's inbox, ahead of the calls below
+        # With async scheduling a step launched before the abort is still in flight: the thread's next
+        # step takes its results (and drops the aborted request's token).
+        for _ in range(1000):
+            if not await engine._call(engine.engine.has_unfinished):
+                break
         return await engine._call(lambda: (engine.engine.has_unfinished(), engine._waiters.copy()))
     unfinished, waiters = asyncio.run(run())
     assert not unfinished and not waiters
