@@ -111,7 +111,9 @@ class Sampler:
             return token_ids
         sampled = [requests[i] for i in rows]
         rows_t = to_device(rows, x.device)
-        w = _weights(x if every else x[rows_t], [r.sampling_params for r in sampled])
+        # On an accelerator top_p sorts the whole vocabulary: no host check of whether the candidates suffice.
+        candidates = TOP_P_CANDIDATES if self.decide_on_host else x.shape[1]
+        w = _weights(x if every else x[rows_t], [r.sampling_params for r in sampled], candidates)
         picked = self._draw(w, to_device(self._keys(sampled), x.device))
         if every:
             return picked
@@ -198,7 +200,7 @@ def apply_penalties(x: torch.Tensor, rows: list[int], requests: list[Request]) -
     x[rows] = z
 
 
-def _weights(x: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:
+def _weights(x: torch.Tensor, ps: list[SamplingParams], top_p_candidates: int = TOP_P_CANDIDATES) -> torch.Tensor:
     """Unnormalised probabilities after temperature, top_k, top_p and min_p (excluded tokens: 0).
 
     Working in place on exp((x - max) / T), where the most likely token weighs exactly 1, saves
@@ -213,11 +215,12 @@ def _weights(x: torch.Tensor, ps: list[SamplingParams]) -> torch.Tensor:
     rows = [j for j, p in enumerate(ps) if p.top_p < 1.0]
     if rows:
         top_p = _column([ps[j].top_p for j in rows], x)
-        k = min(TOP_P_CANDIDATES, w.shape[1])
+        k = min(top_p_candidates, w.shape[1])
         if len(rows) == len(ps):
             w.masked_fill_(_top_p_drop(w, top_p, k), 0.0)
         else:
-            w[rows] = w[rows].masked_fill(_top_p_drop(w[rows], top_p, k), 0.0)
+            rows_t = to_device(rows, x.device)
+            w[rows_t] = w[rows_t].masked_fill(_top_p_drop(w[rows_t], top_p, k), 0.0)
     if any(p.min_p > 0 for p in ps):
         # The most likely token still weighs 1, so p < min_p * p_max reads w < min_p.
         w.masked_fill_(w < _column([p.min_p for p in ps], x), 0.0)

@@ -28,9 +28,10 @@ def ids(out: list[SampledToken]) -> list[int]:
     return [t.token_id for t in out]
 
 
-@pytest.fixture
-def sampler() -> Sampler:
-    return HostSampler({EOS})
+@pytest.fixture(params=[True, False], ids=["cpu-decisions", "accelerator-decisions"])
+def sampler(request) -> Sampler:
+    """As the CPU runs it (rare branches chosen on the host) and as an accelerator does (taken for every row)."""
+    return HostSampler({EOS}, request.param)
 
 
 def test_greedy_is_argmax(sampler):
