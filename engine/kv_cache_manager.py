@@ -45,7 +45,7 @@ class KVCacheManager:
         blocks = self.req_blocks.setdefault(req.request_id, [])
         num_tokens = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
         num_new_blocks = cdiv(num_tokens, self.block_size) - len(blocks) - len(computed)
-        num_revived = sum(1 for b in computed if b.ref_count == 0)
+        num_revived = sum(1 for b in computed if b.ref_count == 0) if computed else 0
         if num_new_blocks + num_revived > self.pool.num_free:
             return False
         if computed or num_new_blocks:  # most decode steps fit in the last block: nothing to change

@@ -95,7 +95,7 @@ class Sampler:
         rows, ids = [], []
         for i, r in enumerate(requests):
             p = r.sampling_params
-            if r.num_outputs_with_pending >= p.min_tokens:
+            if not p.min_tokens or r.num_outputs_with_pending >= p.min_tokens:
                 continue
             stop = set(p.stop_token_ids) if p.ignore_eos else self.eos_token_ids | set(p.stop_token_ids)
             stop = [t for t in stop if 0 <= t < vocab]
