@@ -165,3 +165,20 @@ def test_no_step_is_launched_past_max_tokens_or_max_model_len(tiny_model):
     # stagger-2's prompt, then one decode per output token but the last, which nothing reads.
     assert counted[-1] == len(async_.get_tokenizer()(PROMPTS[2])["input_ids"]) + 2
     assert_pool_free(async_)
+
+
+def test_penalised_requests_are_counted_until_they_leave(tiny_model):
+    _, llm = engines(tiny_model)
+    eng = llm.engine
+    penalised = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, presence_penalty=0.5, n=2)
+    eng.add_generation("p", PROMPTS[0], penalised)
+    eng.add_generation("q", PROMPTS[1], SamplingParams(temperature=0.0, max_tokens=30, ignore_eos=True))
+    eng.add_generation("r", PROMPTS[2], penalised)
+    assert eng.scheduler.num_penalised == 4
+    eng.step()
+    eng.abort("r")
+    assert eng.scheduler.num_penalised == 2
+    while eng.has_unfinished():
+        eng.step()
+    assert eng.scheduler.num_penalised == 0
+    assert_pool_free(llm)
