@@ -42,6 +42,8 @@ class KVCacheManager:
     def allocate_slots(self, req: Request, num_new_tokens: int, computed: list[Block] = ()) -> bool:
         """Make room for num_new_tokens after the request's computed (and newly hit) tokens.
         All or nothing: on False the pool is untouched."""
+        if num_new_tokens == 1 and not computed and 0 < req.num_computed_tokens % self.block_size < self.block_size - 1:
+            return True  # most decode steps: the token's slot is in the last block, which it leaves unfilled
         blocks = self.req_blocks.setdefault(req.request_id, [])
         num_tokens = req.num_computed_tokens + len(computed) * self.block_size + num_new_tokens
         num_new_blocks = cdiv(num_tokens, self.block_size) - len(blocks) - len(computed)
