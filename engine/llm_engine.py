@@ -185,13 +185,10 @@ class LLMEngine:
     # ---- the step -----------------------------------------------------------------------------
     def step(self) -> list[RequestOutput | PoolingJobOutput]:
         """Launches a step and returns the outputs of the one before it (async scheduling) or its own."""
-        outputs = []
-        if self._in_flight and self.scheduler.num_penalised:
-            outputs = self._process(self._in_flight.popleft())  # penalties read the tokens so far
         launched = self._launch()
         if len(self._in_flight) > (1 if launched and self.async_scheduling else 0):
-            outputs += self._process(self._in_flight.popleft())
-        return outputs
+            return self._process(self._in_flight.popleft())
+        return []
 
     def _launch(self) -> bool:
         sched = self.scheduler.schedule()

@@ -140,7 +140,7 @@ class ModelRunner:
                 hidden = forward(input_ids, pos, token_types)
             finally:
                 set_context(Context())
-        return self._outputs(hidden, reqs, counts, ends)
+        return self._outputs(hidden, input_ids, reqs, counts, ends)
 
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return to_device(values, self.device)
@@ -197,7 +197,7 @@ class ModelRunner:
         self.attention_backend.prepare(ctx, bs)
         return ctx
 
-    def _outputs(self, hidden, reqs, counts, ends) -> StepResult:
+    def _outputs(self, hidden, input_ids, reqs, counts, ends) -> StepResult:
         sample_rows, sample_reqs, pool_reqs, pool_spans = [], [], [], []
         for req, n, end in zip(reqs, counts, ends):
             if req.num_computed_tokens + n < req.num_tokens_with_pending:
@@ -212,9 +212,13 @@ class ModelRunner:
         if sample_reqs:
             # An all-decode step samples every row; otherwise the rows go over as a pinned copy (indexing with
             # a list would copy from pageable memory and wait for the GPU before the head is even launched).
-            rows = hidden if len(sample_rows) == hidden.shape[0] else hidden[self._tensor(sample_rows)]
+            if len(sample_rows) == hidden.shape[0]:
+                rows, last_inputs = hidden, input_ids
+            else:
+                rows_t = self._tensor(sample_rows)
+                rows, last_inputs = hidden[rows_t], input_ids[rows_t]
             logits = self.model.compute_logits(rows).float()
-            sampled = self.sampler(logits, sample_reqs)
+            sampled = self.sampler(logits, sample_reqs, last_inputs)
             self._last_sampled, self._last_rows = sampled.token_ids, {r: i for i, r in enumerate(sample_reqs)}
         if pool_reqs:
             starts, ends_t = self._tensor([s for s, _ in pool_spans]), self._tensor([e for _, e in pool_spans])

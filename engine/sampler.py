@@ -69,7 +69,10 @@ class Sampler:
         self.generator = torch.Generator()
         self.generator.seed()
 
-    def __call__(self, logits: torch.Tensor, requests: list[Request]) -> SamplerOutput:
+    def __call__(self, logits: torch.Tensor, requests: list[Request],
+                 last_inputs: torch.Tensor | None = None) -> SamplerOutput:
+        """last_inputs [B]: each row's input token this step, on the device; penalties need the ones still
+        in flight (async scheduling), which the host does not have yet."""
         params = [r.sampling_params for r in requests]
         penalised = [i for i, p in enumerate(params) if p.has_penalties]
         blocked = self._blocked(requests, logits.shape[1], logits.device)
@@ -80,7 +83,7 @@ class Sampler:
             # Copy only when editing in place: the caller's logits stay raw for logprobs.
             x = logits.to(torch.float32, copy=bool(penalised or blocked is not None or biased))
             if penalised:
-                apply_penalties(x, penalised, requests)
+                apply_penalties(x, penalised, requests, last_inputs)
             for i in biased:  # rare: per request
                 bias = params[i].logit_bias
                 x[i, to_device(list(bias), x.device)] += to_device(list(bias.values()), x.device, torch.float32)
@@ -175,29 +178,37 @@ def _exponential(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     return u.log_().neg_()
 
 
-def apply_penalties(x: torch.Tensor, rows: list[int], requests: list[Request]) -> None:
+def apply_penalties(x: torch.Tensor, rows: list[int], requests: list[Request],
+                    last_inputs: torch.Tensor | None = None) -> None:
     """In place on the given rows of logits, all rows at once.
 
     Repetition (vLLM/HF) counts prompt and output and shrinks positive logits, grows negative ones;
-    frequency and presence (OpenAI) count output tokens only."""
+    frequency and presence (OpenAI) count output tokens only. A request's latest output token still in
+    flight (async scheduling) is this step's input, last_inputs[i], counted on the device."""
     ps = [requests[i].sampling_params for i in rows]
-    z = x[rows]
+    dev = x.device
+    rows_t = to_device(rows, dev)
+    z = x[rows_t]
     seen = torch.zeros_like(z, dtype=torch.bool)
     counts = torch.zeros_like(z)
     seen_rows = [j for j, r in enumerate(rows) for _ in requests[r].token_ids]
     output_rows = [j for j, r in enumerate(rows) for _ in range(requests[r].num_output_tokens)]
-    dev = x.device
-    seen[torch.tensor(seen_rows, device=dev),
-         torch.tensor([t for r in rows for t in requests[r].token_ids], device=dev)] = True
+    seen[to_device(seen_rows, dev), to_device([t for r in rows for t in requests[r].token_ids], dev)] = True
     if output_rows:
-        counts.index_put_((torch.tensor(output_rows, device=dev),
-                           torch.tensor([t for r in rows for t in requests[r].output_token_ids], device=dev)),
+        counts.index_put_((to_device(output_rows, dev),
+                           to_device([t for r in rows for t in requests[r].output_token_ids], dev)),
                           torch.ones(len(output_rows), device=dev), accumulate=True)
+    in_flight = [j for j, r in enumerate(rows) if requests[r].num_pending_tokens]
+    if in_flight:
+        j_t = to_device(in_flight, dev)
+        tokens = last_inputs[rows_t[j_t]]
+        seen[j_t, tokens] = True
+        counts.index_put_((j_t, tokens), torch.ones(len(in_flight), device=dev), accumulate=True)
     repetition = _column([p.repetition_penalty for p in ps], z)
     z = torch.where(seen, torch.where(z > 0, z / repetition, z * repetition), z)
     z -= _column([p.frequency_penalty for p in ps], z) * counts
     z -= _column([p.presence_penalty for p in ps], z) * (counts > 0)
-    x[rows] = z
+    x[rows_t] = z
 
 
 def _weights(x: torch.Tensor, ps: list[SamplingParams], top_p_candidates: int = TOP_P_CANDIDATES) -> torch.Tensor:

@@ -28,14 +28,10 @@ class Scheduler:
         self.waiting: deque[Request] = deque()
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
-        # Unfinished requests with penalties: their sampling reads the tokens generated so far, so async
-        # scheduling must not launch a step before the previous one's tokens are on the host.
-        self.num_penalised = 0
 
     def add(self, req: Request) -> None:
         self.requests[req.request_id] = req
         self.waiting.append(req)
-        self.num_penalised += _penalised(req)
 
     def has_work(self) -> bool:
         return bool(self.waiting or self.running)
@@ -96,9 +92,4 @@ class Scheduler:
             self.waiting.remove(req)
         if self.kv is not None:
             self.kv.free(req)
-        if self.requests.pop(req.request_id, None) is not None:
-            self.num_penalised -= _penalised(req)
-
-
-def _penalised(req: Request) -> bool:
-    return req.sampling_params is not None and req.sampling_params.has_penalties
+        self.requests.pop(req.request_id, None)
