@@ -192,7 +192,7 @@ class ModelRunner:
             start += n
         ctx.num_prefill_tokens = start
         if decodes:
-            ctx.decode_block_table = table[decodes, :-(-max(lengths) // bs)]
+            ctx.decode_block_table = table[self._tensor(decodes), :-(-max(lengths) // bs)]
             ctx.decode_context_lens = to_device(lengths, dev, torch.int32)
         self.attention_backend.prepare(ctx, bs)
         return ctx
@@ -222,7 +222,8 @@ class ModelRunner:
             self._last_sampled, self._last_rows = sampled.token_ids, {r: i for i, r in enumerate(sample_reqs)}
         if pool_reqs:
             starts, ends_t = self._tensor([s for s, _ in pool_spans]), self._tensor([e for _, e in pool_spans])
-            pooled = to_host(self._head(pool_segments(hidden, starts, ends_t, self._pooling_method)).float())
+            vectors = pool_segments(hidden, starts, ends_t, self._pooling_method, sum(e - s for s, e in pool_spans))
+            pooled = to_host(self._head(vectors).float())
         done = None
         if self.device.type == "cuda":
             done = torch.cuda.Event()
