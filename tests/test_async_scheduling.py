@@ -156,6 +156,31 @@ def test_cuda_async_greedy_equals_synchronous(tiny_model):
     assert [summary(o) for o in outs[1]] == [summary(o) for o in outs[0]]
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host waits for the device exist only on CUDA")
+def test_cuda_decode_steps_launch_without_waiting_for_the_device(tiny_model):
+    """Launching a decode step (schedule, inputs, graph replay, sampling with penalties, top_p and
+    min_tokens, the copies back) never waits for the GPU: torch's sync debug mode raises if it does."""
+    llm = LLM(tiny_model("llama"), dtype="float32", block_size=8, device="cuda", async_scheduling=True)
+    eng = llm.engine
+    params = [SamplingParams(temperature=0.0, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=0.8, top_p=0.9, top_k=20, seed=3, max_tokens=20, ignore_eos=True),
+              SamplingParams(temperature=1.0, min_tokens=10, presence_penalty=0.5, max_tokens=20, logprobs=2)]
+    for i, p in enumerate(params):
+        eng.add_generation(f"s{i}", PROMPTS[i], p)
+    for _ in range(3):  # prefills, and the first decode steps (kernels compiled)
+        eng.step()
+    for _ in range(5):  # step() by hand: only the launch must not wait, taking the results does
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            assert eng._launch()
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+        eng._process(eng._in_flight.popleft())
+    while eng.has_unfinished():
+        eng.step()
+    assert_pool_free(llm)
+
+
 def test_no_step_is_launched_past_max_tokens_or_max_model_len(tiny_model):
     sync, async_ = engines(tiny_model, max_model_len=40)
     params = [SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)] * 2 + \
