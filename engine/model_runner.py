@@ -219,7 +219,6 @@ class ModelRunner:
                 rows, last_inputs = hidden[rows_t], input_ids[rows_t]
             logits = self.model.compute_logits(rows).float()
             sampled = self.sampler(logits, sample_reqs, last_inputs)
-            self._last_sampled, self._last_rows = sampled.token_ids, {r: i for i, r in enumerate(sample_reqs)}
         if pool_reqs:
             starts, ends_t = self._tensor([s for s, _ in pool_spans]), self._tensor([e for _, e in pool_spans])
             vectors = pool_segments(hidden, starts, ends_t, self._pooling_method, sum(e - s for s, e in pool_spans))
@@ -228,6 +227,8 @@ class ModelRunner:
         if self.device.type == "cuda":
             done = torch.cuda.Event()
             done.record()
+        if sampled is not None:  # only once nothing of the step can fail: a failed step leaves no draws behind
+            self._last_sampled, self._last_rows = sampled.token_ids, {r: i for i, r in enumerate(sample_reqs)}
         return StepResult(sample_reqs, sampled, pool_reqs, pooled, done)
 
     @property

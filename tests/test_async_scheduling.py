@@ -199,3 +199,27 @@ def test_no_step_is_launched_past_max_tokens_or_max_model_len(tiny_model):
     assert counted[-1] == len(async_.get_tokenizer()(PROMPTS[2])["input_ids"]) + 2
     assert_pool_free(async_)
 
+
+
+def test_a_failed_launch_with_a_step_in_flight_loses_no_token(tiny_model):
+    sync, async_ = engines(tiny_model)
+    params = [SamplingParams(temperature=0.0, max_tokens=10, ignore_eos=True)] * 3
+    want = generations(sync, PROMPTS[:3], params, every=1)
+    eng, execute = async_.engine, async_.engine.runner.execute
+
+    def fail_once(sched):
+        eng.runner.execute = execute
+        raise RuntimeError("device lost")
+    for i, p in enumerate(PROMPTS[:3]):
+        eng.add_generation(f"stagger-{i}", p, params[i])
+    done = {}
+    for _ in range(3):
+        done.update((o.request_id, o) for o in eng.step() if o.finished)
+    assert eng._in_flight
+    eng.runner.execute = fail_once
+    with pytest.raises(RuntimeError, match="device lost"):
+        eng.step()
+    while eng.has_unfinished():  # a caller that carries on: the step in flight lands, the failed one reruns
+        done.update((o.request_id, o) for o in eng.step() if o.finished)
+    assert [summary(done[f"stagger-{i}"]) for i in range(3)] == want
+    assert_pool_free(async_)
