@@ -25,6 +25,14 @@ class Context:
     prefill_meta: Any = None
     decode_meta: Any = None
 
+    def prefill_key_slots(self) -> torch.Tensor | None:
+        """Cache slots of every prefill span's whole context, packed in span order, for one-call prefill
+        kernels; None when no span reads cached or earlier-computed keys (the step's own k/v are the keys)."""
+        if all(span.context_slots is None for span in self.prefills):
+            return None
+        return torch.cat([span.context_slots if span.context_slots is not None
+                          else self.slot_mapping[span.start:span.end] for span in self.prefills])
+
 
 _CONTEXT = Context()
 

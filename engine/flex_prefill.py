@@ -43,10 +43,7 @@ class FlexPrefill:
         t, s = spans[-1].end - spans[0].start, sum(span.context_len for span in spans)  # no device sync
         q_lens = to_device([span.end - span.start for span in spans], dev)
         kv_lens = to_device([span.context_len for span in spans], dev)
-        kv_slots = None
-        if any(span.context_slots is not None for span in spans):
-            kv_slots = torch.cat([span.context_slots if span.context_slots is not None
-                                  else ctx.slot_mapping[span.start:span.end] for span in spans])
+        kv_slots = ctx.prefill_key_slots()
         docs = torch.arange(len(spans), device=dev)
         q_doc, kv_doc = docs.repeat_interleave(q_lens, output_size=t), docs.repeat_interleave(kv_lens, output_size=s)
         q_start, kv_start = q_lens.cumsum(0) - q_lens, kv_lens.cumsum(0) - kv_lens

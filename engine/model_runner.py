@@ -60,10 +60,10 @@ class ModelRunner:
         self.sampler: Sampler | None = None
         self.decode_graphs: DecodeGraphs | None = None
         self.compiled_decode: CompiledDecode | None = None
-        # The latest step's sampled tokens, still on the device, and each sampling request's row in them:
-        # with async scheduling the next step takes its inputs from there before the host has them.
+        # The latest step's sampled tokens, still on the device, and the requests of its rows: with async
+        # scheduling the next step takes its inputs from there before the host has them.
         self._last_sampled: torch.Tensor | None = None
-        self._last_rows: dict[Request, int] = {}
+        self._last_reqs: list[Request] = []
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         s = self.model.spec
@@ -111,13 +111,13 @@ class ModelRunner:
         if not all_decode:  # prefill chunks first, then single-token decodes, so decodes form one batch at the end
             order = sorted(range(len(reqs)), key=decodes.__getitem__)
             reqs, counts = [reqs[i] for i in order], [counts[i] for i in order]
-        ids, types, pending_at, pending_rows = [], [], [], []
+        ids, types, pending_at, pending_reqs = [], [], [], []
         for req, n in zip(reqs, counts):
             c = req.num_computed_tokens
             ids.extend(req.token_ids[c:c + n])
             if req.num_pending_tokens and c + n > req.num_tokens:  # its last token is the latest step's draw
                 pending_at.append(len(ids))
-                pending_rows.append(self._last_rows[req])
+                pending_reqs.append(req)
                 ids.append(0)
             if req.token_type_ids is not None:
                 types.extend(req.token_type_ids[c:c + n])
@@ -129,7 +129,8 @@ class ModelRunner:
         pos = torch.arange(len(ids), device=self.device) + offsets[rows]
         input_ids = self._tensor(ids)
         if pending_at:
-            input_ids[self._tensor(pending_at)] = self._last_sampled[self._tensor(pending_rows)]
+            row_of = {r: i for i, r in enumerate(self._last_reqs)}
+            input_ids[self._tensor(pending_at)] = self._last_sampled[self._tensor([row_of[r] for r in pending_reqs])]
         token_types = self._tensor(types) if types else None
         if self.decode_graphs is not None and all_decode and len(reqs) <= self.decode_graphs.max_batch:
             hidden = self.decode_graphs.run(input_ids, pos, *self._decode_inputs(reqs, pos))
@@ -228,7 +229,7 @@ class ModelRunner:
             done = torch.cuda.Event()
             done.record()
         if sampled is not None:  # only once nothing of the step can fail: a failed step leaves no draws behind
-            self._last_sampled, self._last_rows = sampled.token_ids, {r: i for i, r in enumerate(sample_reqs)}
+            self._last_sampled, self._last_reqs = sampled.token_ids, sample_reqs
         return StepResult(sample_reqs, sampled, pool_reqs, pooled, done)
 
     @property

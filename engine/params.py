@@ -70,7 +70,7 @@ class SamplingParams:
 
     @property
     def has_penalties(self) -> bool:
-        """Penalties read the tokens generated so far, so their values must be on the host."""
+        """Repetition, presence or frequency penalties: the draw reads the tokens generated so far."""
         return self.repetition_penalty != 1.0 or self.presence_penalty != 0.0 or self.frequency_penalty != 0.0
 
     @property

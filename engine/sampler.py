@@ -151,12 +151,12 @@ class Sampler:
         tail = w.scatter_(1, head_ids, 0.0)  # w is ours: the tail's weights, the head's zeroed
         tail_entrant = _exponential(keys, torch.full_like(keys, vocab))
         in_tail = tail_entrant / tail.sum(-1) < head_time
-        if not self.decide_on_host:
-            ids = torch.arange(vocab, device=w.device)
+        if self.decide_on_host and not in_tail.any():
+            return token_ids
+        ids = torch.arange(vocab, device=w.device)
+        if not self.decide_on_host:  # every row races the rest, kept where the entrant won
             return torch.where(in_tail, (_exponential(keys.unsqueeze(1), ids) / tail).argmin(-1), token_ids)
-        if in_tail.any():
-            ids = torch.arange(vocab, device=w.device)
-            token_ids[in_tail] = (_exponential(keys[in_tail].unsqueeze(1), ids) / tail[in_tail]).argmin(-1)
+        token_ids[in_tail] = (_exponential(keys[in_tail].unsqueeze(1), ids) / tail[in_tail]).argmin(-1)
         return token_ids
 
 
@@ -251,8 +251,8 @@ def _top_p_drop(w: torch.Tensor, top_p: torch.Tensor, k: int) -> torch.Tensor:
 
 
 def _output(logits: torch.Tensor, token_ids: torch.Tensor, params: list[SamplingParams]) -> SamplerOutput:
-    out = SamplerOutput(token_ids, to_host(token_ids), params, [i for i, p in enumerate(params) if p.logprobs is not None])
-    rows = out.logprob_rows
+    rows = [i for i, p in enumerate(params) if p.logprobs is not None]
+    out = SamplerOutput(token_ids, to_host(token_ids), params, rows)
     if not rows:
         return out
     # vLLM v1's default "raw_logprobs": before penalties, temperature and truncation.

@@ -44,12 +44,8 @@ class VarlenPrefill:
         spans = ctx.prefills
         q_lens = [span.end - span.start for span in spans]
         k_lens = [span.context_len for span in spans]
-        kv_slots = None
-        if any(span.context_slots is not None for span in spans):
-            kv_slots = torch.cat([span.context_slots if span.context_slots is not None
-                                  else ctx.slot_mapping[span.start:span.end] for span in spans])
         cu = [to_device([0, *itertools.accumulate(lens)], self.device, torch.int32) for lens in (q_lens, k_lens)]
-        return VarlenPrefillMeta(cu[0], cu[1], max(q_lens), max(k_lens), kv_slots)
+        return VarlenPrefillMeta(cu[0], cu[1], max(q_lens), max(k_lens), ctx.prefill_key_slots())
 
     def __call__(self, layer, q, k, v, ctx: Context) -> torch.Tensor:
         meta: VarlenPrefillMeta = ctx.prefill_meta
