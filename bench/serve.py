@@ -8,15 +8,25 @@ p50/p99 latency per route and the HTTP/in-process throughput ratio.
     python bench/serve.py                  # defaults: 200 embedding requests, 40 rerank requests
     python bench/serve.py --requests 400 --concurrency 32
     python bench/serve.py --scifact        # the whole SciFact corpus through /v1/embeddings: NDCG@10
+    python bench/serve.py --streams        # streamed completions: tokens/s by stream_batching_interval_ms
 
 `--scifact` serves all-MiniLM-L6-v2 as serve_config.yaml does (max_model_len from its
 sentence_bert_config.json, `auto_truncate` on, no truncate_prompt_tokens in any request), embeds
 all 5,183 documents and the test queries over HTTP and scores retrieval against the published
 NDCG@10 (0.64508).
+
+`--streams` runs `--concurrency` streamed /v1/completions at once (128 tokens each, EOS ignored) for
+each `limits.stream_batching_interval_ms` in `--intervals`, on the tests' 2-layer random Llama: its
+steps are nearly free, as a GPU's are next to Ray's cost per streamed chunk, so what is measured is
+the serving path. Baseline: the same streams read from the in-process AsyncLLM.
 """
 import argparse
 import asyncio
+import json
+import os
 import random
+import sys
+import tempfile
 import time
 
 import httpx
@@ -24,12 +34,15 @@ import numpy as np
 import ray
 from ray import serve
 
-import common  # noqa: F401  (puts the repo on sys.path)
-from common import SCIFACT, load_scifact, pct, print_machine, ratio, table
+from common import ROOT, SCIFACT, load_scifact, pct, print_machine, ratio, table
 from cluster.local_cluster import free_port
+
+sys.path.insert(0, os.path.join(ROOT, "tests"))
+from conftest import build_decoder  # noqa: E402 (the tests' tiny models)
 from deployments.builder import AppArgs, ModelArgs, build_app
 from embed import PUBLISHED_NDCG10, ndcg_at_10
-from engine import AsyncLLM, EngineConfig, PoolingParams
+from engine import AsyncLLM, EngineConfig, PoolingParams, SamplingParams
+from engine.params import RequestOutputKind
 
 EMBED = "sentence-transformers/all-MiniLM-L6-v2"
 RERANK = "HuggingFaceTB/SmolLM2-135M-Instruct"
@@ -137,6 +150,65 @@ async def scifact_over_http(port: int, concurrency: int, batch: int) -> list[lis
              f"{ndcg:.5f}", f"{PUBLISHED_NDCG10:.5f}", f"{ndcg - PUBLISHED_NDCG10:+.5f}"]]
 
 
+STREAM_TOKENS = 128
+
+
+async def http_streams(port: int, model: str, concurrency: int) -> tuple[float, int]:
+    """(tokens/s, SSE chunks) of `concurrency` streams at once, after one warm-up stream."""
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as client:
+        async def one(i: int) -> tuple[int, int]:
+            chunks, tokens = 0, 0
+            body = {"model": model, "prompt": f"Story {i}: once upon a time", "max_tokens": STREAM_TOKENS,
+                    "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+            async with client.stream("POST", "/v1/completions", json=body) as r:
+                r.raise_for_status()
+                async for line in r.aiter_lines():
+                    if line.startswith("data: {"):
+                        chunk = json.loads(line[6:])
+                        chunks += bool(chunk["choices"])
+                        tokens = chunk["usage"]["completion_tokens"] if chunk.get("usage") else tokens
+            return chunks, tokens
+        await one(-1)
+        start = time.perf_counter()
+        done = await asyncio.gather(*(one(i) for i in range(concurrency)))
+        seconds = time.perf_counter() - start
+    return sum(t for _, t in done) / seconds, sum(c for c, _ in done)
+
+
+async def in_process_streams(model: str, concurrency: int) -> float:
+    engine = AsyncLLM(EngineConfig(model=model, num_threads=1, max_num_seqs=concurrency))
+    params = SamplingParams(max_tokens=STREAM_TOKENS, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+
+    async def one(i: int) -> int:
+        return sum([len(o.outputs[0].token_ids) async for o in engine.generate(f"Story {i}: once upon a time", params)
+                    if o.outputs])
+    try:
+        await one(-1)
+        start = time.perf_counter()
+        tokens = sum(await asyncio.gather(*(one(i) for i in range(concurrency))))
+        return tokens / (time.perf_counter() - start)
+    finally:
+        engine.shutdown()
+
+
+def streams(port: int, concurrency: int, intervals: list[float]) -> list[list]:
+    model = build_decoder("llama", tempfile.mkdtemp(), seed=0)
+    rows, local = [], asyncio.run(in_process_streams(model, concurrency))
+    for interval in intervals:
+        args = ModelArgs(model=model, task="generate", num_threads=1, max_num_seqs=concurrency,
+                         deployment_config={"ray_actor_options": {"num_cpus": NUM_CPUS}, "num_replicas": 1,
+                                            "max_ongoing_requests": 256})
+        serve.run(build_app(AppArgs(models=[args], limits={"stream_batching_interval_ms": interval},
+                                    ingress_deployment_config={"ray_actor_options": {"num_cpus": 0.1}})),
+                  name="bench", route_prefix="/", blocking=False)
+        tok_s, chunks = asyncio.run(http_streams(port, model, concurrency))
+        serve.delete("bench")
+        rows.append([f"{interval:g}", tok_s, chunks / concurrency, concurrency * STREAM_TOKENS / chunks, local,
+                     ratio(tok_s, local)])
+    return rows
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--requests", type=int, default=200, help="embedding requests (rerank gets a fifth)")
@@ -144,7 +216,23 @@ def main() -> None:
     ap.add_argument("--rate", type=float, default=0, help="arrivals/s; 0: fast enough to keep the cap full")
     ap.add_argument("--scifact", action="store_true", help="NDCG@10 of the whole SciFact corpus over HTTP")
     ap.add_argument("--batch", type=int, default=32, help="--scifact: documents per request")
+    ap.add_argument("--streams", action="store_true", help="streamed completions by stream batching interval")
+    ap.add_argument("--intervals", type=float, nargs="+", default=[0, 50, 200],
+                    help="--streams: limits.stream_batching_interval_ms values")
     args = ap.parse_args()
+    if args.streams:
+        print_machine("Streamed /v1/completions, tests' 2-layer Llama (host-bound steps)", extra={
+            "workload": f"{args.concurrency} streams at once x {STREAM_TOKENS} tokens, loopback HTTP through the "
+                        f"ingress; baseline: the same streams on the in-process AsyncLLM (1 torch thread)"})
+        ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
+        port = free_port()
+        serve.start(http_options={"host": "127.0.0.1", "port": port})
+        rows = streams(port, args.concurrency, args.intervals)
+        serve.shutdown()
+        ray.shutdown()
+        print(table(["stream_batching_interval_ms", "HTTP tok/s", "chunks a stream", "tokens a chunk",
+                     "in-process tok/s", "HTTP / in-process"], rows))
+        return
     if args.scifact:
         print_machine("SciFact through /v1/embeddings", extra={
             "workload": f"5,183 docs, {args.batch} per request, at most {args.concurrency} requests in flight"})

@@ -1,7 +1,7 @@
 """The generation routes of a model server: /v1/completions and /v1/chat/completions, whole or streamed.
 
-Streams ask the engine for DELTA outputs and forward each step's new text, tokens and logprobs as they
-come; whole responses ask for FINAL_ONLY and get one output per prompt. Neither re-reads what was sent.
+Streams ask the engine for DELTA outputs and forward the new text, tokens and logprobs at most once per
+`limits.stream_batching_interval_ms` (the engine merges the steps in between); whole responses ask for FINAL_ONLY and get one output per prompt. Neither re-reads what was sent.
 Streams are async generators over the engine's generators: when the caller goes away, Serve cancels the
 method, the cancellation closes the engine's generator, and the engine aborts the request."""
 import asyncio
@@ -63,7 +63,7 @@ class GenerationServing:
         params = self._sampling(req, req.max_tokens, req.logprobs, RequestOutputKind.DELTA)
         rid, created, usage, seen = random_id("cmpl"), now(), _Usage(), set()
         sent: dict[int, int] = {}  # choice index -> characters sent, echo included
-        async for i, out in merge([self.engine.generate(p, params) for p in prompts]):
+        async for i, out in merge([self._stream(p, params) for p in prompts]):
             usage.add(out, first=i not in seen)
             seen.add(i)
             for o in out.outputs:
@@ -97,7 +97,7 @@ class GenerationServing:
         params = self._sampling(req, req.output_limit(), req.top_logprobs if req.logprobs else None,
                                 RequestOutputKind.DELTA)
         rid, created, usage, opened = random_id("chatcmpl"), now(), _Usage(), set()
-        async for _, out in merge([self.engine.generate(chat_prompt(self.engine, req), params)]):
+        async for _, out in merge([self._stream(chat_prompt(self.engine, req), params)]):
             usage.add(out, first=not opened)
             for o in out.outputs:
                 if o.index not in opened:  # vLLM opens each choice with the role, content ""
@@ -113,6 +113,9 @@ class GenerationServing:
         if req.include_usage and opened:
             yield ChatCompletionStreamResponse(id=rid, created=created, model=self.name, choices=[],
                                                usage=usage.info())
+
+    def _stream(self, prompt: str | list[int], params: SamplingParams) -> AsyncIterator[RequestOutput]:
+        return self.engine.generate(prompt, params, interval_s=self.admission.limits.stream_batching_interval_ms / 1e3)
 
     def _chat_chunk(self, rid: str, created: int, choice: ChatCompletionResponseStreamChoice):
         return ChatCompletionStreamResponse(id=rid, created=created, model=self.name, choices=[choice])

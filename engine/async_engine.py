@@ -16,6 +16,7 @@ from typing import AsyncIterator, Callable
 
 from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
+from engine.output_collector import OutputCollector
 from engine.outputs import PoolingJobOutput, PoolingRequestOutput, RequestOutput
 from engine.params import PoolingParams, SamplingParams
 from engine.tokenizer import apply_chat_template
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 class _Waiter:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future | None = None  # pooling jobs
-    stream: asyncio.Queue | None = None  # generations
+    stream: OutputCollector | None = None  # generations
 
     def send(self, fn: Callable, *args) -> None:
         self.loop.call_soon_threadsafe(fn, *args)
@@ -107,7 +108,7 @@ class AsyncLLM:
         for rid, waiter in waiters.items():
             self.engine.abort(rid)
             if waiter.stream is not None:
-                waiter.send(waiter.stream.put_nowait, error)
+                waiter.send(waiter.stream.put, error)
             else:
                 waiter.send(_reject, waiter.future, error)
 
@@ -127,22 +128,24 @@ class AsyncLLM:
         return await future
 
     # ---- the API ------------------------------------------------------------------------------
-    async def generate(self, prompt: str | list[int], params: SamplingParams,
-                       request_id: str | None = None) -> AsyncIterator[RequestOutput]:
-        """Yields outputs as params.output_kind asks: every step's new tokens (DELTA), everything so
-        far (CUMULATIVE) or one output at the end (FINAL_ONLY). Closing the iterator early aborts the
+    async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
+                       interval_s: float = 0.0) -> AsyncIterator[RequestOutput]:
+        """Yields outputs as params.output_kind asks: the new tokens (DELTA), everything so far
+        (CUMULATIVE) or one output at the end (FINAL_ONLY). A reader slower than the engine's steps
+        gets the steps since its last read as one output; interval_s > 0 paces it to one output per
+        interval (the first and the last are not held back). Closing the iterator early aborts the
         request and frees its KV blocks."""
         rid = request_id or f"gen-{uuid.uuid4().hex}"
-        waiter = _Waiter(asyncio.get_running_loop(), stream=asyncio.Queue())
-        finished = False
+        loop = asyncio.get_running_loop()
+        waiter = _Waiter(loop, stream=OutputCollector(params.output_kind))
+        finished, not_before = False, 0.0
         try:
             await self._call(lambda: self._start(rid, waiter, lambda: self.engine.add_generation(rid, prompt, params)))
             while not finished:
-                out = await waiter.stream.get()
-                if isinstance(out, Exception):
-                    raise out
+                out = await waiter.stream.get(not_before)
                 finished = out.finished
                 yield out
+                not_before = loop.time() + interval_s
         finally:
             if not finished:
                 self._inbox.put(lambda: self._abort(rid, waiter))
@@ -221,7 +224,7 @@ class AsyncLLM:
 def _deliver(delivered: list[tuple[_Waiter, RequestOutput | PoolingJobOutput]]) -> None:
     for waiter, out in delivered:
         if waiter.stream is not None:
-            waiter.stream.put_nowait(out)
+            waiter.stream.put(out)
         else:
             _resolve(waiter.future, out.outputs)
 

@@ -33,6 +33,23 @@ class RequestOutput:
     num_cached_tokens: int = 0
     metrics: dict = field(default_factory=dict)
 
+    def add_delta(self, later: "RequestOutput") -> None:
+        """Merge the DELTA output of a later step into this one (which owns its lists): text, token ids
+        and logprobs appended per choice, the later finish, cumulative logprob and counters."""
+        mine = {o.index: o for o in self.outputs}
+        for o in later.outputs:
+            into = mine.get(o.index)
+            if into is None:
+                self.outputs.append(o)
+                continue
+            into.text += o.text
+            into.token_ids.extend(o.token_ids)
+            if into.logprobs is not None and o.logprobs is not None:
+                into.logprobs.extend(o.logprobs)
+            into.cumulative_logprob, into.finish_reason, into.stop_reason = (
+                o.cumulative_logprob, o.finish_reason, o.stop_reason)
+        self.finished, self.num_cached_tokens, self.metrics = later.finished, later.num_cached_tokens, later.metrics
+
 
 @dataclass(slots=True)
 class EmbeddingOutput:

@@ -1,7 +1,8 @@
 """AsyncLLM, the server's engine: its thread steps and hands each step's outputs to the callers' event
 loops (one wake-up per loop per step). Streams carry every delta in order and end as the offline API
-ends, callers on two event loops each get their own, and a stream closed early leaves nothing in the
-engine; with and without async scheduling."""
+ends, callers on two event loops each get their own, a stream closed early leaves nothing in the
+engine, and a paced or lagging reader gets the steps it did not read merged into one output (the
+OutputCollector); with and without async scheduling."""
 import asyncio
 import threading
 
@@ -9,6 +10,8 @@ import pytest
 
 from conftest import assert_pool_free, sentence
 from engine import LLM, AsyncLLM, EngineConfig, SamplingParams
+from engine.output_collector import OutputCollector
+from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.params import RequestOutputKind
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -74,3 +77,65 @@ def test_a_stream_closed_early_leaves_nothing(engine):
     unfinished, waiters = asyncio.run(run())
     assert not unfinished and not waiters
     assert_pool_free(engine)
+
+
+def test_a_paced_stream_sends_the_first_output_then_the_rest_merged(engine):
+    """An interval longer than the generation: the first output comes at once, the finishing one
+    as soon as the request ends, with every token, text piece and logprob between."""
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2,
+                            output_kind=RequestOutputKind.DELTA)
+
+    async def read(interval_s: float) -> list[RequestOutput]:
+        return [out async for out in engine.generate(PROMPTS[2], params, interval_s=interval_s)]
+
+    async def run():
+        return await read(0.0), await asyncio.wait_for(read(3600.0), 120)  # the bound only turns a hang into a failure
+    every, paced = asyncio.run(run())
+    assert len(paced) == 2 and not paced[0].finished and paced[1].finished
+    steps = [o.outputs[0] for o in every]
+    merged = [o.outputs[0] for o in paced]
+    for field in ("token_ids", "logprobs"):
+        assert sum((getattr(o, field) for o in merged), []) == sum((getattr(o, field) for o in steps), [])
+    assert "".join(o.text for o in merged) == "".join(o.text for o in steps)
+    assert merged[1].finish_reason == "length" and merged[1].cumulative_logprob == steps[-1].cumulative_logprob
+
+
+def _delta(index: int, ids: list[int], finish: str | None = None, finished: bool = False) -> RequestOutput:
+    lps = [{i: Logprob(-0.5)} for i in ids]
+    return RequestOutput("r", None, [1], [CompletionOutput(index, "".join(map(str, ids)), list(ids), -float(ids[-1]),
+                                                           lps, finish)], finished)
+
+
+def test_a_lagging_reader_gets_one_output_with_every_delta():
+    async def run():
+        delta = OutputCollector(RequestOutputKind.DELTA)
+        for out in (_delta(0, [1]), _delta(1, [2]), _delta(0, [3, 4], "stop"), _delta(1, [5], "length", True)):
+            delta.put(out)
+        cumulative = OutputCollector(RequestOutputKind.CUMULATIVE)
+        cumulative.put(_delta(0, [1]))
+        cumulative.put(_delta(0, [1, 2]))
+        failed = OutputCollector(RequestOutputKind.DELTA)
+        failed.put(RuntimeError("engine step failed"))
+        failed.put(_delta(0, [1]))  # an error stays: nothing after it is read
+        with pytest.raises(RuntimeError):
+            await failed.get()
+        return await delta.get(), await cumulative.get()
+    delta, cumulative = asyncio.run(run())
+    assert delta.finished and [(o.index, o.token_ids, o.text, o.finish_reason, o.cumulative_logprob, len(o.logprobs))
+                               for o in delta.outputs] == [(0, [1, 3, 4], "134", "stop", -4.0, 3),
+                                                           (1, [2, 5], "25", "length", -5.0, 2)]
+    assert cumulative.outputs[0].token_ids == [1, 2]
+
+
+def test_a_paced_read_waits_for_its_time_unless_the_request_ends():
+    async def run():
+        loop = asyncio.get_running_loop()
+        collector = OutputCollector(RequestOutputKind.DELTA)
+        collector.put(_delta(0, [1]))
+        early = asyncio.ensure_future(collector.get(loop.time() + 3600))
+        await asyncio.sleep(0.05)
+        waited = not early.done()
+        collector.put(_delta(0, [2], "stop", finished=True))  # ends the request: released at once
+        return waited, await asyncio.wait_for(early, 120)
+    waited, out = asyncio.run(run())
+    assert waited and out.finished and out.outputs[0].token_ids == [1, 2]

@@ -1,5 +1,6 @@
 """Units of the cluster-side pieces that need no Ray cluster: the prefix router's choice, the
-cluster-wide stats registry, the per-request caps and the fair slicing of pooling requests."""
+cluster-wide stats registry, the per-request caps, the fair slicing of pooling requests and the
+pacing of streamed chunks."""
 import asyncio
 from types import SimpleNamespace
 
@@ -8,9 +9,11 @@ import pytest
 from cluster.prefix_router import CHARS_PER_BLOCK, PrefixAwareRouter, prefix_hashes, request_text
 from cluster.replica_stats import RETIRED, DeploymentStats
 from deployments.errors import APIError
-from deployments.limits import ServingLimits, in_slices
 from deployments.metrics import render_prometheus
-from deployments.protocol import ChatCompletionRequest, RerankRequest
+from deployments.limits import Admission, ServingLimits, in_slices
+from deployments.protocol import ChatCompletionRequest, CompletionRequest, RerankRequest
+from deployments.serving_generation import GenerationServing
+from engine import AsyncLLM, EngineConfig
 
 SYSTEM = "You answer questions about the servecluster project, briefly and exactly. " * 4
 
@@ -143,3 +146,27 @@ def test_cancelled_slices_stop_submitting():
             await task
     asyncio.run(main())
     assert started == [0, 10]
+
+
+@pytest.mark.usefixtures("one_thread")
+def test_stream_chunks_are_paced_by_the_batching_interval(tiny_model):
+    """A stream sends its first chunk at once and then at most one per stream_batching_interval_ms,
+    each with every token since the last: with an interval longer than the generation, the first
+    chunk and the finishing one (then the usage)."""
+    engine = AsyncLLM(EngineConfig(tiny_model("llama"), dtype="float32"))
+    req = CompletionRequest(model="m", prompt="a b c", max_tokens=12, temperature=0, ignore_eos=True, stream=True,
+                            stream_options={"include_usage": True})
+
+    async def chunks(interval_ms: float) -> list:
+        serving = GenerationServing(engine, "m", Admission(engine, ServingLimits(stream_batching_interval_ms=interval_ms)))
+        return [c async for c in serving.completions_stream(req)]
+
+    async def run():
+        return await chunks(0), await asyncio.wait_for(chunks(3.6e6), 120)  # the bound only turns a hang into a failure
+    try:
+        every, paced = asyncio.run(run())
+    finally:
+        engine.shutdown()
+    assert len(paced) == 3 and paced[-1].usage.completion_tokens == 12 and len(every) > 3
+    assert "".join(c.choices[0].text for c in paced[:2]) == "".join(c.choices[0].text for c in every[:-1])
+    assert paced[1].choices[0].finish_reason == "length"
