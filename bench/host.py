@@ -10,8 +10,9 @@ response (text decoded once at the end), DELTA how it runs a stream (text decode
 
 A second table runs the same requests through AsyncLLM, as a server does: the engine thread steps and
 hands each output to the caller's event loop, where one coroutine per request reads its stream. The
-model forward is replaced by zeros there, so each step's wall time is host work only: the engine's,
-the hand-over between the threads and the readers'.
+model forward is replaced by random hidden states there (varied tokens, so real text to detokenize),
+so each step's wall time is host work only: the engine's, the hand-over between the threads and the
+readers'.
 
     python bench/host.py                 # 64 and 256 running, both output kinds, this machine's device
     python bench/host.py --running 1024"""
@@ -68,7 +69,7 @@ def measure_async_llm(model_dir: str, running: int, kind, steps: int) -> float:
         llm = AsyncLLM.from_args(model=model_dir, dtype="float32", max_num_seqs=running, block_size=16,
                                  max_num_batched_tokens=running * 130, num_blocks=running * 20, enforce_eager=True)
         hidden = llm.engine.runner.model.spec.hidden_size
-        llm.engine.runner.model.forward = lambda ids, pos, types=None: torch.zeros(ids.shape[0], hidden)
+        llm.engine.runner.model.forward = lambda ids, pos, types=None: torch.randn(ids.shape[0], hidden)
         params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True, output_kind=kind)
         vocab = llm.engine.vocab_size
 

@@ -1,10 +1,12 @@
 """The engine's tokenizer, prompt encoding with vLLM's truncation rules, chat templating and
 score-pair building."""
 import functools
-from dataclasses import dataclass
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 
 from jinja2.exceptions import TemplateError
+from tokenizers.decoders import DecodeStream
 from transformers import AutoTokenizer, PreTrainedTokenizerBase
 
 
@@ -37,6 +39,25 @@ class Tokenizer:
             if self._rust_decode is not None and not kwargs and isinstance(token_ids, list):
                 return self._rust_decode(token_ids, skip_special_tokens=skip_special_tokens)
             return self.hf.decode(token_ids, skip_special_tokens=skip_special_tokens, **kwargs)
+
+    def decode_stream(self, context: list[int], skip_special_tokens: bool) -> Callable[[int], str | None] | None:
+        """step(token_id) -> the text it completes, or None while a character or a token's text is
+        unfinished: tokenizers' DecodeStream, the incremental detokenizer's window method in one Rust
+        call. `context` ids are decoded as the prefix the first token's text follows. None where the
+        Rust decode is not what decode() returns, where this tokenizers has no DecodeStream(ids=), or
+        where the context ends inside a character (the stream would then emit the context's text)."""
+        if self._rust_decode is None or (context and self.decode(context, skip_special_tokens).endswith("\ufffd")):
+            return None
+        try:
+            stream = DecodeStream(ids=list(context), skip_special_tokens=skip_special_tokens)
+        except TypeError:
+            return None
+        rust, lock = self.hf.backend_tokenizer, self._lock
+
+        def step(token_id: int) -> str | None:
+            with lock:
+                return stream.step(rust, token_id)
+        return step
 
     def __getattr__(self, name: str):
         value = getattr(self.hf, name)

