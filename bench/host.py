@@ -12,7 +12,8 @@ A second table runs the same requests through AsyncLLM, as a server does: the en
 hands each output to the caller's event loop, where one coroutine per request reads its stream. The
 model forward is replaced by random hidden states there (varied tokens, so real text to detokenize),
 so each step's wall time is host work only: the engine's, the hand-over between the threads and the
-readers'.
+readers'. A last row per size reads the streams as the server does by default, paced to one read
+per 50 ms (limits.stream_batching_interval_ms), the engine merging the steps between.
 
     python bench/host.py                 # 64 and 256 running, both output kinds, this machine's device
     python bench/host.py --running 1024"""
@@ -60,8 +61,9 @@ def measure(model_dir: str, running: int, kind, steps: int) -> tuple[float, floa
     return statistics.median(step_s) * 1e3, statistics.median(forward_s) * 1e3
 
 
-def measure_async_llm(model_dir: str, running: int, kind, steps: int) -> float:
-    """Wall ms per decode step of `running` streams read through AsyncLLM, the model forward stubbed."""
+def measure_async_llm(model_dir: str, running: int, kind, steps: int, interval_s: float = 0.0) -> float:
+    """Wall ms per decode step of `running` streams read through AsyncLLM, the model forward stubbed;
+    interval_s paces the readers as a server's stream_batching_interval_ms does."""
     from engine import SamplingParams
     from engine.async_engine import AsyncLLM
 
@@ -74,7 +76,8 @@ def measure_async_llm(model_dir: str, running: int, kind, steps: int) -> float:
         vocab = llm.engine.vocab_size
 
         async def read(i: int) -> None:
-            async for _ in llm.generate([3 + (i * 7 + j) % (vocab - 3) for j in range(128)], params):
+            async for _ in llm.generate([3 + (i * 7 + j) % (vocab - 3) for j in range(128)], params,
+                                        interval_s=interval_s):
                 pass
         try:
             await asyncio.gather(*[read(i) for i in range(running)])  # warm-up
@@ -84,6 +87,9 @@ def measure_async_llm(model_dir: str, running: int, kind, steps: int) -> float:
         finally:
             llm.shutdown()
     return asyncio.run(run())
+
+
+PACED_S = 0.05  # the server's default stream_batching_interval_ms
 
 
 def main() -> None:
@@ -105,6 +111,9 @@ def main() -> None:
                 rows.append([n, kind.name, step_ms, fwd_ms, step_ms - fwd_ms, (step_ms - fwd_ms) / n * 1e3])
                 server_ms = measure_async_llm(model_dir, n, kind, args.steps)
                 server_rows.append([n, kind.name, server_ms, step_ms - fwd_ms, server_ms - (step_ms - fwd_ms)])
+            server_ms = measure_async_llm(model_dir, n, RequestOutputKind.DELTA, args.steps, PACED_S)
+            server_rows.append([n, f"DELTA, read every {PACED_S * 1e3:g} ms", server_ms, step_ms - fwd_ms,
+                                server_ms - (step_ms - fwd_ms)])
     print(table(["running", "output kind", "step ms", "model forward ms (baseline)", "host ms",
                  "host us per sequence"], rows))
     print("\nThrough AsyncLLM, the model forward stubbed (wall ms per step, the prefill step included):\n")

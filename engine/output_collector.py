@@ -4,7 +4,8 @@ The engine thread puts each step's output; the reader takes them on its event lo
 gets one output, not a backlog: DELTA outputs are merged (RequestOutput.add_delta), the other kinds
 replaced by the newest. A reader may also pace itself (`get(not_before)`): a server streaming to HTTP
 clients then sends one chunk per interval with the tokens of every step since the last, so a chunk's
-fixed cost (a Ray object, an SSE event, its JSON) is paid once per interval, not once per token."""
+fixed cost (a Ray object, an SSE event, its JSON) is paid once per interval, not once per token, and
+the reader is woken once per interval, not once per step."""
 import asyncio
 
 from engine.outputs import RequestOutput
@@ -12,15 +13,18 @@ from engine.params import RequestOutputKind
 
 
 class OutputCollector:
-    __slots__ = ("_merge", "_pending", "_ready")
+    __slots__ = ("_merge", "_pending", "_ready", "_not_before")
 
     def __init__(self, kind: RequestOutputKind):
         self._merge = kind is RequestOutputKind.DELTA
         self._pending: RequestOutput | Exception | None = None
         self._ready = asyncio.Event()
+        self._not_before = 0.0  # the waiting reader's time (event loop clock); its timer wakes it then
 
     def put(self, out: RequestOutput | Exception) -> None:
-        """On the reader's event loop. An error replaces whatever is pending and stays."""
+        """On the reader's event loop. An error replaces whatever is pending and stays. The reader is
+        woken only when it can take what is pending: an error, the last output, or the first output
+        since its last read once its time has come."""
         pending = self._pending
         if isinstance(pending, Exception):
             return
@@ -28,7 +32,9 @@ class OutputCollector:
             pending.add_delta(out)
         else:
             self._pending = out
-        self._ready.set()
+        if (isinstance(out, Exception) or out.finished
+                or pending is None and asyncio.get_running_loop().time() >= self._not_before):
+            self._ready.set()
 
     async def get(self, not_before: float = 0.0) -> RequestOutput:
         """Everything put since the last get, as one output. Waits for one, and then, unless it ends
@@ -42,7 +48,8 @@ class OutputCollector:
                     raise out
                 return out
             self._ready.clear()
-            wake = None if out is None else loop.call_at(not_before, self._ready.set)
+            self._not_before = not_before
+            wake = loop.call_at(not_before, self._ready.set) if not_before > loop.time() else None
             try:
                 await self._ready.wait()
             finally:

@@ -134,8 +134,9 @@ def test_a_paced_read_waits_for_its_time_unless_the_request_ends():
         collector.put(_delta(0, [1]))
         early = asyncio.ensure_future(collector.get(loop.time() + 3600))
         await asyncio.sleep(0.05)
-        waited = not early.done()
-        collector.put(_delta(0, [2], "stop", finished=True))  # ends the request: released at once
+        collector.put(_delta(0, [2]))  # merged; the paced reader is not woken for it
+        waited = not early.done() and not collector._ready.is_set()
+        collector.put(_delta(0, [3], "stop", finished=True))  # ends the request: released at once
         return waited, await asyncio.wait_for(early, 120)
     waited, out = asyncio.run(run())
-    assert waited and out.finished and out.outputs[0].token_ids == [1, 2]
+    assert waited and out.finished and out.outputs[0].token_ids == [1, 2, 3]
