@@ -18,7 +18,8 @@ NDCG@10 (0.64508).
 `--streams` runs `--concurrency` streamed /v1/completions at once (128 tokens each, EOS ignored) for
 each `limits.stream_batching_interval_ms` in `--intervals`, on the tests' 2-layer random Llama: its
 steps are nearly free, as a GPU's are next to Ray's cost per streamed chunk, so what is measured is
-the serving path. Baseline: the same streams read from the in-process AsyncLLM.
+the serving path (`--model` runs a real one, e.g. SmolLM2 with `--threads 2`). Baseline: the same
+streams read from the in-process AsyncLLM.
 """
 import argparse
 import asyncio
@@ -176,8 +177,8 @@ async def http_streams(port: int, model: str, concurrency: int) -> tuple[float, 
     return sum(t for _, t in done) / seconds, sum(c for c, _ in done)
 
 
-async def in_process_streams(model: str, concurrency: int) -> float:
-    engine = AsyncLLM(EngineConfig(model=model, num_threads=1, max_num_seqs=concurrency))
+async def in_process_streams(model: str, concurrency: int, threads: int) -> float:
+    engine = AsyncLLM(EngineConfig(model=model, num_threads=threads, max_num_seqs=concurrency))
     params = SamplingParams(max_tokens=STREAM_TOKENS, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
 
     async def one(i: int) -> int:
@@ -192,11 +193,11 @@ async def in_process_streams(model: str, concurrency: int) -> float:
         engine.shutdown()
 
 
-def streams(port: int, concurrency: int, intervals: list[float]) -> list[list]:
-    model = build_decoder("llama", tempfile.mkdtemp(), seed=0)
-    rows, local = [], asyncio.run(in_process_streams(model, concurrency))
+def streams(port: int, concurrency: int, intervals: list[float], model: str | None, threads: int) -> list[list]:
+    model = model or build_decoder("llama", tempfile.mkdtemp(), seed=0)
+    rows, local = [], asyncio.run(in_process_streams(model, concurrency, threads))
     for interval in intervals:
-        args = ModelArgs(model=model, task="generate", num_threads=1, max_num_seqs=concurrency,
+        args = ModelArgs(model=model, task="generate", num_threads=threads, max_num_seqs=concurrency,
                          deployment_config={"ray_actor_options": {"num_cpus": NUM_CPUS}, "num_replicas": 1,
                                             "max_ongoing_requests": 256})
         serve.run(build_app(AppArgs(models=[args], limits={"stream_batching_interval_ms": interval},
@@ -219,15 +220,18 @@ def main() -> None:
     ap.add_argument("--streams", action="store_true", help="streamed completions by stream batching interval")
     ap.add_argument("--intervals", type=float, nargs="+", default=[0, 50, 200],
                     help="--streams: limits.stream_batching_interval_ms values")
+    ap.add_argument("--model", help="--streams: a generation model instead of the tests' 2-layer Llama")
+    ap.add_argument("--threads", type=int, default=1, help="--streams: torch threads of the engine")
     args = ap.parse_args()
     if args.streams:
-        print_machine("Streamed /v1/completions, tests' 2-layer Llama (host-bound steps)", extra={
+        print_machine(f"Streamed /v1/completions, {args.model or 'the tests 2-layer Llama (host-bound steps)'}", extra={
             "workload": f"{args.concurrency} streams at once x {STREAM_TOKENS} tokens, loopback HTTP through the "
-                        f"ingress; baseline: the same streams on the in-process AsyncLLM (1 torch thread)"})
+                        f"ingress; baseline: the same streams on the in-process AsyncLLM ({args.threads} torch "
+                        "threads in both)"})
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        rows = streams(port, args.concurrency, args.intervals)
+        rows = streams(port, args.concurrency, args.intervals, args.model, args.threads)
         serve.shutdown()
         ray.shutdown()
         print(table(["stream_batching_interval_ms", "HTTP tok/s", "chunks a stream", "tokens a chunk",

@@ -1,7 +1,8 @@
 """The generation routes of a model server: /v1/completions and /v1/chat/completions, whole or streamed.
 
 Streams ask the engine for DELTA outputs and forward the new text, tokens and logprobs at most once per
-`limits.stream_batching_interval_ms` (the engine merges the steps in between); whole responses ask for FINAL_ONLY and get one output per prompt. Neither re-reads what was sent.
+`limits.stream_batching_interval_ms` (the engine merges the steps in between); whole responses ask for
+FINAL_ONLY and get one output per prompt. Neither re-reads what was sent.
 Streams are async generators over the engine's generators: when the caller goes away, Serve cancels the
 method, the cancellation closes the engine's generator, and the engine aborts the request."""
 import asyncio
