@@ -23,7 +23,7 @@ HTTP routes parse and send (deployments.protocol):
                                             app_name="default")
     req = ChatCompletionRequest(messages=[{"role": "user", "content": "Hi"}], max_tokens=32, stream=True)
     async for chunk in generator.options(stream=True).chat_stream.remote(req):   # ChatCompletionStreamResponse
-        ...
+        ...  # one chunk per limits.stream_batching_interval_ms at most, with every token since the last
 
 Methods: embeddings, score, rerank, classify, completions, completions_stream, chat, chat_stream,
 tokenize, detokenize, describe, stats (see deployments.server.ModelServer). Errors arrive as the
