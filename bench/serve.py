@@ -194,7 +194,9 @@ async def in_process_streams(model: str, concurrency: int, threads: int) -> floa
 
 
 def streams(port: int, concurrency: int, intervals: list[float], model: str | None, threads: int) -> list[list]:
-    model = model or build_decoder("llama", tempfile.mkdtemp(), seed=0)
+    if model is None:
+        with tempfile.TemporaryDirectory() as d:
+            return streams(port, concurrency, intervals, build_decoder("llama", d, seed=0), threads)
     rows, local = [], asyncio.run(in_process_streams(model, concurrency, threads))
     for interval in intervals:
         args = ModelArgs(model=model, task="generate", num_threads=threads, max_num_seqs=concurrency,
