@@ -150,6 +150,13 @@ async def final_outputs(streams) -> list[RequestOutput]:
 async def merge(streams: list[AsyncIterator]) -> AsyncIterator[tuple[int, Any]]:
     """Items of several async iterators as they come, tagged by iterator index. Closing the
     merge (or cancelling its consumer) closes every iterator, so the engine aborts them all."""
+    if len(streams) == 1:  # every chat stream and most completions: no task and no wait per item
+        try:
+            async for item in streams[0]:
+                yield 0, item
+        finally:
+            await streams[0].aclose()
+        return
     pending = {asyncio.ensure_future(anext(s)): i for i, s in enumerate(streams)}
     try:
         while pending:

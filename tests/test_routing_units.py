@@ -152,7 +152,7 @@ def test_cancelled_slices_stop_submitting():
 def test_stream_chunks_are_paced_by_the_batching_interval(tiny_model):
     """A stream sends its first chunk at once and then at most one per stream_batching_interval_ms,
     each with every token since the last: with an interval longer than the generation, the first
-    chunk and the finishing one (then the usage)."""
+    chunk and the finishing one (then the usage). A stream closed early leaves nothing running."""
     engine = AsyncLLM(EngineConfig(tiny_model("llama"), dtype="float32"))
     req = CompletionRequest(model="m", prompt="a b c", max_tokens=12, temperature=0, ignore_eos=True, stream=True,
                             stream_options={"include_usage": True})
@@ -161,12 +161,25 @@ def test_stream_chunks_are_paced_by_the_batching_interval(tiny_model):
         serving = GenerationServing(engine, "m", Admission(engine, ServingLimits(stream_batching_interval_ms=interval_ms)))
         return [c async for c in serving.completions_stream(req)]
 
+    async def closed_early() -> bool:
+        """A stream its caller closes after the first chunk (a client that left) aborts its request."""
+        serving = GenerationServing(engine, "m", Admission(engine, ServingLimits()))
+        stream = serving.completions_stream(req.model_copy(update={"max_tokens": 100}))
+        await anext(stream)
+        await stream.aclose()
+        for _ in range(1000):  # a step in flight may still finish first
+            if not await engine._call(engine.engine.has_unfinished):
+                break
+        return await engine._call(engine.engine.has_unfinished)
+
     async def run():
-        return await chunks(0), await asyncio.wait_for(chunks(3.6e6), 120)  # the bound only turns a hang into a failure
+        # the bound only turns a hang into a failure
+        return await chunks(0), await asyncio.wait_for(chunks(3.6e6), 120), await closed_early()
     try:
-        every, paced = asyncio.run(run())
+        every, paced, left_running = asyncio.run(run())
     finally:
         engine.shutdown()
+    assert not left_running
     assert len(paced) == 3 and paced[-1].usage.completion_tokens == 12 and len(every) > 3
     assert "".join(c.choices[0].text for c in paced[:2]) == "".join(c.choices[0].text for c in every[:-1])
     assert paced[1].choices[0].finish_reason == "length"
