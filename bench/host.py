@@ -71,7 +71,7 @@ def measure_async_llm(model_dir: str, running: int, kind, steps: int, interval_s
         llm = AsyncLLM.from_args(model=model_dir, dtype="float32", max_num_seqs=running, block_size=16,
                                  max_num_batched_tokens=running * 130, num_blocks=running * 20, enforce_eager=True)
         hidden = llm.engine.runner.model.spec.hidden_size
-        llm.engine.runner.model.forward = lambda ids, pos, types=None: torch.randn(ids.shape[0], hidden)
+        llm.engine.runner.model.forward = lambda ids, pos, types=None: torch.randn(ids.shape[0], hidden, device=ids.device)
         params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True, output_kind=kind)
         vocab = llm.engine.vocab_size
 

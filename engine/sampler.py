@@ -88,7 +88,7 @@ class Sampler:
                 bias = params[i].logit_bias
                 x[i, to_device(list(bias), x.device)] += to_device(list(bias.values()), x.device, torch.float32)
             if blocked is not None:
-                x[blocked] = float("-inf")
+                x.index_put_(blocked, torch.full(blocked[0].shape, float("-inf"), device=x.device))
             token_ids = self._sample(x, requests)
         return _output(logits, token_ids, params)
 
@@ -193,7 +193,10 @@ def apply_penalties(x: torch.Tensor, rows: list[int], requests: list[Request],
     counts = torch.zeros_like(z)
     seen_rows = [j for j, r in enumerate(rows) for _ in requests[r].token_ids]
     output_rows = [j for j, r in enumerate(rows) for _ in range(requests[r].num_output_tokens)]
-    seen[to_device(seen_rows, dev), to_device([t for r in rows for t in requests[r].token_ids], dev)] = True
+    # index_put_ with values made on the device: `seen[i, j] = True` copies the scalar from the host and
+    # waits for the device (an H200 under torch.cuda.set_sync_debug_mode); so does min_tokens' -inf.
+    seen.index_put_((to_device(seen_rows, dev), to_device([t for r in rows for t in requests[r].token_ids], dev)),
+                    torch.ones(len(seen_rows), dtype=torch.bool, device=dev))
     if output_rows:
         counts.index_put_((to_device(output_rows, dev),
                            to_device([t for r in rows for t in requests[r].output_token_ids], dev)),
@@ -202,7 +205,7 @@ def apply_penalties(x: torch.Tensor, rows: list[int], requests: list[Request],
     if in_flight:
         j_t = to_device(in_flight, dev)
         tokens = last_inputs[rows_t[j_t]]
-        seen[j_t, tokens] = True
+        seen.index_put_((j_t, tokens), torch.ones(len(in_flight), dtype=torch.bool, device=dev))
         counts.index_put_((j_t, tokens), torch.ones(len(in_flight), device=dev), accumulate=True)
     repetition = _column([p.repetition_penalty for p in ps], z)
     z = torch.where(seen, torch.where(z > 0, z / repetition, z * repetition), z)

@@ -73,9 +73,10 @@ CASES = {"encoder": (12, 12, 8, [(0, 5), (0, 131), (0, 1), (0, 40)], False),
 
 
 CPU = torch.device("cpu")
-PREFILLS = {"per_sequence": PerSequencePrefill, "flex": lambda: FlexPrefill(CPU, compile=False),
+PREFILLS = {"per_sequence": lambda device: PerSequencePrefill(),
+            "flex": lambda device: FlexPrefill(device, compile=False),
             # The varlen backend's packing (offsets, cached-context keys, GQA) around the kernel's reference.
-            "varlen": lambda: VarlenPrefill(CPU, reference_attend)}
+            "varlen": lambda device: VarlenPrefill(device, reference_attend)}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -84,7 +85,7 @@ def test_varlen_prefill_matches_per_sequence_attention(case, kernel):
     heads, kv_heads, dim, chunks, causal = CASES[case]
     attn = layer(heads, kv_heads, dim, num_blocks=256)
     q, k, v, ctx, want = step(attn, chunks, causal, seed=len(case))
-    prefill = PREFILLS[kernel]()
+    prefill = PREFILLS[kernel](CPU)
     ctx.prefill_meta = prefill.prepare(ctx)
     got = prefill(attn, q, k, v, ctx)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
@@ -186,7 +187,7 @@ def test_capture_sizes_follow_vllm():
 
 
 def use_prefill(llm: LLM, kernel: str) -> None:
-    backend = AttentionBackend(PREFILLS[kernel](), GatherDecode())
+    backend = AttentionBackend(PREFILLS[kernel](llm.engine.runner.device), GatherDecode())
     llm.engine.runner.attention_backend = backend
     for attn in llm.engine.runner.model.attention_layers:
         attn.backend = backend
