@@ -20,7 +20,7 @@ MAX_PENDING = 16
 
 class IncrementalDetokenizer:
     __slots__ = ("tokenizer", "skip_special_tokens", "stop", "_max_hold", "_ids", "_prefix_offset",
-                 "_read_offset", "_text", "_tail", "_sent", "_stream")
+                 "_read_offset", "_text", "_tail", "_sent", "_decode_stream", "_stream")
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
         self.tokenizer = tokenizer
@@ -33,6 +33,7 @@ class IncrementalDetokenizer:
         self._text = ""  # decoded ids[:read_offset], output part only
         self._tail = ""  # decoded ids[read_offset:]; ends with U+FFFD while a character is unfinished
         self._sent = 0  # chars of output_text already handed out by take_delta
+        self._decode_stream = getattr(tokenizer, "decode_stream", None)  # looked up once: restarts are per token
         self._stream = self._new_stream()
 
     @property
@@ -65,8 +66,9 @@ class IncrementalDetokenizer:
 
     def _new_stream(self):
         """The Rust stream over the window's context, or None (the tokenizer has none to offer)."""
-        decode_stream = getattr(self.tokenizer, "decode_stream", None)
-        return decode_stream(self._ids[self._prefix_offset:], self.skip_special_tokens) if decode_stream else None
+        if self._decode_stream is None:
+            return None
+        return self._decode_stream(self._ids[self._prefix_offset:], self.skip_special_tokens)
 
     def _decode_next(self) -> None:
         if self._stream is not None:
