@@ -355,6 +355,25 @@ def test_decoder_last_token_embeddings_match_hf(chunk, tiny_model):
     assert_pool_free(llm)
 
 
+@pytest.mark.parametrize("arch", ["gemma", "llama3-gqa", "qwen3"])
+def test_bfloat16_hidden_states_as_close_to_float32_as_hf_bfloat16(arch, tiny_model):
+    """bf16: rotary in the activations' dtype as Hugging Face casts it, fused RMSNorm. Gemma's norm runs in
+    float32 in both, so its hidden states are Hugging Face's bit for bit; the others round the norm once
+    where Hugging Face rounds twice, which may move them by an ulp but no further from float32."""
+    path = tiny_model(arch)
+    hf = {dt: T.AutoModel.from_pretrained(path, dtype=dt).eval() for dt in (torch.bfloat16, torch.float32)}
+    llm = LLM(path, task="embed", dtype="bfloat16", block_size=8)
+    for out in llm.embed(PROMPTS, pooling_params=PoolingParams(normalize=False)):
+        with torch.no_grad():
+            h16, h32 = (hf[dt](torch.tensor([out.prompt_token_ids])).last_hidden_state[0, -1].float()
+                        for dt in (torch.bfloat16, torch.float32))
+        got = torch.tensor(out.outputs.embedding)
+        if arch == "gemma":
+            assert torch.equal(got, h16)
+        distance = [1 - torch.nn.functional.cosine_similarity(a, h32, dim=0).item() for a in (got, h16)]
+        assert distance[0] <= 2 * distance[1] + 1e-6, distance
+
+
 # ---------------------------------------------------------------- sampling
 
 

@@ -38,21 +38,22 @@ def inverse_frequencies(head_dim: int, params: dict) -> torch.Tensor:
 class RotaryEmbedding(nn.Module):
     def __init__(self, head_dim: int, max_positions: int, params: dict):
         super().__init__()
-        # float32 throughout, as Hugging Face computes it, so greedy parity holds token for token.
+        # Tables computed in float32, as Hugging Face computes them, so greedy parity holds token for token.
         inv_freq = inverse_frequencies(head_dim, params)
         freqs = torch.outer(torch.arange(max_positions, dtype=torch.float32), inv_freq)
         # Whole-head tables, sin signed for the rotated halves: a rotation is then two multiplies and an add.
         self.register_buffer("cos", torch.cat((freqs.cos(), freqs.cos()), dim=-1), persistent=False)
         self.register_buffer("sin", torch.cat((-freqs.sin(), freqs.sin()), dim=-1), persistent=False)
 
-    def tables(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """cos and sin for the step's positions, looked up once and shared by every layer."""
-        return self.cos[positions].unsqueeze(1), self.sin[positions].unsqueeze(1)
+    def tables(self, positions: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+        """cos and sin for the step's positions in the activations' dtype, as Hugging Face casts them, looked
+        up once and shared by every layer."""
+        return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [tokens, heads, head_dim]. Bit for bit Hugging Face's x1*cos - x2*sin, x2*cos + x1*sin (negating
-    a factor is exact), in fewer ops: a decode step runs this twice per layer."""
-    xf = x.float()
-    x1, x2 = xf.chunk(2, dim=-1)
-    return (xf * cos + torch.cat((x2, x1), dim=-1) * sin).to(x.dtype)
+    """x: [tokens, heads, head_dim], queries and keys together. Bit for bit Hugging Face's x1*cos - x2*sin,
+    x2*cos + x1*sin in x's dtype (negating a factor is exact), in four kernels: an unfused op costs a
+    launch and a pass over memory, and a step runs this once per layer."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((x2, x1), dim=-1) * sin
