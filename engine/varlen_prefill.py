@@ -23,7 +23,8 @@ from engine.transfer import to_device
 
 log = logging.getLogger(__name__)
 
-# attend(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> [tokens, heads, dim]; k, v have q's heads.
+# attend(q, k, v, cu_q, cu_k, max_q, max_k, causal, scale) -> [tokens, heads, dim]; k, v may have fewer heads
+# (GQA: each kv head serves a group of query heads).
 Attend = Callable[..., torch.Tensor]
 
 
@@ -51,9 +52,6 @@ class VarlenPrefill:
         meta: VarlenPrefillMeta = ctx.prefill_meta
         if meta.kv_slots is not None:
             k, v = layer.k_cache[meta.kv_slots], layer.v_cache[meta.kv_slots]
-        if layer.num_kv_heads != layer.num_heads:  # every query head its kv head's copy (not every release takes GQA)
-            group = layer.num_heads // layer.num_kv_heads
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return self._attend(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, ctx.causal, layer.scale)
 
 
@@ -64,7 +62,8 @@ def reference_attend(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale: flo
         n, m = qe - qs, ke - ks
         mask = torch.arange(m, device=q.device)[None] <= torch.arange(n, device=q.device)[:, None] + (m - n)
         o = F.scaled_dot_product_attention(q[qs:qe].transpose(0, 1), k[ks:ke].transpose(0, 1),
-                                           v[ks:ke].transpose(0, 1), attn_mask=mask if causal else None, scale=scale)
+                                           v[ks:ke].transpose(0, 1), attn_mask=mask if causal else None, scale=scale,
+                                           enable_gqa=k.shape[1] != q.shape[1])
         out[qs:qe] = o.transpose(0, 1)
     return out
 
@@ -80,11 +79,7 @@ def varlen_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> At
         return None
     if not {"scale", "window_size"} <= set(inspect.signature(varlen_attn).parameters):
         return None
-
-    def attend(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale: float) -> torch.Tensor:
-        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
-                           window_size=(-1, 0) if causal else (-1, -1))
-
+    attend = flash_attend(varlen_attn)
     try:
         if _matches_reference(attend, device, dtype, head_dim):
             return attend
@@ -94,14 +89,33 @@ def varlen_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> At
     return None
 
 
+def flash_attend(varlen_attn: Callable) -> Attend:
+    """torch's varlen_attn as an Attend: GQA by the kernel where the release takes enable_gqa, by copies
+    of the kv heads where it does not."""
+    takes_gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
+
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale: float) -> torch.Tensor:
+        gqa = {}
+        if k.shape[1] != q.shape[1]:
+            if takes_gqa:
+                gqa = {"enable_gqa": True}
+            else:
+                group = q.shape[1] // k.shape[1]
+                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+        return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
+                           window_size=(-1, 0) if causal else (-1, -1), **gqa)
+    return attend
+
+
 def _matches_reference(attend: Attend, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     gen = torch.Generator(device=device).manual_seed(0)
     q_lens, k_lens = [5, 37, 1], [13, 37, 9]  # chunks after cached context, a whole prompt, one token
     q = torch.randn(sum(q_lens), 4, head_dim, generator=gen, device=device, dtype=dtype)
-    k, v = (torch.randn(sum(k_lens), 4, head_dim, generator=gen, device=device, dtype=dtype) for _ in range(2))
     cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
                   for lens in (q_lens, k_lens))
-    for causal in (True, False):
+    for kv_heads, causal in itertools.product((4, 2), (True, False)):  # MHA and GQA
+        k, v = (torch.randn(sum(k_lens), kv_heads, head_dim, generator=gen, device=device, dtype=dtype)
+                for _ in range(2))
         args = (q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), causal, head_dim ** -0.5)
         if not torch.allclose(attend(*args).float(), reference_attend(*args).float(), atol=2e-2, rtol=2e-2):
             return False

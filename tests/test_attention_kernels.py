@@ -15,7 +15,7 @@ from engine.attention_backends import AttentionBackend, GatherDecode, PerSequenc
 from engine.context import Context, PrefillSpan
 from engine.cuda_graphs import capture_sizes
 from engine.flex_prefill import FlexPrefill
-from engine.varlen_prefill import VarlenPrefill, reference_attend, varlen_kernel
+from engine.varlen_prefill import VarlenPrefill, flash_attend, reference_attend, varlen_kernel
 from engine.pooling import pool_segments
 
 from test_decoders import PROMPTS, SHARED, greedy, ref, run_staggered  # noqa: F401  (ref is a fixture)
@@ -95,6 +95,28 @@ def test_flash_varlen_is_chosen_only_where_it_checks_out():
     assert varlen_kernel(CPU, torch.bfloat16, 64) is None
     if torch.cuda.is_available():
         assert varlen_kernel(torch.device("cuda"), torch.float32, 64) is None  # flash attention: fp16 / bf16 only
+
+
+def fake_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size):
+    """torch's varlen_attn as releases without enable_gqa define it (one head count), computed by the reference."""
+    assert k.shape[1] == q.shape[1] and window_size in ((-1, 0), (-1, -1))
+    return reference_attend(q, k, v, cu_q, cu_k, max_q, max_k, window_size == (-1, 0), scale)
+
+
+def fake_varlen_attn_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size, enable_gqa=False):
+    assert enable_gqa == (k.shape[1] != q.shape[1])
+    return reference_attend(q, k, v, cu_q, cu_k, max_q, max_k, window_size == (-1, 0), scale)
+
+
+@pytest.mark.parametrize("varlen_attn", [fake_varlen_attn, fake_varlen_attn_gqa])
+@pytest.mark.parametrize("case", CASES)
+def test_flash_varlen_call_passes_gqa_or_copies_kv_heads(case, varlen_attn):
+    heads, kv_heads, dim, chunks, causal = CASES[case]
+    attn = layer(heads, kv_heads, dim, num_blocks=256)
+    q, k, v, ctx, want = step(attn, chunks, causal, seed=len(case))
+    prefill = VarlenPrefill(CPU, flash_attend(varlen_attn))
+    ctx.prefill_meta = prefill.prepare(ctx)
+    torch.testing.assert_close(prefill(attn, q, k, v, ctx), want, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs CUDA")
