@@ -5,6 +5,7 @@ tokenizer is the exception: it takes its own lock (engine.tokenizer.Tokenizer), 
 tokenize and apply chat templates on their event loop. PyTorch releases the GIL inside its
 kernels, so the event loop stays responsive."""
 import asyncio
+import gc
 import logging
 import queue
 import threading
@@ -67,6 +68,10 @@ class AsyncLLM:
         except BaseException as e:
             built.set_exception(e)
             return
+        # The model, tokenizer and engine live as long as the process: moved out of the collector's reach, a
+        # full collection no longer walks them while requests run (vLLM freezes its heap after start-up too).
+        gc.collect()
+        gc.freeze()
         built.set_result(None)
         self._loop()
 

@@ -135,7 +135,7 @@ def test_a_paced_read_waits_for_its_time_unless_the_request_ends():
         early = asyncio.ensure_future(collector.get(loop.time() + 3600))
         await asyncio.sleep(0.05)
         collector.put(_delta(0, [2]))  # merged; the paced reader is not woken for it
-        waited = not early.done() and not collector._ready.is_set()
+        waited = not early.done() and not collector._waiter.done()
         collector.put(_delta(0, [3], "stop", finished=True))  # ends the request: released at once
         return waited, await asyncio.wait_for(early, 120)
     waited, out = asyncio.run(run())
