@@ -8,17 +8,20 @@ the kernels are (issue 8's target is 4 ms at 256 running), so it is measured her
 Output kinds: FINAL_ONLY without stop strings is how the server runs a whole (non-streaming)
 response (text decoded once at the end), DELTA how it runs a stream (text decoded every token).
 
-A second table runs the same requests through AsyncLLM, as a server does: the engine thread steps and
-hands each output to the caller's event loop, where one coroutine per request reads its stream. The
+A second table runs the same DELTA requests through AsyncLLM, as a server does: the engine's loop steps
+and hands each output to the caller's event loop, where one coroutine per request reads its stream. The
 model forward is replaced by random hidden states there (varied tokens, so real text to detokenize),
-so each step's wall time is host work only: the engine's, the hand-over between the threads and the
-readers'. A last row per size reads the streams as the server does by default, paced to one read
-per 50 ms (limits.stream_batching_interval_ms), the engine merging the steps between.
+so each step's wall time is host work only: the engine's, the hand-over and the readers'. The engine
+runs on a thread of the readers' process (sharing its GIL) or in a process of its own (engine_process);
+the readers read every step, or as the server does by default, paced to one read per 50 ms
+(limits.stream_batching_interval_ms), the engine merging the steps between.
 
     python bench/host.py                 # 64 and 256 running, both output kinds, this machine's device
     python bench/host.py --running 1024"""
 import argparse
 import asyncio
+import bisect
+import itertools
 import os
 import statistics
 import sys
@@ -61,41 +64,49 @@ def measure(model_dir: str, running: int, kind, steps: int) -> tuple[float, floa
     return statistics.median(step_s) * 1e3, statistics.median(forward_s) * 1e3
 
 
-def measure_async_llm(model_dir: str, running: int, kind, steps: int, interval_s: float = 0.0) -> float:
-    """Median ms between consecutive engine steps while `running` streams are read through AsyncLLM, the model
-    forward stubbed: the engine's host work, the hand-over and the readers' share of the GIL. interval_s paces
-    the readers as a server's stream_batching_interval_ms does."""
-    from engine import SamplingParams
+def stub_engine(config):
+    """The engine with its model forward replaced by random hidden states (varied tokens, so real text to
+    detokenize): a module-level function, so a spawned engine process can build it too."""
+    from engine import LLMEngine
+    engine = LLMEngine(config)
+    hidden = engine.runner.model.spec.hidden_size
+    engine.runner.model.forward = lambda ids, pos, types=None: torch.randn(ids.shape[0], hidden, device=ids.device)
+    return engine
+
+
+def measure_async_llm(model_dir: str, running: int, kind, steps: int, interval_s: float = 0.0,
+                      engine_process: bool = False) -> float:
+    """ms per decode step while `running` DELTA streams are read through AsyncLLM, the model forward stubbed: the
+    engine's host work, the hand-over and the readers' share of the GIL. From the rate at which the readers
+    receive tokens over the middle half of the run (the prefill, arrivals and departures are outliers).
+    interval_s paces the readers as a server's stream_batching_interval_ms does; engine_process runs the
+    engine in a process of its own."""
+    from engine import EngineConfig, SamplingParams
     from engine.async_engine import AsyncLLM
 
     async def run() -> float:
-        llm = AsyncLLM.from_args(model=model_dir, dtype="float32", max_num_seqs=running, block_size=16,
-                                 max_num_batched_tokens=running * 130, num_blocks=running * 20, enforce_eager=True)
-        hidden = llm.engine.runner.model.spec.hidden_size
-        llm.engine.runner.model.forward = lambda ids, pos, types=None: torch.randn(ids.shape[0], hidden, device=ids.device)
+        llm = AsyncLLM(EngineConfig(model=model_dir, dtype="float32", max_num_seqs=running, block_size=16,
+                                    max_num_batched_tokens=running * 130, num_blocks=running * 20, enforce_eager=True,
+                                    num_threads=1, engine_process=engine_process), stub_engine)
         params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True, output_kind=kind)
-        vocab = llm.engine.vocab_size
-        stamps: list[float] = []
-        step = llm.engine.step
-
-        def stamped_step():
-            outputs = step()
-            stamps.append(time.perf_counter())
-            return outputs
-        llm.engine.step = stamped_step
+        vocab = llm.tokenizer.vocab_size
+        received: list[tuple[float, int]] = []
 
         async def read(i: int) -> None:
-            async for _ in llm.generate([3 + (i * 7 + j) % (vocab - 3) for j in range(128)], params,
-                                        interval_s=interval_s):
-                pass
+            async for out in llm.generate([3 + (i * 7 + j) % (vocab - 3) for j in range(128)], params,
+                                          interval_s=interval_s):
+                received.append((time.perf_counter(), len(out.outputs[0].token_ids)))
         try:
             await asyncio.gather(*[read(i) for i in range(running)])  # warm-up
-            stamps.clear()
+            received.clear()
             await asyncio.gather(*[read(i) for i in range(running)])
-            # The median step: the prefill step and the requests' arrival and departure are outliers.
-            return statistics.median(b - a for a, b in zip(stamps, stamps[1:])) * 1e3
         finally:
             llm.shutdown()
+        received.sort()
+        counts = list(itertools.accumulate(n for _, n in received))
+        lo, hi = (bisect.bisect_left(counts, counts[-1] * q) for q in (0.25, 0.75))
+        tokens_per_s = (counts[hi] - counts[lo]) / (received[hi][0] - received[lo][0])
+        return running / tokens_per_s * 1e3
     return asyncio.run(run())
 
 
@@ -119,17 +130,17 @@ def main() -> None:
             for kind in (RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA):
                 step_ms, fwd_ms = measure(model_dir, n, kind, args.steps)
                 rows.append([n, kind.name, step_ms, fwd_ms, step_ms - fwd_ms, (step_ms - fwd_ms) / n * 1e3])
-                server_ms = measure_async_llm(model_dir, n, kind, args.steps)
-                server_rows.append([n, kind.name, server_ms, step_ms - fwd_ms, server_ms - (step_ms - fwd_ms)])
-            server_ms = measure_async_llm(model_dir, n, RequestOutputKind.DELTA, args.steps, PACED_S)
-            server_rows.append([n, f"DELTA, read every {PACED_S * 1e3:g} ms", server_ms, step_ms - fwd_ms,
-                                server_ms - (step_ms - fwd_ms)])
+            host_ms = step_ms - fwd_ms  # DELTA's
+            for interval_s, process in itertools.product((0.0, PACED_S), (False, True)):
+                ms = measure_async_llm(model_dir, n, RequestOutputKind.DELTA, args.steps, interval_s, process)
+                server_rows.append([n, f"every {interval_s * 1e3:g} ms" if interval_s else "every step",
+                                    "own process" if process else "thread", ms, host_ms, ms / host_ms])
     print(table(["running", "output kind", "step ms", "model forward ms (baseline)", "host ms",
                  "host us per sequence"], rows))
-    print("\nThrough AsyncLLM, the model forward stubbed (median ms between decode steps):\n")
-    print(table(["running", "output kind", "AsyncLLM ms per step", "LLMEngine.step host ms (baseline)",
-                 "hand-over and readers ms"], server_rows))
-
+    print("\nDELTA streams through AsyncLLM, the model forward stubbed (ms per step from the rate tokens reach "
+          "the readers):\n")
+    print(table(["running", "readers read", "engine runs in", "AsyncLLM ms per step",
+                 "LLMEngine.step host ms, DELTA (baseline)", "AsyncLLM / baseline"], server_rows))
 
 if __name__ == "__main__":
     main()

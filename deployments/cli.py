@@ -52,6 +52,8 @@ def parser() -> argparse.ArgumentParser:
                         "compiled at start (fastest on CPU)")
     s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule each step while the GPU runs the previous one (default: on with CUDA)")
+    s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
+                   help="run the engine in a process of its own, off the server's GIL (default: on with CUDA)")
     s.add_argument("--seed", type=int, default=None)
     s.add_argument("--api-key", default=None, help="required as `Authorization: Bearer KEY` (env SERVECLUSTER_API_KEY)")
     s.add_argument("--allowed-origins", type=json.loads, default=[], help='CORS origins as JSON, e.g. \'["*"]\'')
@@ -73,7 +75,8 @@ def app_args(ns: argparse.Namespace) -> AppArgs:
         actor_options = cpu_shape(ns.num_cpus if ns.num_cpus is not None else max(0.5, (os.cpu_count() or 1) - 0.2))
     extra = {"gpu_memory_utilization": ns.gpu_memory_utilization, "block_size": ns.block_size,
              "enable_prefix_caching": ns.enable_prefix_caching, "seed": ns.seed, "enforce_eager": ns.enforce_eager,
-             "torch_compile": ns.torch_compile, "async_scheduling": ns.async_scheduling}
+             "torch_compile": ns.torch_compile, "async_scheduling": ns.async_scheduling,
+             "engine_process": ns.engine_process}
     model = ModelArgs(
         model=ns.model, task=ns.task, served_model_name=ns.served_model_name[0] if ns.served_model_name else None,
         dtype=ns.dtype, quantization=ns.quantization, max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,

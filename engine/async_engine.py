@@ -1,13 +1,12 @@
-"""The engine for servers: a background thread runs steps while asyncio callers await results.
+"""The engine for servers: the engine's loop runs steps while asyncio callers await results.
 
-All engine state is touched only by that thread; callers hand it work through an inbox. The
-tokenizer is the exception: it takes its own lock (engine.tokenizer.Tokenizer), so servers may
-tokenize and apply chat templates on their event loop. PyTorch releases the GIL inside its
-kernels, so the event loop stays responsive."""
+The loop runs on a thread of this process or in a process of its own (engine.engine_loop); either way
+callers hand it commands and it reports events, which are handed to each caller's event loop. Requests
+are registered here before they are sent, so their first outputs always find them. The tokenizer is
+this process's own (it takes its own lock, engine.tokenizer.Tokenizer), so servers may tokenize and
+apply chat templates on their event loop."""
 import asyncio
-import gc
-import logging
-import queue
+import itertools
 import threading
 import time
 import uuid
@@ -16,13 +15,13 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from engine.config import EngineConfig
+from engine.engine_loop import EngineFactory, EngineProcess, EngineThread
 from engine.llm_engine import LLMEngine
+from engine.loader import load_config
 from engine.output_collector import OutputCollector
 from engine.outputs import PoolingJobOutput, PoolingRequestOutput, RequestOutput
 from engine.params import PoolingParams, SamplingParams
-from engine.tokenizer import apply_chat_template
-
-log = logging.getLogger(__name__)
+from engine.tokenizer import apply_chat_template, load_tokenizer
 
 
 @dataclass(slots=True)
@@ -36,101 +35,112 @@ class _Waiter:
 
 
 class AsyncLLM:
-    def __init__(self, config: EngineConfig):
+    def __init__(self, config: EngineConfig, engine_factory: EngineFactory = LLMEngine):
+        """engine_factory builds the engine from the config where the loop runs (in a process of its own it
+        must be picklable: a module-level function)."""
         self.config = config
-        self._inbox: queue.SimpleQueue = queue.SimpleQueue()
         self._waiters: dict[str, _Waiter] = {}  # by request id: generations and pooling calls
-        self._running = True
-        self._heartbeat = time.monotonic()  # the engine thread's last sign of progress
-        # The engine is built on the thread that runs it. On CPU, torch's OpenMP pool belongs to the
-        # thread that first runs a parallel op; a model loaded on the caller's thread leaves a second
-        # pool, and with more OpenMP threads than cores libgomp stops spinning between ops, so every op
-        # of the engine thread sleeps and wakes: decode steps measured 2x slower (README).
-        built: Future = Future()
-        self._thread = threading.Thread(target=self._build_and_loop, args=(built,), name="engine", daemon=True)
-        self._thread.start()
-        built.result()  # raises what building the engine raised
-        self.task = self.engine.task
-        self.max_model_len = self.engine.max_model_len
-        self.tokenizer = self.engine.tokenizer
-        self.id2label = self.engine.id2label
+        self._lock = threading.Lock()  # _waiters: registered by callers, resolved where events arrive
+        self._calls: dict[int, tuple[asyncio.AbstractEventLoop, asyncio.Future]] = {}
+        self._call_ids = itertools.count()
+        self._heartbeat = time.monotonic()  # the loop's last sign of progress
+        self._snapshot: dict = {}
+        self._ready: Future = Future()
+        host = EngineProcess if config.uses_engine_process(config.torch_device()) else EngineThread
+        self._host = host(config, engine_factory, self._on_event)
+        info = self._ready.result()  # raises what building the engine raised
+        self.task, self.max_model_len, self.id2label = info["task"], info["max_model_len"], info["id2label"]
+        in_thread = getattr(self._host, "engine", None)
+        self.tokenizer = in_thread.tokenizer if in_thread else load_tokenizer(info["model_dir"],
+                                                                             load_config(info["model_dir"]))
 
     @classmethod
     def from_args(cls, **kwargs) -> "AsyncLLM":
         return cls(EngineConfig(**kwargs))
 
-    # ---- the engine thread --------------------------------------------------------------------
-    def _build_and_loop(self, built: Future) -> None:
-        try:
-            self.engine = LLMEngine(self.config)
-            self._snapshot = self.engine.stats_snapshot()
-            self.engine.on_batch_start = self._publish_stats
-        except BaseException as e:
-            built.set_exception(e)
-            return
-        # The model, tokenizer and engine live as long as the process: moved out of the collector's reach, a
-        # full collection no longer walks them while requests run (vLLM freezes its heap after start-up too).
-        gc.collect()
-        gc.freeze()
-        built.set_result(None)
-        self._loop()
+    @property
+    def engine(self) -> LLMEngine:
+        """The engine itself, where it runs on a thread of this process (tests and benchmarks look inside)."""
+        return self._host.engine
 
-    def _loop(self) -> None:
-        while self._running:
-            block = not self.engine.has_unfinished()
-            try:
-                while True:
-                    self._inbox.get(block=block)()
-                    block = False
-            except queue.Empty:
-                pass
-            self._heartbeat = time.monotonic()
-            if not self.engine.has_unfinished():
-                self._snapshot = self.engine.stats_snapshot()  # e.g. after an abort emptied the engine
-                continue
-            try:
-                outputs = self.engine.step()
-            except Exception as e:  # a bug must not leave callers waiting or blocks allocated
-                log.exception("engine step failed")
-                self._fail_all(e)
-                continue
-            self._dispatch(outputs)
-            self._snapshot = self.engine.stats_snapshot()
+    # ---- events, where the loop reports them --------------------------------------------------
+    def _on_event(self, event: tuple) -> None:
+        self._heartbeat = time.monotonic()
+        kind = event[0]
+        if kind == "step":
+            self._dispatch(event[1])
+            self._snapshot = event[2]
+        elif kind == "stats":
+            self._snapshot = event[1]
+        elif kind == "reply":
+            loop, future = self._calls.pop(event[1])
+            loop.call_soon_threadsafe(_resolve if event[2] else _reject, future, event[3])
+        elif kind == "ready":
+            self._snapshot = event[1]["stats"]
+            self._ready.set_result(event[1])
+        elif not self._ready.done():  # failed while starting
+            self._ready.set_exception(event[1])
+        else:
+            self._fail_all(event[1])
 
     def _dispatch(self, outputs: list[RequestOutput | PoolingJobOutput]) -> None:
         """Wakes each caller's event loop once per step, not once per output: a call into a loop from
         another thread writes to its self-pipe (~7 us here; 1.8 ms a step with 256 streams)."""
         by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Waiter, RequestOutput | PoolingJobOutput]]] = {}
-        for out in outputs:
-            waiter = self._waiters.pop(out.request_id, None) if out.finished else self._waiters.get(out.request_id)
-            if waiter is not None:
-                by_loop.setdefault(waiter.loop, []).append((waiter, out))
+        with self._lock:
+            for out in outputs:
+                waiter = self._waiters.pop(out.request_id, None) if out.finished else self._waiters.get(out.request_id)
+                if waiter is not None:
+                    by_loop.setdefault(waiter.loop, []).append((waiter, out))
         for loop, delivered in by_loop.items():
             loop.call_soon_threadsafe(_deliver, delivered)
 
     def _fail_all(self, error: Exception) -> None:
-        waiters, self._waiters = self._waiters, {}
-        for rid, waiter in waiters.items():
-            self.engine.abort(rid)
+        """A step failed (the loop has aborted every request) or the engine process is gone."""
+        with self._lock:
+            waiters, self._waiters = self._waiters, {}
+        for waiter in waiters.values():
             if waiter.stream is not None:
                 waiter.send(waiter.stream.put, error)
             else:
                 waiter.send(_reject, waiter.future, error)
+        if not self._host.alive():  # nothing will answer the calls in flight either
+            calls, self._calls = self._calls, {}
+            for loop, future in calls.values():
+                loop.call_soon_threadsafe(_reject, future, error)
 
-    async def _call(self, fn: Callable):
-        """Run fn on the engine thread and await its result (or its exception)."""
+    async def _call(self, method: str, *args):
+        """LLMEngine.<method>(*args) where the engine runs; its result or its exception."""
+        if not self._host.alive():
+            raise RuntimeError("the engine is not running")
         loop = asyncio.get_running_loop()
         future = loop.create_future()
-
-        def run():
-            try:
-                result = fn()
-            except Exception as e:
-                loop.call_soon_threadsafe(_reject, future, e)
-            else:
-                loop.call_soon_threadsafe(_resolve, future, result)
-        self._inbox.put(run)
+        call_id = next(self._call_ids)
+        self._calls[call_id] = (loop, future)
+        self._host.send(("call", call_id, method, args))
         return await future
+
+    async def _start(self, rid: str, waiter: _Waiter, method: str, *args) -> None:
+        """Registers the waiter, then adds the call where the engine runs (a bad call unregisters it)."""
+        with self._lock:
+            if rid in self._waiters:
+                raise ValueError(f"request_id {rid!r} is already running")
+            self._waiters[rid] = waiter
+        try:
+            await self._call(method, *args)
+        except BaseException:
+            with self._lock:
+                if self._waiters.get(rid) is waiter:
+                    del self._waiters[rid]
+            raise
+
+    def _abort(self, rid: str, waiter: _Waiter) -> None:
+        with self._lock:
+            if self._waiters.get(rid) is not waiter:
+                return
+            del self._waiters[rid]
+        if self._host.alive():
+            self._host.send(("abort", rid))
 
     # ---- the API ------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,
@@ -145,7 +155,7 @@ class AsyncLLM:
         waiter = _Waiter(loop, stream=OutputCollector(params.output_kind))
         finished, not_before = False, 0.0
         try:
-            await self._call(lambda: self._start(rid, waiter, lambda: self.engine.add_generation(rid, prompt, params)))
+            await self._start(rid, waiter, "add_generation", rid, prompt, params)
             while not finished:
                 out = await waiter.stream.get(not_before)
                 finished = out.finished
@@ -153,43 +163,32 @@ class AsyncLLM:
                 not_before = loop.time() + interval_s
         finally:
             if not finished:
-                self._inbox.put(lambda: self._abort(rid, waiter))
+                self._abort(rid, waiter)
 
     async def embed(self, prompts: list[str | list[int]], params: PoolingParams | None = None) -> list[PoolingRequestOutput]:
-        return await self._pool(lambda rid: self.engine.add_embed(rid, prompts, params))
+        return await self._pool("add_embed", prompts, params)
 
     async def score(self, text_1: str | list[str], text_2: str | list[str],
                     params: PoolingParams | None = None) -> list[PoolingRequestOutput]:
-        return await self._pool(lambda rid: self.engine.add_score(rid, text_1, text_2, params))
+        return await self._pool("add_score", text_1, text_2, params)
 
     async def classify(self, prompts: list[str | list[int]], params: PoolingParams | None = None) -> list[PoolingRequestOutput]:
-        return await self._pool(lambda rid: self.engine.add_classify(rid, prompts, params))
+        return await self._pool("add_classify", prompts, params)
 
-    async def _pool(self, add: Callable[[str], None]) -> list[PoolingRequestOutput]:
+    async def _pool(self, method: str, *args) -> list[PoolingRequestOutput]:
         rid = f"pool-{uuid.uuid4().hex}"
         waiter = _Waiter(asyncio.get_running_loop())
         waiter.future = waiter.loop.create_future()
-        await self._call(lambda: self._start(rid, waiter, lambda: add(rid)))
+        await self._start(rid, waiter, method, rid, *args)
         try:
             return await waiter.future
         finally:
             if not waiter.future.done():  # cancelled: its requests leave the engine
-                self._inbox.put(lambda: self._abort(rid, waiter))
-
-    def _start(self, rid: str, waiter: _Waiter, add: Callable[[], None]) -> None:
-        """On the engine thread: register the waiter, then add the call (a bad call registers nothing)."""
-        if rid in self._waiters:
-            raise ValueError(f"request_id {rid!r} is already running")
-        add()
-        self._waiters[rid] = waiter
-
-    def _abort(self, rid: str, waiter: _Waiter) -> None:
-        if self._waiters.get(rid) is waiter:
-            del self._waiters[rid]
-            self.engine.abort(rid)
+                self._abort(rid, waiter)
 
     async def tokenize_async(self, text: str, add_special_tokens: bool = True) -> list[int]:
-        return await self._call(lambda: self.tokenize(text, add_special_tokens))
+        """Off the event loop: a long text takes milliseconds."""
+        return await asyncio.get_running_loop().run_in_executor(None, self.tokenize, text, add_special_tokens)
 
     def tokenize(self, text: str, add_special_tokens: bool = True) -> list[int]:
         return self.tokenizer(text, add_special_tokens=add_special_tokens)["input_ids"]
@@ -202,9 +201,6 @@ class AsyncLLM:
         return apply_chat_template(self.tokenizer, messages, add_generation_prompt, continue_final_message,
                                    chat_template_kwargs)
 
-    def _publish_stats(self, snapshot: dict) -> None:
-        self._snapshot = snapshot
-
     def stats(self) -> dict:
         """The snapshot taken when the latest step started (its batch running) or ended: counters,
         running/waiting, KV usage, and histograms as {"buckets", "counts" (per bucket, last is
@@ -212,18 +208,16 @@ class AsyncLLM:
         return self._snapshot
 
     def stalled_for(self) -> float:
-        """Seconds the engine thread has had work without finishing a step (0 when idle); inf if
-        the thread is gone. Health checks use it to tell a wedged loop from a busy one."""
-        if not self._thread.is_alive():
+        """Seconds the engine's loop has had work without reporting a step (0 when idle); inf if it is
+        gone. Health checks use it to tell a wedged loop from a busy one."""
+        if not self._host.alive():
             return float("inf")
         if not self._waiters:
             return 0.0
         return time.monotonic() - self._heartbeat
 
     def shutdown(self) -> None:
-        self._running = False
-        self._inbox.put(lambda: None)
-        self._thread.join(timeout=10)
+        self._host.close()
 
 
 def _deliver(delivered: list[tuple[_Waiter, RequestOutput | PoolingJobOutput]]) -> None:

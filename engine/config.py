@@ -43,6 +43,10 @@ class EngineConfig:
     # device's (vLLM's async scheduling). None: on where the device runs kernels asynchronously (CUDA); a CPU
     # runs the model on the host's own cores, so nothing would overlap.
     async_scheduling: bool | None = None
+    # AsyncLLM runs the engine in a process of its own (vLLM v1's engine core process), so the server's Python
+    # (asyncio, Ray, HTTP) does not take the GIL from the steps. None: where the device is a GPU; on CPU the
+    # model's own threads need the cores, and a thread of the server's process shares them better.
+    engine_process: bool | None = None
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     # Embed / score / classify inputs over max_model_len are cut to it instead of refused, as TEI's
     # --auto-truncate: for clients (LangChain, LlamaIndex) that cannot send truncate_prompt_tokens.
@@ -89,6 +93,9 @@ class EngineConfig:
 
     def uses_async_scheduling(self, device: torch.device) -> bool:
         return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
+
+    def uses_engine_process(self, device: torch.device) -> bool:
+        return device.type == "cuda" if self.engine_process is None else self.engine_process
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype != "auto":

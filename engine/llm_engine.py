@@ -179,6 +179,10 @@ class LLMEngine:
                 self.scheduler.finish(req, RequestStatus.FINISHED_ABORTED)
                 self.stats.request_success_total["abort"] += 1
 
+    def abort_all(self) -> None:
+        for rid in self.output_processor.request_ids():
+            self.abort(rid)
+
     def has_unfinished(self) -> bool:
         return self.scheduler.has_work() or bool(self._in_flight)
 

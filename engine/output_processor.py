@@ -81,6 +81,9 @@ class OutputProcessor:
         for r in job.requests:
             self.parent_of[r.request_id] = job.request_id
 
+    def request_ids(self) -> list[str]:
+        return [*self.generations, *self.pooling]
+
     def abort(self, request_id: str) -> list[Request]:
         """Forget the call; returns its engine requests, for the scheduler to drop."""
         gen, job = self.generations.pop(request_id, None), self.pooling.pop(request_id, None)

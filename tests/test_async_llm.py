@@ -1,9 +1,12 @@
-"""AsyncLLM, the server's engine: its thread steps and hands each step's outputs to the callers' event
+"""AsyncLLM, the server's engine: its loop steps and hands each step's outputs to the callers' event
 loops (one wake-up per loop per step). Streams carry every delta in order and end as the offline API
 ends, callers on two event loops each get their own, a stream closed early leaves nothing in the
 engine, and a paced or lagging reader gets the steps it did not read merged into one output (the
-OutputCollector); with and without async scheduling."""
+OutputCollector); with and without async scheduling, the loop on a thread or in a process of its own.
+In a process of its own, errors keep their type across the pipe and a dead engine fails what waits."""
 import asyncio
+import os
+import signal
 import threading
 
 import pytest
@@ -19,11 +22,24 @@ PROMPTS = [sentence(900 + i, 4 + 5 * i) for i in range(6)]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
 
 
-@pytest.fixture(scope="module", params=[False, True], ids=["sync", "async-scheduling"])
+HOSTS = {"sync": dict(async_scheduling=False), "async-scheduling": dict(async_scheduling=True),
+         "engine-process": dict(async_scheduling=True, engine_process=True)}
+
+
+@pytest.fixture(scope="module", params=list(HOSTS))
 def engine(request, tiny_model):
-    llm = AsyncLLM(EngineConfig(tiny_model("llama"), dtype="float32", block_size=8, async_scheduling=request.param))
+    llm = AsyncLLM(EngineConfig(tiny_model("llama"), dtype="float32", block_size=8, **HOSTS[request.param]))
     yield llm
     llm.shutdown()
+
+
+def assert_nothing_left(llm: AsyncLLM) -> None:
+    if llm.config.engine_process:  # the pool is in the other process: its numbers
+        stats = asyncio.run(llm._call("stats_snapshot"))
+        assert stats["num_running"] == stats["num_waiting"] == 0 and stats["num_free_blocks"] == stats["num_blocks"]
+        assert not llm._waiters
+    else:
+        assert_pool_free(llm)
 
 
 async def stream(llm: AsyncLLM, prompt: str) -> tuple[list[int], str, str]:
@@ -67,16 +83,16 @@ def test_a_stream_closed_early_leaves_nothing(engine):
                                                          output_kind=RequestOutputKind.DELTA))
         async for _ in gen:
             break
-        await gen.aclose()  # puts the abort in the engine thread's inbox, ahead of the calls below
-        # With async scheduling a step launched before the abort is still in flight: the thread's next
+        await gen.aclose()  # sends the abort to the engine's loop, ahead of the calls below
+        # With async scheduling a step launched before the abort is still in flight: the loop's next
         # step takes its results (and drops the aborted request's token).
         for _ in range(1000):
-            if not await engine._call(engine.engine.has_unfinished):
+            if not await engine._call("has_unfinished"):
                 break
-        return await engine._call(lambda: (engine.engine.has_unfinished(), engine._waiters.copy()))
+        return await engine._call("has_unfinished"), engine._waiters.copy()
     unfinished, waiters = asyncio.run(run())
     assert not unfinished and not waiters
-    assert_pool_free(engine)
+    assert_nothing_left(engine)
 
 
 def test_a_paced_stream_sends_the_first_output_then_the_rest_merged(engine):
@@ -140,3 +156,40 @@ def test_a_paced_read_waits_for_its_time_unless_the_request_ends():
         return waited, await asyncio.wait_for(early, 120)
     waited, out = asyncio.run(run())
     assert waited and out.finished and out.outputs[0].token_ids == [1, 2, 3]
+
+
+def test_engine_process_errors_cross_with_their_type_and_pooling_works(tiny_model):
+    llm = AsyncLLM(EngineConfig(tiny_model("bert"), task="embed", engine_process=True))
+
+    async def run():
+        with pytest.raises(ValueError, match="maximum context length"):  # the input processor's 400, raised in the other process
+            await llm.embed(["word " * 1000], None)
+        return await llm.embed(PROMPTS[:3])
+    try:
+        outs = asyncio.run(run())
+        assert_nothing_left(llm)
+    finally:
+        llm.shutdown()
+    want = LLM(tiny_model("bert"), task="embed").embed(PROMPTS[:3])
+    for o, w in zip(outs, want, strict=True):
+        assert o.outputs.embedding == pytest.approx(w.outputs.embedding, abs=1e-5)
+
+
+def test_a_dead_engine_process_fails_what_waits_and_what_comes(tiny_model):
+    llm = AsyncLLM(EngineConfig(tiny_model("llama"), dtype="float32", engine_process=True))
+    params = SamplingParams(temperature=0.0, max_tokens=200, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+
+    async def run():
+        gen = llm.generate(PROMPTS[1], params)
+        await anext(gen)
+        os.kill(llm._host._process.pid, signal.SIGKILL)
+        with pytest.raises(RuntimeError, match="engine process exited"):
+            async for _ in gen:
+                pass
+        with pytest.raises(RuntimeError, match="not running"):
+            await llm.embed(PROMPTS[:1])
+    try:
+        asyncio.run(asyncio.wait_for(run(), 120))  # the bound only turns a hang into a failure
+        assert llm.stalled_for() == float("inf")
+    finally:
+        llm.shutdown()

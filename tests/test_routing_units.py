@@ -168,9 +168,9 @@ def test_stream_chunks_are_paced_by_the_batching_interval(tiny_model):
         await anext(stream)
         await stream.aclose()
         for _ in range(1000):  # a step in flight may still finish first
-            if not await engine._call(engine.engine.has_unfinished):
+            if not await engine._call("has_unfinished"):
                 break
-        return await engine._call(engine.engine.has_unfinished)
+        return await engine._call("has_unfinished")
 
     async def run():
         # the bound only turns a hang into a failure

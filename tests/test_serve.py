@@ -39,9 +39,9 @@ MODEL_CARD_KEYS = {"id", "object", "created", "owned_by", "root", "parent", "max
 
 
 def small(model: str, task: str, served: str | None = None, cpus: float = 0.3, max_len: int = MAX_LEN,
-          **deployment) -> ModelArgs:
+          engine_kwargs: dict | None = None, **deployment) -> ModelArgs:
     return ModelArgs(model=model, task=task, served_model_name=served, max_model_len=max_len,
-                     kv_cache_memory_bytes=64 << 20, num_threads=1,
+                     kv_cache_memory_bytes=64 << 20, num_threads=1, engine_kwargs=engine_kwargs or {},
                      deployment_config={"ray_actor_options": {"num_cpus": cpus},
                                         "autoscaling_config": {"min_replicas": 1, "max_replicas": 1}, **deployment})
 
@@ -67,7 +67,10 @@ def base_url(tmp_path_factory):
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     args = AppArgs(
-        models=[small(EMBED, "embed", max_len=EMBED_LEN), small(GEN, "generate"), small(GEN, "score", RERANK),
+        # The generator's engine runs in a process of its own (as on a GPU by default): every generation route
+        # below goes through it, a Ray replica's child process.
+        models=[small(EMBED, "embed", max_len=EMBED_LEN), small(GEN, "generate", engine_kwargs={"engine_process": True}),
+                small(GEN, "score", RERANK),
                 small(tiny_classifier(tmp_path_factory.mktemp("classifier")), "classify", CLASSIFY, cpus=0.1),
                 small(GEN, "generate", TIGHT, cpus=0.2, max_ongoing_requests=1, max_queued_requests=1)],
         api_key=API_KEY, allowed_origins=[ORIGIN], max_request_body_bytes=BODY_LIMIT,
