@@ -99,12 +99,15 @@ class AsyncLLM:
         """A step failed (the loop has aborted every request) or the engine process is gone."""
         with self._lock:
             waiters, self._waiters = self._waiters, {}
-        for waiter in waiters.values():
+        alive = self._host.alive()
+        for rid, waiter in waiters.items():
             if waiter.stream is not None:
                 waiter.send(waiter.stream.put, error)
             else:
                 waiter.send(_reject, waiter.future, error)
-        if not self._host.alive():  # nothing will answer the calls in flight either
+            if alive:  # a request whose add was still on its way when the step failed: it must not run
+                self._host.send(("abort", rid))
+        if not alive:  # nothing will answer the calls in flight either
             calls, self._calls = self._calls, {}
             for loop, future in calls.values():
                 loop.call_soon_threadsafe(_reject, future, error)

@@ -12,7 +12,7 @@ import threading
 import pytest
 
 from conftest import assert_pool_free, sentence
-from engine import LLM, AsyncLLM, EngineConfig, SamplingParams
+from engine import LLM, AsyncLLM, EngineConfig, LLMEngine, SamplingParams
 from engine.output_collector import OutputCollector
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.params import RequestOutputKind
@@ -191,5 +191,42 @@ def test_a_dead_engine_process_fails_what_waits_and_what_comes(tiny_model):
     try:
         asyncio.run(asyncio.wait_for(run(), 120))  # the bound only turns a hang into a failure
         assert llm.stalled_for() == float("inf")
+    finally:
+        llm.shutdown()
+
+
+FAILING_MAX_TOKENS = 13
+
+
+def failing_engine(config: EngineConfig) -> LLMEngine:
+    """An engine whose step raises while a request with FAILING_MAX_TOKENS is scheduled (module-level, so an
+    engine process can build it)."""
+    engine = LLMEngine(config)
+    execute = engine.runner.execute
+
+    def execute_or_fail(sched):
+        if any(r.sampling_params is not None and r.sampling_params.max_tokens == FAILING_MAX_TOKENS
+               for r in sched.requests):
+            raise RuntimeError("injected step failure")
+        return execute(sched)
+    engine.runner.execute = execute_or_fail
+    return engine
+
+
+@pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "engine-process"])
+def test_a_failed_step_fails_its_callers_and_the_engine_serves_on(engine_process, tiny_model):
+    llm = AsyncLLM(EngineConfig(tiny_model("llama"), dtype="float32", block_size=8, engine_process=engine_process),
+                   failing_engine)
+    doomed = SamplingParams(temperature=0.0, max_tokens=FAILING_MAX_TOKENS, output_kind=RequestOutputKind.DELTA)
+
+    async def run():
+        with pytest.raises(RuntimeError, match="injected step failure"):
+            async for _ in llm.generate(PROMPTS[0], doomed):
+                pass
+        return await stream(llm, PROMPTS[1])
+    try:
+        ids, _, reason = asyncio.run(asyncio.wait_for(run(), 120))  # the bound only turns a hang into a failure
+        assert len(ids) == PARAMS.max_tokens and reason == "length"
+        assert_nothing_left(llm)
     finally:
         llm.shutdown()
