@@ -18,8 +18,9 @@ NDCG@10 (0.64508).
 `--streams` runs `--concurrency` streamed /v1/completions at once (128 tokens each, EOS ignored) for
 each `limits.stream_batching_interval_ms` in `--intervals`, on the tests' 2-layer random Llama: its
 steps are nearly free, as a GPU's are next to Ray's cost per streamed chunk, so what is measured is
-the serving path (`--model` runs a real one, e.g. SmolLM2 with `--threads 2`). Baseline: the same
-streams read from the in-process AsyncLLM.
+the serving path (`--model` runs a real one, e.g. SmolLM2 with `--threads 2`; `--hosts thread process`
+runs the engine on a thread of the replica and in a process of its own). Baseline: the same streams
+read from the in-process AsyncLLM, its engine hosted the same way.
 """
 import argparse
 import asyncio
@@ -177,8 +178,9 @@ async def http_streams(port: int, model: str, concurrency: int) -> tuple[float, 
     return sum(t for _, t in done) / seconds, sum(c for c, _ in done)
 
 
-async def in_process_streams(model: str, concurrency: int, threads: int) -> float:
-    engine = AsyncLLM(EngineConfig(model=model, num_threads=threads, max_num_seqs=concurrency))
+async def in_process_streams(model: str, concurrency: int, threads: int, engine_process: bool) -> float:
+    engine = AsyncLLM(EngineConfig(model=model, num_threads=threads, max_num_seqs=concurrency,
+                                   engine_process=engine_process))
     params = SamplingParams(max_tokens=STREAM_TOKENS, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
 
     async def one(i: int) -> int:
@@ -193,22 +195,27 @@ async def in_process_streams(model: str, concurrency: int, threads: int) -> floa
         engine.shutdown()
 
 
-def streams(port: int, concurrency: int, intervals: list[float], model: str | None, threads: int) -> list[list]:
+def streams(port: int, concurrency: int, intervals: list[float], model: str | None, threads: int,
+            hosts: list[str]) -> list[list]:
     if model is None:
         with tempfile.TemporaryDirectory() as d:
-            return streams(port, concurrency, intervals, build_decoder("llama", d, seed=0), threads)
-    rows, local = [], asyncio.run(in_process_streams(model, concurrency, threads))
-    for interval in intervals:
-        args = ModelArgs(model=model, task="generate", num_threads=threads, max_num_seqs=concurrency,
-                         deployment_config={"ray_actor_options": {"num_cpus": NUM_CPUS}, "num_replicas": 1,
-                                            "max_ongoing_requests": 256})
-        serve.run(build_app(AppArgs(models=[args], limits={"stream_batching_interval_ms": interval},
-                                    ingress_deployment_config={"ray_actor_options": {"num_cpus": 0.1}})),
-                  name="bench", route_prefix="/", blocking=False)
-        tok_s, chunks = asyncio.run(http_streams(port, model, concurrency))
-        serve.delete("bench")
-        rows.append([f"{interval:g}", tok_s, chunks / concurrency, concurrency * STREAM_TOKENS / chunks, local,
-                     ratio(tok_s, local)])
+            return streams(port, concurrency, intervals, build_decoder("llama", d, seed=0), threads, hosts)
+    rows = []
+    for host in hosts:
+        engine_process = host == "process"
+        local = asyncio.run(in_process_streams(model, concurrency, threads, engine_process))
+        for interval in intervals:
+            args = ModelArgs(model=model, task="generate", num_threads=threads, max_num_seqs=concurrency,
+                             engine_kwargs={"engine_process": engine_process},
+                             deployment_config={"ray_actor_options": {"num_cpus": NUM_CPUS}, "num_replicas": 1,
+                                                "max_ongoing_requests": 256})
+            serve.run(build_app(AppArgs(models=[args], limits={"stream_batching_interval_ms": interval},
+                                        ingress_deployment_config={"ray_actor_options": {"num_cpus": 0.1}})),
+                      name="bench", route_prefix="/", blocking=False)
+            tok_s, chunks = asyncio.run(http_streams(port, model, concurrency))
+            serve.delete("bench")
+            rows.append([host, f"{interval:g}", tok_s, chunks / concurrency, concurrency * STREAM_TOKENS / chunks,
+                         local, ratio(tok_s, local)])
     return rows
 
 
@@ -224,6 +231,8 @@ def main() -> None:
                     help="--streams: limits.stream_batching_interval_ms values")
     ap.add_argument("--model", help="--streams: a generation model instead of the tests' 2-layer Llama")
     ap.add_argument("--threads", type=int, default=1, help="--streams: torch threads of the engine")
+    ap.add_argument("--hosts", nargs="+", choices=("thread", "process"), default=["thread"],
+                    help="--streams: the engine on a thread of the replica, or in a process of its own (engine_process)")
     args = ap.parse_args()
     if args.streams:
         print_machine(f"Streamed /v1/completions, {args.model or 'the tests 2-layer Llama (host-bound steps)'}", extra={
@@ -233,11 +242,11 @@ def main() -> None:
         ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
         port = free_port()
         serve.start(http_options={"host": "127.0.0.1", "port": port})
-        rows = streams(port, args.concurrency, args.intervals, args.model, args.threads)
+        rows = streams(port, args.concurrency, args.intervals, args.model, args.threads, args.hosts)
         serve.shutdown()
         ray.shutdown()
-        print(table(["stream_batching_interval_ms", "HTTP tok/s", "chunks a stream", "tokens a chunk",
-                     "in-process tok/s", "HTTP / in-process"], rows))
+        print(table(["engine runs in", "stream_batching_interval_ms", "HTTP tok/s", "chunks a stream",
+                     "tokens a chunk", "in-process tok/s", "HTTP / in-process"], rows))
         return
     if args.scifact:
         print_machine("SciFact through /v1/embeddings", extra={
