@@ -1,9 +1,10 @@
 """Decode steps through one torch.compile graph of the whole model (engine option torch_compile).
 
-The CPU counterpart of CUDA graphs: a small batch's decode step is a thousand tiny ops (norms, rotary,
-activation quantization, attention bookkeeping) whose dispatch costs more than their arithmetic.
-Compiled as one graph, they become a few dozen fused loops and the host pays for one call and one
-guard check per step instead of one per op (README: measured). Prefill and mixed steps stay eager.
+On CPU a small batch's decode step is a thousand tiny ops (norms, rotary, activation quantization,
+attention bookkeeping) whose dispatch costs more than their arithmetic. Compiled as one graph, they
+become a few dozen fused loops and the host pays for one call and one guard check per step instead of
+one per op (README: measured). On CUDA the decode graphs capture this compiled model, so they replay
+its fused kernels instead of one kernel per elementwise op. Prefill and mixed steps stay eager.
 
 One graph serves every decode step: batch size and block-table width are symbolic, without the 0/1
 specialisation that would compile again for a batch of one or a context inside one block, and float

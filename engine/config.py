@@ -34,8 +34,8 @@ class EngineConfig:
     quantization: str | None = None
     # Decode steps run eagerly instead of from captured CUDA graphs (vLLM's option; CPU never captures).
     enforce_eager: bool = False
-    # Generation: decode steps that no CUDA graph replays run as one torch.compile graph of the whole model
-    # (engine.compiled_decode), and w8a8 layers fuse their quantizing and rescaling for prefill steps
+    # Generation: decode steps run as one torch.compile graph of the whole model (engine.compiled_decode), which
+    # CUDA graphs capture where they are on, and w8a8 layers fuse their quantizing and rescaling for prefill steps
     # (engine.quantization). On CPU a small batch's step is dominated by the dispatch of its many small
     # ops. Compiles when the engine starts (README: how long, and what it gains).
     torch_compile: bool = False

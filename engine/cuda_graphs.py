@@ -3,7 +3,8 @@
 A decode step's kernels depend only on the batch size when attention reads the paged pool in place,
 so each size is captured once over static input buffers; a step copies its inputs into them, pads the
 batch up to the next captured size and replays. Padding rows write their K/V into the pool's scratch
-block and attend to one slot of it, so they never touch a real sequence."""
+block and attend to one slot of it, so they never touch a real sequence. With torch_compile the graphs capture
+the compiled model (vLLM's default): its fused kernels, the paged attention an opaque op among them."""
 import torch
 
 from engine.context import Context, set_context
@@ -37,7 +38,8 @@ class DecodeGraphs:
         return ctx
 
     def _forward(self, size: int) -> None:
-        self.hidden[:size] = self.runner.model(self.input_ids[:size], self.positions[:size])
+        forward = self.runner.compiled_decode or self.runner.model
+        self.hidden[:size] = forward(self.input_ids[:size], self.positions[:size])
 
     @torch.inference_mode()
     def _capture(self) -> None:
@@ -45,7 +47,7 @@ class DecodeGraphs:
         for size in reversed(self.sizes):  # largest first, so smaller graphs reuse its memory
             set_context(self._context(size))
             try:
-                self._forward(size)  # warm-up: kernels compiled and autotuned outside the capture
+                self._forward(size)  # warm-up: kernels compiled (and the model, with torch_compile) outside the capture
                 torch.cuda.synchronize()
                 graph = torch.cuda.CUDAGraph()
                 with torch.cuda.graph(graph, pool):

@@ -64,10 +64,10 @@ class LLMEngine:
             num_blocks = num_kv_blocks(config, self.runner.kv_bytes_per_block(config.block_size),
                                        self.max_model_len, device)
             self.runner.allocate_kv_cache(num_blocks, config.block_size)
+            if config.torch_compile:  # before the capture: the graphs then replay the compiled model
+                self.runner.compile()
             if not config.enforce_eager:
                 self.runner.capture_decode_graphs(config.max_num_seqs)
-            if config.torch_compile:  # decode steps: unless CUDA graphs replay them already
-                self.runner.compile(decode_steps=self.runner.decode_graphs is None)
             kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
             self.runner.sampler = Sampler(eos, decide_on_host=device.type == "cpu")
         self.kv = kv

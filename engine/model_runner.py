@@ -93,14 +93,13 @@ class ModelRunner:
                 return
         self.decode_graphs = DecodeGraphs(self, max_num_seqs, capture)
 
-    def compile(self, decode_steps: bool) -> None:
+    def compile(self) -> None:
         """Engine option torch_compile, compiled here rather than on the first request: int8 layers take
-        their fused kernels for prefill-sized inputs, and decode steps that no CUDA graph replays
-        (decode_steps) run one compiled graph of the whole model."""
+        their fused kernels for prefill-sized inputs, and decode steps run one compiled graph of the whole
+        model (replayed from CUDA graphs where they are captured afterwards)."""
         compile_int8_layers(self.model)
-        if decode_steps:
-            self.compiled_decode = CompiledDecode(self.model)
-            self.compiled_decode.warm_up(self)
+        self.compiled_decode = CompiledDecode(self.model)
+        self.compiled_decode.warm_up(self)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:

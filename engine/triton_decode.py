@@ -5,6 +5,8 @@ sequence's context a tile of slots at a time, looking each slot's block up in th
 keeps an online softmax. Both products run on the matrix units (`tl.dot`), the query rows padded to
 16, their minimum. No dense copy of any context is made, and the shapes depend only on the batch
 size, so a CUDA graph can replay it."""
+import functools
+
 import torch
 
 from engine.context import Context
@@ -21,6 +23,7 @@ def triton_available() -> bool:
     return True
 
 
+@functools.cache  # one jit function per process; Triton specialises it per shape
 def _kernel():
     import triton
     import triton.language as tl
@@ -68,23 +71,31 @@ def _kernel():
 class TritonPagedDecode:
     graphable = True
 
-    def __init__(self):
-        self._paged_decode = _kernel()
-
     def prepare(self, ctx: Context, block_size: int) -> None:
         return None
 
     def __call__(self, layer, q, ctx: Context) -> torch.Tensor:
-        import triton
-        table, lens = ctx.decode_block_table, ctx.decode_context_lens
-        out = torch.empty_like(q)
-        group = layer.num_heads // layer.num_kv_heads
-        k, v = layer.k_cache, layer.v_cache
-        self._paged_decode[(q.shape[0], layer.num_kv_heads)](
-            q, k, v, out, table, lens, layer.scale,
-            q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), table.stride(0),
-            GROUP=group, ROWS=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=layer.head_dim,
-            DIM_P2=max(MIN_DOT, triton.next_power_of_2(layer.head_dim)), BLOCK_SIZE=layer.block_size, TILE=TILE,
-            # float32 keeps float32 products (the matrix units' default would round operands to tf32).
-            PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
-        return out
+        args = (q, layer.k_cache, layer.v_cache, ctx.decode_block_table, ctx.decode_context_lens, layer.scale,
+                layer.num_kv_heads, layer.block_size)
+        # Inside a compiled model (torch_compile) the launch is one opaque op, so inductor fuses the ops around
+        # it and a CUDA graph captures both; eager, the direct launch skips the op's dispatch.
+        return _paged_decode_op(*args) if torch.compiler.is_compiling() else _paged_decode(*args)
+
+
+def _paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
+                  scale: float, num_kv_heads: int, block_size: int) -> torch.Tensor:
+    import triton
+    out = q.new_empty(q.shape)
+    group, head_dim = q.shape[1] // num_kv_heads, q.shape[2]
+    _kernel()[(q.shape[0], num_kv_heads)](
+        q, k, v, out, table, lens, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), table.stride(0),
+        GROUP=group, ROWS=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
+        DIM_P2=max(MIN_DOT, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, TILE=TILE,
+        # float32 keeps float32 products (the matrix units' default would round operands to tf32).
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    return out
+
+
+_paged_decode_op = torch.library.custom_op("servecluster::paged_decode", _paged_decode, mutates_args=())
+_paged_decode_op.register_fake(lambda q, k, v, table, lens, scale, num_kv_heads, block_size: q.new_empty(q.shape))

@@ -254,3 +254,22 @@ def test_padded_decode_graph_buffers_match_hf(async_scheduling, tiny_model, ref)
     for i, out in enumerate(outs):
         ref(arch).check(out, 16 - 2 * i)
     assert {1, 3, 5} <= set(ran)  # batch sizes between the captured ones (1, 2, 4, 6) were padded
+
+
+def test_compiled_model_in_the_decode_graph_buffers_with_the_paged_kernel_matches_hf(tiny_model, ref):  # noqa: F811
+    """torch_compile where CUDA graphs are captured: the graphs replay the compiled model, the paged Triton
+    kernel an opaque op inside it (here the padded buffers run eagerly, the kernel in Triton's interpreter)."""
+    pytest.importorskip("triton")
+    from engine.triton_decode import TritonPagedDecode
+    arch = "llama3-gqa"
+    llm = LLM(tiny_model(arch), dtype="float32", block_size=8, max_num_seqs=4, enforce_eager=True, torch_compile=True)
+    runner = llm.engine.runner
+    runner.attention_backend = AttentionBackend(PerSequencePrefill(), TritonPagedDecode())
+    for attn in runner.model.attention_layers:
+        attn.backend = runner.attention_backend
+    runner.capture_decode_graphs(4, capture=False)
+    compiled, steps = runner.compiled_decode, []
+    runner.compiled_decode = lambda *args: steps.append(args[0].shape[0]) or compiled(*args)
+    for out in llm.generate(PROMPTS[:3], greedy()):
+        ref(arch).check(out)
+    assert steps and set(steps) <= {1, 2, 4}  # every decode step: the compiled model on padded buffers
