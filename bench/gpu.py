@@ -182,9 +182,11 @@ def decode_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str,
         prompts = [random_ids(rng, sizes.prompt, vocab) for _ in range(n)]
         hf_ms = hf_decode_step_ms(hf_dtype, prompts, sizes.decode_steps, device)
         free(device)
-        for async_scheduling in (True, False):
-            step_ms = engine_decode_step_ms(sizes, device, dtype, path, prompts, async_scheduling)
-            mode = "async scheduling" if async_scheduling else "synchronous scheduling"
+        modes = [(True, False), (False, False)] + ([(True, True)] if args.torch_compile else [])
+        for async_scheduling, torch_compile in modes:
+            step_ms = engine_decode_step_ms(sizes, device, dtype, path, prompts, async_scheduling, torch_compile)
+            mode = ("async scheduling" if async_scheduling else "synchronous scheduling") + (
+                ", torch_compile" if torch_compile else "")
             rows.append([f"decode step, {n} running, random {args.decoder_shape}, {dtype}, {mode}", "ms (tok/s)",
                          f"{step_ms:.2f} ({n / step_ms * 1e3:,.0f})", f"{hf_ms:.2f} ({n / hf_ms * 1e3:,.0f})",
                          ratio(hf_ms, step_ms), "", "HF forward step, DynamicCache"])
@@ -192,13 +194,13 @@ def decode_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str,
 
 
 def engine_decode_step_ms(sizes: Sizes, device: torch.device, dtype: str, path: str, prompts: list[list[int]],
-                          async_scheduling: bool) -> float:
+                          async_scheduling: bool, torch_compile: bool = False) -> float:
     from engine import SamplingParams
     from engine.params import RequestOutputKind
     n, tokens_per_seq = len(prompts), sizes.prompt + sizes.decode_steps + 8
     llm = engine_llm(path, dtype, max_num_seqs=n, max_num_batched_tokens=max(8192, 2 * sizes.prompt),
                      num_blocks=n * -(-tokens_per_seq // 16) + 8, max_model_len=tokens_per_seq + 16,
-                     device=str(device), async_scheduling=async_scheduling)
+                     device=str(device), async_scheduling=async_scheduling, torch_compile=torch_compile)
     eng = llm.engine
     # One output at the end, as LLM.generate and a non-streaming server request take them.
     params = SamplingParams(temperature=0.0, max_tokens=sizes.decode_steps + 6, ignore_eos=True,
@@ -344,6 +346,8 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="decoder rows' dtype (default bfloat16 on GPU, float32 on CPU)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["embed", "decode", "e2e", "rerank", "parity"])
+    ap.add_argument("--torch-compile", action="store_true",
+                    help="also a decode row per size with torch_compile (the CUDA graphs capture the compiled model)")
     args = ap.parse_args()
     args.decoder_shape = "llama-1b" if not args.small else "tiny llama"
     device = torch.device(args.device)
