@@ -18,9 +18,11 @@ from engine.config import EngineConfig
 from engine.engine_loop import EngineFactory, EngineProcess, EngineThread
 from engine.llm_engine import LLMEngine
 from engine.loader import load_config
+from engine.detokenizer import text_by_caller
 from engine.output_collector import OutputCollector
 from engine.outputs import PoolingJobOutput, PoolingRequestOutput, RequestOutput
 from engine.params import PoolingParams, SamplingParams
+from engine.stream_text import StreamText
 from engine.tokenizer import apply_chat_template, load_tokenizer
 
 
@@ -29,6 +31,7 @@ class _Waiter:
     loop: asyncio.AbstractEventLoop
     future: asyncio.Future | None = None  # pooling jobs
     stream: OutputCollector | None = None  # generations
+    text: StreamText | None = None  # a stream whose text this process makes (the engine left it to the caller)
 
     def send(self, fn: Callable, *args) -> None:
         self.loop.call_soon_threadsafe(fn, *args)
@@ -46,8 +49,9 @@ class AsyncLLM:
         self._heartbeat = time.monotonic()  # the loop's last sign of progress
         self._snapshot: dict = {}
         self._ready: Future = Future()
-        host = EngineProcess if config.uses_engine_process(config.torch_device()) else EngineThread
-        self._host = host(config, engine_factory, self._on_event)
+        in_process = config.uses_engine_process(config.torch_device())
+        self._host = (EngineProcess if in_process else EngineThread)(config, engine_factory, self._on_event)
+        self._caller_detokenizes = in_process  # streams without stop strings: engine.stream_text
         info = self._ready.result()  # raises what building the engine raised
         self.task, self.max_model_len, self.id2label = info["task"], info["max_model_len"], info["id2label"]
         in_thread = getattr(self._host, "engine", None)
@@ -156,6 +160,8 @@ class AsyncLLM:
         rid = request_id or f"gen-{uuid.uuid4().hex}"
         loop = asyncio.get_running_loop()
         waiter = _Waiter(loop, stream=OutputCollector(params.output_kind))
+        if self._caller_detokenizes and text_by_caller(params):
+            waiter.text = StreamText(self.tokenizer, params)
         finished, not_before = False, 0.0
         try:
             await self._start(rid, waiter, "add_generation", rid, prompt, params)
@@ -226,6 +232,8 @@ class AsyncLLM:
 def _deliver(delivered: list[tuple[_Waiter, RequestOutput | PoolingJobOutput]]) -> None:
     for waiter, out in delivered:
         if waiter.stream is not None:
+            if waiter.text is not None:
+                waiter.text.fill(out)
             waiter.stream.put(out)
         else:
             _resolve(waiter.future, out.outputs)

@@ -144,7 +144,28 @@ class FinalDetokenizer:
         return self._text
 
 
-def make_detokenizer(tokenizer, prompt_token_ids: list[int], params: SamplingParams):
+class CallerDetokenizer:
+    """For a stream the caller's process detokenizes (text_by_caller): the engine emits token ids and no text.
+    Only where no stop string can end it, so every stop decision is a token's."""
+    __slots__ = ()
+    output_text = ""
+
+    def update(self, token_ids: list[int]) -> None:
+        return None
+
+    def take_delta(self, finished: bool) -> str:
+        return ""
+
+
+def text_by_caller(params: SamplingParams) -> bool:
+    """A DELTA stream without stop strings: the engine in a process of its own leaves its text to the caller
+    (engine.stream_text), so the process that runs the steps does not detokenize it."""
+    return params.output_kind is RequestOutputKind.DELTA and not params.stop
+
+
+def make_detokenizer(tokenizer, prompt_token_ids: list[int], params: SamplingParams, caller_detokenizes: bool = False):
+    if caller_detokenizes and text_by_caller(params):
+        return CallerDetokenizer()
     if params.output_kind is RequestOutputKind.FINAL_ONLY and not params.stop:
         return FinalDetokenizer(tokenizer, prompt_token_ids, params)
     return IncrementalDetokenizer(tokenizer, prompt_token_ids, params)

@@ -7,7 +7,8 @@ and report the same events, so AsyncLLM does not know which it has.
 
 A process of its own (vLLM v1's engine core process) runs the scheduler, the model and the output
 processing on its own interpreter: the server's Python (asyncio, Ray's per-chunk work, HTTP) no longer
-takes the GIL from the step that keeps the GPU busy. Events cross a pipe, pickled."""
+takes the GIL from the step that keeps the GPU busy, and streams without stop strings are detokenized by
+the caller's process, not this one (engine.stream_text). Events cross a pipe, pickled."""
 import gc
 import logging
 import multiprocessing
@@ -255,6 +256,11 @@ def _process_main(config: EngineConfig, factory: EngineFactory, conn: Connection
             codec.aborted(command[1])
         return command
 
-    loop = _start(config, factory, report)
+    loop = _start(config, factory, report, built=_leave_stream_text_to_caller)
     if loop is not None:
         loop.run(next_command)
+
+
+def _leave_stream_text_to_caller(engine: LLMEngine) -> None:
+    """The caller's process detokenizes DELTA streams without stop strings (engine.stream_text)."""
+    engine.output_processor.caller_detokenizes = True

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.detokenizer import FinalDetokenizer, IncrementalDetokenizer, make_detokenizer
+from engine.detokenizer import CallerDetokenizer, FinalDetokenizer, IncrementalDetokenizer, make_detokenizer
 from engine.input_processor import PoolingJob
 from engine.metrics import Stats
 from engine.outputs import (ClassificationOutput, CompletionOutput, EmbeddingOutput, Logprob,
@@ -26,7 +26,7 @@ class _Sequence:
     or everything (the other kinds)."""
     index: int
     request: Request
-    detokenizer: IncrementalDetokenizer | FinalDetokenizer
+    detokenizer: IncrementalDetokenizer | FinalDetokenizer | CallerDetokenizer
     text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
@@ -61,6 +61,9 @@ class OutputProcessor:
         self.generations: dict[str, _Generation] = {}
         self.pooling: dict[str, _PoolingState] = {}
         self.parent_of: dict[str, str] = {}  # engine request id -> caller's request id
+        # DELTA streams without stop strings get no text here: the caller's process detokenizes them (an engine
+        # in a process of its own, engine.stream_text), off the process that runs the steps.
+        self.caller_detokenizes = False
 
     def has_request(self, request_id: str) -> bool:
         return request_id in self.generations or request_id in self.pooling
@@ -70,7 +73,7 @@ class OutputProcessor:
         ids = children[0].prompt_token_ids
         self.generations[request_id] = _Generation(
             request_id, prompt if isinstance(prompt, str) else None, ids, params.output_kind,
-            [_Sequence(i, c, make_detokenizer(self.tokenizer, ids, params),
+            [_Sequence(i, c, make_detokenizer(self.tokenizer, ids, params, self.caller_detokenizes),
                        logprobs=[] if params.logprobs is not None else None) for i, c in enumerate(children)],
             len(children))
         for c in children:

@@ -230,3 +230,31 @@ def test_a_failed_step_fails_its_callers_and_the_engine_serves_on(engine_process
         assert_nothing_left(llm)
     finally:
         llm.shutdown()
+
+
+def test_engine_process_streams_have_the_engines_text_with_stop_tokens_and_choices(tiny_model):
+    """In a process of its own the engine leaves a stream's text to the caller's process: the same text,
+    choice by choice, as the engine's own detokenizing, a stop token or EOS left out of it."""
+    offline = LLM(tiny_model("llama"), dtype="float32", block_size=8)
+    first = offline.generate(PROMPTS[3], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
+    stop_token = first.outputs[0].token_ids[6]  # greedy reaches it: the stream ends on it
+    cases = [SamplingParams(temperature=0.0, max_tokens=12, stop_token_ids=[stop_token], ignore_eos=True),
+             SamplingParams(temperature=1.0, seed=5, n=2, max_tokens=10)]
+    want = [[(o.token_ids, o.text, o.finish_reason) for o in offline.generate(PROMPTS[3], p)[0].outputs]
+            for p in cases]
+    llm = AsyncLLM(EngineConfig(tiny_model("llama"), dtype="float32", block_size=8, engine_process=True))
+
+    async def read(params: SamplingParams) -> list[tuple]:
+        params.output_kind = RequestOutputKind.DELTA
+        choices: dict[int, tuple] = {}
+        async for out in llm.generate(PROMPTS[3], params):
+            for o in out.outputs:
+                ids, text, _ = choices.get(o.index, ([], "", None))
+                choices[o.index] = (ids + o.token_ids, text + o.text, o.finish_reason)
+        return [choices[i] for i in sorted(choices)]
+    try:
+        got = [asyncio.run(read(p)) for p in cases]
+    finally:
+        llm.shutdown()
+    assert got == want
+    assert want[0][0][2] == "stop" and want[0][0][0][-1] == stop_token
