@@ -15,10 +15,10 @@ from dataclasses import dataclass
 from typing import AsyncIterator, Callable
 
 from engine.config import EngineConfig
+from engine.detokenizer import text_by_caller
 from engine.engine_loop import EngineFactory, EngineProcess, EngineThread
 from engine.llm_engine import LLMEngine
 from engine.loader import load_config
-from engine.detokenizer import text_by_caller
 from engine.output_collector import OutputCollector
 from engine.outputs import PoolingJobOutput, PoolingRequestOutput, RequestOutput
 from engine.params import PoolingParams, SamplingParams
@@ -49,14 +49,13 @@ class AsyncLLM:
         self._heartbeat = time.monotonic()  # the loop's last sign of progress
         self._snapshot: dict = {}
         self._ready: Future = Future()
-        in_process = config.uses_engine_process(config.torch_device())
-        self._host = (EngineProcess if in_process else EngineThread)(config, engine_factory, self._on_event)
-        self._caller_detokenizes = in_process  # streams without stop strings: engine.stream_text
+        own_process = config.uses_engine_process(config.torch_device())
+        self._host = (EngineProcess if own_process else EngineThread)(config, engine_factory, self._on_event)
+        self._caller_detokenizes = own_process  # streams without stop strings: engine.stream_text
         info = self._ready.result()  # raises what building the engine raised
         self.task, self.max_model_len, self.id2label = info["task"], info["max_model_len"], info["id2label"]
-        in_thread = getattr(self._host, "engine", None)
-        self.tokenizer = in_thread.tokenizer if in_thread else load_tokenizer(info["model_dir"],
-                                                                             load_config(info["model_dir"]))
+        self.tokenizer = (load_tokenizer(info["model_dir"], load_config(info["model_dir"])) if own_process
+                          else self._host.engine.tokenizer)
 
     @classmethod
     def from_args(cls, **kwargs) -> "AsyncLLM":

@@ -3,7 +3,7 @@
 The loop applies commands (calls of LLMEngine methods by name, aborts), steps while there is work and
 reports events: ("ready", info), ("reply", call id, ok, result or error), ("step", outputs, stats),
 ("stats", stats) when a batch starts, ("failed", error) when a step raised. Both hosts run the same loop
-and report the same events, so AsyncLLM does not know which it has.
+and report the same events, and AsyncLLM handles them alike.
 
 A process of its own (vLLM v1's engine core process) runs the scheduler, the model and the output
 processing on its own interpreter: the server's Python (asyncio, Ray's per-chunk work, HTTP) no longer
