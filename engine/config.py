@@ -44,8 +44,8 @@ class EngineConfig:
     # runs the model on the host's own cores, so nothing would overlap.
     async_scheduling: bool | None = None
     # AsyncLLM runs the engine in a process of its own (vLLM v1's engine core process), so the server's Python
-    # (asyncio, Ray, HTTP) does not take the GIL from the steps. None: where the device is a GPU; on CPU the
-    # model's own threads need the cores, and a thread of the server's process shares them better.
+    # (asyncio, Ray, HTTP) does not take the GIL from the steps, and streams are detokenized by the server's
+    # process. None: where the device is a GPU; on CPU a real model's steps bound everything (README: measured).
     engine_process: bool | None = None
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     # Embed / score / classify inputs over max_model_len are cut to it instead of refused, as TEI's
