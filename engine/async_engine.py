@@ -109,7 +109,7 @@ class AsyncLLM:
             else:
                 waiter.send(_reject, waiter.future, error)
             if alive:  # a request whose add was still on its way when the step failed: it must not run
-                self._host.send(("abort", rid))
+                self._send_abort(rid)
         if not alive:  # nothing will answer the calls in flight either
             calls, self._calls = self._calls, {}
             for loop, future in calls.values():
@@ -123,21 +123,27 @@ class AsyncLLM:
         future = loop.create_future()
         call_id = next(self._call_ids)
         self._calls[call_id] = (loop, future)
-        self._host.send(("call", call_id, method, args))
+        try:
+            self._host.send(("call", call_id, method, args))
+        except RuntimeError:  # the engine process is gone
+            self._calls.pop(call_id, None)
+            raise
         return await future
 
     async def _start(self, rid: str, waiter: _Waiter, method: str, *args) -> None:
-        """Registers the waiter, then adds the call where the engine runs (a bad call unregisters it)."""
+        """Registers the waiter, then adds the call where the engine runs (a refused or cancelled one leaves
+        nothing behind)."""
         with self._lock:
             if rid in self._waiters:
                 raise ValueError(f"request_id {rid!r} is already running")
             self._waiters[rid] = waiter
         try:
             await self._call(method, *args)
-        except BaseException:
+        except BaseException:  # refused, or the caller was cancelled while the add was on its way
             with self._lock:
                 if self._waiters.get(rid) is waiter:
                     del self._waiters[rid]
+            self._send_abort(rid)  # after the add where the engine runs: whatever it added leaves
             raise
 
     def _abort(self, rid: str, waiter: _Waiter) -> None:
@@ -145,8 +151,13 @@ class AsyncLLM:
             if self._waiters.get(rid) is not waiter:
                 return
             del self._waiters[rid]
-        if self._host.alive():
+        self._send_abort(rid)
+
+    def _send_abort(self, rid: str) -> None:
+        try:
             self._host.send(("abort", rid))
+        except RuntimeError:
+            pass  # the engine is gone, and its requests with it
 
     # ---- the API ------------------------------------------------------------------------------
     async def generate(self, prompt: str | list[int], params: SamplingParams, request_id: str | None = None,

@@ -147,15 +147,27 @@ class EngineProcess:
                 self._gone = True
                 on_event(("failed", RuntimeError("the engine process exited")))
                 return
-            if event[0] == "step":
-                event = ("step", _StepCodec.decode(event[1], prompts), event[2])
-            elif event[0] == "failed":
-                prompts.clear()
-            on_event(event)
+            try:
+                if event[0] == "step":
+                    event = ("step", _StepCodec.decode(event[1], prompts), event[2])
+                elif event[0] == "failed":
+                    prompts.clear()
+                on_event(event)
+            except Exception:  # a bug here would leave every caller waiting: end the engine, fail them all
+                log.exception("engine event %r could not be handled", event[0])
+                self._gone = True
+                self._process.kill()
+                on_event(("failed", RuntimeError("the engine process was stopped after an internal error")))
+                return
 
     def send(self, command: tuple) -> None:
-        with self._send_lock:
-            self._conn.send(command)
+        """Raises RuntimeError once the process is gone."""
+        try:
+            with self._send_lock:
+                self._conn.send(command)
+        except (OSError, ValueError) as e:  # a closed or broken pipe
+            self._gone = True
+            raise RuntimeError("the engine process exited") from e
 
     def alive(self) -> bool:
         return not self._gone and self._process.is_alive()
@@ -163,7 +175,7 @@ class EngineProcess:
     def close(self) -> None:
         try:
             self.send(("shutdown",))
-        except (OSError, ValueError):
+        except RuntimeError:
             pass  # already gone
         self._process.join(timeout=10)
         if self._process.is_alive():

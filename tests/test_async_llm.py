@@ -8,6 +8,7 @@ import asyncio
 import os
 import signal
 import threading
+import time
 
 import pytest
 
@@ -258,3 +259,35 @@ def test_engine_process_streams_have_the_engines_text_with_stop_tokens_and_choic
         llm.shutdown()
     assert got == want
     assert want[0][0][2] == "stop" and want[0][0][0][-1] == stop_token
+
+
+def slow_to_add_engine(config: EngineConfig) -> LLMEngine:
+    """An engine whose add_generation takes a while, so a caller can be cancelled with its add on the way."""
+    engine = LLMEngine(config)
+    add = engine.add_generation
+
+    def slow_add(*args):
+        time.sleep(0.5)
+        add(*args)
+    engine.add_generation = slow_add
+    return engine
+
+
+@pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "engine-process"])
+def test_a_caller_cancelled_while_its_add_is_on_the_way_leaves_nothing(engine_process, tiny_model):
+    llm = AsyncLLM(EngineConfig(tiny_model("llama"), dtype="float32", block_size=8, engine_process=engine_process),
+                   slow_to_add_engine)
+    params = SamplingParams(temperature=0.0, max_tokens=100, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+
+    async def run():
+        first = asyncio.ensure_future(anext(llm.generate(PROMPTS[1], params)))
+        await asyncio.sleep(0.1)  # the add is being applied where the engine runs
+        first.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await first
+        return await llm._call("has_unfinished")  # answered after the add and the abort that follows it
+    try:
+        assert not asyncio.run(asyncio.wait_for(run(), 120))
+        assert_nothing_left(llm)
+    finally:
+        llm.shutdown()
