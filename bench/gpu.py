@@ -9,7 +9,8 @@ Needs only torch, transformers, sentence-transformers and this repository's engi
     decode step (DynamicCache) at the same batch;
   - 256 prompts x 128 tokens -> 128 tokens end to end, engine LLM.generate vs HF `generate`, one batch;
   - yes/no reranking, 4 queries x 100 documents of ~280 tokens a pair, on random SmolLM2-135M and
-    Qwen3-Reranker-0.6B shapes, engine LLM.score vs HF, one left-padded batch per query;
+    Qwen3-Reranker-0.6B shapes, engine LLM.score vs HF, one left-padded batch per query (with
+    --torch-compile also the engine with torch_compile);
   - greedy parity: engine vs HF `generate`, fp32, identical token sequences out of N.
 
     python bench/gpu.py --model /path/to/all-MiniLM-L6-v2 --data /path/to/scifact   # on one GPU, < 5 min
@@ -289,7 +290,8 @@ def parity_row(sizes: Sizes, device: torch.device, path: str, hf) -> list:
             f"{same} / {len(prompts)}", "", "", f"{sizes.parity_tokens} tokens each", "HF generate"]
 
 
-def rerank_row(shape: str, sizes: Sizes, device: torch.device, dtype: str, small: bool) -> list:
+def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, small: bool,
+                compile_modes: tuple[bool, ...]) -> list[list]:
     with tempfile.TemporaryDirectory() as path:
         hf = random_decoder(shape, small, device, path).to(getattr(torch, dtype))
         vocab = hf.config.vocab_size
@@ -303,18 +305,20 @@ def rerank_row(shape: str, sizes: Sizes, device: torch.device, dtype: str, small
         # find in the prefix cache), as HF warms up on the whole batch: a 4-pair warm-up left the first
         # full-size steps' start-up in the timed run (H200: 163.8 ms for 400 pairs warmed, ~540 ms cold).
         warm_up, docs = documents(), documents()
-        llm = engine_llm(path, dtype, task="score", score_tokens=("no", "yes"), max_model_len=1024,
-                         max_num_batched_tokens=16384, max_num_seqs=256, device=str(device))
         flat_q = [q for q, ds in zip(queries, docs) for _ in ds]
         flat_d = [d for ds in docs for d in ds]
-        llm.score(flat_q, [d for ds in warm_up for d in ds])
-        secs, outs = timed(device, lambda: llm.score(flat_q, flat_d))
-        scores = np.array([o.outputs.score for o in outs])
-        prompt = llm.engine.yes_no
+        runs = {}  # torch_compile -> (seconds, scores)
+        for compiled in compile_modes:
+            llm = engine_llm(path, dtype, task="score", score_tokens=("no", "yes"), max_model_len=1024,
+                             max_num_batched_tokens=16384, max_num_seqs=256, device=str(device), torch_compile=compiled)
+            llm.score(flat_q, [d for ds in warm_up for d in ds])
+            secs, outs = timed(device, lambda: llm.score(flat_q, flat_d))
+            runs[compiled] = secs, np.array([o.outputs.score for o in outs])
+            prompt = llm.engine.yes_no
+            del llm
+            free(device)
         encoded = [prompt.encode([(q, d) for d in ds], 1024, None) for q, ds in zip(queries, docs)]
         tok_per_pair = np.mean([len(x) for xs in encoded for x in xs])
-        del llm
-        free(device)
         yes, no = SPECIALS.index("yes"), SPECIALS.index("no")
 
         @torch.inference_mode()
@@ -332,9 +336,11 @@ def rerank_row(shape: str, sizes: Sizes, device: torch.device, dtype: str, small
         del hf
         free(device)
     n = len(flat_q)
-    return [f"yes/no rerank {sizes.queries} x {sizes.docs} pairs (~{tok_per_pair:.0f} tok), random {shape}, {dtype}",
-            "pairs/s", f"{n / secs:,.1f}", f"{n / hf_secs:,.1f}", ratio(hf_secs, secs),
-            f"max |score - HF| {np.abs(scores - want).max():.4f}", "HF, left-padded batch per query"]
+    return [[f"yes/no rerank {sizes.queries} x {sizes.docs} pairs (~{tok_per_pair:.0f} tok), random {shape}, {dtype}"
+             + (", torch_compile" if compiled else ""),
+             "pairs/s", f"{n / secs:,.1f}", f"{n / hf_secs:,.1f}", ratio(hf_secs, secs),
+             f"max |score - HF| {np.abs(scores - want).max():.4f}", "HF, left-padded batch per query"]
+            for compiled, (secs, scores) in runs.items()]
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -347,7 +353,8 @@ def main() -> None:
     ap.add_argument("--dtype", default=None, help="decoder rows' dtype (default bfloat16 on GPU, float32 on CPU)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["embed", "decode", "e2e", "rerank", "parity"])
     ap.add_argument("--torch-compile", action="store_true",
-                    help="also a decode row per size with torch_compile (the CUDA graphs capture the compiled model)")
+                    help="also rows with torch_compile: decode per size (the CUDA graphs capture the compiled "
+                         "model) and rerank per shape (prefill steps through the compiled model)")
     args = ap.parse_args()
     args.decoder_shape = "llama-1b" if not args.small else "tiny llama"
     device = torch.device(args.device)
@@ -388,7 +395,8 @@ def main() -> None:
             free(device)
     if "rerank" not in args.skip:
         for shape in ("smollm2-135m", "qwen3-reranker-0.6b"):
-            run_rows(f"rerank {shape}", lambda: [rerank_row(shape, sizes, device, dtype, args.small)])
+            run_rows(f"rerank {shape}", lambda: rerank_rows(shape, sizes, device, dtype, args.small,
+                                                            (False, True) if args.torch_compile else (False,)))
     print(table(["workload", "unit", "engine", "baseline", "engine / baseline", "quality", "baseline is"], rows))
     print(f"\n{time.perf_counter() - t0:.0f} s in all. bf16 embedding row: "
           f"{'run' if 'bfloat16' in embed_dtypes else 'skipped (bf16 is not fast on this device)'}.")

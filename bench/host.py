@@ -36,9 +36,15 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from conftest import build_decoder  # noqa: E402 (the tests' tiny models)
 
 
+# The host's work is the same in any dtype. On CUDA bf16 takes the flash varlen prefill: fp32 would take
+# compiled FlexAttention, compiled again in every engine and engine process (on an H200 the fp32 run
+# printed no row in 90 s, inductor's compile workers busy).
+DTYPE = "bfloat16" if torch.cuda.is_available() else "float32"
+
+
 def measure(model_dir: str, running: int, kind, steps: int) -> tuple[float, float]:
     from engine import EngineConfig, LLMEngine, SamplingParams
-    eng = LLMEngine(EngineConfig(model=model_dir, dtype="float32", max_num_seqs=running, block_size=16,
+    eng = LLMEngine(EngineConfig(model=model_dir, dtype=DTYPE, max_num_seqs=running, block_size=16,
                                  max_num_batched_tokens=running * 130, num_blocks=running * 20, enforce_eager=True))
     params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True, output_kind=kind)
     for i in range(running):
@@ -85,7 +91,7 @@ def measure_async_llm(model_dir: str, running: int, kind, steps: int, interval_s
     from engine.async_engine import AsyncLLM
 
     async def run() -> float:
-        llm = AsyncLLM(EngineConfig(model=model_dir, dtype="float32", max_num_seqs=running, block_size=16,
+        llm = AsyncLLM(EngineConfig(model=model_dir, dtype=DTYPE, max_num_seqs=running, block_size=16,
                                     max_num_batched_tokens=running * 130, num_blocks=running * 20, enforce_eager=True,
                                     num_threads=1, engine_process=engine_process), stub_engine)
         params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True, output_kind=kind)
@@ -120,7 +126,7 @@ def main() -> None:
     args = ap.parse_args()
     torch.set_num_threads(1)  # a tiny model gains nothing from a second thread, and its spin-waits add noise
     from engine.params import RequestOutputKind
-    print_machine("Host cost of a decode step (tiny random Llama: the model's own work is ~0)", torch.float32, {
+    print_machine("Host cost of a decode step (tiny random Llama: the model's own work is ~0)", getattr(torch, DTYPE), {
         "requests": "128-token prompts, greedy, ignore_eos, prefix caching on, block_size 16; median of "
                     f"{args.steps} decode steps; CUDA graphs off (the forward is timed in Python)"})
     rows, server_rows = [], []

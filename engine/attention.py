@@ -2,6 +2,8 @@
 
 The kernels live in the backend that `select_attention_backend` picks for the device; this module
 only writes the step's K/V into the paged pool and routes the two halves of the step."""
+from typing import Optional
+
 import torch
 from torch import nn
 
@@ -24,10 +26,26 @@ class Attention(nn.Module):
         if self.k_cache is not None and ctx.slot_mapping is not None:
             self.k_cache.index_copy_(0, ctx.slot_mapping, k)
             self.v_cache.index_copy_(0, ctx.slot_mapping, v)
-        p = ctx.num_prefill_tokens
         if ctx.decode_block_table is None:
-            return self.backend.prefill(self, q, k, v, ctx).flatten(1)
+            return self._prefill(q, k, v).flatten(1)
+        p = ctx.num_prefill_tokens
         if p == 0:
             return self.backend.decode(self, q, ctx).flatten(1)
-        return torch.cat([self.backend.prefill(self, q[:p], k[:p], v[:p], ctx),
-                          self.backend.decode(self, q[p:], ctx)]).flatten(1)
+        return torch.cat([self._prefill(q[:p], k[:p], v[:p]), self.backend.decode(self, q[p:], ctx)]).flatten(1)
+
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+        args = (q, k, v, self.k_cache, self.v_cache, self.scale)
+        # Inside a compiled model (torch_compile) the kernel is one opaque op: the step's span lengths stay
+        # out of the graph (one graph serves every step) and inductor fuses the ops around it.
+        return _prefill_op(*args) if torch.compiler.is_compiling() else self.backend.prefill(*args, get_context())
+
+
+def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Optional[torch.Tensor],
+             v_cache: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    ctx = get_context()
+    return ctx.prefill_kernel(q, k, v, k_cache, v_cache, scale, ctx).contiguous()
+
+
+# The pool's views are arguments, so the op is ordered after the step's writes into them.
+_prefill_op = torch.library.custom_op("servecluster::prefill_attention", _prefill, mutates_args=())
+_prefill_op.register_fake(lambda q, k, v, k_cache, v_cache, scale: q.new_empty(q.shape))

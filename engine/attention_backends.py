@@ -1,7 +1,7 @@
 """Attention kernels and the one place that picks them for a device.
 
 A backend is a prefill kernel (every prefill span of the step in one variable-length call where the
-device has one) and a decode kernel (every decode of the step in one call over the paged pool).
+device has one; called as kernel(q, k, v, k_cache, v_cache, scale, ctx)) and a decode kernel (every decode of the step in one call over the paged pool).
 CUDA-only kernels are imported here and nowhere else; any device without them gets the portable
 PyTorch kernels below, so the engine itself stays device-agnostic."""
 from dataclasses import dataclass
@@ -29,18 +29,17 @@ class PerSequencePrefill:
             masks.append((keys[None] <= torch.arange(n, device=dev)[:, None] + (span.context_len - n))[None, None])
         return masks
 
-    def __call__(self, layer, q, k, v, ctx: Context) -> torch.Tensor:
+    def __call__(self, q, k, v, k_cache, v_cache, scale: float, ctx: Context) -> torch.Tensor:
         out = torch.empty_like(q)
         for span, mask in zip(ctx.prefills, ctx.prefill_meta):
             if span.context_slots is None:
                 kk, vv = k[span.start:span.end], v[span.start:span.end]
             else:
-                kk, vv = layer.k_cache[span.context_slots], layer.v_cache[span.context_slots]
+                kk, vv = k_cache[span.context_slots], v_cache[span.context_slots]
             # The fused CPU kernel takes only 4-D inputs; 3-D ones fall back to a generic path.
             o = F.scaled_dot_product_attention(
                 q[span.start:span.end].transpose(0, 1)[None], kk.transpose(0, 1)[None], vv.transpose(0, 1)[None],
-                attn_mask=mask, is_causal=ctx.causal and mask is None, scale=layer.scale,
-                enable_gqa=layer.num_kv_heads != layer.num_heads)
+                attn_mask=mask, is_causal=ctx.causal and mask is None, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
             out[span.start:span.end] = o[0].transpose(0, 1)
         return out
 
@@ -94,7 +93,7 @@ class AttentionBackend:
     def prepare(self, ctx: Context, block_size: int) -> None:
         """Per-step metadata, built once and shared by every layer."""
         if ctx.prefills:
-            ctx.prefill_meta = self.prefill.prepare(ctx)
+            ctx.prefill_kernel, ctx.prefill_meta = self.prefill, self.prefill.prepare(ctx)
         if ctx.decode_block_table is not None:
             ctx.decode_meta = self.decode.prepare(ctx, block_size)
 

@@ -1,4 +1,5 @@
 """One preallocated pool of KV-cache blocks, with prefix caching by chained block hashes."""
+import functools
 import hashlib
 import struct
 from dataclasses import dataclass
@@ -17,9 +18,12 @@ class Block:
 
 def hash_block(parent: bytes | None, token_ids: list[int] | tuple[int, ...]) -> bytes:
     """A stable chained hash: equal hashes mean equal prefixes, in every process."""
-    h = hashlib.sha256(parent or b"")
-    h.update(struct.pack(f"<{len(token_ids)}q", *token_ids))
-    return h.digest()
+    return hashlib.sha256((parent or b"") + _packer(len(token_ids))(*token_ids)).digest()
+
+
+@functools.cache
+def _packer(n: int):
+    return struct.Struct(f"<{n}q").pack
 
 
 class FreeBlockQueue:

@@ -34,10 +34,11 @@ class EngineConfig:
     quantization: str | None = None
     # Decode steps run eagerly instead of from captured CUDA graphs (vLLM's option; CPU never captures).
     enforce_eager: bool = False
-    # Generation: decode steps run as one torch.compile graph of the whole model (engine.compiled_decode), which
-    # CUDA graphs capture where they are on, and w8a8 layers fuse their quantizing and rescaling for prefill steps
-    # (engine.quantization). On CPU a small batch's step is dominated by the dispatch of its many small
-    # ops. Compiles when the engine starts (README: how long, and what it gains).
+    # Prefill steps and decode steps each run as one torch.compile graph of the whole model (engine.compiled_model),
+    # every task; CUDA graphs capture the decode one where they are on, and w8a8 layers fuse their quantizing and
+    # rescaling (engine.quantization). On CPU a small batch's step is dominated by the dispatch of its many small
+    # ops, on a GPU a small-hidden model's prefill by its elementwise passes. Compiles when the engine starts
+    # (README: how long, and what it gains).
     torch_compile: bool = False
     # Schedule and launch each step before the previous one's tokens reach the host, so host work overlaps the
     # device's (vLLM's async scheduling). None: on where the device runs kernels asynchronously (CUDA); a CPU

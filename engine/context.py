@@ -21,8 +21,10 @@ class Context:
     slot_mapping: torch.Tensor | None = None  # where each packed token's K/V is written
     decode_block_table: torch.Tensor | None = None  # [batch, max_blocks] blocks of each decode, padded
     decode_context_lens: torch.Tensor | None = None  # [batch] int32 tokens in each decode's context
-    # Whatever the attention backend derived once for the whole step (masks, block masks).
+    # Whatever the attention backend derived once for the whole step (masks, block masks), and its prefill
+    # kernel (which the compiled model's opaque attention op calls).
     prefill_meta: Any = None
+    prefill_kernel: Any = None
     decode_meta: Any = None
 
     def prefill_key_slots(self) -> torch.Tensor | None:

@@ -38,7 +38,7 @@ class DecodeGraphs:
         return ctx
 
     def _forward(self, size: int) -> None:
-        forward = self.runner.compiled_decode or self.runner.model
+        forward = self.runner.compiled or self.runner.model
         self.hidden[:size] = forward(self.input_ids[:size], self.positions[:size])
 
     @torch.inference_mode()

@@ -68,11 +68,10 @@ class FlexPrefill:
                                               BLOCK_SIZE=TILE, mask_mod=document_mask, seq_lengths=(t, s))
         return FlexPrefillMeta(block_mask, kv_slots)
 
-    def __call__(self, layer, q, k, v, ctx: Context) -> torch.Tensor:
+    def __call__(self, q, k, v, k_cache, v_cache, scale: float, ctx: Context) -> torch.Tensor:
         meta: FlexPrefillMeta = ctx.prefill_meta
         if meta.kv_slots is not None:
-            k, v = layer.k_cache[meta.kv_slots], layer.v_cache[meta.kv_slots]
+            k, v = k_cache[meta.kv_slots], v_cache[meta.kv_slots]
         out = self._flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
-                         block_mask=meta.block_mask, scale=layer.scale,
-                         enable_gqa=layer.num_kv_heads != layer.num_heads)
+                         block_mask=meta.block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
         return out[0].transpose(0, 1)

@@ -23,10 +23,10 @@ class KVCacheManager:
         because its logits (or hidden state) are what the request needs."""
         if not self.pool.enable_prefix_caching:
             return [], 0
-        bs, hashes, blocks = self.block_size, self._hashes(req), []
-        for i in range((req.num_tokens - 1) // bs):
-            block_hash = self._hash_at(req, hashes, i)
-            block = self.pool.lookup(block_hash, tuple(req.token_ids[i * bs:(i + 1) * bs]))
+        bs, ids, blocks = self.block_size, req.token_ids, []
+        n = (req.num_tokens - 1) // bs
+        for i, block_hash in enumerate(self._hashes(req, n)[:n]):
+            block = self.pool.lookup(block_hash, tuple(ids[i * bs:(i + 1) * bs]))
             if block is None:
                 break
             blocks.append(block)
@@ -86,17 +86,16 @@ class KVCacheManager:
         num_full = min(num_tokens, req.num_tokens) // bs
         if num_full <= done:
             return
-        hashes = self._hashes(req)
+        hashes, ids = self._hashes(req, num_full), req.token_ids
         for i in range(done, num_full):
-            self.pool.cache(blocks[i], self._hash_at(req, hashes, i), tuple(req.token_ids[i * bs:(i + 1) * bs]))
+            self.pool.cache(blocks[i], hashes[i], tuple(ids[i * bs:(i + 1) * bs]))
         self.req_num_cached[req.request_id] = num_full
 
-    def _hashes(self, req: Request) -> list[bytes]:
-        return self.req_hashes.setdefault(req.request_id, [])
-
-    def _hash_at(self, req: Request, hashes: list[bytes], i: int) -> bytes:
-        while len(hashes) <= i:
-            j = len(hashes)
-            hashes.append(hash_block(hashes[-1] if hashes else None,
-                                     req.token_ids[j * self.block_size:(j + 1) * self.block_size]))
-        return hashes[i]
+    def _hashes(self, req: Request, n: int) -> list[bytes]:
+        """The request's chain hashes, at least its first n blocks' (each block hashed once per request)."""
+        hashes, bs, ids = self.req_hashes.setdefault(req.request_id, []), self.block_size, req.token_ids
+        parent = hashes[-1] if hashes else None
+        for j in range(len(hashes), n):
+            parent = hash_block(parent, ids[j * bs:(j + 1) * bs])
+            hashes.append(parent)
+        return hashes

@@ -48,8 +48,6 @@ class LLMEngine:
         self.max_model_len = resolve_max_model_len(hf, config, self.is_decoder,
                                                    read_sentence_transformers_max_seq_length(self.model_dir))
         self.task = resolve_task(hf, config)
-        if config.torch_compile and self.task != "generate":
-            raise ValueError(f"torch_compile applies to generation only, not task {self.task!r}")
         device = config.torch_device()
         if device.type == "cpu":
             keep_freed_memory()
@@ -64,9 +62,10 @@ class LLMEngine:
             num_blocks = num_kv_blocks(config, self.runner.kv_bytes_per_block(config.block_size),
                                        self.max_model_len, device)
             self.runner.allocate_kv_cache(num_blocks, config.block_size)
-            if config.torch_compile:  # before the capture: the graphs then replay the compiled model
-                self.runner.compile()
-            if not config.enforce_eager:
+        if config.torch_compile:  # before the capture: the graphs then replay the compiled model
+            self.runner.compile(decode=self.task == "generate")
+        if self.is_decoder:
+            if self.task == "generate" and not config.enforce_eager:  # pooling models never decode
                 self.runner.capture_decode_graphs(config.max_num_seqs)
             kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
             self.runner.sampler = Sampler(eos, decide_on_host=device.type == "cpu")

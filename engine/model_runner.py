@@ -6,7 +6,7 @@ import numpy as np
 import torch
 
 from engine.attention_backends import select_attention_backend
-from engine.compiled_decode import CompiledDecode
+from engine.compiled_model import CompiledModel
 from engine.context import Context, PrefillSpan, set_context
 from engine.cuda_graphs import DecodeGraphs
 from engine.models import model_class
@@ -59,7 +59,7 @@ class ModelRunner:
         self.score_weight: torch.Tensor | None = None  # [1, hidden] for yes/no rerankers
         self.sampler: Sampler | None = None
         self.decode_graphs: DecodeGraphs | None = None
-        self.compiled_decode: CompiledDecode | None = None
+        self.compiled: CompiledModel | None = None
         # The latest step's sampled tokens, still on the device, and the requests of its rows: with async
         # scheduling the next step takes its inputs from there before the host has them.
         self._last_sampled: torch.Tensor | None = None
@@ -93,13 +93,14 @@ class ModelRunner:
                 return
         self.decode_graphs = DecodeGraphs(self, max_num_seqs, capture)
 
-    def compile(self) -> None:
+    def compile(self, decode: bool) -> None:
         """Engine option torch_compile, compiled here rather than on the first request: int8 layers take
-        their fused kernels for prefill-sized inputs, and decode steps run one compiled graph of the whole
-        model (replayed from CUDA graphs where they are captured afterwards)."""
+        their fused kernels for prefill-sized inputs, and prefill steps and (where the model generates)
+        decode steps each run one compiled graph of the whole model (decode replayed from CUDA graphs where
+        they are captured afterwards)."""
         compile_int8_layers(self.model)
-        self.compiled_decode = CompiledDecode(self.model)
-        self.compiled_decode.warm_up(self)
+        self.compiled = CompiledModel(self.model)
+        self.compiled.warm_up(self, decode)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
@@ -134,7 +135,9 @@ class ModelRunner:
         if self.decode_graphs is not None and all_decode and len(reqs) <= self.decode_graphs.max_batch:
             hidden = self.decode_graphs.run(input_ids, pos, *self._decode_inputs(reqs, pos))
         else:
-            forward = self.compiled_decode if all_decode and self.compiled_decode is not None else self.model
+            # Compiled graphs for all-decode and all-prefill steps; a mixed step runs eagerly.
+            one_kind = all_decode or not any(decodes)
+            forward = self.compiled if one_kind and self.compiled is not None else self.model
             set_context(self._context(reqs, counts, rows, pos))
             try:
                 hidden = forward(input_ids, pos, token_types)
@@ -158,10 +161,13 @@ class ModelRunner:
 
     def _decode_inputs(self, reqs: list[Request], pos: torch.Tensor):
         """slot mapping, block table and context lengths of an all-decode step."""
-        bs = self.block_size
         table = self._block_table(reqs)
-        slots = table[torch.arange(len(reqs), device=self.device), pos // bs] * bs + pos % bs
-        return slots, table, (pos + 1).int()
+        return self._slots(table, torch.arange(len(reqs), device=self.device), pos), table, (pos + 1).int()
+
+    def _slots(self, table: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """Pool slots of tokens at positions of the block table's rows."""
+        bs = self.block_size
+        return table[rows, positions // bs] * bs + positions % bs
 
     def _context(self, reqs: list[Request], counts: list[int], rows: torch.Tensor, pos: torch.Tensor) -> Context:
         ctx = Context(causal=self.is_decoder)
@@ -176,8 +182,8 @@ class ModelRunner:
         # One padded block table for the step; every slot below is looked up in it, vectorised.
         dev, bs = self.device, self.block_size
         table = self._block_table(reqs)
-        ctx.slot_mapping = table[rows, pos // bs] * bs + pos % bs
-        decodes, lengths = [], []
+        ctx.slot_mapping = self._slots(table, rows, pos)
+        decodes, lengths, cached, cached_rows, cached_lens = [], [], [], [], []
         for i, (req, n) in enumerate(zip(reqs, counts)):
             c = req.num_computed_tokens
             if self._is_decode(req, n):
@@ -186,11 +192,20 @@ class ModelRunner:
                 continue
             span = PrefillSpan(start, start + n, c + n)
             if c > 0:  # chunk after cached or earlier-computed tokens: read the context from the cache
-                p = torch.arange(c + n, device=dev)
-                span.context_slots = table[i, p // bs] * bs + p % bs
+                cached.append(span)
+                cached_rows.append(i)
+                cached_lens.append(c + n)
             ctx.prefills.append(span)
             start += n
         ctx.num_prefill_tokens = start
+        if cached:  # every such span's context slots at once (a reranker's documents all hit the query's blocks)
+            lens = self._tensor(cached_lens)
+            total = sum(cached_lens)
+            span_rows = torch.arange(len(cached), device=dev).repeat_interleave(lens, output_size=total)
+            positions = torch.arange(total, device=dev) - (lens.cumsum(0) - lens)[span_rows]
+            slots = self._slots(table, self._tensor(cached_rows)[span_rows], positions)
+            for span, span_slots in zip(cached, slots.split(cached_lens)):
+                span.context_slots = span_slots
         if decodes:
             ctx.decode_block_table = table[self._tensor(decodes), :-(-max(lengths) // bs)]
             ctx.decode_context_lens = to_device(lengths, dev, torch.int32)

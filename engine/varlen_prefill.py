@@ -48,11 +48,11 @@ class VarlenPrefill:
         cu = [to_device([0, *itertools.accumulate(lens)], self.device, torch.int32) for lens in (q_lens, k_lens)]
         return VarlenPrefillMeta(cu[0], cu[1], max(q_lens), max(k_lens), ctx.prefill_key_slots())
 
-    def __call__(self, layer, q, k, v, ctx: Context) -> torch.Tensor:
+    def __call__(self, q, k, v, k_cache, v_cache, scale: float, ctx: Context) -> torch.Tensor:
         meta: VarlenPrefillMeta = ctx.prefill_meta
         if meta.kv_slots is not None:
-            k, v = layer.k_cache[meta.kv_slots], layer.v_cache[meta.kv_slots]
-        return self._attend(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, ctx.causal, layer.scale)
+            k, v = k_cache[meta.kv_slots], v_cache[meta.kv_slots]
+        return self._attend(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, ctx.causal, scale)
 
 
 def reference_attend(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale: float) -> torch.Tensor:

@@ -23,7 +23,9 @@ PROMPTS = [sentence(900 + i, 4 + 5 * i) for i in range(6)]
 PARAMS = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
 
 
-HOSTS = {"sync": dict(async_scheduling=False), "async-scheduling": dict(async_scheduling=True),
+# engine_process spelled out: its default is on where CUDA is.
+HOSTS = {"sync": dict(async_scheduling=False, engine_process=False),
+         "async-scheduling": dict(async_scheduling=True, engine_process=False),
          "engine-process": dict(async_scheduling=True, engine_process=True)}
 
 

@@ -87,7 +87,7 @@ def test_varlen_prefill_matches_per_sequence_attention(case, kernel):
     q, k, v, ctx, want = step(attn, chunks, causal, seed=len(case))
     prefill = PREFILLS[kernel](CPU)
     ctx.prefill_meta = prefill.prepare(ctx)
-    got = prefill(attn, q, k, v, ctx)
+    got = prefill(q, k, v, attn.k_cache, attn.v_cache, attn.scale, ctx)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
@@ -116,7 +116,7 @@ def test_flash_varlen_call_passes_gqa_or_copies_kv_heads(case, varlen_attn):
     q, k, v, ctx, want = step(attn, chunks, causal, seed=len(case))
     prefill = VarlenPrefill(CPU, flash_attend(varlen_attn))
     ctx.prefill_meta = prefill.prepare(ctx)
-    torch.testing.assert_close(prefill(attn, q, k, v, ctx), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(prefill(q, k, v, attn.k_cache, attn.v_cache, attn.scale, ctx), want, atol=2e-5, rtol=1e-4)
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs CUDA")
@@ -134,7 +134,7 @@ def test_flash_varlen_prefill_matches_per_sequence_attention(case):
     ctx.slot_mapping = ctx.slot_mapping.cuda()
     prefill = VarlenPrefill(torch.device("cuda"), attend)
     ctx.prefill_meta = prefill.prepare(ctx)
-    got = prefill(attn, *(t.cuda().bfloat16() for t in (q, k, v)), ctx)
+    got = prefill(*(t.cuda().bfloat16() for t in (q, k, v)), attn.k_cache, attn.v_cache, attn.scale, ctx)
     torch.testing.assert_close(got.float().cpu(), want, atol=3e-2, rtol=3e-2)
 
 
@@ -268,8 +268,9 @@ def test_compiled_model_in_the_decode_graph_buffers_with_the_paged_kernel_matche
     for attn in runner.model.attention_layers:
         attn.backend = runner.attention_backend
     runner.capture_decode_graphs(4, capture=False)
-    compiled, steps = runner.compiled_decode, []
-    runner.compiled_decode = lambda *args: steps.append(args[0].shape[0]) or compiled(*args)
+    compiled, steps = runner.compiled, []
+    runner.compiled = lambda *args: steps.append(args[0].shape[0]) or compiled(*args)
     for out in llm.generate(PROMPTS[:3], greedy()):
         ref(arch).check(out)
-    assert steps and set(steps) <= {1, 2, 4}  # every decode step: the compiled model on padded buffers
+    prefill, decodes = steps[0], steps[1:]  # the three prompts' prefill: compiled too, not padded
+    assert prefill > 4 and decodes and set(decodes) <= {1, 2, 4}  # every decode step: the compiled model on padded buffers
