@@ -48,8 +48,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--enable-prefix-caching", action=argparse.BooleanOptionalAction, default=None)
     s.add_argument("--enforce-eager", action="store_true", default=None, help="no CUDA graphs for decode steps")
     s.add_argument("--torch-compile", action="store_true", default=None,
-                   help="generation: decode steps as one torch.compile graph and fused w8a8 prefill layers, "
-                        "compiled at start (fastest on CPU)")
+                   help="prefill and decode steps each as one torch.compile graph of the whole model, every task, "
+                        "compiled at start")
     s.add_argument("--async-scheduling", action=argparse.BooleanOptionalAction, default=None,
                    help="schedule each step while the GPU runs the previous one (default: on with CUDA)")
     s.add_argument("--engine-process", action=argparse.BooleanOptionalAction, default=None,
