@@ -8,6 +8,8 @@ Needs only torch, transformers, sentence-transformers and this repository's engi
     1B-shape Llama (hidden 2048, 16 layers, 32/8 heads, vocab 49,152), bf16, vs Hugging Face's own
     decode step (DynamicCache) at the same batch;
   - 256 prompts x 128 tokens -> 128 tokens end to end, engine LLM.generate vs HF `generate`, one batch;
+  - the same requests as DELTA streams through AsyncLLM, the engine on a thread and in its own process,
+    vs LLM.generate's final-only outputs;
   - yes/no reranking, 4 queries x 100 documents of ~280 tokens a pair, on random SmolLM2-135M and
     Qwen3-Reranker-0.6B shapes, engine LLM.score vs HF, one left-padded batch per query (with
     --torch-compile also the engine with torch_compile);
@@ -126,7 +128,8 @@ def add_request(eng, rid: str, ids: list[int], params) -> None:
 
 
 # ---- rows -------------------------------------------------------------------------------------
-def embedding_rows(args, sizes: Sizes, device: torch.device, dtypes: list[str]) -> list[list]:
+def embedding_rows(args, sizes: Sizes, device: torch.device, dtypes: list[str],
+                   compile_modes: tuple[bool, ...] = (False,)) -> list[list]:
     from sentence_transformers import SentenceTransformer
 
     from engine.loader import resolve_model
@@ -149,14 +152,6 @@ def embedding_rows(args, sizes: Sizes, device: torch.device, dtypes: list[str]) 
     rows = []
     for dtype in dtypes:
         torch_dtype = getattr(torch, dtype)
-        llm = engine_llm(model_dir, dtype, task="embed", max_model_len=256, max_num_batched_tokens=32768,
-                         device=str(device))
-        llm.embed(docs[:64], truncate_prompt_tokens=-1)  # warm-up (and compile)
-        secs, outs = timed(device, lambda: llm.embed(docs, truncate_prompt_tokens=-1))
-        e_docs = np.array([o.outputs.embedding for o in outs], dtype=np.float32)
-        e_q = np.array([o.outputs.embedding for o in llm.embed(qtexts, truncate_prompt_tokens=-1)], dtype=np.float32)
-        del llm
-        free(device)
         st = SentenceTransformer(model_dir, device=str(device))
         st.max_seq_length = 256
         st.to(torch_dtype)
@@ -165,11 +160,21 @@ def embedding_rows(args, sizes: Sizes, device: torch.device, dtypes: list[str]) 
         s_q = st.encode(qtexts, batch_size=sizes.st_batch, convert_to_numpy=True)
         del st
         free(device)
-        nd_e = ndcg_at_10(e_q, qids, e_docs, dids, qrels)
         nd_s = ndcg_at_10(s_q.astype(np.float32), qids, s_docs.astype(np.float32), dids, qrels)
-        rows.append([f"embed {len(docs)} docs ({source}), MiniLM-L6, {dtype}", "docs/s",
-                     f"{len(docs) / secs:,.0f}", f"{len(docs) / st_secs:,.0f}", ratio(st_secs, secs),
-                     f"NDCG@10 {nd_e:.5f} vs {nd_s:.5f}", "sentence-transformers encode"])
+        for compiled in compile_modes:
+            llm = engine_llm(model_dir, dtype, task="embed", max_model_len=256, max_num_batched_tokens=32768,
+                             device=str(device), torch_compile=compiled)
+            llm.embed(docs[:64], truncate_prompt_tokens=-1)  # warm-up (and FlexAttention's compile)
+            secs, outs = timed(device, lambda: llm.embed(docs, truncate_prompt_tokens=-1))
+            e_docs = np.array([o.outputs.embedding for o in outs], dtype=np.float32)
+            e_q = np.array([o.outputs.embedding for o in llm.embed(qtexts, truncate_prompt_tokens=-1)],
+                           dtype=np.float32)
+            del llm
+            free(device)
+            nd_e = ndcg_at_10(e_q, qids, e_docs, dids, qrels)
+            rows.append([f"embed {len(docs)} docs ({source}), MiniLM-L6, {dtype}" + (", torch_compile" if compiled else ""),
+                         "docs/s", f"{len(docs) / secs:,.0f}", f"{len(docs) / st_secs:,.0f}", ratio(st_secs, secs),
+                         f"NDCG@10 {nd_e:.5f} vs {nd_s:.5f}", "sentence-transformers encode"])
     return rows
 
 
@@ -269,6 +274,53 @@ def end_to_end_row(args, sizes: Sizes, device: torch.device, dtype: str, path: s
             "HF generate, one batch"]
 
 
+def streams_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str, vocab: int) -> list[list]:
+    """The end-to-end requests as DELTA streams through AsyncLLM, read as a server reads them, the engine on
+    a thread of the caller's process or in a process of its own (engine_process), against LLM.generate's
+    final-only outputs of the same requests in the same run."""
+    import asyncio
+
+    from engine import EngineConfig, SamplingParams
+    from engine.async_engine import AsyncLLM
+    from engine.params import RequestOutputKind
+    rng = random.Random(4)
+    prompts = [random_ids(rng, sizes.prompt, vocab) for _ in range(sizes.e2e)]
+    n_out, total = sizes.output, sizes.e2e * sizes.output
+    kw = dict(dtype=dtype, max_num_seqs=sizes.e2e, max_num_batched_tokens=8192,
+              num_blocks=sizes.e2e * -(-(sizes.prompt + n_out) // 16) + 8,
+              max_model_len=sizes.prompt + n_out + 16, device=str(device))
+    params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
+    llm = engine_llm(path, **kw)
+    llm.generate(prompts[:4], params)
+    base_secs, _ = timed(device, lambda: llm.generate(prompts, params))
+    del llm
+    free(device)
+    stream = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
+    rows = []
+    for process in (False, True):
+        async def run() -> float:
+            engine = AsyncLLM(EngineConfig(model=path, engine_process=process, **kw))
+
+            async def read(ids: list[int]) -> int:
+                return sum([len(out.outputs[0].token_ids) async for out in engine.generate(ids, stream)])
+            try:
+                await asyncio.gather(*[read(p) for p in prompts[:4]])  # warm-up
+                t = time.perf_counter()
+                counts = await asyncio.gather(*[read(p) for p in prompts])
+                secs = time.perf_counter() - t
+            finally:
+                engine.shutdown()
+            assert sum(counts) == total
+            return secs
+        secs = asyncio.run(run())
+        free(device)
+        rows.append([f"{sizes.e2e} DELTA streams x {sizes.prompt} -> {n_out} tokens through AsyncLLM, engine "
+                     + ("in its own process" if process else "on a thread") + f", random {args.decoder_shape}, {dtype}",
+                     "out tok/s", f"{total / secs:,.0f}", f"{total / base_secs:,.0f}", ratio(base_secs, secs), "",
+                     "engine LLM.generate, final-only"])
+    return rows
+
+
 def parity_row(sizes: Sizes, device: torch.device, path: str, hf) -> list:
     from engine import SamplingParams
     rng = random.Random(2)
@@ -351,10 +403,10 @@ def main() -> None:
     ap.add_argument("--small", action="store_true", help="tiny shapes and counts (CPU smoke run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="decoder rows' dtype (default bfloat16 on GPU, float32 on CPU)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["embed", "decode", "e2e", "rerank", "parity"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["embed", "decode", "e2e", "streams", "rerank", "parity"])
     ap.add_argument("--torch-compile", action="store_true",
-                    help="also rows with torch_compile: decode per size (the CUDA graphs capture the compiled "
-                         "model) and rerank per shape (prefill steps through the compiled model)")
+                    help="also rows with torch_compile: embedding per dtype and rerank per shape (prefill steps "
+                         "through the compiled model), decode per size (the CUDA graphs capture the compiled model)")
     args = ap.parse_args()
     args.decoder_shape = "llama-1b" if not args.small else "tiny llama"
     device = torch.device(args.device)
@@ -381,8 +433,9 @@ def main() -> None:
             print(f"[{time.perf_counter() - t0:.0f} s] " + " | ".join(map(str, row)), flush=True)
 
     if "embed" not in args.skip:
-        run_rows("embed", lambda: embedding_rows(args, sizes, device, embed_dtypes))
-    if {"decode", "e2e", "parity"} - set(args.skip):
+        run_rows("embed", lambda: embedding_rows(args, sizes, device, embed_dtypes,
+                                                 (False, True) if args.torch_compile else (False,)))
+    if {"decode", "e2e", "streams", "parity"} - set(args.skip):
         with tempfile.TemporaryDirectory() as path:
             hf = random_decoder("llama-1b", args.small, device, path)
             if "parity" not in args.skip:
@@ -391,6 +444,8 @@ def main() -> None:
                 run_rows("decode", lambda: decode_rows(args, sizes, device, dtype, path, hf))
             if "e2e" not in args.skip:
                 run_rows("e2e", lambda: [end_to_end_row(args, sizes, device, dtype, path, hf)])
+            if "streams" not in args.skip:
+                run_rows("streams", lambda: streams_rows(args, sizes, device, dtype, path, hf.config.vocab_size))
             del hf
             free(device)
     if "rerank" not in args.skip:
