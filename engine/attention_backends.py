@@ -1,7 +1,8 @@
 """Attention kernels and the one place that picks them for a device.
 
 A backend is a prefill kernel (every prefill span of the step in one variable-length call where the
-device has one; called as kernel(q, k, v, k_cache, v_cache, scale, ctx)) and a decode kernel (every decode of the step in one call over the paged pool).
+device has one; called as kernel(q, k, v, k_cache, v_cache, scale, ctx)) and a decode kernel (every
+decode of the step in one call over the paged pool).
 CUDA-only kernels are imported here and nowhere else; any device without them gets the portable
 PyTorch kernels below, so the engine itself stays device-agnostic."""
 from dataclasses import dataclass

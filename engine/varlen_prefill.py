@@ -79,31 +79,43 @@ def varlen_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> At
         return None
     if not {"scale", "window_size"} <= set(inspect.signature(varlen_attn).parameters):
         return None
-    attend = flash_attend(varlen_attn)
-    try:
-        if _matches_reference(attend, device, dtype, head_dim):
-            return attend
-        log.warning("flash-attention varlen differs from SDPA here; prefill uses FlexAttention")
-    except Exception as e:  # noqa: BLE001 (any refusal means: not on this device)
-        log.warning("flash-attention varlen unavailable (%s: %s); prefill uses FlexAttention", type(e).__name__, e)
+    return checked_attend(varlen_attn, device, dtype, head_dim)
+
+
+# How GQA's fewer kv heads reach the kernel: by varlen_attn's enable_gqa (torch 2.13 has it); as they are
+# (flash attention's kernel takes them; releases before the keyword pass them on unchecked, or refuse);
+# as copies of each kv head for its query heads (two copies a layer).
+GQA_MODES = ("keyword", "native", "copies")
+
+
+def checked_attend(varlen_attn: Callable, device: torch.device, dtype: torch.dtype, head_dim: int) -> Attend | None:
+    """varlen_attn called the first way (GQA_MODES) that matches SDPA on the device for MHA and GQA shapes."""
+    takes_keyword = "enable_gqa" in inspect.signature(varlen_attn).parameters
+    failure = "it differs from SDPA"
+    for gqa in GQA_MODES[0 if takes_keyword else 1:]:
+        attend = flash_attend(varlen_attn, gqa)
+        try:
+            if _matches_reference(attend, device, dtype, head_dim):
+                return attend
+        except Exception as e:  # noqa: BLE001 (any refusal means: not this way)
+            failure = f"{type(e).__name__}: {e}"
+    log.warning("flash-attention varlen unavailable (%s); prefill uses FlexAttention", failure)
     return None
 
 
-def flash_attend(varlen_attn: Callable) -> Attend:
-    """torch's varlen_attn as an Attend: GQA by the kernel where the release takes enable_gqa, by copies
-    of the kv heads where it does not."""
-    takes_gqa = "enable_gqa" in inspect.signature(varlen_attn).parameters
-
+def flash_attend(varlen_attn: Callable, gqa: str) -> Attend:
+    """torch's varlen_attn as an Attend, GQA passed the GQA_MODES way (attend.gqa says which)."""
     def attend(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale: float) -> torch.Tensor:
-        gqa = {}
-        if k.shape[1] != q.shape[1]:
-            if takes_gqa:
-                gqa = {"enable_gqa": True}
+        kwargs = {}
+        if k.shape[1] != q.shape[1] and gqa != "native":
+            if gqa == "keyword":
+                kwargs = {"enable_gqa": True}
             else:
                 group = q.shape[1] // k.shape[1]
                 k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
         return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
-                           window_size=(-1, 0) if causal else (-1, -1), **gqa)
+                           window_size=(-1, 0) if causal else (-1, -1), **kwargs)
+    attend.gqa = gqa
     return attend
 
 

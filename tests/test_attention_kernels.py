@@ -15,7 +15,8 @@ from engine.attention_backends import AttentionBackend, GatherDecode, PerSequenc
 from engine.context import Context, PrefillSpan
 from engine.cuda_graphs import capture_sizes
 from engine.flex_prefill import FlexPrefill
-from engine.varlen_prefill import VarlenPrefill, flash_attend, reference_attend, varlen_kernel
+from engine.varlen_prefill import (GQA_MODES, VarlenPrefill, checked_attend, flash_attend, reference_attend,
+                                   varlen_kernel)
 from engine.pooling import pool_segments
 
 from test_decoders import PROMPTS, SHARED, greedy, ref, run_staggered  # noqa: F401  (ref is a fixture)
@@ -98,8 +99,14 @@ def test_flash_varlen_is_chosen_only_where_it_checks_out():
 
 
 def fake_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size):
-    """torch's varlen_attn as releases without enable_gqa define it (one head count), computed by the reference."""
+    """torch's varlen_attn as releases without enable_gqa define it, refusing fewer kv heads (as a cuDNN
+    backend might), computed by the reference."""
     assert k.shape[1] == q.shape[1] and window_size in ((-1, 0), (-1, -1))
+    return reference_attend(q, k, v, cu_q, cu_k, max_q, max_k, window_size == (-1, 0), scale)
+
+
+def fake_varlen_attn_native_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size):
+    """A release without enable_gqa whose kernel takes fewer kv heads as they are (flash attention's does)."""
     return reference_attend(q, k, v, cu_q, cu_k, max_q, max_k, window_size == (-1, 0), scale)
 
 
@@ -108,15 +115,29 @@ def fake_varlen_attn_gqa(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_siz
     return reference_attend(q, k, v, cu_q, cu_k, max_q, max_k, window_size == (-1, 0), scale)
 
 
-@pytest.mark.parametrize("varlen_attn", [fake_varlen_attn, fake_varlen_attn_gqa])
+FAKE_VARLEN = {"copies": fake_varlen_attn, "native": fake_varlen_attn_native_gqa, "keyword": fake_varlen_attn_gqa}
+
+
+@pytest.mark.parametrize("gqa", GQA_MODES)
 @pytest.mark.parametrize("case", CASES)
-def test_flash_varlen_call_passes_gqa_or_copies_kv_heads(case, varlen_attn):
+def test_flash_varlen_call_passes_gqa_its_way(case, gqa):
     heads, kv_heads, dim, chunks, causal = CASES[case]
     attn = layer(heads, kv_heads, dim, num_blocks=256)
     q, k, v, ctx, want = step(attn, chunks, causal, seed=len(case))
-    prefill = VarlenPrefill(CPU, flash_attend(varlen_attn))
+    prefill = VarlenPrefill(CPU, flash_attend(FAKE_VARLEN[gqa], gqa))
     ctx.prefill_meta = prefill.prepare(ctx)
     torch.testing.assert_close(prefill(q, k, v, attn.k_cache, attn.v_cache, attn.scale, ctx), want, atol=2e-5, rtol=1e-4)
+
+
+def test_flash_varlen_takes_the_first_gqa_way_that_checks_out():
+    """The keyword where the release has it; else the kv heads as they are where the kernel takes them,
+    without two copies a layer; else the copies; a kernel that answers wrongly is not used at all."""
+    for gqa, fake in FAKE_VARLEN.items():
+        assert checked_attend(fake, CPU, torch.float32, 16).gqa == gqa
+
+    def wrong(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size):
+        return fake_varlen_attn_native_gqa(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size) + 1
+    assert checked_attend(wrong, CPU, torch.float32, 16) is None
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs CUDA")
