@@ -7,7 +7,7 @@ from typing import Optional
 import torch
 from torch import nn
 
-from engine.context import Context, get_context
+from engine.context import get_context
 
 
 class Attention(nn.Module):
@@ -27,21 +27,22 @@ class Attention(nn.Module):
             self.k_cache.index_copy_(0, ctx.slot_mapping, k)
             self.v_cache.index_copy_(0, ctx.slot_mapping, v)
         if ctx.decode_block_table is None:
-            return self._prefill(q, k, v, ctx).flatten(1)
+            return self._prefill(q, k, v).flatten(1)
         p = ctx.num_prefill_tokens
         if p == 0:
             return self.backend.decode(self, q, ctx).flatten(1)
-        return torch.cat([self._prefill(q[:p], k[:p], v[:p], ctx), self.backend.decode(self, q[p:], ctx)]).flatten(1)
+        return torch.cat([self._prefill(q[:p], k[:p], v[:p]), self.backend.decode(self, q[p:], ctx)]).flatten(1)
 
-    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, ctx: Context) -> torch.Tensor:
-        args = (q, k, v, self.k_cache, self.v_cache, self.scale)
+    def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # Inside a compiled model (torch_compile) the kernel is one opaque op: the step's span lengths stay
         # out of the graph (one graph serves every step) and inductor fuses the ops around it.
-        return _prefill_op(*args) if torch.compiler.is_compiling() else self.backend.prefill(*args, ctx)
+        attend = _prefill_op if torch.compiler.is_compiling() else _prefill
+        return attend(q, k, v, self.k_cache, self.v_cache, self.scale)
 
 
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Optional[torch.Tensor],
              v_cache: Optional[torch.Tensor], scale: float) -> torch.Tensor:
+    """The step's prefill kernel (the backend's, set on the context with its metadata) on every span."""
     ctx = get_context()
     return ctx.prefill_kernel(q, k, v, k_cache, v_cache, scale, ctx).contiguous()
 

@@ -22,7 +22,7 @@ class Context:
     decode_block_table: torch.Tensor | None = None  # [batch, max_blocks] blocks of each decode, padded
     decode_context_lens: torch.Tensor | None = None  # [batch] int32 tokens in each decode's context
     # Whatever the attention backend derived once for the whole step (masks, block masks), and its prefill
-    # kernel (which the compiled model's opaque attention op calls).
+    # kernel, which every layer's prefill calls (inside a compiled model through an opaque op).
     prefill_meta: Any = None
     prefill_kernel: Any = None
     decode_meta: Any = None
