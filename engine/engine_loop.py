@@ -9,7 +9,6 @@ A process of its own (vLLM v1's engine core process) runs the scheduler, the mod
 processing on its own interpreter: the server's Python (asyncio, Ray's per-chunk work, HTTP) no longer
 takes the GIL from the step that keeps the GPU busy, and streams without stop strings are detokenized by
 the caller's process, not this one (engine.stream_text). Events cross a pipe, pickled."""
-import gc
 import logging
 import multiprocessing
 import pickle
@@ -79,10 +78,6 @@ def _start(config: EngineConfig, factory: EngineFactory, report: Report,
     built(engine)
     report(("ready", {"task": engine.task, "max_model_len": engine.max_model_len, "id2label": engine.id2label,
                       "model_dir": engine.model_dir, "stats": engine.stats_snapshot()}))
-    # The model, tokenizer and engine live as long as the loop: moved out of the collector's reach, a full
-    # collection no longer walks them while requests run (vLLM freezes its heap after start-up too).
-    gc.collect()
-    gc.freeze()
     return EngineLoop(engine, report)
 
 

@@ -1,5 +1,7 @@
 """The engine: requests in, one scheduled step at a time, outputs out."""
+import atexit
 import dataclasses
+import gc
 import itertools
 from collections import deque
 from collections.abc import Callable
@@ -26,6 +28,11 @@ from engine.sampler import Sampler
 from engine.scheduler import Scheduler
 from engine.task import resolve_max_model_len, resolve_task
 from engine.tokenizer import YesNoPrompt, load_tokenizer, rerank_template
+
+# Engines freeze the heap they start with (below); frozen objects are not collected even at exit, where
+# extension modules (Triton's) would then report them as leaked.
+atexit.register(gc.unfreeze)
+
 
 class LLMEngine:
     """Owns the model, the scheduler and the KV pool; callers add generations or pooling calls, then
@@ -86,6 +93,11 @@ class LLMEngine:
         # Called with a stats snapshot when a step's batch starts (AsyncLLM publishes it to /metrics).
         self.on_batch_start: Callable[[dict], None] | None = None
         self._ids = itertools.count()
+        # The model, tokenizer, compiled graphs and everything imported live as long as the engine: moved out
+        # of the collector's reach, the full collections that steps' garbage triggers no longer walk them
+        # (CPU, 1,024 running: one took ~230 ms, ~6 ms a step over 40 steps). vLLM freezes its heap too.
+        gc.collect()
+        gc.freeze()
 
     # ---- set-up -------------------------------------------------------------------------------
     def _setup_pooling(self) -> None:
