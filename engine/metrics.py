@@ -20,10 +20,11 @@ class Histogram:
     def __post_init__(self):
         self.counts = [0] * (len(self.buckets) + 1)
 
-    def observe(self, value: float) -> None:
-        self.counts[bisect.bisect_left(self.buckets, value)] += 1  # the first edge >= value; past all: +Inf
-        self.sum += value
-        self.count += 1
+    def observe(self, value: float, count: int = 1) -> None:
+        """count observations of value."""
+        self.counts[bisect.bisect_left(self.buckets, value)] += count  # the first edge >= value; past all: +Inf
+        self.sum += value * count
+        self.count += count
 
     def snapshot(self) -> dict:
         return {"buckets": list(self.buckets), "counts": list(self.counts), "sum": self.sum, "count": self.count}

@@ -105,12 +105,12 @@ class ModelRunner:
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
         """Launches the step; the device may still be running it when this returns."""
-        decodes = [self._is_decode(r, n) for r, n in zip(sched.requests, sched.num_tokens)]
-        all_decode = all(decodes)
         reqs, counts = sched.requests, sched.num_tokens
+        decodes = self._decodes(reqs, counts)
+        all_decode = all(decodes)
         if not all_decode:  # prefill chunks first, then single-token decodes, so decodes form one batch at the end
             order = sorted(range(len(reqs)), key=decodes.__getitem__)
-            reqs, counts = [reqs[i] for i in order], [counts[i] for i in order]
+            reqs, counts, decodes = [reqs[i] for i in order], [counts[i] for i in order], [decodes[i] for i in order]
         ids, types, pending_at, pending_reqs = [], [], [], []
         for req, n in zip(reqs, counts):
             c = req.num_computed_tokens
@@ -122,15 +122,20 @@ class ModelRunner:
             if req.token_type_ids is not None:
                 types.extend(req.token_type_ids[c:c + n])
         ends = list(itertools.accumulate(counts))
-        # Positions without a per-token Python loop: each request's run starts at its computed count.
-        offsets = self._tensor([r.num_computed_tokens - (e - n) for r, n, e in zip(reqs, counts, ends)])
-        rows = torch.arange(len(reqs), device=self.device).repeat_interleave(self._tensor(counts),
-                                                                              output_size=len(ids))
-        pos = torch.arange(len(ids), device=self.device) + offsets[rows]
-        input_ids = self._tensor(ids)
-        if pending_at:
-            row_of = {r: i for i, r in enumerate(self._last_reqs)}
-            input_ids[self._tensor(pending_at)] = self._last_sampled[self._tensor([row_of[r] for r in pending_reqs])]
+        rows = torch.arange(len(reqs), device=self.device)
+        if all_decode:  # one token each, at its computed count
+            pos = self._tensor([r.num_computed_tokens for r in reqs])
+        else:  # positions without a per-token Python loop: each request's run starts at its computed count
+            offsets = self._tensor([r.num_computed_tokens - (e - n) for r, n, e in zip(reqs, counts, ends)])
+            rows = rows.repeat_interleave(self._tensor(counts), output_size=len(ids))
+            pos = torch.arange(len(ids), device=self.device) + offsets[rows]
+        if len(pending_at) == len(ids) and pending_reqs == self._last_reqs:
+            input_ids = self._last_sampled  # steady decoding: every input is the latest step's draw, row for row
+        else:
+            input_ids = self._tensor(ids)
+            if pending_at:
+                row_of = {r: i for i, r in enumerate(self._last_reqs)}
+                input_ids[self._tensor(pending_at)] = self._last_sampled[self._tensor([row_of[r] for r in pending_reqs])]
         token_types = self._tensor(types) if types else None
         if self.decode_graphs is not None and all_decode and len(reqs) <= self.decode_graphs.max_batch:
             hidden = self.decode_graphs.run(input_ids, pos, *self._decode_inputs(reqs, pos))
@@ -138,7 +143,7 @@ class ModelRunner:
             # Compiled graphs for all-decode and all-prefill steps; a mixed step runs eagerly.
             one_kind = all_decode or not any(decodes)
             forward = self.compiled if one_kind and self.compiled is not None else self.model
-            set_context(self._context(reqs, counts, rows, pos))
+            set_context(self._context(reqs, counts, decodes, rows, pos))
             try:
                 hidden = forward(input_ids, pos, token_types)
             finally:
@@ -148,8 +153,11 @@ class ModelRunner:
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return to_device(values, self.device)
 
-    def _is_decode(self, req: Request, n: int) -> bool:
-        return self.is_decoder and n == 1 and req.num_computed_tokens > 0
+    def _decodes(self, reqs: list[Request], counts: list[int]) -> list[bool]:
+        """Which scheduled requests decode one token after computed ones (the rest run prefill chunks)."""
+        if not self.is_decoder:
+            return [False] * len(reqs)
+        return [n == 1 and r.num_computed_tokens > 0 for r, n in zip(reqs, counts)]
 
     def _block_table(self, reqs: list[Request]) -> torch.Tensor:
         # Filled in numpy through a mask, not padded row by row in Python: 3x faster at 256 requests.
@@ -169,7 +177,8 @@ class ModelRunner:
         bs = self.block_size
         return table[rows, positions // bs] * bs + positions % bs
 
-    def _context(self, reqs: list[Request], counts: list[int], rows: torch.Tensor, pos: torch.Tensor) -> Context:
+    def _context(self, reqs: list[Request], counts: list[int], decodes: list[bool], rows: torch.Tensor,
+                 pos: torch.Tensor) -> Context:
         ctx = Context(causal=self.is_decoder)
         start = 0
         if not self.is_decoder:
@@ -183,13 +192,10 @@ class ModelRunner:
         dev, bs = self.device, self.block_size
         table = self._block_table(reqs)
         ctx.slot_mapping = self._slots(table, rows, pos)
-        decodes, lengths, cached, cached_rows, cached_lens = [], [], [], [], []
-        for i, (req, n) in enumerate(zip(reqs, counts)):
-            c = req.num_computed_tokens
-            if self._is_decode(req, n):
-                decodes.append(i)
-                lengths.append(c + 1)
-                continue
+        num_prefills = decodes.index(True) if decodes[-1] else len(reqs)  # decodes come last
+        cached, cached_rows, cached_lens = [], [], []
+        for i in range(num_prefills):
+            c, n = reqs[i].num_computed_tokens, counts[i]
             span = PrefillSpan(start, start + n, c + n)
             if c > 0:  # chunk after cached or earlier-computed tokens: read the context from the cache
                 cached.append(span)
@@ -206,8 +212,9 @@ class ModelRunner:
             slots = self._slots(table, self._tensor(cached_rows)[span_rows], positions)
             for span, span_slots in zip(cached, slots.split(cached_lens)):
                 span.context_slots = span_slots
-        if decodes:
-            ctx.decode_block_table = table[self._tensor(decodes), :-(-max(lengths) // bs)]
+        if num_prefills < len(reqs):
+            lengths = [r.num_computed_tokens + 1 for r in reqs[num_prefills:]]
+            ctx.decode_block_table = table[num_prefills:, :-(-max(lengths) // bs)]
             ctx.decode_context_lens = to_device(lengths, dev, torch.int32)
         self.attention_backend.prepare(ctx, bs)
         return ctx

@@ -6,6 +6,7 @@ Nothing is re-copied per step: a DELTA output carries only the step's new tokens
 a FINAL_ONLY generation builds one output when it ends. Only CUMULATIVE (vLLM's default, for callers
 who ask for it) copies everything so far."""
 import time
+from collections import Counter
 from dataclasses import dataclass
 
 import torch
@@ -115,11 +116,18 @@ class OutputProcessor:
                 gen.num_unfinished -= 1
                 finished.append((req, status))
             touched.setdefault(gen.request_id, []).append(seq)
-        outputs = []
+        self.stats.generation_tokens_total += sum(map(len, touched.values()))
+        outputs, gaps = [], Counter()
         for rid, seqs in touched.items():
-            out = self._request_output(self.generations[rid], seqs, now)
+            gen = self.generations[rid]
+            if gen.last_token_time:
+                gaps[now - gen.last_token_time] += 1  # most generations share the previous step's time
+            gen.last_token_time = now
+            out = self._request_output(gen, seqs)
             if out is not None:
                 outputs.append(out)
+        for gap, count in gaps.items():
+            self.stats.inter_token_seconds.observe(gap, count)
         return outputs, finished
 
     @staticmethod
@@ -130,7 +138,6 @@ class OutputProcessor:
         req = seq.request
         params = req.sampling_params
         req.token_ids.append(tok.token_id)
-        self.stats.generation_tokens_total += 1
         if req.first_token_time is None:
             req.first_token_time = now
             self.stats.prompt_tokens_total += req.num_prompt_tokens
@@ -158,10 +165,7 @@ class OutputProcessor:
         seq.text += seq.detokenizer.take_delta(status is not None)
         return status
 
-    def _request_output(self, gen: _Generation, touched: list[_Sequence], now: float) -> RequestOutput | None:
-        if gen.last_token_time:
-            self.stats.inter_token_seconds.observe(now - gen.last_token_time)
-        gen.last_token_time = now
+    def _request_output(self, gen: _Generation, touched: list[_Sequence]) -> RequestOutput | None:
         finished = gen.num_unfinished == 0
         if finished:
             self.generations.pop(gen.request_id)

@@ -77,6 +77,11 @@ class SamplingParams:
     def greedy(self) -> bool:
         return self.temperature < 1e-5 or self.top_k == 1
 
+    @property
+    def plain_greedy(self) -> bool:
+        """Argmax of the raw logits: nothing edits them first (most requests; the sampler's one-pass check)."""
+        return self.greedy and not self.min_tokens and not self.logit_bias and not self.has_penalties
+
 
 @dataclass(slots=True)
 class PoolingParams:
