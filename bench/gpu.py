@@ -366,7 +366,7 @@ def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, smal
             llm.score(flat_q, [d for ds in warm_up for d in ds])
             secs, outs = timed(device, lambda: llm.score(flat_q, flat_d))
             runs[compiled] = secs, np.array([o.outputs.score for o in outs])
-            prompt = llm.engine.yes_no
+            prompt = llm.engine.input_processor.yes_no
             del llm
             free(device)
         encoded = [prompt.encode([(q, d) for d in ds], 1024, None) for q, ds in zip(queries, docs)]

@@ -16,6 +16,9 @@ runs on a thread of the readers' process (sharing its GIL) or in a process of it
 the readers read every step, or as the server does by default, paced to one read per 50 ms
 (limits.stream_batching_interval_ms), the engine merging the steps between.
 
+A third runs bench/gpu.py's end-to-end workload (LLM.generate, 256 x 128 -> 128) with the forward stubbed:
+the most tokens per second the host lets any device reach on it.
+
     python bench/host.py                 # 64 and 256 running, both output kinds, this machine's device
     python bench/host.py --running 1024"""
 import argparse
@@ -75,9 +78,15 @@ def stub_engine(config):
     detokenize): a module-level function, so a spawned engine process can build it too."""
     from engine import LLMEngine
     engine = LLMEngine(config)
-    hidden = engine.runner.model.spec.hidden_size
-    engine.runner.model.forward = lambda ids, pos, types=None: torch.randn(ids.shape[0], hidden, device=ids.device)
+    stub_forward(engine)
     return engine
+
+
+def stub_forward(engine) -> None:
+    """Random hidden states in the model's dtype instead of its forward."""
+    hidden, dtype = engine.runner.model.spec.hidden_size, engine.runner.dtype
+    engine.runner.model.forward = lambda ids, pos, types=None: torch.randn(ids.shape[0], hidden, device=ids.device,
+                                                                           dtype=dtype)
 
 
 def measure_async_llm(model_dir: str, running: int, kind, steps: int, interval_s: float = 0.0,
@@ -116,6 +125,22 @@ def measure_async_llm(model_dir: str, running: int, kind, steps: int, interval_s
     return asyncio.run(run())
 
 
+def measure_generate(model_dir: str, running: int, output: int) -> float:
+    """Seconds of LLM.generate for `running` 128-token prompts x `output` tokens with the model forward
+    stubbed: the host-bound ceiling of bench/gpu.py's end-to-end row (which runs 256 x 128 -> 128)."""
+    from engine import LLM, SamplingParams
+    llm = LLM(model_dir, dtype=DTYPE, max_num_seqs=running, block_size=16, num_blocks=running * 20,
+              enforce_eager=True)
+    stub_forward(llm.engine)
+    vocab = llm.engine.vocab_size
+    prompts = [{"prompt_token_ids": [3 + (i * 7 + j) % (vocab - 3) for j in range(128)]} for i in range(running)]
+    params = SamplingParams(temperature=0.0, max_tokens=output, ignore_eos=True)
+    llm.generate(prompts, params)  # warm-up
+    t = time.perf_counter()
+    llm.generate(prompts, params)
+    return time.perf_counter() - t
+
+
 PACED_S = 0.05  # the server's default stream_batching_interval_ms
 
 
@@ -129,9 +154,11 @@ def main() -> None:
     print_machine("Host cost of a decode step (tiny random Llama: the model's own work is ~0)", getattr(torch, DTYPE), {
         "requests": "128-token prompts, greedy, ignore_eos, prefix caching on, block_size 16; median of "
                     f"{args.steps} decode steps; CUDA graphs off (the forward is timed in Python)"})
-    rows, server_rows = [], []
+    rows, server_rows, generate_rows = [], [], []
     with quiet_transformers(), tempfile.TemporaryDirectory() as d:
         model_dir = build_decoder("llama", d, 0)
+        secs = measure_generate(model_dir, 256, 128)
+        generate_rows.append([256, 128, f"{secs * 1e3:,.0f}", f"{256 * 128 / secs:,.0f}"])
         for n in args.running:
             for kind in (RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA):
                 step_ms, fwd_ms = measure(model_dir, n, kind, args.steps)
@@ -143,6 +170,9 @@ def main() -> None:
                                     "own process" if process else "thread", ms, host_ms, ms / host_ms])
     print(table(["running", "output kind", "step ms", "model forward ms (baseline)", "host ms",
                  "host us per sequence"], rows))
+    print("\nLLM.generate, 128-token prompts, FINAL_ONLY, the model forward stubbed: the host-bound ceiling of "
+          "an end-to-end run (bench/gpu.py's end-to-end row runs 256 x 128 -> 128):\n")
+    print(table(["running", "output tokens", "host ms", "host-bound out tok/s"], generate_rows))
     print("\nDELTA streams through AsyncLLM, the model forward stubbed (ms per step from the rate tokens reach "
           "the readers):\n")
     print(table(["running", "readers read", "engine runs in", "AsyncLLM ms per step",

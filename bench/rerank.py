@@ -157,7 +157,7 @@ def run_decoder(args, sets) -> None:
     del engines[False]
     llm = engines[True]
     dtype = llm.engine.runner.dtype
-    yn = llm.engine.yes_no
+    yn = llm.engine.input_processor.yes_no
     pair_ids = yn.encode([(q, d) for q, docs in sets for d in docs], llm.engine.max_model_len, -1)
     lengths = [len(x) for x in pair_ids]
     tok = llm.get_tokenizer()

@@ -4,7 +4,9 @@ The loop runs on a thread of this process or in a process of its own (engine.eng
 callers hand it commands and it reports events, which are handed to each caller's event loop. Requests
 are registered here before they are sent, so their first outputs always find them. The tokenizer is
 this process's own (it takes its own lock, engine.tokenizer.Tokenizer), so servers may tokenize and
-apply chat templates on their event loop."""
+apply chat templates on their event loop. Calls become engine requests here too (engine.input_processor,
+off the event loop): a large embedding or rerank call is tokenized while the engine steps, and reaches
+it as token ids."""
 import asyncio
 import itertools
 import threading
@@ -17,6 +19,7 @@ from typing import AsyncIterator, Callable
 from engine.config import EngineConfig
 from engine.detokenizer import text_by_caller
 from engine.engine_loop import EngineFactory, EngineProcess, EngineThread
+from engine.input_processor import InputProcessor, PoolingJob
 from engine.llm_engine import LLMEngine
 from engine.loader import load_config
 from engine.output_collector import OutputCollector
@@ -54,8 +57,10 @@ class AsyncLLM:
         self._caller_detokenizes = own_process  # streams without stop strings: engine.stream_text
         info = self._ready.result()  # raises what building the engine raised
         self.task, self.max_model_len, self.id2label = info["task"], info["max_model_len"], info["id2label"]
-        self.tokenizer = (load_tokenizer(info["model_dir"], load_config(info["model_dir"])) if own_process
-                          else self._host.engine.tokenizer)
+        # This process's own tokenizer, even beside an engine thread: encoding here never waits for the
+        # engine's lock (its steps detokenize), and the Rust tokenizer runs without the GIL.
+        self.tokenizer = load_tokenizer(info["model_dir"], load_config(info["model_dir"]))
+        self._inputs = InputProcessor(self.tokenizer, info["input_spec"])
 
     @classmethod
     def from_args(cls, **kwargs) -> "AsyncLLM":
@@ -117,8 +122,7 @@ class AsyncLLM:
 
     async def _call(self, method: str, *args):
         """LLMEngine.<method>(*args) where the engine runs; its result or its exception."""
-        if not self._host.alive():
-            raise RuntimeError("the engine is not running")
+        self._check_running()
         loop = asyncio.get_running_loop()
         future = loop.create_future()
         call_id = next(self._call_ids)
@@ -173,8 +177,9 @@ class AsyncLLM:
         if self._caller_detokenizes and text_by_caller(params):
             waiter.text = StreamText(self.tokenizer, params)
         finished, not_before = False, 0.0
+        children = await self._requests(self._inputs.generation, rid, prompt, params)
         try:
-            await self._start(rid, waiter, "add_generation", rid, prompt, params)
+            await self._start(rid, waiter, "add_generation_requests", rid, prompt, children)
             while not finished:
                 out = await waiter.stream.get(not_before)
                 finished = out.finished
@@ -185,25 +190,36 @@ class AsyncLLM:
                 self._abort(rid, waiter)
 
     async def embed(self, prompts: list[str | list[int]], params: PoolingParams | None = None) -> list[PoolingRequestOutput]:
-        return await self._pool("add_embed", prompts, params)
+        return await self._pool(self._inputs.embed, prompts, params)
 
     async def score(self, text_1: str | list[str], text_2: str | list[str],
                     params: PoolingParams | None = None) -> list[PoolingRequestOutput]:
-        return await self._pool("add_score", text_1, text_2, params)
+        return await self._pool(self._inputs.score, text_1, text_2, params)
 
     async def classify(self, prompts: list[str | list[int]], params: PoolingParams | None = None) -> list[PoolingRequestOutput]:
-        return await self._pool("add_classify", prompts, params)
+        return await self._pool(self._inputs.classify, prompts, params)
 
-    async def _pool(self, method: str, *args) -> list[PoolingRequestOutput]:
+    async def _pool(self, make_job: Callable[..., PoolingJob], *args) -> list[PoolingRequestOutput]:
         rid = f"pool-{uuid.uuid4().hex}"
+        job = await self._requests(make_job, rid, *args)
         waiter = _Waiter(asyncio.get_running_loop())
         waiter.future = waiter.loop.create_future()
-        await self._start(rid, waiter, method, rid, *args)
+        await self._start(rid, waiter, "add_pooling_job", job)
         try:
             return await waiter.future
         finally:
             if not waiter.future.done():  # cancelled: its requests leave the engine
                 self._abort(rid, waiter)
+
+    async def _requests(self, make: Callable, *args):
+        """The engine requests of a call, made on a worker thread: encoding a long prompt or a large batch
+        takes milliseconds to seconds, which the event loop must not wait through."""
+        self._check_running()
+        return await asyncio.get_running_loop().run_in_executor(None, make, *args)
+
+    def _check_running(self) -> None:
+        if not self._host.alive():
+            raise RuntimeError("the engine is not running")
 
     async def tokenize_async(self, text: str, add_special_tokens: bool = True) -> list[int]:
         """Off the event loop: a long text takes milliseconds."""

@@ -77,7 +77,7 @@ def _start(config: EngineConfig, factory: EngineFactory, report: Report,
         return None
     built(engine)
     report(("ready", {"task": engine.task, "max_model_len": engine.max_model_len, "id2label": engine.id2label,
-                      "model_dir": engine.model_dir, "stats": engine.stats_snapshot()}))
+                      "model_dir": engine.model_dir, "input_spec": engine.input_spec, "stats": engine.stats_snapshot()}))
     return EngineLoop(engine, report)
 
 

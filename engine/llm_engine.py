@@ -1,6 +1,5 @@
 """The engine: requests in, one scheduled step at a time, outputs out."""
 import atexit
-import dataclasses
 import gc
 import itertools
 from collections import deque
@@ -11,7 +10,7 @@ import os
 import torch
 
 from engine.config import EngineConfig, keep_freed_memory, set_num_threads
-from engine.input_processor import InputProcessor, PoolingJob
+from engine.input_processor import InputProcessor, InputSpec, PoolingJob
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_sizing import num_kv_blocks
 from engine.loader import (iter_weights, load_config, read_matryoshka_dims,
@@ -23,11 +22,11 @@ from engine.models import model_class
 from engine.output_processor import OutputProcessor
 from engine.outputs import PoolingJobOutput, RequestOutput
 from engine.params import PoolingParams, SamplingParams
-from engine.request import RequestStatus
+from engine.request import Request, RequestStatus
 from engine.sampler import Sampler
 from engine.scheduler import Scheduler
 from engine.task import resolve_max_model_len, resolve_task
-from engine.tokenizer import YesNoPrompt, load_tokenizer, rerank_template
+from engine.tokenizer import RerankTemplate, load_tokenizer, rerank_template
 
 # Engines freeze the heap they start with (below); frozen objects are not collected even at exit, where
 # extension modules (Triton's) would then report them as leaked.
@@ -81,10 +80,12 @@ class LLMEngine:
                                    config.long_prefill_token_threshold)
         self.stats = Stats()
         spec = self.runner.model.spec
-        self.input_processor = InputProcessor(
-            self.tokenizer, self.task, config.served_name, self.max_model_len, self.vocab_size, self.is_decoder,
-            config.block_size, kv.pool.num_blocks if kv else None, spec.hidden_size, self.matryoshka, self.yes_no,
-            bi_encoder=self.task in ("embed", "score") and self.yes_no is None and spec.num_labels is None)
+        self.input_spec = InputSpec(
+            self.task, config.served_name, self.max_model_len, self.vocab_size, self.is_decoder, config.block_size,
+            kv.pool.num_blocks if kv else None, spec.hidden_size, self.matryoshka, self.rerank_template,
+            bi_encoder=self.task in ("embed", "score") and self.rerank_template is None and spec.num_labels is None,
+            auto_truncate=config.auto_truncate)
+        self.input_processor = InputProcessor(self.tokenizer, self.input_spec)
         self.output_processor = OutputProcessor(self.tokenizer, eos, self.max_model_len, self.normalize, self.stats)
         # Async scheduling (vLLM's): the next step is scheduled and launched before this one's tokens reach the
         # host, so the host's work overlaps the device's. Steps launched, results not yet processed:
@@ -113,9 +114,9 @@ class LLMEngine:
         else:
             r.pooling = "cls"  # classifier heads read the first token
         self.matryoshka = read_matryoshka_dims(self.model_dir)
-        self.yes_no: YesNoPrompt | None = None
+        self.rerank_template: RerankTemplate | None = None
         if self.task == "score" and self.is_decoder and r.model.spec.num_labels is None:
-            template = rerank_template((self.config.model, self.model_dir), self.hf_config.architectures or [],
+            template = self.rerank_template = rerank_template((self.config.model, self.model_dir), self.hf_config.architectures or [],
                                        self.config.score_template, self.config.score_instruction,
                                        self.config.score_tokens)
             if hasattr(r.model, "score_head"):  # its own one-logit head (layerwise rerankers)
@@ -125,7 +126,6 @@ class LLMEngine:
                 w = r.model.output_embeddings()
                 # sigmoid(h.(w_yes - w_no)) is softmax over the two logits: no full-vocabulary head needed.
                 r.score_weight = (w[ids[1]] - w[ids[0]] if len(ids) == 2 else w[ids[0]]).unsqueeze(0)
-            self.yes_no = YesNoPrompt(self.tokenizer, template)
 
     def _single_token(self, text: str) -> int:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -146,35 +146,29 @@ class LLMEngine:
     def new_id(self) -> str:
         return f"req-{next(self._ids)}"
 
-    def encode_prompt(self, prompt: str | list[int], truncate_prompt_tokens: int | None = None,
-                      add_special_tokens: bool = True) -> list[int]:
-        return self.input_processor.encode([prompt], truncate_prompt_tokens, add_special_tokens)[0]
-
     def add_generation(self, request_id: str, prompt: str | list[int], params: SamplingParams) -> None:
+        self.add_generation_requests(request_id, prompt, self.input_processor.generation(request_id, prompt, params))
+
+    def add_generation_requests(self, request_id: str, prompt: str | list[int], children: list[Request]) -> None:
+        """A generation whose requests an input processor built (where the caller runs, for AsyncLLM)."""
         self._check_new(request_id)
-        children = self.input_processor.generation(request_id, prompt, params)
         self.output_processor.add_generation(request_id, prompt, children)
         for child in children:
             self.scheduler.add(child)
 
     def add_embed(self, request_id: str, prompts: list[str | list[int]], params: PoolingParams | None = None) -> None:
-        self._add_pooling(self.input_processor.embed(request_id, prompts, self._pooling_params(params)))
+        self.add_pooling_job(self.input_processor.embed(request_id, prompts, params))
 
     def add_classify(self, request_id: str, prompts: list[str | list[int]],
                      params: PoolingParams | None = None) -> None:
-        self._add_pooling(self.input_processor.classify(request_id, prompts, self._pooling_params(params)))
+        self.add_pooling_job(self.input_processor.classify(request_id, prompts, params))
 
     def add_score(self, request_id: str, text_1: str | list[str], text_2: str | list[str],
                   params: PoolingParams | None = None) -> None:
-        self._add_pooling(self.input_processor.score(request_id, text_1, text_2, self._pooling_params(params)))
+        self.add_pooling_job(self.input_processor.score(request_id, text_1, text_2, params))
 
-    def _pooling_params(self, params: PoolingParams | None) -> PoolingParams:
-        params = params or PoolingParams()
-        if params.truncate_prompt_tokens is None and self.config.auto_truncate:
-            return dataclasses.replace(params, truncate_prompt_tokens=-1)  # -1: to max_model_len
-        return params
-
-    def _add_pooling(self, job: PoolingJob) -> None:
+    def add_pooling_job(self, job: PoolingJob) -> None:
+        """A pooling call whose requests an input processor built."""
         self._check_new(job.request_id)
         self.output_processor.add_pooling(job)
         for req in job.requests:

@@ -165,7 +165,7 @@ def test_engine_process_errors_cross_with_their_type_and_pooling_works(tiny_mode
     llm = AsyncLLM(EngineConfig(tiny_model("bert"), task="embed", engine_process=True))
 
     async def run():
-        with pytest.raises(ValueError, match="maximum context length"):  # the input processor's 400, raised in the other process
+        with pytest.raises(ValueError, match="maximum context length"):  # the input processor's 400
             await llm.embed(["word " * 1000], None)
         return await llm.embed(PROMPTS[:3])
     try:
@@ -264,14 +264,14 @@ def test_engine_process_streams_have_the_engines_text_with_stop_tokens_and_choic
 
 
 def slow_to_add_engine(config: EngineConfig) -> LLMEngine:
-    """An engine whose add_generation takes a while, so a caller can be cancelled with its add on the way."""
+    """An engine whose add takes a while, so a caller can be cancelled with its add on the way."""
     engine = LLMEngine(config)
-    add = engine.add_generation
+    add = engine.add_generation_requests
 
     def slow_add(*args):
         time.sleep(0.5)
         add(*args)
-    engine.add_generation = slow_add
+    engine.add_generation_requests = slow_add
     return engine
 
 
@@ -293,3 +293,38 @@ def test_a_caller_cancelled_while_its_add_is_on_the_way_leaves_nothing(engine_pr
         assert_nothing_left(llm)
     finally:
         llm.shutdown()
+
+
+def engine_without_input_processing(config: EngineConfig) -> LLMEngine:
+    """An engine that cannot turn calls into requests itself (module-level, so an engine process can build it)."""
+    engine = LLMEngine(config)
+    engine.input_processor = None
+    return engine
+
+
+@pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "engine-process"])
+def test_calls_become_requests_where_the_caller_runs(engine_process, tiny_model):
+    """Prompts and score pairs are encoded on the caller's side (a worker thread of its process), as vLLM's
+    frontend does, so the engine's loop never stops stepping to tokenize a large call: the engine receives
+    requests of token ids, and answers as the offline engine does."""
+    kwargs = dict(dtype="float32", block_size=4, engine_process=engine_process)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, output_kind=RequestOutputKind.FINAL_ONLY)
+    score = dict(task="score", score_tokens=("no", "yes"))
+
+    async def run(llm: AsyncLLM, call):
+        return [out async for out in llm.generate(PROMPTS[2], params)][-1] if call == "generate" else \
+            await llm.score(PROMPTS[0], PROMPTS[1:4])
+    got = {}
+    for call, extra in (("generate", {}), ("score", score)):
+        llm = AsyncLLM(EngineConfig(tiny_model("llama"), **kwargs, **extra), engine_without_input_processing)
+        try:
+            got[call] = asyncio.run(asyncio.wait_for(run(llm, call), 120))
+            assert_nothing_left(llm)
+        finally:
+            llm.shutdown()
+    offline = LLM(tiny_model("llama"), dtype="float32", block_size=4)
+    want = offline.generate(PROMPTS[2], params)[0].outputs[0]
+    assert (got["generate"].outputs[0].token_ids, got["generate"].outputs[0].text) == (want.token_ids, want.text)
+    want_scores = [o.outputs.score for o in LLM(tiny_model("llama"), dtype="float32", block_size=4, **score)
+                   .score(PROMPTS[0], PROMPTS[1:4])]
+    assert [o.outputs.score for o in got["score"]] == pytest.approx(want_scores, abs=1e-6)
