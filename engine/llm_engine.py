@@ -116,13 +116,13 @@ class LLMEngine:
         self.matryoshka = read_matryoshka_dims(self.model_dir)
         self.rerank_template: RerankTemplate | None = None
         if self.task == "score" and self.is_decoder and r.model.spec.num_labels is None:
-            template = self.rerank_template = rerank_template((self.config.model, self.model_dir), self.hf_config.architectures or [],
-                                       self.config.score_template, self.config.score_instruction,
-                                       self.config.score_tokens)
+            self.rerank_template = rerank_template((self.config.model, self.model_dir),
+                                                   self.hf_config.architectures or [], self.config.score_template,
+                                                   self.config.score_instruction, self.config.score_tokens)
             if hasattr(r.model, "score_head"):  # its own one-logit head (layerwise rerankers)
                 r.score_weight = r.model.score_head.weight
             else:
-                ids = [self._single_token(t) for t in template.score_tokens]
+                ids = [self._single_token(t) for t in self.rerank_template.score_tokens]
                 w = r.model.output_embeddings()
                 # sigmoid(h.(w_yes - w_no)) is softmax over the two logits: no full-vocabulary head needed.
                 r.score_weight = (w[ids[1]] - w[ids[0]] if len(ids) == 2 else w[ids[0]]).unsqueeze(0)

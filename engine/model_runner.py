@@ -135,7 +135,8 @@ class ModelRunner:
             input_ids = self._tensor(ids)
             if pending_at:
                 row_of = {r: i for i, r in enumerate(self._last_reqs)}
-                input_ids[self._tensor(pending_at)] = self._last_sampled[self._tensor([row_of[r] for r in pending_reqs])]
+                rows_of_pending = self._tensor([row_of[r] for r in pending_reqs])
+                input_ids[self._tensor(pending_at)] = self._last_sampled[rows_of_pending]
         token_types = self._tensor(types) if types else None
         if self.decode_graphs is not None and all_decode and len(reqs) <= self.decode_graphs.max_batch:
             hidden = self.decode_graphs.run(input_ids, pos, *self._decode_inputs(reqs, pos))
