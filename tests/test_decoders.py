@@ -13,6 +13,7 @@ import transformers as T
 from conftest import assert_pool_free, sentence
 from engine import LLM, PoolingParams, SamplingParams
 from engine.loader import resolve_model
+from engine.params import RequestOutputKind
 
 SMOLLM = "HuggingFaceTB/SmolLM2-135M-Instruct"
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -222,6 +223,31 @@ def test_the_engine_moves_what_it_built_out_of_the_collectors_reach(tiny_model):
     model = weakref.ref(engine.runner.model)
     del llm, engine
     assert model() is None
+
+
+def test_steady_decoding_triggers_no_garbage_collection(tiny_model):
+    """A step's outputs die young; with 320 running (half streams, half whole responses) Python's default
+    threshold ran a collection every step, walking everything young mid-decode."""
+    engine = LLM(tiny_model("llama"), dtype="float32", block_size=8, max_num_seqs=320).engine
+    for kind in (RequestOutputKind.FINAL_ONLY, RequestOutputKind.DELTA):
+        for i in range(160):
+            engine.add_generation(f"{kind.name}{i}", sentence(i, 6),
+                                  SamplingParams(max_tokens=60, ignore_eos=True, output_kind=kind))
+    for _ in range(3):  # prefills
+        engine.step()
+    collections = []
+
+    def count(phase: str, info: dict) -> None:
+        if phase == "start":
+            collections.append(info["generation"])
+    gc.callbacks.append(count)
+    try:
+        for _ in range(30):
+            engine.step()
+    finally:
+        gc.callbacks.remove(count)
+    assert collections == []
+    engine.abort_all()
 
 
 def test_a_failed_step_leaves_no_unwritten_blocks_in_the_prefix_cache(tiny_model, ref):
