@@ -2,8 +2,8 @@
 
 - `max_inputs_per_request` (OpenAI's 2,048 by default) counts a request's inputs: embedding or
   classification inputs, completion prompts, score/rerank texts. More is a 400 naming the limit.
-- `max_tokens_per_request` caps the prompt tokens of one request. Texts are tokenized on the engine
-  thread only when their characters could exceed it (a token is at least one character), so
+- `max_tokens_per_request` caps the prompt tokens of one request. Texts are counted (tokenized on a
+  worker thread) only when their characters could exceed it (a token is at least one character), so
   ordinary requests pay nothing for the check.
 - Fairness: a pooling request enters the engine in slices of `pooling_slice_inputs` inputs, at most
   two slices at a time, so a request that arrives behind a huge one waits for at most two slices,

@@ -13,8 +13,8 @@ from transformers import AutoTokenizer, PreTrainedTokenizerBase
 class Tokenizer:
     """The one door to a Hugging Face tokenizer: every call holds one lock.
 
-    The engine thread encodes prompts and decodes outputs while a server's event loop tokenizes,
-    detokenizes and applies chat templates. Fast (Rust) tokenizers are not safe for that: encoding
+    A server's worker threads encode calls into requests while its event loop tokenizes, detokenizes
+    and applies chat templates (engine.async_engine). Fast (Rust) tokenizers are not safe for that: encoding
     with truncation reconfigures the shared backend, and two threads meeting there fail with
     "Already borrowed". Attributes read through to the wrapped tokenizer; methods run locked."""
     __slots__ = ("hf", "_lock", "_rust_decode")
