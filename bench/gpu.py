@@ -244,15 +244,20 @@ def hf_decode_step_ms(hf, prompts: list[list[int]], steps: int, device: torch.de
     return 1e3 * secs / steps
 
 
+def e2e_engine_kwargs(sizes: Sizes, device: torch.device) -> dict:
+    """The engine of the end-to-end rows: every request running at once, its KV blocks and no more."""
+    tokens = sizes.prompt + sizes.output
+    return dict(max_num_seqs=sizes.e2e, max_num_batched_tokens=8192, num_blocks=sizes.e2e * -(-tokens // 16) + 8,
+                max_model_len=tokens + 16, device=str(device))
+
+
 def end_to_end_row(args, sizes: Sizes, device: torch.device, dtype: str, path: str, hf) -> list:
     from engine import SamplingParams
     rng = random.Random(1)
     vocab = hf.config.vocab_size
     prompts = [random_ids(rng, sizes.prompt, vocab) for _ in range(sizes.e2e)]
     n_out = sizes.output
-    llm = engine_llm(path, dtype, max_num_seqs=sizes.e2e, max_num_batched_tokens=8192,
-                     num_blocks=sizes.e2e * -(-(sizes.prompt + n_out) // 16) + 8,
-                     max_model_len=sizes.prompt + n_out + 16, device=str(device))
+    llm = engine_llm(path, dtype, **e2e_engine_kwargs(sizes, device))
     params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
     llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
     secs, outs = timed(device, lambda: llm.generate(prompts, params))
@@ -286,11 +291,9 @@ def streams_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str
     rng = random.Random(4)
     prompts = [random_ids(rng, sizes.prompt, vocab) for _ in range(sizes.e2e)]
     n_out, total = sizes.output, sizes.e2e * sizes.output
-    kw = dict(dtype=dtype, max_num_seqs=sizes.e2e, max_num_batched_tokens=8192,
-              num_blocks=sizes.e2e * -(-(sizes.prompt + n_out) // 16) + 8,
-              max_model_len=sizes.prompt + n_out + 16, device=str(device))
+    kw = e2e_engine_kwargs(sizes, device)
     params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
-    llm = engine_llm(path, **kw)
+    llm = engine_llm(path, dtype, **kw)
     llm.generate(prompts[:4], params)
     base_secs, _ = timed(device, lambda: llm.generate(prompts, params))
     del llm
@@ -299,7 +302,7 @@ def streams_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str
     rows = []
     for process in (False, True):
         async def run() -> float:
-            engine = AsyncLLM(EngineConfig(model=path, engine_process=process, **kw))
+            engine = AsyncLLM(EngineConfig(model=path, dtype=dtype, engine_process=process, **kw))
 
             async def read(ids: list[int]) -> int:
                 return sum([len(out.outputs[0].token_ids) async for out in engine.generate(ids, stream)])

@@ -45,13 +45,18 @@ from conftest import build_decoder  # noqa: E402 (the tests' tiny models)
 DTYPE = "bfloat16" if torch.cuda.is_available() else "float32"
 
 
+def prompt_ids(i: int, vocab: int) -> list[int]:
+    """Request i's 128-token prompt: varied ids past the special tokens, no two requests alike."""
+    return [3 + (i * 7 + j) % (vocab - 3) for j in range(128)]
+
+
 def measure(model_dir: str, running: int, kind, steps: int) -> tuple[float, float]:
     from engine import EngineConfig, LLMEngine, SamplingParams
     eng = LLMEngine(EngineConfig(model=model_dir, dtype=DTYPE, max_num_seqs=running, block_size=16,
                                  max_num_batched_tokens=running * 130, num_blocks=running * 20, enforce_eager=True))
     params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True, output_kind=kind)
     for i in range(running):
-        eng.add_generation(f"r{i}", [3 + (i * 7 + j) % (eng.vocab_size - 3) for j in range(128)], params)
+        eng.add_generation(f"r{i}", prompt_ids(i, eng.vocab_size), params)
     eng.step()  # every prefill
     eng.step()
     forward_s: list[float] = []
@@ -108,8 +113,7 @@ def measure_async_llm(model_dir: str, running: int, kind, steps: int, interval_s
         received: list[tuple[float, int]] = []
 
         async def read(i: int) -> None:
-            async for out in llm.generate([3 + (i * 7 + j) % (vocab - 3) for j in range(128)], params,
-                                          interval_s=interval_s):
+            async for out in llm.generate(prompt_ids(i, vocab), params, interval_s=interval_s):
                 received.append((time.perf_counter(), len(out.outputs[0].token_ids)))
         try:
             await asyncio.gather(*[read(i) for i in range(running)])  # warm-up
@@ -133,7 +137,7 @@ def measure_generate(model_dir: str, running: int, output: int) -> float:
               enforce_eager=True)
     stub_forward(llm.engine)
     vocab = llm.engine.vocab_size
-    prompts = [{"prompt_token_ids": [3 + (i * 7 + j) % (vocab - 3) for j in range(128)]} for i in range(running)]
+    prompts = [{"prompt_token_ids": prompt_ids(i, vocab)} for i in range(running)]
     params = SamplingParams(temperature=0.0, max_tokens=output, ignore_eos=True)
     llm.generate(prompts, params)  # warm-up
     t = time.perf_counter()

@@ -139,7 +139,7 @@ class ModelRunner:
                 input_ids[self._tensor(pending_at)] = self._last_sampled[rows_of_pending]
         token_types = self._tensor(types) if types else None
         if self.decode_graphs is not None and all_decode and len(reqs) <= self.decode_graphs.max_batch:
-            hidden = self.decode_graphs.run(input_ids, pos, *self._decode_inputs(reqs, pos))
+            hidden = self.decode_graphs.run(input_ids, pos, *self._decode_inputs(reqs, rows, pos))
         else:
             # Compiled graphs for all-decode and all-prefill steps; a mixed step runs eagerly.
             one_kind = all_decode or not any(decodes)
@@ -168,10 +168,10 @@ class ModelRunner:
             itertools.chain.from_iterable(r.block_ids for r in reqs), dtype=np.int64, count=int(lens.sum()))
         return to_device(torch.from_numpy(table), self.device)
 
-    def _decode_inputs(self, reqs: list[Request], pos: torch.Tensor):
-        """slot mapping, block table and context lengths of an all-decode step."""
+    def _decode_inputs(self, reqs: list[Request], rows: torch.Tensor, pos: torch.Tensor):
+        """slot mapping, block table and context lengths of an all-decode step (rows: 0..len(reqs) - 1)."""
         table = self._block_table(reqs)
-        return self._slots(table, torch.arange(len(reqs), device=self.device), pos), table, (pos + 1).int()
+        return self._slots(table, rows, pos), table, (pos + 1).int()
 
     def _slots(self, table: torch.Tensor, rows: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         """Pool slots of tokens at positions of the block table's rows."""
