@@ -93,21 +93,29 @@ def main() -> None:
         "queries": f"{len(qids)} of {len(qrels)} test queries (those whose relevant docs are all in the corpus used)",
         "matmul peak": peak_lines(peaks, args.peak_n),
         "engine": f"max_num_batched_tokens={args.max_num_batched_tokens}, truncate_prompt_tokens=-1",
-        "baseline": f"sentence-transformers SentenceTransformer.encode(batch_size={args.st_batch_size}), float32"})
+        "baseline": f"sentence-transformers SentenceTransformer.encode(batch_size={args.st_batch_size}) in float32"
+                    + ("" if dtype == torch.float32 else f" and in {str(dtype).removeprefix('torch.')} (the same dtype)")})
 
     st = SentenceTransformer(llm.engine.model_dir, device="cpu")
     st.max_seq_length = args.max_len
+    # sentence-transformers at the engine's dtype too: issue 8 compares the two at the same dtype.
+    baselines = {torch.float32: st}
+    if dtype != torch.float32:
+        baselines[dtype] = SentenceTransformer(llm.engine.model_dir, device="cpu").to(dtype)
+        baselines[dtype].max_seq_length = args.max_len
     lengths = [len(x) for x in st.tokenizer(docs, truncation=True, max_length=args.max_len)["input_ids"]]
     flops = bert_flops(lengths, llm.engine.hf_config)
 
     with quiet_transformers():
         # Warm-up: first calls allocate and pick kernels.
         llm.embed(docs[:16], truncate_prompt_tokens=-1)
-        st.encode(docs[:16], batch_size=args.st_batch_size)
+        for model in baselines.values():
+            model.encode(docs[:16], batch_size=args.st_batch_size)
 
-        # Interleaved chunks (engine, then sentence-transformers, per chunk): on a shared machine both
+        # Interleaved chunks (engine, then each sentence-transformers, per chunk): on a shared machine all
         # systems see the same background load.
-        eng_d, st_d, s_eng, s_st = [], [], Timed(), Timed()
+        eng_d, s_eng = [], Timed()
+        st_d, s_st = {dt: [] for dt in baselines}, {dt: Timed() for dt in baselines}
         eng_tokens = 0
         bounds = np.linspace(0, len(docs), args.chunks + 1).astype(int)
         for a, b in zip(bounds, bounds[1:]):
@@ -116,38 +124,47 @@ def main() -> None:
             s_eng.add(s)
             eng_d += [o.outputs.embedding for o in outs]
             eng_tokens += sum(len(o.prompt_token_ids) for o in outs)
-            with Section() as s:
-                st_d.append(st.encode(docs[a:b], batch_size=args.st_batch_size, convert_to_numpy=True))
-            s_st.add(s)
-        eng_d, st_d = np.array(eng_d, dtype=np.float32), np.concatenate(st_d)
+            for dt, model in baselines.items():
+                with Section() as s:
+                    st_d[dt].append(model.encode(docs[a:b], batch_size=args.st_batch_size, convert_to_numpy=True))
+                s_st[dt].add(s)
+        eng_d = np.array(eng_d, dtype=np.float32)
+        st_d = {dt: np.concatenate(v).astype(np.float32) for dt, v in st_d.items()}
 
         eng_q = np.array([o.outputs.embedding for o in llm.embed(qtexts, truncate_prompt_tokens=-1)], dtype=np.float32)
-        st_q = st.encode(qtexts, batch_size=args.st_batch_size, convert_to_numpy=True)
+        st_q = {dt: model.encode(qtexts, batch_size=args.st_batch_size, convert_to_numpy=True).astype(np.float32)
+                for dt, model in baselines.items()}
 
     if eng_tokens != sum(lengths):
         print(f"note: engine saw {eng_tokens} tokens, sentence-transformers {sum(lengths)}\n")
     nd_eng = ndcg_at_10(eng_q, qids, eng_d, dids, qrels)
-    nd_st = ndcg_at_10(st_q, qids, st_d, dids, qrels)
-    cos = (eng_d / np.linalg.norm(eng_d, axis=1, keepdims=True) *
-           (st_d / np.linalg.norm(st_d, axis=1, keepdims=True))).sum(1)
+    nd_st = {dt: ndcg_at_10(st_q[dt], qids, st_d[dt], dids, qrels) for dt in baselines}
+    same = dtype if dtype in baselines else torch.float32  # the baseline the ratio column divides by
+
+    def name(dt: torch.dtype) -> str:
+        return str(dt).removeprefix("torch.")
 
     headers = ["system", "dtype", "docs", "tokens", "seconds", "docs/s", "tokens/s", "model GFLOP/s",
-               "% of mm peak", "vs sentence-transformers", "NDCG@10", "other cores"]
+               "% of mm peak", f"vs sentence-transformers {name(same)}", "NDCG@10", "other cores"]
+    systems = [("engine LLM.embed", dtype, s_eng, nd_eng)]
+    systems += [("sentence-transformers encode", dt, s_st[dt], nd_st[dt]) for dt in baselines]
     rows = []
-    for name, dt, s in (("engine LLM.embed", dtype, s_eng), ("sentence-transformers encode", torch.float32, s_st)):
+    for label, dt, s, nd in systems:
         g = flops / s.seconds / 1e9
         pk = peaks.get(dt, (float("nan"),))[0]
-        rows.append([name, str(dt).removeprefix("torch."), len(docs), sum(lengths), s.seconds, len(docs) / s.seconds,
-                     sum(lengths) / s.seconds, g, 100 * g / pk,
-                     ratio(s_st.seconds, s.seconds), f"{nd_eng if s is s_eng else nd_st:.5f}", s.other_cores])
+        rows.append([label, name(dt), len(docs), sum(lengths), s.seconds, len(docs) / s.seconds,
+                     sum(lengths) / s.seconds, g, 100 * g / pk, ratio(s_st[same].seconds, s.seconds), f"{nd:.5f}",
+                     s.other_cores])
     if len(dids) == len(corpus):
         rows.append(["published (MTEB)", "-", len(corpus), "-", "-", "-", "-", "-", "-", "-", f"{PUBLISHED_NDCG10:.5f}", "-"])
     print(table(headers, rows))
     print(f"\nmodel FLOPs: {flops / 1e9:.1f} GFLOP for the corpus ({flops / sum(lengths) / 1e6:.1f} MFLOP/token "
-          f"at these lengths); % of mm peak uses the {str(dtype).removeprefix('torch.')} peak {peak:.1f} GFLOP/s "
-          f"for the engine and the float32 peak for sentence-transformers.")
-    print(f"embedding parity engine vs sentence-transformers: cosine min {cos.min():.6f}, mean {cos.mean():.6f}; "
-          f"NDCG@10 delta {nd_eng - nd_st:+.5f}")
+          f"at these lengths); % of mm peak uses each row's dtype's peak.")
+    ref = st_d[torch.float32]
+    cos = (eng_d / np.linalg.norm(eng_d, axis=1, keepdims=True) *
+           (ref / np.linalg.norm(ref, axis=1, keepdims=True))).sum(1)
+    print(f"embedding parity engine vs sentence-transformers float32: cosine min {cos.min():.6f}, mean {cos.mean():.6f}; "
+          f"NDCG@10 delta {nd_eng - nd_st[torch.float32]:+.5f}")
     if len(dids) != len(corpus):
         print(f"NDCG@10 is over a {len(dids)}-doc corpus, higher than on the full corpus: "
               f"not comparable to the published {PUBLISHED_NDCG10} (use --full).")
