@@ -267,7 +267,8 @@ def main() -> None:
         "engine": f"AsyncLLM, max_num_batched_tokens={args.max_num_batched_tokens}, max_num_seqs={args.max_num_seqs}, "
                   f"prefix caching on, block_size 16, weights: {', '.join(args.quantization)} "
                   f"(int8: weight-only; w8a8: int8 weights and per-token int8 activations; engine.quantization)",
-        "baselines": f"HF transformers generate (float32, sdpa, DynamicCache) on the engine's converted checkpoint; "
+        "baselines": f"HF transformers generate ({dname}, the engine's dtype; sdpa, DynamicCache) on the engine's "
+                     f"converted checkpoint; "
                      f"llama.cpp {llama_cpp_version()} on {GGUF}, n_threads=2, n_ctx=2048, "
                      f"create_completion(stream) greedy, EOS banned by logit_bias"})
 
@@ -297,16 +298,16 @@ def main() -> None:
         first = levels[args.concurrency[0]]
         ref_hf = ref_llama = Result("-", "-", 0)
         if "hf" not in args.skip or "hf-batch" not in args.skip:
-            hf_model = AutoModelForCausalLM.from_pretrained(sync_engine.model_dir, dtype=torch.float32).eval()
+            hf_model = AutoModelForCausalLM.from_pretrained(sync_engine.model_dir, dtype=dtype).eval()
             run_hf(hf_model, [first[0][:40]], 1, 4, tok.pad_token_id, Result("warm", "", 1))
         if "hf" not in args.skip:
-            ref_hf = Result("HF generate, 1 at a time", "float32", 1)
+            ref_hf = Result("HF generate, 1 at a time", dname, 1)
             run_hf(hf_model, first, 1, args.max_tokens, tok.pad_token_id, ref_hf)
             results.append(ref_hf)
         if "hf-batch" not in args.skip:
             for c in args.concurrency:
                 if c > 1:
-                    r = Result(f"HF generate, static batches of {c}", "float32", c)
+                    r = Result(f"HF generate, static batches of {c}", dname, c)
                     run_hf(hf_model, levels[c], c, args.max_tokens, tok.pad_token_id, r)
                     results.append(r)
         del hf_model
@@ -332,15 +333,15 @@ def main() -> None:
     print(f"engine counters: {stats['generation_tokens_total']} generated tokens, "
           f"{stats['prompt_tokens_total']} prompt tokens, requests {stats['request_success_total']}")
 
-    # Roofline: the model's matmul FLOPs per level at the fp32 mm peak (attention excluded).
+    # Roofline: the model's matmul FLOPs per level at the mm peak of the engine's dtype (attention excluded).
     model = sync_engine.runner.model
     dense = 2 * sum((m.qweight if isinstance(m, Int8Linear) else m.weight).numel()
                     for n, m in model.named_modules()
                     if n.startswith("layers.") and isinstance(m, (torch.nn.Linear, Int8Linear)))
     head = 2 * model.spec.vocab_size * model.spec.hidden_size
-    peak = matmul_gflops(torch.float32, 2048)
+    peak = matmul_gflops(dtype, 2048)
     print(f"\nroofline: {dense / 1e6:.0f} MFLOP per token + {head / 1e6:.0f} MFLOP LM head per output token; "
-          f"torch.mm fp32 peak {peak:.0f} GFLOP/s (n=2048).")
+          f"torch.mm {dname} peak {peak:.0f} GFLOP/s (n=2048).")
     for r in results:
         if r.name.startswith("engine"):
             flops = (r.prompt_tokens - r.cached_tokens) * dense + r.tokens * (dense + head)

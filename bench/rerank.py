@@ -17,7 +17,8 @@
     python bench/rerank.py --mode decoder --decoder-queries 3 --decoder-doc-tokens 0
     python bench/rerank.py --mode archs
 
-Documents are SciFact abstracts ("title text"), a random mix of lengths per query."""
+Documents are SciFact abstracts ("title text"), a random mix of lengths per query. Every baseline runs at
+the engine's dtype (bfloat16 where the CPU has AVX512-BF16, else float32)."""
 import argparse
 import os
 import random
@@ -79,8 +80,8 @@ def run_cross(args, sets) -> None:
     try:
         path = build_cross_encoder(tmp, args.seed)
         llm = LLM(path, task="score", max_model_len=512, max_num_batched_tokens=args.max_num_batched_tokens)
-        ce = CrossEncoder(path, device="cpu", max_length=512)
-        dtype = llm.engine.runner.dtype
+        dtype = llm.engine.runner.dtype  # every baseline runs at the engine's dtype
+        ce = CrossEncoder(path, device="cpu", max_length=512).to(dtype)
         tok = llm.get_tokenizer()
         lengths = [len(tok(q, d, truncation=True, max_length=512)["input_ids"]) for q, docs in sets for d in docs]
         n_pairs = len(lengths)
@@ -103,7 +104,7 @@ def run_cross(args, sets) -> None:
           f"{len(sets[0][1])} docs, {length_summary(lengths)}\n")
     rows = []
     for name, dt, s in (("engine LLM.score", dtype, s_eng),
-                        (f"sentence-transformers CrossEncoder.predict (batch {args.ce_batch_size})", torch.float32, s_ce)):
+                        (f"sentence-transformers CrossEncoder.predict (batch {args.ce_batch_size})", dtype, s_ce)):
         rows.append([name, str(dt).removeprefix("torch."), n_pairs, s.seconds, n_pairs / s.seconds,
                      sum(lengths) / s.seconds, ratio(s_ce.seconds, s.seconds), s.other_cores])
     print(table(["system", "dtype", "pairs", "seconds", "pairs/s", "tokens/s", "vs CrossEncoder", "other cores"], rows))
@@ -164,7 +165,7 @@ def run_decoder(args, sets) -> None:
     no_id, yes_id = (tok(t, add_special_tokens=False)["input_ids"][0] for t in tokens)
 
     # Naive Hugging Face loop on an evenly spaced subset (a rate per pair; the whole set takes minutes).
-    hf = AutoModelForCausalLM.from_pretrained(llm.engine.model_dir, dtype=torch.float32).eval()
+    hf = AutoModelForCausalLM.from_pretrained(llm.engine.model_dir, dtype=dtype).eval()
     step = max(1, len(pair_ids) // args.hf_pairs) if args.hf_pairs else 1
     subset = list(range(0, len(pair_ids), step))[:args.hf_pairs or None]
     hf_scores = []
@@ -188,7 +189,7 @@ def run_decoder(args, sets) -> None:
     for name, dt, pairs, toks, s in (
             ("engine LLM.score, prefix caching on", dtype, n, sum(lengths), s_on),
             ("engine LLM.score, prefix caching off", dtype, n, sum(lengths), s_off),
-            (f"HF AutoModelForCausalLM loop, 1 pair at a time ({len(subset)} pairs)", torch.float32, len(subset),
+            (f"HF AutoModelForCausalLM loop, 1 pair at a time ({len(subset)} pairs)", dtype, len(subset),
              hf_tokens, s_hf)):
         rate = pairs / s.seconds
         rows.append([name, str(dt).removeprefix("torch."), pairs, s.seconds, rate, toks / s.seconds,
@@ -277,24 +278,26 @@ def sys_path_tests() -> None:
 
 
 def hf_scorer(name: str, path: str, llm):
-    """transformers on the engine's own token ids: ids -> one score (the engine's with activation off)."""
+    """transformers on the engine's own token ids, at the engine's dtype: ids -> one score (the engine's
+    with activation off)."""
     import transformers as T
+    dtype = llm.engine.runner.dtype
     if name == "deberta-v3":
-        model = T.AutoModelForSequenceClassification.from_pretrained(path, dtype=torch.float32).eval()
+        model = T.AutoModelForSequenceClassification.from_pretrained(path, dtype=dtype).eval()
         return lambda ids, mask: model(input_ids=ids, attention_mask=mask).logits[:, 0]
     if name == "jina-reranker-v2":  # the same math, in transformers' names
-        hf = T.XLMRobertaForSequenceClassification(llm.engine.hf_config).eval()
+        hf = T.XLMRobertaForSequenceClassification(llm.engine.hf_config).to(dtype).eval()
         hf.load_state_dict(hf_state_from_engine(llm.engine.runner.model), strict=False)
         return lambda ids, mask: hf(input_ids=ids, attention_mask=mask).logits[:, 0]
     if name == "bge-reranker-v2-gemma":
-        model = T.AutoModel.from_pretrained(path, dtype=torch.float32).eval()
+        model = T.AutoModel.from_pretrained(path, dtype=dtype).eval()
         yes = model.embed_tokens.weight[llm.get_tokenizer()("Yes", add_special_tokens=False)["input_ids"][0]]
         return lambda ids, mask: last_token(model(input_ids=ids, attention_mask=mask).last_hidden_state, mask) @ yes
     # MiniCPM layerwise: transformers' Llama cut at the cutoff, scalings folded in (the engine's weights).
     eng = llm.engine.runner.model
     cfg = T.LlamaConfig(**{**ARCH_SHAPES[name], "num_hidden_layers": eng.cutoff}, vocab_size=eng.spec.vocab_size,
                         rms_norm_eps=llm.engine.hf_config.rms_norm_eps, max_position_embeddings=2048)
-    model = T.LlamaModel(cfg).eval()
+    model = T.LlamaModel(cfg).to(dtype).eval()
     state = {}
     for k, v in eng.state_dict().items():
         if ".qkv_proj." in k:

@@ -38,13 +38,28 @@ def _portable_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
     return F.linear(x, layer.qweight.to(x.dtype)) * layer.scale.to(x.dtype)
 
 
+def _dequantized_mm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                    scale_bf16: torch.Tensor) -> torch.Tensor:
+    return F.linear(rows, dequantize(qweight, scale[:, None], rows.dtype))
+
+
+def _int8_kernel_mm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                    scale_bf16: torch.Tensor) -> torch.Tensor:
+    # The kernel's int8 x bf16 path is the fast one even without bf16 hardware; its fp32 path is not.
+    return torch._weight_int8pack_mm(rows.to(torch.bfloat16), qweight, scale_bf16).to(rows.dtype)
+
+
 def _cpu_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
-    if rows.shape[0] > CPU_INT8_KERNEL_MAX_ROWS:
-        return F.linear(x, dequantize(layer.qweight, layer.scale[:, None], x.dtype))
-    # The kernel's int8 x bf16 path is the fast one even without bf16 hardware; its fp32 path is not.
-    out = torch._weight_int8pack_mm(rows.to(torch.bfloat16), layer.qweight, layer.scale_bf16)
-    return out.to(x.dtype).view(*x.shape[:-1], -1)
+    args = (rows, layer.qweight, layer.scale, layer.scale_bf16)
+    if torch.compiler.is_compiling():
+        # In a graph a Python branch on the symbolic row count would guard it to the warm-up's side, and the
+        # first step on the other side would compile again mid-serving (SmolLM2: a 26 s first token for a
+        # prompt over 64 tokens); cond compiles both sides into the one graph.
+        out = torch.cond(rows.shape[0] > CPU_INT8_KERNEL_MAX_ROWS, _dequantized_mm, _int8_kernel_mm, args)
+    else:
+        out = (_dequantized_mm if rows.shape[0] > CPU_INT8_KERNEL_MAX_ROWS else _int8_kernel_mm)(*args)
+    return out.view(*x.shape[:-1], -1)
 
 
 def _int8_activations_product(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
