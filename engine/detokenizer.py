@@ -19,6 +19,7 @@ MAX_PENDING = 16
 
 
 class IncrementalDetokenizer:
+    per_token = True  # takes each token as it comes (the others take a finished request's tokens at once)
     __slots__ = ("tokenizer", "skip_special_tokens", "stop", "_max_hold", "_ids", "_prefix_offset",
                  "_read_offset", "_text", "_tail", "_sent", "_decode_stream", "_stream")
 
@@ -119,6 +120,7 @@ class FinalDetokenizer:
     """For a request nobody reads until it ends and no stop string can cut: the text is decoded once,
     at the end, with the same prompt context as the incremental path. Per token it costs nothing,
     where the incremental path decodes twice (the host's largest per-token cost at high batch)."""
+    per_token = False
     __slots__ = ("tokenizer", "skip_special_tokens", "_ids", "_context_len", "_text")
 
     def __init__(self, tokenizer, prompt_token_ids: list[int], params: SamplingParams):
@@ -148,6 +150,7 @@ class CallerDetokenizer:
     """For a stream the caller's process detokenizes (text_by_caller): the engine emits token ids and no text.
     Only where no stop string can end it, so every stop decision is a token's."""
     __slots__ = ()
+    per_token = False
     output_text = ""
 
     def update(self, token_ids: list[int]) -> None:

@@ -223,9 +223,10 @@ class ModelRunner:
     def _outputs(self, hidden, input_ids, reqs, counts, ends) -> StepResult:
         sample_rows, sample_reqs, pool_reqs, pool_spans = [], [], [], []
         for req, n, end in zip(reqs, counts, ends):
-            if req.num_computed_tokens + n < req.num_tokens_with_pending:
+            # Properties spelled out (num_tokens_with_pending, is_pooling): this runs for every row every step.
+            if req.num_computed_tokens + n < len(req.token_ids) + req.num_pending_tokens:
                 continue  # a prefill chunk with more to come
-            if req.is_pooling:
+            if req.pooling_params is not None:
                 pool_reqs.append(req)
                 pool_spans.append((end - n, end))
             else:

@@ -123,6 +123,8 @@ class OutputProcessor:
             if gen.last_token_time:
                 gaps[now - gen.last_token_time] += 1  # most generations share the previous step's time
             gen.last_token_time = now
+            if gen.num_unfinished and gen.kind is RequestOutputKind.FINAL_ONLY:
+                continue  # nothing to emit before the end
             out = self._request_output(gen, seqs)
             if out is not None:
                 outputs.append(out)
@@ -137,32 +139,39 @@ class OutputProcessor:
     def _append_token(self, seq: _Sequence, tok: SampledToken, now: float) -> RequestStatus | None:
         req = seq.request
         params = req.sampling_params
-        req.token_ids.append(tok.token_id)
+        token_id, ids = tok.token_id, req.token_ids
+        ids.append(token_id)
         if req.first_token_time is None:
             req.first_token_time = now
             self.stats.prompt_tokens_total += req.num_prompt_tokens
             self.stats.ttft_seconds.observe(now - req.arrival_time)
         if seq.logprobs is not None:
-            for token_id, lp in tok.logprobs.items():
-                lp.decoded_token = self.tokenizer.decode([token_id])
+            for lp_id, lp in tok.logprobs.items():
+                lp.decoded_token = self.tokenizer.decode([lp_id])
             seq.logprobs.append(tok.logprobs)
             seq.cumulative_logprob += tok.logprob
         status = None
         # The sampler masks stop and EOS tokens until min_tokens are out.
-        if tok.token_id in params.stop_token_ids:
-            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, tok.token_id
-        elif not params.ignore_eos and tok.token_id in self.eos_token_ids:
+        if token_id in params.stop_token_ids:
+            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, token_id
+        elif not params.ignore_eos and token_id in self.eos_token_ids:
             status = RequestStatus.FINISHED_STOPPED
-        # Stop tokens are not text: hand the detokenizer only what the user sees.
-        stop = None if status else seq.detokenizer.update([tok.token_id])
-        if stop is not None and req.num_output_tokens >= params.min_tokens:
-            status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
-        elif status is None and (req.num_output_tokens >= req.max_tokens or req.num_tokens >= self.max_model_len):
+        # Stop tokens are not text: the detokenizer gets only what the user sees.
+        num_text_tokens = len(ids) - req.num_prompt_tokens - (status is not None)
+        detokenizer = seq.detokenizer
+        if detokenizer.per_token and status is None:
+            stop = detokenizer.update([token_id])
+            if stop is not None and num_text_tokens >= params.min_tokens:
+                status, req.stop_reason = RequestStatus.FINISHED_STOPPED, stop
+        if status is None and (len(ids) - req.num_prompt_tokens >= req.max_tokens or len(ids) >= self.max_model_len):
             status = RequestStatus.FINISHED_LENGTH
         if status is not None:
             self.stats.request_success_total[FINISH_REASONS[status]] += 1
             self.stats.e2e_seconds.observe(now - req.arrival_time)
-        seq.text += seq.detokenizer.take_delta(status is not None)
+            if not detokenizer.per_token:
+                detokenizer.update(ids[req.num_prompt_tokens:req.num_prompt_tokens + num_text_tokens])
+        if status is not None or detokenizer.per_token:
+            seq.text += detokenizer.take_delta(status is not None)
         return status
 
     def _request_output(self, gen: _Generation, touched: list[_Sequence]) -> RequestOutput | None:

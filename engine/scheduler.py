@@ -44,7 +44,8 @@ class Scheduler:
             if req.num_pending_tokens and req.num_outputs_with_pending >= req.max_tokens:
                 i += 1  # its last token is being sampled by the step in flight: nothing left to compute
                 continue
-            n = min(req.num_tokens_with_pending - req.num_computed_tokens, budget, self.chunk_cap)
+            # num_tokens_with_pending, spelled out: this runs for every running request every step.
+            n = min(len(req.token_ids) + req.num_pending_tokens - req.num_computed_tokens, budget, self.chunk_cap)
             while not self.kv.allocate_slots(req, n):
                 victim = self.running.pop()  # the most recently started gives its blocks back
                 self._preempt(victim)

@@ -73,3 +73,24 @@ def test_offline_generate_returns_one_final_output_per_prompt(llm):
     assert [len(o.outputs[0].token_ids) for o in outs] == [6, 6] and all(o.finished for o in outs)
     assert sum(len(s) for s in steps) == 2  # FINAL_ONLY: nothing emitted until each request ended
     assert_pool_free(llm)
+
+
+def test_a_stop_token_is_no_text_in_any_kind(llm):
+    """FINAL_ONLY without stop strings decodes its text once, at the end: the stop token that ended it is
+    left out there as the incremental path (DELTA, CUMULATIVE) leaves it out."""
+    prompt = sentence(3, 9)
+    free = run(llm, prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True,
+                                           output_kind=RequestOutputKind.FINAL_ONLY))[0].outputs[0]
+    stop_id = free.token_ids[4]
+    ended = {}
+    for kind in RequestOutputKind:
+        outs = run(llm, prompt, SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, stop_token_ids=[stop_id],
+                                               output_kind=kind))
+        pieces = [o.outputs[0] for o in outs] if kind is RequestOutputKind.DELTA else [outs[-1].outputs[0]]
+        ended[kind] = ("".join(p.text for p in pieces), [t for p in pieces for t in p.token_ids],
+                       pieces[-1].finish_reason, pieces[-1].stop_reason)
+    want = ended[RequestOutputKind.DELTA]
+    assert want[1][-1] == stop_id and want[2:] == ("stop", stop_id)
+    assert want[0] and free.text.startswith(want[0]) and len(want[0]) < len(free.text)
+    assert ended[RequestOutputKind.FINAL_ONLY] == want == ended[RequestOutputKind.CUMULATIVE]
+    assert_pool_free(llm)
