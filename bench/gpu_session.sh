@@ -5,17 +5,18 @@
 #   bash bench/gpu_session.sh checks   # host-only ceilings (bench/host.py) and the CUDA-only tests (~3 min)
 # Logs go to $OUT (the device tool's folder that comes back) or /tmp/gpu_session.
 set -u
+PY=${PY:-python3}  # the GPU image's python3 holds its PyTorch
 OUT=${OUT:-/tmp/gpu_session}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$OUT/card.txt"
-python -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/card.txt"
+$PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/card.txt"
 case "${1:-}" in
   table)
-    timeout 480 python bench/gpu.py --model .gpu/minilm --data .gpu/scifact --torch-compile 2>&1 | tee "$OUT/gpu_table.txt" | tail -45 ;;
+    timeout 480 $PY bench/gpu.py --model .gpu/minilm --data .gpu/scifact --torch-compile 2>&1 | tee "$OUT/gpu_table.txt" | tail -45 ;;
   checks)
-    timeout 200 python bench/host.py --running 256 1024 --steps 40 2>&1 | tee "$OUT/host.txt" | tail -30
-    if python -c "import pytest" 2>/dev/null; then
-      timeout 240 python -m pytest -q -x tests/test_attention_kernels.py tests/test_async_scheduling.py 2>&1 | tee "$OUT/tests.txt" | tail -15
+    timeout 200 $PY bench/host.py --running 256 1024 --steps 40 2>&1 | tee "$OUT/host.txt" | tail -30
+    if $PY -c "import pytest" 2>/dev/null; then
+      timeout 240 $PY -m pytest -q -x tests/test_attention_kernels.py tests/test_async_scheduling.py 2>&1 | tee "$OUT/tests.txt" | tail -15
     else
       echo "no pytest on this machine: tests not run" | tee "$OUT/tests.txt"
     fi ;;
