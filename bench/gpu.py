@@ -7,7 +7,8 @@ Needs only torch, transformers, sentence-transformers and this repository's engi
     async scheduling on (the CUDA default) and off, with 256 and 1,024 sequences running (128-token prompts) on a random
     1B-shape Llama (hidden 2048, 16 layers, 32/8 heads, vocab 49,152), bf16, vs Hugging Face's own
     decode step (DynamicCache) at the same batch;
-  - 256 prompts x 128 tokens -> 128 tokens end to end, engine LLM.generate vs HF `generate`, one batch;
+  - 256 prompts x 128 tokens -> 128 tokens end to end, engine LLM.generate vs HF `generate`, one batch, and
+    the share of the run the engine's host spent waiting for the device (which of the two bounds it);
   - the same requests as DELTA streams through AsyncLLM, the engine on a thread and in its own process,
     vs LLM.generate's final-only outputs;
   - yes/no reranking, 4 queries x 100 documents of ~280 tokens a pair, on random SmolLM2-135M and
@@ -22,6 +23,7 @@ Needs only torch, transformers, sentence-transformers and this repository's engi
 embedded instead and its NDCG@10 only compares the two systems. --small shrinks every shape and count
 so the whole script runs on a CPU in a few minutes; its numbers only show that every row works."""
 import argparse
+from contextlib import contextmanager
 import gc
 import os
 import random
@@ -244,6 +246,26 @@ def hf_decode_step_ms(hf, prompts: list[list[int]], steps: int, device: torch.de
     return 1e3 * secs / steps
 
 
+@contextmanager
+def host_waits():
+    """Seconds the engine's host spends blocked on steps still running on the device (StepResult.get): near
+    the whole run, the device bounds it; near zero, the host does."""
+    from engine.model_runner import StepResult
+    get, waited = StepResult.get, [0.0]
+
+    def timed_get(self):
+        if self.done is not None:
+            t = time.perf_counter()
+            self.done.synchronize()
+            waited[0] += time.perf_counter() - t
+        return get(self)
+    StepResult.get = timed_get
+    try:
+        yield waited
+    finally:
+        StepResult.get = get
+
+
 def e2e_engine_kwargs(sizes: Sizes, device: torch.device) -> dict:
     """The engine of the end-to-end rows: every request running at once, its KV blocks and no more."""
     tokens = sizes.prompt + sizes.output
@@ -260,7 +282,8 @@ def end_to_end_row(args, sizes: Sizes, device: torch.device, dtype: str, path: s
     llm = engine_llm(path, dtype, **e2e_engine_kwargs(sizes, device))
     params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
     llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
-    secs, outs = timed(device, lambda: llm.generate(prompts, params))
+    with host_waits() as waited:
+        secs, outs = timed(device, lambda: llm.generate(prompts, params))
     assert all(len(o.outputs[0].token_ids) == n_out for o in outs)
     del llm
     free(device)
@@ -275,8 +298,8 @@ def end_to_end_row(args, sizes: Sizes, device: torch.device, dtype: str, path: s
     hf_secs, _ = timed(device, hf_generate)
     total = sizes.e2e * n_out
     return [f"{sizes.e2e} x {sizes.prompt} -> {n_out} tokens, random {args.decoder_shape}, {dtype}", "out tok/s",
-            f"{total / secs:,.0f}", f"{total / hf_secs:,.0f}", ratio(hf_secs, secs), "",
-            "HF generate, one batch"]
+            f"{total / secs:,.0f}", f"{total / hf_secs:,.0f}", ratio(hf_secs, secs),
+            f"host waited on the device {100 * waited[0] / secs:.0f}% of the run", "HF generate, one batch"]
 
 
 def streams_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str, vocab: int) -> list[list]:
