@@ -14,7 +14,9 @@ model forward is replaced by random hidden states there (varied tokens, so real 
 so each step's wall time is host work only: the engine's, the hand-over and the readers'. The engine
 runs on a thread of the readers' process (sharing its GIL) or in a process of its own (engine_process);
 the readers read every step, or as the server does by default, paced to one read per 50 ms
-(limits.stream_batching_interval_ms), the engine merging the steps between.
+(limits.stream_batching_interval_ms), the engine merging the steps between. A paced reader gets a burst
+per interval, so each configuration runs long enough for 20 intervals (sized from a short probe; the tiny
+model's context is raised for it), both reader modes the same number of steps.
 
 A third runs bench/gpu.py's end-to-end workload (LLM.generate, 256 x 128 -> 128) with the forward stubbed:
 the most tokens per second the host lets any device reach on it.
@@ -25,6 +27,8 @@ import argparse
 import asyncio
 import bisect
 import itertools
+import json
+import math
 import os
 import statistics
 import sys
@@ -105,9 +109,11 @@ def measure_async_llm(model_dir: str, running: int, kind, steps: int, interval_s
     from engine.async_engine import AsyncLLM
 
     async def run() -> float:
+        blocks = -(-(128 + steps + 8) // 16)  # a request's prompt and outputs
         llm = AsyncLLM(EngineConfig(model=model_dir, dtype=DTYPE, max_num_seqs=running, block_size=16,
-                                    max_num_batched_tokens=running * 130, num_blocks=running * 20, enforce_eager=True,
-                                    num_threads=1, engine_process=engine_process), stub_engine)
+                                    max_num_batched_tokens=running * 130, num_blocks=running * blocks + 8,
+                                    max_model_len=blocks * 16, enforce_eager=True, num_threads=1,
+                                    engine_process=engine_process), stub_engine)
         params = SamplingParams(temperature=0.0, max_tokens=steps, ignore_eos=True, output_kind=kind)
         vocab = llm.tokenizer.vocab_size
         received: list[tuple[float, int]] = []
@@ -146,6 +152,8 @@ def measure_generate(model_dir: str, running: int, output: int) -> float:
 
 
 PACED_S = 0.05  # the server's default stream_batching_interval_ms
+PACED_INTERVALS = 20  # a paced run lasts at least this many intervals
+MAX_POSITIONS = 8192  # the tiny model's context, raised from the tests' 256 for those runs
 
 
 def main() -> None:
@@ -161,6 +169,10 @@ def main() -> None:
     rows, server_rows, generate_rows = [], [], []
     with quiet_transformers(), tempfile.TemporaryDirectory() as d:
         model_dir = build_decoder("llama", d, 0)
+        with open(os.path.join(model_dir, "config.json")) as f:
+            config = json.load(f)
+        with open(os.path.join(model_dir, "config.json"), "w") as f:  # room for the paced runs' longer outputs
+            json.dump(dict(config, max_position_embeddings=MAX_POSITIONS), f)
         secs = measure_generate(model_dir, 256, 128)
         generate_rows.append([256, 128, f"{secs * 1e3:,.0f}", f"{256 * 128 / secs:,.0f}"])
         for n in args.running:
@@ -168,10 +180,15 @@ def main() -> None:
                 step_ms, fwd_ms = measure(model_dir, n, kind, args.steps)
                 rows.append([n, kind.name, step_ms, fwd_ms, step_ms - fwd_ms, (step_ms - fwd_ms) / n * 1e3])
             host_ms = step_ms - fwd_ms  # DELTA's
-            for interval_s, process in itertools.product((0.0, PACED_S), (False, True)):
-                ms = measure_async_llm(model_dir, n, RequestOutputKind.DELTA, args.steps, interval_s, process)
-                server_rows.append([n, f"every {interval_s * 1e3:g} ms" if interval_s else "every step",
-                                    "own process" if process else "thread", ms, host_ms, ms / host_ms])
+            for process in (False, True):
+                # Paced readers receive a burst per interval, so a rate needs a run of many intervals; both
+                # reader modes then run that many steps (longer contexts cost the host more).
+                probe = measure_async_llm(model_dir, n, RequestOutputKind.DELTA, args.steps, 0.0, process)
+                steps = max(args.steps, math.ceil(PACED_INTERVALS * PACED_S * 1e3 / probe))
+                for interval_s in (0.0, PACED_S):
+                    ms = measure_async_llm(model_dir, n, RequestOutputKind.DELTA, steps, interval_s, process)
+                    server_rows.append([n, f"every {interval_s * 1e3:g} ms" if interval_s else "every step",
+                                        "own process" if process else "thread", steps, ms, host_ms, ms / host_ms])
     print(table(["running", "output kind", "step ms", "model forward ms (baseline)", "host ms",
                  "host us per sequence"], rows))
     print("\nLLM.generate, 128-token prompts, FINAL_ONLY, the model forward stubbed: the host-bound ceiling of "
@@ -179,7 +196,7 @@ def main() -> None:
     print(table(["running", "output tokens", "host ms", "host-bound out tok/s"], generate_rows))
     print("\nDELTA streams through AsyncLLM, the model forward stubbed (ms per step from the rate tokens reach "
           "the readers):\n")
-    print(table(["running", "readers read", "engine runs in", "AsyncLLM ms per step",
+    print(table(["running", "readers read", "engine runs in", "steps", "AsyncLLM ms per step",
                  "LLMEngine.step host ms, DELTA (baseline)", "AsyncLLM / baseline"], server_rows))
 
 if __name__ == "__main__":
