@@ -182,6 +182,8 @@ class AsyncLLM:
             await self._start(rid, waiter, "add_generation_requests", rid, prompt, children)
             while not finished:
                 out = await waiter.stream.get(not_before)
+                if waiter.text is not None:  # the steps since the last read, merged: decoded in one call
+                    waiter.text.fill(out)
                 finished = out.finished
                 yield out
                 not_before = loop.time() + interval_s
@@ -258,8 +260,6 @@ class AsyncLLM:
 def _deliver(delivered: list[tuple[_Waiter, RequestOutput | PoolingJobOutput]]) -> None:
     for waiter, out in delivered:
         if waiter.stream is not None:
-            if waiter.text is not None:
-                waiter.text.fill(out)
             waiter.stream.put(out)
         else:
             _resolve(waiter.future, out.outputs)

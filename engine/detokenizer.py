@@ -56,7 +56,8 @@ class IncrementalDetokenizer:
         if not finished:
             while end > self._sent and text[end - 1] == REPLACEMENT:
                 end -= 1
-            end -= self._stop_prefix_len(text, end)
+            if self.stop:
+                end -= self._stop_prefix_len(text, end)
         if end <= self._sent:
             return ""
         delta, self._sent = text[self._sent:end], end

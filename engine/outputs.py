@@ -22,6 +22,16 @@ class CompletionOutput:
     def finished(self) -> bool:
         return self.finish_reason is not None
 
+    def add_delta(self, later: "CompletionOutput") -> None:
+        """Append a later DELTA of the same choice: its text, token ids and logprobs; its finish and
+        cumulative logprob replace these."""
+        self.text += later.text
+        self.token_ids.extend(later.token_ids)
+        if self.logprobs is not None and later.logprobs is not None:
+            self.logprobs.extend(later.logprobs)
+        self.cumulative_logprob, self.finish_reason, self.stop_reason = (
+            later.cumulative_logprob, later.finish_reason, later.stop_reason)
+
 
 @dataclass(slots=True)
 class RequestOutput:
@@ -36,18 +46,16 @@ class RequestOutput:
     def add_delta(self, later: "RequestOutput") -> None:
         """Merge the DELTA output of a later step into this one (which owns its lists): text, token ids
         and logprobs appended per choice, the later finish, cumulative logprob and counters."""
-        mine = {o.index: o for o in self.outputs}
-        for o in later.outputs:
-            into = mine.get(o.index)
-            if into is None:
-                self.outputs.append(o)
-                continue
-            into.text += o.text
-            into.token_ids.extend(o.token_ids)
-            if into.logprobs is not None and o.logprobs is not None:
-                into.logprobs.extend(o.logprobs)
-            into.cumulative_logprob, into.finish_reason, into.stop_reason = (
-                o.cumulative_logprob, o.finish_reason, o.stop_reason)
+        if len(self.outputs) == len(later.outputs) == 1 and self.outputs[0].index == later.outputs[0].index:
+            self.outputs[0].add_delta(later.outputs[0])  # one choice (n = 1): no lookup by index
+        else:
+            mine = {o.index: o for o in self.outputs}
+            for o in later.outputs:
+                into = mine.get(o.index)
+                if into is None:
+                    self.outputs.append(o)
+                else:
+                    into.add_delta(o)
         self.finished, self.num_cached_tokens, self.metrics = later.finished, later.num_cached_tokens, later.metrics
 
 

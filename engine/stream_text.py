@@ -1,9 +1,10 @@
 """The text of a stream whose engine left it to the caller (an engine in a process of its own): vLLM v1
 detokenizes in the server's process too, so the process that runs the steps only samples tokens.
 
-Filled in on the caller's side, output by output in order, before any merge: each choice's new token ids
-through its own incremental detokenizer, the prompt's last tokens as context (they arrive with the first
-output). A choice that ends with "stop" ended on a stop token or EOS (no stop string reaches here), which
+Filled in on the caller's side when its reader takes an output, the steps since its last read merged into
+one (a paced reader's interval, or a reader lagging behind the engine): each choice's new token ids through
+its own incremental detokenizer in one call, the prompt's last tokens as context (they arrive with the
+first output). A choice that ends with "stop" ended on a stop token or EOS (no stop string reaches here), which
 is not text, as the engine's own detokenizing leaves it out."""
 from engine.detokenizer import IncrementalDetokenizer
 from engine.outputs import RequestOutput

@@ -235,9 +235,11 @@ def test_a_failed_step_fails_its_callers_and_the_engine_serves_on(engine_process
         llm.shutdown()
 
 
-def test_engine_process_streams_have_the_engines_text_with_stop_tokens_and_choices(tiny_model):
+@pytest.mark.parametrize("interval_s", [0.0, 0.05], ids=["every-step", "paced"])
+def test_engine_process_streams_have_the_engines_text_with_stop_tokens_and_choices(tiny_model, interval_s):
     """In a process of its own the engine leaves a stream's text to the caller's process: the same text,
-    choice by choice, as the engine's own detokenizing, a stop token or EOS left out of it."""
+    choice by choice, as the engine's own detokenizing, a stop token or EOS left out of it, whether the
+    reader takes every step or a paced reader the steps of its interval merged (decoded at the read)."""
     offline = LLM(tiny_model("llama"), dtype="float32", block_size=8)
     first = offline.generate(PROMPTS[3], SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True))[0]
     stop_token = first.outputs[0].token_ids[6]  # greedy reaches it: the stream ends on it
@@ -250,7 +252,7 @@ def test_engine_process_streams_have_the_engines_text_with_stop_tokens_and_choic
     async def read(params: SamplingParams) -> list[tuple]:
         params.output_kind = RequestOutputKind.DELTA
         choices: dict[int, tuple] = {}
-        async for out in llm.generate(PROMPTS[3], params):
+        async for out in llm.generate(PROMPTS[3], params, interval_s=interval_s):
             for o in out.outputs:
                 ids, text, _ = choices.get(o.index, ([], "", None))
                 choices[o.index] = (ids + o.token_ids, text + o.text, o.finish_reason)
