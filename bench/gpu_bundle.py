@@ -7,15 +7,11 @@ random-weight models on the box itself.
 import argparse
 import os
 import shutil
-import sys
 
-import torch
 from safetensors.torch import load_file, save_file
 
-from common import SCIFACT
-
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from engine.loader import resolve_model  # noqa: E402
+from common import ROOT, SCIFACT
+from engine.loader import resolve_model  # noqa: E402 (common puts the repo on sys.path)
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 SCIFACT_FILES = ("corpus.jsonl", "queries.jsonl", os.path.join("qrels", "test.tsv"))
@@ -23,7 +19,7 @@ SCIFACT_FILES = ("corpus.jsonl", "queries.jsonl", os.path.join("qrels", "test.ts
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--out", default=os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), ".gpu"))
+    ap.add_argument("--out", default=os.path.join(ROOT, ".gpu"))
     args = ap.parse_args()
     src, model_out = resolve_model(MINILM), os.path.join(args.out, "minilm")
     shutil.rmtree(model_out, ignore_errors=True)
@@ -40,5 +36,4 @@ def main() -> None:
 
 
 if __name__ == "__main__":
-    torch.set_grad_enabled(False)
     main()

@@ -125,9 +125,7 @@ class OutputProcessor:
             gen.last_token_time = now
             if gen.num_unfinished and gen.kind is RequestOutputKind.FINAL_ONLY:
                 continue  # nothing to emit before the end
-            out = self._request_output(gen, seqs)
-            if out is not None:
-                outputs.append(out)
+            outputs.append(self._request_output(gen, seqs))
         for gap, count in gaps.items():
             self.stats.inter_token_seconds.observe(gap, count)
         return outputs, finished
@@ -174,15 +172,14 @@ class OutputProcessor:
             seq.text += detokenizer.take_delta(status is not None)
         return status
 
-    def _request_output(self, gen: _Generation, touched: list[_Sequence]) -> RequestOutput | None:
+    def _request_output(self, gen: _Generation, touched: list[_Sequence]) -> RequestOutput:
+        """The step's output of a generation that has one (a FINAL_ONLY one only once it finished)."""
         finished = gen.num_unfinished == 0
         if finished:
             self.generations.pop(gen.request_id)
             for s in gen.sequences:
                 self.parent_of.pop(s.request.request_id, None)
         if gen.kind is RequestOutputKind.FINAL_ONLY:
-            if not finished:
-                return None
             outs = [self._final(s) for s in gen.sequences]
         elif gen.kind is RequestOutputKind.DELTA:
             outs = [self._delta(s) for s in touched]

@@ -46,16 +46,13 @@ class RequestOutput:
     def add_delta(self, later: "RequestOutput") -> None:
         """Merge the DELTA output of a later step into this one (which owns its lists): text, token ids
         and logprobs appended per choice, the later finish, cumulative logprob and counters."""
-        if len(self.outputs) == len(later.outputs) == 1 and self.outputs[0].index == later.outputs[0].index:
-            self.outputs[0].add_delta(later.outputs[0])  # one choice (n = 1): no lookup by index
-        else:
-            mine = {o.index: o for o in self.outputs}
-            for o in later.outputs:
-                into = mine.get(o.index)
-                if into is None:
-                    self.outputs.append(o)
-                else:
+        for o in later.outputs:
+            for into in self.outputs:  # a scan, not a dict: most requests have one choice, merged every step
+                if into.index == o.index:
                     into.add_delta(o)
+                    break
+            else:
+                self.outputs.append(o)
         self.finished, self.num_cached_tokens, self.metrics = later.finished, later.num_cached_tokens, later.metrics
 
 
