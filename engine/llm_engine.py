@@ -235,11 +235,11 @@ class LLMEngine:
         return True
 
     def _process(self, result: StepResult) -> list[RequestOutput | PoolingJobOutput]:
-        sampled, pooled = result.get()
-        for req, _ in sampled:
+        token_ids, logprobs, pooled = result.get()
+        for req in result.sampled_reqs:
             req.num_pending_tokens -= 1
         outputs: list[RequestOutput | PoolingJobOutput] = self.output_processor.process_pooled(pooled)
-        generated, finished = self.output_processor.process_sampled(sampled)
+        generated, finished = self.output_processor.process_sampled(result.sampled_reqs, token_ids, logprobs)
         for req, status in finished:
             self.scheduler.finish(req, status)
         outputs.extend(generated)

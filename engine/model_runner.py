@@ -13,7 +13,7 @@ from engine.models import model_class
 from engine.pooling import pool_segments
 from engine.quantization import compile_int8_layers, quantize_decoder
 from engine.request import Request
-from engine.sampler import SampledToken, Sampler, SamplerOutput
+from engine.sampler import Sampler, SamplerOutput, TokenLogprobs
 from engine.scheduler import SchedulerOutput
 from engine.transfer import to_device, to_host
 
@@ -28,11 +28,12 @@ class StepResult:
     pooled: torch.Tensor | None  # [len(pooled_reqs), ...] on the host
     done: torch.cuda.Event | None  # recorded after the copies to the host; None on the CPU
 
-    def get(self) -> tuple[list[tuple[Request, SampledToken]], list[tuple[Request, torch.Tensor]]]:
+    def get(self) -> tuple[list[int], list[TokenLogprobs | None] | None, list[tuple[Request, torch.Tensor]]]:
+        """The sampled requests' token ids and logprobs (SamplerOutput.read), and the pooled requests' vectors."""
         if self.done is not None:
             self.done.synchronize()
-        sampled = list(zip(self.sampled_reqs, self.sampled.tokens())) if self.sampled is not None else []
-        return sampled, list(zip(self.pooled_reqs, self.pooled)) if self.pooled is not None else []
+        token_ids, logprobs = self.sampled.read() if self.sampled is not None else ([], None)
+        return token_ids, logprobs, list(zip(self.pooled_reqs, self.pooled)) if self.pooled is not None else []
 
 
 class ModelRunner:

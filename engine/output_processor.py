@@ -5,6 +5,7 @@ vectors are collected per call and emitted once the call's last input is done.
 Nothing is re-copied per step: a DELTA output carries only the step's new tokens, text and logprobs,
 a FINAL_ONLY generation builds one output when it ends. Only CUMULATIVE (vLLM's default, for callers
 who ask for it) copies everything so far."""
+import itertools
 import time
 from collections import Counter
 from dataclasses import dataclass
@@ -18,7 +19,7 @@ from engine.outputs import (ClassificationOutput, CompletionOutput, EmbeddingOut
                             PoolingJobOutput, PoolingRequestOutput, RequestOutput, ScoringOutput)
 from engine.params import RequestOutputKind
 from engine.request import FINISH_REASONS, Request, RequestStatus
-from engine.sampler import SampledToken
+from engine.sampler import TokenLogprobs
 
 
 @dataclass(slots=True)
@@ -27,6 +28,7 @@ class _Sequence:
     or everything (the other kinds)."""
     index: int
     request: Request
+    generation: "_Generation"
     detokenizer: IncrementalDetokenizer | FinalDetokenizer | CallerDetokenizer
     text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
@@ -61,7 +63,8 @@ class OutputProcessor:
         self.stats = stats
         self.generations: dict[str, _Generation] = {}
         self.pooling: dict[str, _PoolingState] = {}
-        self.parent_of: dict[str, str] = {}  # engine request id -> caller's request id
+        self.sequence_of: dict[str, _Sequence] = {}  # a generation's engine request id -> its sequence
+        self.parent_of: dict[str, str] = {}  # a pooling job's engine request id -> the caller's request id
         # DELTA streams without stop strings get no text here: the caller's process detokenizes them (an engine
         # in a process of its own, engine.stream_text), off the process that runs the steps.
         self.caller_detokenizes = False
@@ -72,13 +75,13 @@ class OutputProcessor:
     def add_generation(self, request_id: str, prompt: str | list[int], children: list[Request]) -> None:
         params = children[0].sampling_params
         ids = children[0].prompt_token_ids
-        self.generations[request_id] = _Generation(
-            request_id, prompt if isinstance(prompt, str) else None, ids, params.output_kind,
-            [_Sequence(i, c, make_detokenizer(self.tokenizer, ids, params, self.caller_detokenizes),
-                       logprobs=[] if params.logprobs is not None else None) for i, c in enumerate(children)],
-            len(children))
-        for c in children:
-            self.parent_of[c.request_id] = request_id
+        gen = self.generations[request_id] = _Generation(
+            request_id, prompt if isinstance(prompt, str) else None, ids, params.output_kind, [], len(children))
+        for i, c in enumerate(children):
+            seq = _Sequence(i, c, gen, make_detokenizer(self.tokenizer, ids, params, self.caller_detokenizes),
+                            logprobs=[] if params.logprobs is not None else None)
+            gen.sequences.append(seq)
+            self.sequence_of[c.request_id] = seq
 
     def add_pooling(self, job: PoolingJob) -> None:
         self.pooling[job.request_id] = _PoolingState(job, {})
@@ -91,63 +94,66 @@ class OutputProcessor:
     def abort(self, request_id: str) -> list[Request]:
         """Forget the call; returns its engine requests, for the scheduler to drop."""
         gen, job = self.generations.pop(request_id, None), self.pooling.pop(request_id, None)
-        reqs = [s.request for s in gen.sequences] if gen else job.job.requests if job else []
-        for r in reqs:
+        if gen is not None:
+            return self._forget(gen)
+        if job is None:
+            return []
+        for r in job.job.requests:
             self.parent_of.pop(r.request_id, None)
+        return job.job.requests
+
+    def _forget(self, gen: _Generation) -> list[Request]:
+        reqs = [s.request for s in gen.sequences]
+        for r in reqs:
+            self.sequence_of.pop(r.request_id, None)
         return reqs
 
     # ---- generation ---------------------------------------------------------------------------
-    def process_sampled(self, sampled: list[tuple[Request, SampledToken]]
+    def process_sampled(self, reqs: list[Request], token_ids: list[int], logprobs: list[TokenLogprobs | None] | None
                         ) -> tuple[list[RequestOutput], list[tuple[Request, RequestStatus]]]:
-        """Outputs to emit, and the requests that finished (for the scheduler to release). A token drawn
-        after its sequence ended (aborted, or stopped by the token before it while async scheduling had
-        already launched the next step) is dropped."""
+        """Outputs to emit, and the requests that finished (for the scheduler to release), from a step's draws
+        (SamplerOutput.read). A token drawn after its sequence ended (aborted, or stopped by the token before it
+        while async scheduling had already launched the next step) is dropped. This runs for every running
+        request every step: one lookup per token, and a FINAL_ONLY generation is not touched again until it ends."""
         now = time.monotonic()
-        touched: dict[str, list[_Sequence]] = {}
-        finished = []
-        for req, tok in sampled:
+        emitting: dict[str, list[_Sequence]] = {}  # generations with an output this step, and their new tokens'
+        finished, gaps, num_tokens = [], Counter(), 0
+        for req, token_id, token_logprobs in zip(reqs, token_ids, logprobs or itertools.repeat(None)):
             if req.status.finished:
                 continue
-            gen = self.generations[self.parent_of[req.request_id]]
-            seq = gen.sequences[0] if len(gen.sequences) == 1 else self._sequence(gen, req)
-            status = self._append_token(seq, tok, now)
+            seq = self.sequence_of[req.request_id]
+            gen = seq.generation
+            num_tokens += 1
+            if gen.last_token_time != now:  # a generation's gap once per step, whatever its n
+                if gen.last_token_time:
+                    gaps[now - gen.last_token_time] += 1  # most generations share the previous step's time
+                gen.last_token_time = now
+            status = self._append_token(seq, token_id, token_logprobs, now)
             if status is not None:
                 seq.status = status
                 gen.num_unfinished -= 1
                 finished.append((req, status))
-            touched.setdefault(gen.request_id, []).append(seq)
-        self.stats.generation_tokens_total += sum(map(len, touched.values()))
-        outputs, gaps = [], Counter()
-        for rid, seqs in touched.items():
-            gen = self.generations[rid]
-            if gen.last_token_time:
-                gaps[now - gen.last_token_time] += 1  # most generations share the previous step's time
-            gen.last_token_time = now
-            if gen.num_unfinished and gen.kind is RequestOutputKind.FINAL_ONLY:
-                continue  # nothing to emit before the end
-            outputs.append(self._request_output(gen, seqs))
+            if gen.num_unfinished == 0 or gen.kind is not RequestOutputKind.FINAL_ONLY:
+                emitting.setdefault(gen.request_id, []).append(seq)
+        self.stats.generation_tokens_total += num_tokens
         for gap, count in gaps.items():
             self.stats.inter_token_seconds.observe(gap, count)
-        return outputs, finished
+        return [self._request_output(self.generations[rid], seqs) for rid, seqs in emitting.items()], finished
 
-    @staticmethod
-    def _sequence(gen: _Generation, req: Request) -> _Sequence:
-        return next(s for s in gen.sequences if s.request is req)
-
-    def _append_token(self, seq: _Sequence, tok: SampledToken, now: float) -> RequestStatus | None:
+    def _append_token(self, seq: _Sequence, token_id: int, logprobs: TokenLogprobs | None,
+                      now: float) -> RequestStatus | None:
         req = seq.request
-        params = req.sampling_params
-        token_id, ids = tok.token_id, req.token_ids
+        params, ids = req.sampling_params, req.token_ids
         ids.append(token_id)
         if req.first_token_time is None:
             req.first_token_time = now
             self.stats.prompt_tokens_total += req.num_prompt_tokens
             self.stats.ttft_seconds.observe(now - req.arrival_time)
-        if seq.logprobs is not None:
-            for lp_id, lp in tok.logprobs.items():
+        if logprobs is not None:
+            for lp_id, lp in logprobs.top.items():
                 lp.decoded_token = self.tokenizer.decode([lp_id])
-            seq.logprobs.append(tok.logprobs)
-            seq.cumulative_logprob += tok.logprob
+            seq.logprobs.append(logprobs.top)
+            seq.cumulative_logprob += logprobs.logprob
         status = None
         # The sampler masks stop and EOS tokens until min_tokens are out.
         if token_id in params.stop_token_ids:
@@ -177,8 +183,7 @@ class OutputProcessor:
         finished = gen.num_unfinished == 0
         if finished:
             self.generations.pop(gen.request_id)
-            for s in gen.sequences:
-                self.parent_of.pop(s.request.request_id, None)
+            self._forget(gen)
         if gen.kind is RequestOutputKind.FINAL_ONLY:
             outs = [self._final(s) for s in gen.sequences]
         elif gen.kind is RequestOutputKind.DELTA:

@@ -25,33 +25,35 @@ _MIX2 = 0x94D049BB133111EB - (1 << 64)
 
 
 @dataclass(slots=True)
-class SampledToken:
-    token_id: int
-    logprob: float | None  # of the sampled token, when logprobs were asked for
-    logprobs: dict[int, Logprob] | None  # sampled token first, then the top `params.logprobs`
+class TokenLogprobs:
+    """A sampled token's logprobs, for a request that asked for them."""
+    logprob: float  # of the sampled token
+    top: dict[int, Logprob]  # sampled token first, then the top `params.logprobs`
 
 
 @dataclass(slots=True)
 class SamplerOutput:
     """A step's draws: on the device for the next step's inputs, and on their way to the host, where
-    tokens() reads them once the step is done."""
+    read() takes them once the step is done."""
     token_ids: torch.Tensor  # [B] on the device
     host_token_ids: torch.Tensor
     params: list[SamplingParams]
     logprob_rows: list[int]  # rows that asked for logprobs, and theirs: sampled logprob, rank, top values, top ids
     host_logprobs: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor] | None = None
 
-    def tokens(self) -> list[SampledToken]:
+    def read(self) -> tuple[list[int], list[TokenLogprobs | None] | None]:
+        """Each row's token id, and each row's logprobs where any row asked (None in the rows that did not):
+        plain lists, no object per token, as the output processor reads them for every running request."""
         ids = self.host_token_ids.tolist()
-        out = [SampledToken(t, None, None) for t in ids]
         if self.host_logprobs is None:
-            return out
+            return ids, None
+        logprobs: list[TokenLogprobs | None] = [None] * len(ids)
         for i, value, rank, tl, ti in zip(self.logprob_rows, *(t.tolist() for t in self.host_logprobs)):
-            d = {ids[i]: Logprob(value, rank)}
+            top = {ids[i]: Logprob(value, rank)}
             for r, (t, v) in enumerate(zip(ti[:self.params[i].logprobs], tl), start=1):
-                d.setdefault(t, Logprob(v, r))
-            out[i].logprob, out[i].logprobs = value, d
-        return out
+                top.setdefault(t, Logprob(v, r))
+            logprobs[i] = TokenLogprobs(value, top)
+        return ids, logprobs
 
 
 def _column(values: list, like: torch.Tensor, dtype=torch.float32) -> torch.Tensor:

@@ -360,7 +360,7 @@ def assert_pool_free(llm) -> None:
     eng = llm.engine
     assert not eng.scheduler.waiting and not eng.scheduler.running and not eng.scheduler.requests
     out = eng.output_processor
-    assert not out.generations and not out.pooling and not out.parent_of
+    assert not out.generations and not out.pooling and not out.parent_of and not out.sequence_of
     if eng.kv is not None:
         pool = eng.kv.pool
         assert pool.num_free == pool.num_blocks

@@ -1,4 +1,5 @@
 import math
+from typing import NamedTuple
 
 import pytest
 import torch
@@ -7,7 +8,7 @@ from hypothesis import strategies as st
 
 from engine.params import SamplingParams
 from engine.request import Request
-from engine.sampler import RACE_CANDIDATES, TOP_P_CANDIDATES, SampledToken, Sampler, apply_penalties
+from engine.sampler import RACE_CANDIDATES, TOP_P_CANDIDATES, Sampler, apply_penalties
 
 V = 64
 EOS = 3
@@ -18,10 +19,18 @@ def req(prompt=(1, 2), output=(), seed=None, **params) -> Request:
                    num_prompt_tokens=len(prompt), seed=seed)
 
 
+class SampledToken(NamedTuple):
+    token_id: int
+    logprob: float | None
+    logprobs: dict | None
+
+
 class HostSampler(Sampler):
-    """The draws read back on the host at once, as the engine reads a step's when it is done."""
+    """The draws read back on the host at once, as the engine reads a step's when it is done, one row each."""
     def __call__(self, logits: torch.Tensor, requests: list[Request]) -> list[SampledToken]:
-        return super().__call__(logits, requests).tokens()
+        token_ids, logprobs = super().__call__(logits, requests).read()
+        return [SampledToken(t, lp and lp.logprob, lp and lp.top)
+                for t, lp in zip(token_ids, logprobs or [None] * len(token_ids))]
 
 
 def ids(out: list[SampledToken]) -> list[int]:
