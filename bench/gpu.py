@@ -16,6 +16,10 @@ Needs only torch, transformers, sentence-transformers and this repository's engi
     --torch-compile also the engine with torch_compile);
   - greedy parity: engine vs HF `generate`, fp32, identical token sequences out of N.
 
+Each row also gives the workload's physical limit on the card (a roofline: FLOPs at the dense matrix peak or
+bytes at the memory bandwidth, step by step; the peaks of H100 and H200 are known, --card-peaks names another's)
+and the engine's share of it.
+
     python bench/gpu.py --model /path/to/all-MiniLM-L6-v2 --data /path/to/scifact   # on one GPU, < 5 min
     python bench/gpu.py --small                                                       # CPU, tiny shapes
 
@@ -37,7 +41,7 @@ import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from common import SCIFACT, load_scifact, ratio, table  # noqa: E402  (also puts the repo on sys.path)
-from embed import ndcg_at_10  # noqa: E402
+from embed import bert_flops, ndcg_at_10  # noqa: E402
 
 MINILM = "sentence-transformers/all-MiniLM-L6-v2"
 SPECIALS = ["<pad>", "<s>", "</s>", "<unk>", "yes", "no"]
@@ -66,6 +70,74 @@ class Sizes:
         self.parity_prompts, self.parity_tokens = (4, 8) if small else (16, 32)
         self.embed_docs = 64 if small else None  # None: the whole corpus
         self.st_batch = 32 if small else 128
+
+
+# ---- physical limits ---------------------------------------------------------------------------
+# NVIDIA data sheets (SXM unless named): dense tensor-core bf16 TFLOP/s, fp32 TFLOP/s without tensor cores
+# (torch keeps fp32 matmuls off tf32 by default) and memory TB/s. The first name found in the card's wins.
+CARD_PEAKS = {"H200": (989, 67, 4.8), "H100 PCIe": (756, 51, 2.0), "H100 NVL": (835, 60, 3.9),
+              "H100": (989, 67, 3.35)}
+
+
+class Limits:
+    """The fastest a workload can run on the card: its FLOPs at the matrix peak or its bytes at the memory
+    bandwidth, whichever takes longer, phase by phase (a roofline). Unknown (None) on a card not in CARD_PEAKS
+    unless --card-peaks names its figures, and on a CPU."""
+
+    def __init__(self, device: torch.device, peaks: tuple[float, float, float] | None):
+        name = torch.cuda.get_device_name(device) if device.type == "cuda" else ""
+        self.peaks = peaks or next((p for card, p in CARD_PEAKS.items() if card in name), None)
+
+    def seconds(self, phases: list[tuple[float, float]], dtype: str) -> float | None:
+        """phases: (FLOPs, bytes) of each step (a step cannot overlap the next: it needs its outputs)."""
+        if self.peaks is None:
+            return None
+        bf16, fp32, tbs = self.peaks
+        flops_per_s = (fp32 if dtype == "float32" else bf16) * 1e12
+        return sum(max(flops / flops_per_s, nbytes / (tbs * 1e12)) for flops, nbytes in phases)
+
+    def cell(self, phases: list[tuple[float, float]], dtype: str, work: float, unit: str, achieved: float) -> str:
+        """The limit as the row's rate (work per second at the limit) and the engine's share of it."""
+        secs = self.seconds(phases, dtype)
+        if secs is None:
+            return "-"
+        return f"{work / secs:,.0f} {unit} (engine at {100 * achieved * secs / work:.0f}%)"
+
+
+class DecoderCost:
+    """FLOPs (2 per multiply-add) and bytes of a decoder's steps: the layers' matmuls, attention's QK^T and AV
+    over each query's keys, the LM head for the rows that need logits; bytes are the weights read once a step
+    and the KV cache read (decode) or written (prefill)."""
+
+    def __init__(self, cfg, dtype: str):
+        h, layers, heads = cfg.hidden_size, cfg.num_hidden_layers, cfg.num_attention_heads
+        head_dim = getattr(cfg, "head_dim", None) or h // heads
+        q, kv = heads * head_dim, cfg.num_key_value_heads * head_dim
+        self.layer_params = layers * (h * (q + 2 * kv) + q * h + 3 * h * cfg.intermediate_size)
+        self.head_params = cfg.vocab_size * h
+        self.attention = 4 * layers * q  # FLOPs per (query, key) pair
+        self.width = torch.finfo(getattr(torch, dtype)).bits // 8
+        self.kv_bytes = 2 * layers * kv * self.width  # per token
+
+    def weight_bytes(self) -> float:
+        return (self.layer_params + self.head_params) * self.width
+
+    def prefill(self, new: list[int], cached: list[int] | None = None, logits_rows: int = 0) -> tuple[float, float]:
+        """One step computing new[i] tokens after cached[i] cached ones (causal)."""
+        cached = cached or [0] * len(new)
+        pairs = sum(n * c + n * (n + 1) / 2 for n, c in zip(new, cached))
+        flops = 2 * self.layer_params * sum(new) + self.attention * pairs + 2 * self.head_params * logits_rows
+        return flops, self.weight_bytes() + self.kv_bytes * sum(new)
+
+    def decode(self, contexts: list[int]) -> tuple[float, float]:
+        """One step, a token for each sequence whose context (its new token included) is contexts[i]."""
+        n, keys = len(contexts), sum(contexts)
+        return (2 * (self.layer_params + self.head_params) * n + self.attention * keys,
+                self.weight_bytes() + self.kv_bytes * keys)
+
+    def generation(self, n: int, prompt: int, output: int) -> list[tuple[float, float]]:
+        """n prompts prefilled (one step at the limit), then output - 1 decode steps."""
+        return [self.prefill([prompt] * n, logits_rows=n)] + [self.decode([prompt + j] * n) for j in range(1, output)]
 
 
 # ---- helpers ----------------------------------------------------------------------------------
@@ -147,6 +219,8 @@ def embedding_rows(args, sizes: Sizes, device: torch.device, dtypes: list[str],
         queries = {f"q{i}": " ".join(corpus[str(i)].split()[:12]) for i in range(0, 2000, 10)}
         qrels = {f"q{i}": {str(i): 1} for i in range(0, 2000, 10)}
         source = "synthetic corpus"
+    import transformers as T
+    bert = T.AutoConfig.from_pretrained(model_dir)
     dids = list(corpus)[:sizes.embed_docs] if sizes.embed_docs else list(corpus)
     keep = set(dids)
     qids = [q for q in qrels if all(d in keep for d in qrels[q])]
@@ -169,6 +243,7 @@ def embedding_rows(args, sizes: Sizes, device: torch.device, dtypes: list[str],
             llm.embed(docs[:64], truncate_prompt_tokens=-1)  # warm-up (and FlexAttention's compile)
             secs, outs = timed(device, lambda: llm.embed(docs, truncate_prompt_tokens=-1))
             e_docs = np.array([o.outputs.embedding for o in outs], dtype=np.float32)
+            flops = bert_flops([len(o.prompt_token_ids) for o in outs], bert)
             e_q = np.array([o.outputs.embedding for o in llm.embed(qtexts, truncate_prompt_tokens=-1)],
                            dtype=np.float32)
             del llm
@@ -176,7 +251,8 @@ def embedding_rows(args, sizes: Sizes, device: torch.device, dtypes: list[str],
             nd_e = ndcg_at_10(e_q, qids, e_docs, dids, qrels)
             rows.append([f"embed {len(docs)} docs ({source}), MiniLM-L6, {dtype}" + (", torch_compile" if compiled else ""),
                          "docs/s", f"{len(docs) / secs:,.0f}", f"{len(docs) / st_secs:,.0f}", ratio(st_secs, secs),
-                         f"NDCG@10 {nd_e:.5f} vs {nd_s:.5f}", "sentence-transformers encode"])
+                         f"NDCG@10 {nd_e:.5f} vs {nd_s:.5f}", "sentence-transformers encode",
+                         args.limits.cell([(flops, 0.0)], dtype, len(docs), "docs/s", len(docs) / secs)])
     return rows
 
 
@@ -185,6 +261,8 @@ def decode_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str,
     decode step at the same N."""
     rows, vocab = [], hf.config.vocab_size
     hf_dtype = hf.to(getattr(torch, dtype))
+    cost = DecoderCost(hf.config, dtype)
+    context = sizes.prompt + 3 + sizes.decode_steps // 2  # the timed steps' middle (after two untimed ones)
     for n in sizes.running:
         rng = random.Random(n)
         prompts = [random_ids(rng, sizes.prompt, vocab) for _ in range(n)]
@@ -197,7 +275,8 @@ def decode_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str,
                 ", torch_compile" if torch_compile else "")
             rows.append([f"decode step, {n} running, random {args.decoder_shape}, {dtype}, {mode}", "ms (tok/s)",
                          f"{step_ms:.2f} ({n / step_ms * 1e3:,.0f})", f"{hf_ms:.2f} ({n / hf_ms * 1e3:,.0f})",
-                         ratio(hf_ms, step_ms), "", "HF forward step, DynamicCache"])
+                         ratio(hf_ms, step_ms), "", "HF forward step, DynamicCache",
+                         args.limits.cell([cost.decode([context] * n)], dtype, n, "tok/s", n / step_ms * 1e3)])
     return rows
 
 
@@ -299,10 +378,17 @@ def end_to_end_row(args, sizes: Sizes, device: torch.device, dtype: str, path: s
     total = sizes.e2e * n_out
     return [f"{sizes.e2e} x {sizes.prompt} -> {n_out} tokens, random {args.decoder_shape}, {dtype}", "out tok/s",
             f"{total / secs:,.0f}", f"{total / hf_secs:,.0f}", ratio(hf_secs, secs),
-            f"host waited on the device {100 * waited[0] / secs:.0f}% of the run", "HF generate, one batch"]
+            f"host waited on the device {100 * waited[0] / secs:.0f}% of the run", "HF generate, one batch",
+            generation_limit(args, sizes, dtype, hf.config, total / secs)]
 
 
-def streams_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str, vocab: int) -> list[list]:
+def generation_limit(args, sizes: Sizes, dtype: str, cfg, tokens_per_s: float) -> str:
+    """The end-to-end workload's physical limit: every prompt prefilled at once, then one decode step per token."""
+    phases = DecoderCost(cfg, dtype).generation(sizes.e2e, sizes.prompt, sizes.output)
+    return args.limits.cell(phases, dtype, sizes.e2e * sizes.output, "tok/s", tokens_per_s)
+
+
+def streams_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str, cfg) -> list[list]:
     """The end-to-end requests as DELTA streams through AsyncLLM, read as a server reads them, the engine on
     a thread of the caller's process or in a process of its own (engine_process), against LLM.generate's
     final-only outputs of the same requests in the same run."""
@@ -312,7 +398,7 @@ def streams_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str
     from engine.async_engine import AsyncLLM
     from engine.params import RequestOutputKind
     rng = random.Random(4)
-    prompts = [random_ids(rng, sizes.prompt, vocab) for _ in range(sizes.e2e)]
+    prompts = [random_ids(rng, sizes.prompt, cfg.vocab_size) for _ in range(sizes.e2e)]
     n_out, total = sizes.output, sizes.e2e * sizes.output
     kw = e2e_engine_kwargs(sizes, device)
     params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
@@ -343,7 +429,7 @@ def streams_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str
         rows.append([f"{sizes.e2e} DELTA streams x {sizes.prompt} -> {n_out} tokens through AsyncLLM, engine "
                      + ("in its own process" if process else "on a thread") + f", random {args.decoder_shape}, {dtype}",
                      "out tok/s", f"{total / secs:,.0f}", f"{total / base_secs:,.0f}", ratio(base_secs, secs), "",
-                     "engine LLM.generate, final-only"])
+                     "engine LLM.generate, final-only", generation_limit(args, sizes, dtype, cfg, total / secs)])
     return rows
 
 
@@ -365,11 +451,11 @@ def parity_row(sizes: Sizes, device: torch.device, path: str, hf) -> list:
                                  min_new_tokens=sizes.parity_tokens, do_sample=False, pad_token_id=0)[0, len(p):]
             same += o.outputs[0].token_ids == want.tolist()
     return ["greedy parity vs HF generate, float32", "identical sequences",
-            f"{same} / {len(prompts)}", "", "", f"{sizes.parity_tokens} tokens each", "HF generate"]
+            f"{same} / {len(prompts)}", "", "", f"{sizes.parity_tokens} tokens each", "HF generate", ""]
 
 
 def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, small: bool,
-                compile_modes: tuple[bool, ...]) -> list[list]:
+                compile_modes: tuple[bool, ...], limits: Limits) -> list[list]:
     with tempfile.TemporaryDirectory() as path:
         hf = random_decoder(shape, small, device, path).to(getattr(torch, dtype))
         vocab = hf.config.vocab_size
@@ -397,6 +483,11 @@ def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, smal
             free(device)
         encoded = [prompt.encode([(q, d) for d in ds], 1024, None) for q, ds in zip(queries, docs)]
         tok_per_pair = np.mean([len(x) for xs in encoded for x in xs])
+        # At the limit a query's shared head (instruction and query) is computed once, then its documents.
+        cost, phases = DecoderCost(hf.config, dtype), []
+        for prompts in encoded:
+            head = len(os.path.commonprefix(prompts))
+            phases += [cost.prefill([head]), cost.prefill([len(x) - head for x in prompts], [head] * len(prompts))]
         yes, no = SPECIALS.index("yes"), SPECIALS.index("no")
 
         @torch.inference_mode()
@@ -417,7 +508,8 @@ def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, smal
     return [[f"yes/no rerank {sizes.queries} x {sizes.docs} pairs (~{tok_per_pair:.0f} tok), random {shape}, {dtype}"
              + (", torch_compile" if compiled else ""),
              "pairs/s", f"{n / secs:,.1f}", f"{n / hf_secs:,.1f}", ratio(hf_secs, secs),
-             f"max |score - HF| {np.abs(scores - want).max():.4f}", "HF, left-padded batch per query"]
+             f"max |score - HF| {np.abs(scores - want).max():.4f}", "HF, left-padded batch per query",
+             limits.cell(phases, dtype, n, "pairs/s", n / secs)]
             for compiled, (secs, scores) in runs.items()]
 
 
@@ -430,12 +522,16 @@ def main() -> None:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="decoder rows' dtype (default bfloat16 on GPU, float32 on CPU)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["embed", "decode", "e2e", "streams", "rerank", "parity"])
+    ap.add_argument("--card-peaks", type=lambda v: tuple(map(float, v.split(","))), default=None,
+                    metavar="BF16,FP32,TBPS", help="the card's dense bf16 and fp32 TFLOP/s and memory TB/s, for the "
+                    f"physical-limit column on a card not in {', '.join(CARD_PEAKS)} (e.g. A100 SXM: 312,19.5,2.0)")
     ap.add_argument("--torch-compile", action="store_true",
                     help="also rows with torch_compile: embedding per dtype and rerank per shape (prefill steps "
                          "through the compiled model), decode per size (the CUDA graphs capture the compiled model)")
     args = ap.parse_args()
     args.decoder_shape = "llama-1b" if not args.small else "tiny llama"
     device = torch.device(args.device)
+    args.limits = Limits(device, args.card_peaks)
     sizes = Sizes(args.small)
     cpu = device.type == "cpu"
     dtype = args.dtype or ("float32" if cpu else "bfloat16")
@@ -452,7 +548,7 @@ def main() -> None:
             out = fn()
         except Exception as e:  # noqa: BLE001 (reported in the table, traceback above it)
             traceback.print_exc()
-            out = [[label, "FAILED", f"{type(e).__name__}: {str(e)[:80]}", "", "", "", ""]]
+            out = [[label, "FAILED", f"{type(e).__name__}: {str(e)[:80]}", "", "", "", "", ""]]
             free(device)
         rows.extend(out)
         for row in out:
@@ -471,15 +567,20 @@ def main() -> None:
             if "e2e" not in args.skip:
                 run_rows("e2e", lambda: [end_to_end_row(args, sizes, device, dtype, path, hf)])
             if "streams" not in args.skip:
-                run_rows("streams", lambda: streams_rows(args, sizes, device, dtype, path, hf.config.vocab_size))
+                run_rows("streams", lambda: streams_rows(args, sizes, device, dtype, path, hf.config))
             del hf
             free(device)
     if "rerank" not in args.skip:
         for shape in ("smollm2-135m", "qwen3-reranker-0.6b"):
             run_rows(f"rerank {shape}", lambda: rerank_rows(shape, sizes, device, dtype, args.small,
-                                                            (False, True) if args.torch_compile else (False,)))
-    print(table(["workload", "unit", "engine", "baseline", "engine / baseline", "quality", "baseline is"], rows))
-    print(f"\n{time.perf_counter() - t0:.0f} s in all. bf16 embedding row: "
+                                                            (False, True) if args.torch_compile else (False,), args.limits))
+    print(table(["workload", "unit", "engine", "baseline", "engine / baseline", "quality", "baseline is",
+                 "physical limit (roofline)"], rows))
+    peaks = (f"{args.limits.peaks[0]:g} TFLOP/s bf16, {args.limits.peaks[1]:g} fp32, {args.limits.peaks[2]:g} TB/s"
+             if args.limits.peaks else "unknown for this device (--card-peaks)")
+    print(f"\nphysical limit: each step's FLOPs at the card's dense matrix peak or its bytes (weights, KV cache) at its "
+          f"memory bandwidth, whichever is longer, summed over the workload's steps; peaks {peaks}.")
+    print(f"{time.perf_counter() - t0:.0f} s in all. bf16 embedding row: "
           f"{'run' if 'bfloat16' in embed_dtypes else 'skipped (bf16 is not fast on this device)'}.")
 
 
