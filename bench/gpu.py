@@ -12,8 +12,8 @@ Needs only torch, transformers, sentence-transformers and this repository's engi
   - the same requests as DELTA streams through AsyncLLM, the engine on a thread and in its own process,
     vs LLM.generate's final-only outputs;
   - yes/no reranking, 4 queries x 100 documents of ~280 tokens a pair, on random SmolLM2-135M and
-    Qwen3-Reranker-0.6B shapes, engine LLM.score vs HF, one left-padded batch per query (with
-    --torch-compile also the engine with torch_compile);
+    Qwen3-Reranker-0.6B shapes, engine LLM.score vs HF, one left-padded batch per query, both from text
+    (the same prompt template and tokenizer; with --torch-compile also the engine with torch_compile);
   - greedy parity: engine vs HF `generate`, fp32, identical token sequences out of N.
 
 Each row also gives the workload's physical limit on the card (a roofline: FLOPs at the dense matrix peak or
@@ -481,7 +481,9 @@ def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, smal
             prompt = llm.engine.input_processor.yes_no
             del llm
             free(device)
-        encoded = [prompt.encode([(q, d) for d in ds], 1024, None) for q, ds in zip(queries, docs)]
+        def encode() -> list[list[list[int]]]:  # the engine's prompt, tokenized per query
+            return [prompt.encode([(q, d) for d in ds], 1024, None) for q, ds in zip(queries, docs)]
+        encoded = encode()
         tok_per_pair = np.mean([len(x) for xs in encoded for x in xs])
         # At the limit a query's shared head (instruction and query) is computed once, then its documents.
         cost, phases = DecoderCost(hf.config, dtype), []
@@ -493,7 +495,7 @@ def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, smal
         @torch.inference_mode()
         def hf_scores():
             out = []
-            for batch in encoded:  # one left-padded batch per query
+            for batch in encode():  # from text, as the engine's LLM.score: tokenized, one left-padded batch per query
                 width = max(len(x) for x in batch)
                 ids = torch.tensor([[0] * (width - len(x)) + x for x in batch], device=device)
                 mask = torch.tensor([[0] * (width - len(x)) + [1] * len(x) for x in batch], device=device)
@@ -502,13 +504,15 @@ def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, smal
             return torch.cat(out).cpu().numpy()
         hf_scores()
         hf_secs, want = timed(device, hf_scores)
+        tokenize_secs, _ = timed(device, encode)
         del hf
         free(device)
     n = len(flat_q)
     return [[f"yes/no rerank {sizes.queries} x {sizes.docs} pairs (~{tok_per_pair:.0f} tok), random {shape}, {dtype}"
              + (", torch_compile" if compiled else ""),
              "pairs/s", f"{n / secs:,.1f}", f"{n / hf_secs:,.1f}", ratio(hf_secs, secs),
-             f"max |score - HF| {np.abs(scores - want).max():.4f}", "HF, left-padded batch per query",
+             f"max |score - HF| {np.abs(scores - want).max():.4f}",
+             f"HF from text ({tokenize_secs * 1e3:.0f} ms of it tokenizing), left-padded batch per query",
              limits.cell(phases, dtype, n, "pairs/s", n / secs)]
             for compiled, (secs, scores) in runs.items()]
 
