@@ -8,7 +8,8 @@ Needs only torch, transformers, sentence-transformers and this repository's engi
     1B-shape Llama (hidden 2048, 16 layers, 32/8 heads, vocab 49,152), bf16, vs Hugging Face's own
     decode step (DynamicCache) at the same batch;
   - 256 prompts x 128 tokens -> 128 tokens end to end, engine LLM.generate vs HF `generate`, one batch, and
-    the share of the run the engine's host spent waiting for the device (which of the two bounds it);
+    the share of the run the engine's host spent waiting for the device (which of the two bounds it), with
+    --torch-compile also compiled;
   - the same requests as DELTA streams through AsyncLLM, the engine on a thread and in its own process,
     vs LLM.generate's final-only outputs;
   - yes/no reranking, 4 queries x 100 documents of ~280 tokens a pair, on random SmolLM2-135M and
@@ -352,20 +353,24 @@ def e2e_engine_kwargs(sizes: Sizes, device: torch.device) -> dict:
                 max_model_len=tokens + 16, device=str(device))
 
 
-def end_to_end_row(args, sizes: Sizes, device: torch.device, dtype: str, path: str, hf) -> list:
+def end_to_end_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str, hf) -> list[list]:
+    """The engine's LLM.generate eager and (with --torch-compile) compiled, against one HF generate run."""
     from engine import SamplingParams
     rng = random.Random(1)
     vocab = hf.config.vocab_size
     prompts = [random_ids(rng, sizes.prompt, vocab) for _ in range(sizes.e2e)]
     n_out = sizes.output
-    llm = engine_llm(path, dtype, **e2e_engine_kwargs(sizes, device))
-    params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
-    llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
-    with host_waits() as waited:
-        secs, outs = timed(device, lambda: llm.generate(prompts, params))
-    assert all(len(o.outputs[0].token_ids) == n_out for o in outs)
-    del llm
-    free(device)
+    runs = {}  # torch_compile -> (seconds, seconds the host waited on the device)
+    for compiled in (False, True) if args.torch_compile else (False,):
+        llm = engine_llm(path, dtype, **e2e_engine_kwargs(sizes, device), torch_compile=compiled)
+        params = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True)
+        llm.generate(prompts[:4], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+        with host_waits() as waited:
+            secs, outs = timed(device, lambda: llm.generate(prompts, params))
+        assert all(len(o.outputs[0].token_ids) == n_out for o in outs)
+        runs[compiled] = secs, waited[0]
+        del llm
+        free(device)
     hf_model = hf.to(getattr(torch, dtype))
     ids = torch.tensor(prompts, device=device)
 
@@ -376,10 +381,11 @@ def end_to_end_row(args, sizes: Sizes, device: torch.device, dtype: str, path: s
     hf_generate()
     hf_secs, _ = timed(device, hf_generate)
     total = sizes.e2e * n_out
-    return [f"{sizes.e2e} x {sizes.prompt} -> {n_out} tokens, random {args.decoder_shape}, {dtype}", "out tok/s",
-            f"{total / secs:,.0f}", f"{total / hf_secs:,.0f}", ratio(hf_secs, secs),
-            f"host waited on the device {100 * waited[0] / secs:.0f}% of the run", "HF generate, one batch",
-            generation_limit(args, sizes, dtype, hf.config, total / secs)]
+    return [[f"{sizes.e2e} x {sizes.prompt} -> {n_out} tokens, random {args.decoder_shape}, {dtype}"
+             + (", torch_compile" if compiled else ""), "out tok/s",
+             f"{total / secs:,.0f}", f"{total / hf_secs:,.0f}", ratio(hf_secs, secs),
+             f"host waited on the device {100 * waited / secs:.0f}% of the run", "HF generate, one batch",
+             generation_limit(args, sizes, dtype, hf.config, total / secs)] for compiled, (secs, waited) in runs.items()]
 
 
 def generation_limit(args, sizes: Sizes, dtype: str, cfg, tokens_per_s: float) -> str:
@@ -531,7 +537,8 @@ def main() -> None:
                     f"physical-limit column on a card not in {', '.join(CARD_PEAKS)} (e.g. A100 SXM: 312,19.5,2.0)")
     ap.add_argument("--torch-compile", action="store_true",
                     help="also rows with torch_compile: embedding per dtype and rerank per shape (prefill steps "
-                         "through the compiled model), decode per size (the CUDA graphs capture the compiled model)")
+                         "through the compiled model), decode per size and end to end (the CUDA graphs capture the "
+                         "compiled model)")
     args = ap.parse_args()
     args.decoder_shape = "llama-1b" if not args.small else "tiny llama"
     device = torch.device(args.device)
@@ -569,7 +576,7 @@ def main() -> None:
             if "decode" not in args.skip:
                 run_rows("decode", lambda: decode_rows(args, sizes, device, dtype, path, hf))
             if "e2e" not in args.skip:
-                run_rows("e2e", lambda: [end_to_end_row(args, sizes, device, dtype, path, hf)])
+                run_rows("e2e", lambda: end_to_end_rows(args, sizes, device, dtype, path, hf))
             if "streams" not in args.skip:
                 run_rows("streams", lambda: streams_rows(args, sizes, device, dtype, path, hf.config))
             del hf
