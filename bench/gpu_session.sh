@@ -2,7 +2,8 @@
 # A lent GPU's checks in two calls of under 10 minutes each, from the repository root, after
 # `python bench/gpu_bundle.py` filled .gpu/ on the machine that sends the repository:
 #   bash bench/gpu_session.sh table    # bench/gpu.py --torch-compile: issue 8's table (~8 min on an H200)
-#   bash bench/gpu_session.sh checks   # host-only ceilings (bench/host.py) and the CUDA-only tests (~3 min)
+#   bash bench/gpu_session.sh checks   # kernel profiles (bench/gpu_profile.py), host-only ceilings (bench/host.py)
+#                                      # and the CUDA-only tests (~4 min)
 # Logs go to $OUT (the device tool's folder that comes back) or /tmp/gpu_session.
 set -u
 PY=${PY:-python3}  # the GPU image's python3 holds its PyTorch
@@ -14,7 +15,9 @@ case "${1:-}" in
   table)
     timeout 560 $PY bench/gpu.py --model .gpu/minilm --data .gpu/scifact --torch-compile 2>&1 | tee "$OUT/gpu_table.txt" | tail -45 ;;
   checks)
-    timeout 200 $PY bench/host.py --running 256 1024 --steps 40 2>&1 | tee "$OUT/host.txt" | tail -30
+    timeout 180 $PY bench/gpu_profile.py --model .gpu/minilm --data .gpu/scifact 2>&1 | tee "$OUT/profile.txt" \
+      | grep -v "^USDT\|^STAGE" | tail -100
+    timeout 150 $PY bench/host.py --running 256 --steps 40 2>&1 | tee "$OUT/host.txt" | tail -30
     if $PY -c "import pytest" 2>/dev/null; then
       timeout 240 $PY -m pytest -q -x tests/test_attention_kernels.py tests/test_async_scheduling.py 2>&1 | tee "$OUT/tests.txt" | tail -15
     else

@@ -1,0 +1,139 @@
+"""Where a GPU step's time goes, for the rows of bench/gpu.py that are furthest from their physical limit.
+
+torch.profiler over three of its workloads, each after a warm-up: decode steps at 256 running on the random
+1B-shape Llama (eager, every kernel launched by itself, and replayed from the CUDA graphs), the SmolLM2-shape
+yes/no rerank of 4 x 100 pairs, and the fp32 MiniLM embedding of 1,000 SciFact documents. For each: the wall
+time, the device's busy time (its kernels' time summed: the rest of the wall time the device waited on the
+host) and the kernels that took most of it, grouped by name.
+
+    python bench/gpu_profile.py --model .gpu/minilm --data .gpu/scifact    # on one GPU, ~1-2 min
+    python bench/gpu_profile.py --small                                      # CPU smoke run (CPU ops)"""
+import argparse
+import os
+import random
+import sys
+import tempfile
+import time
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from common import SCIFACT, load_scifact, table  # noqa: E402
+from gpu import MINILM, Sizes, engine_llm, free, random_decoder, random_ids, sync  # noqa: E402
+
+TOP = 12
+
+
+def profiled(device: torch.device, label: str, fn) -> None:
+    """Runs fn once under the profiler and prints its wall time, device busy time and top kernels."""
+    cuda = device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    sync(device)
+    with profile(activities=activities) as prof:
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - t
+    kernels = {}
+    for e in prof.key_averages():
+        if cuda and e.device_type != torch.autograd.DeviceType.CUDA:
+            continue
+        us = e.self_device_time_total if cuda else e.self_cpu_time_total
+        if us > 0:
+            calls, total = kernels.get(e.key, (0, 0.0))
+            kernels[e.key] = (calls + e.count, total + us)
+    busy = sum(us for _, us in kernels.values()) / 1e3
+    what = "device kernels" if cuda else "CPU ops (self time)"
+    print(f"\n### {label}: wall {wall * 1e3:.1f} ms, {what} {busy:.1f} ms ({100 * busy / (wall * 1e3):.0f}% of wall)\n")
+    top = sorted(kernels.items(), key=lambda kv: -kv[1][1])[:TOP]
+    print(table(["kernel" if cuda else "op", "calls", "ms", "% of busy"],
+                [[name[:90], calls, f"{us / 1e3:.2f}", f"{100 * us / 1e3 / busy:.1f}"] for name, (calls, us) in top]))
+
+
+def decode(sizes: Sizes, device: torch.device, dtype: str, path: str, vocab: int, n: int, steps: int) -> None:
+    from engine import SamplingParams
+    from engine.params import RequestOutputKind
+    rng = random.Random(n)
+    prompts = [random_ids(rng, sizes.prompt, vocab) for _ in range(n)]
+    per_seq = sizes.prompt + steps + 16
+    for eager in (True, False):
+        llm = engine_llm(path, dtype, max_num_seqs=n, max_num_batched_tokens=max(8192, 2 * sizes.prompt),
+                         num_blocks=n * -(-per_seq // 16) + 8, max_model_len=per_seq + 16, device=str(device),
+                         enforce_eager=eager)
+        eng = llm.engine
+        params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True,
+                                output_kind=RequestOutputKind.FINAL_ONLY)
+        for i, ids in enumerate(prompts):
+            eng.add_generation(f"d{i}", ids, params)
+        while eng.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.running):
+            eng.step()
+        for _ in range(3):
+            eng.step()
+        mode = "eager (enforce_eager)" if eager else "CUDA graphs" if device.type == "cuda" else "default"
+        profiled(device, f"{steps} decode steps, {n} running, {dtype}, {mode}",
+                 lambda: [eng.step() for _ in range(steps)])
+        while eng.has_unfinished():
+            eng.step()
+        del llm, eng
+        free(device)
+
+
+def rerank(sizes: Sizes, device: torch.device, dtype: str, small: bool) -> None:
+    with tempfile.TemporaryDirectory() as path:
+        vocab = random_decoder("smollm2-135m", small, device, path).config.vocab_size
+        free(device)
+        rng = random.Random(3)
+        queries = [" ".join(f"w{i}" for i in random_ids(rng, 12, vocab)) for _ in range(sizes.queries)]
+
+        def documents() -> list[str]:
+            return [" ".join(f"w{i}" for i in random_ids(rng, rng.randint(sizes.doc_words // 2, sizes.doc_words), vocab))
+                    for _ in queries for _ in range(sizes.docs)]
+        flat_q = [q for q in queries for _ in range(sizes.docs)]
+        llm = engine_llm(path, dtype, task="score", score_tokens=("no", "yes"), max_model_len=1024,
+                         max_num_batched_tokens=16384, max_num_seqs=256, device=str(device))
+        llm.score(flat_q, documents())
+        docs = documents()
+        profiled(device, f"yes/no rerank {len(docs)} pairs, SmolLM2-135M shape, {dtype}, eager",
+                 lambda: llm.score(flat_q, docs))
+        del llm
+        free(device)
+
+
+def embed(args, sizes: Sizes, device: torch.device) -> None:
+    from engine.loader import resolve_model
+    data = args.data or SCIFACT
+    corpus = load_scifact(data)[0] if os.path.exists(os.path.join(data, "corpus.jsonl")) else {
+        str(i): " ".join(f"word{(i * 7 + j) % 3000}" for j in range(200)) for i in range(1000)}
+    docs = list(corpus.values())[:sizes.embed_docs or 1000]
+    llm = engine_llm(resolve_model(args.model), "float32", task="embed", max_model_len=256,
+                     max_num_batched_tokens=32768, device=str(device))
+    llm.embed(docs[:64], truncate_prompt_tokens=-1)
+    profiled(device, f"embed {len(docs)} SciFact docs, MiniLM-L6, float32",
+             lambda: llm.embed(docs, truncate_prompt_tokens=-1))
+    del llm
+    free(device)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default=MINILM, help="all-MiniLM-L6-v2: a local dir or its name")
+    ap.add_argument("--data", default=None, help="SciFact dir")
+    ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args()
+    device = torch.device(args.device)
+    sizes = Sizes(args.small)
+    dtype = "float32" if device.type == "cpu" else "bfloat16"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
+    print(f"## bench/gpu_profile.py on {name}, torch {torch.__version__}")
+    with tempfile.TemporaryDirectory() as path:
+        vocab = random_decoder("llama-1b", args.small, device, path).config.vocab_size
+        free(device)
+        decode(sizes, device, dtype, path, vocab, sizes.running[0], 10)
+    rerank(sizes, device, dtype, args.small)
+    embed(args, sizes, device)
+
+
+if __name__ == "__main__":
+    main()
