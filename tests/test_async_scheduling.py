@@ -181,6 +181,39 @@ def test_cuda_decode_steps_launch_without_waiting_for_the_device(tiny_model):
     assert_pool_free(llm)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="host waits for the device exist only on CUDA")
+@pytest.mark.parametrize("arch,task", [("llama", "score"), ("llama", "generate"), ("bert", "embed")])
+def test_cuda_prefill_steps_launch_without_waiting_for_the_device(tiny_model, arch, task):
+    """Prefill steps (chunks, prefix hits on a shared query, pooling of finished inputs) in bf16, where CUDA
+    takes the flash varlen kernel: launching one never waits for the GPU either, so a reranker's or an
+    embedder's steps overlap the host's next step with the device's current one."""
+    kwargs = dict(score_tokens=("no", "yes"), score_template="question : {query} document : {document} answer :"
+                  ) if task == "score" else {}
+    llm = LLM(tiny_model(arch), task=task, dtype="bfloat16", block_size=4, device="cuda", async_scheduling=True,
+              max_num_batched_tokens=24, **kwargs)
+    eng = llm.engine
+
+    def add(rid: str) -> None:
+        if task == "score":
+            eng.add_score(rid, "is the cat on the mat", PROMPTS)
+        elif task == "embed":
+            eng.add_embed(rid, PROMPTS)
+        else:
+            eng.add_generation(rid, SHARED[0], SamplingParams(temperature=0.0, max_tokens=4, ignore_eos=True))
+    for rid in ("warm-up", "timed"):
+        add(rid)
+        while eng.has_unfinished():
+            if rid == "timed":
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                launched = eng._launch()
+            finally:
+                torch.cuda.set_sync_debug_mode(0)
+            if len(eng._in_flight) > (1 if launched else 0):
+                eng._process(eng._in_flight.popleft())
+    assert_pool_free(llm)
+
+
 def test_no_step_is_launched_past_max_tokens_or_max_model_len(tiny_model):
     sync, async_ = engines(tiny_model, max_model_len=40)
     params = [SamplingParams(temperature=0.0, max_tokens=None, ignore_eos=True)] * 2 + \
