@@ -30,6 +30,12 @@ class _Sequence:
     request: Request
     generation: "_Generation"
     detokenizer: IncrementalDetokenizer | FinalDetokenizer | CallerDetokenizer
+    # What process_sampled checks for every token, decided once: the token ids that end it (stop tokens, and EOS
+    # unless ignored), the token count at which it ends by length, and whether each token needs more than
+    # those checks (logprobs to record, text to decode as it comes).
+    stop_ids: frozenset[int]
+    end: int
+    watched: bool
     text: str = ""
     logprobs: list[dict[int, Logprob]] | None = None
     cumulative_logprob: float = 0.0
@@ -64,6 +70,7 @@ class OutputProcessor:
         self.generations: dict[str, _Generation] = {}
         self.pooling: dict[str, _PoolingState] = {}
         self.sequence_of: dict[str, _Sequence] = {}  # a generation's engine request id -> its sequence
+        self._last_step_time: float | None = None  # of the latest step with sampled tokens
         self.parent_of: dict[str, str] = {}  # a pooling job's engine request id -> the caller's request id
         # DELTA streams without stop strings get no text here: the caller's process detokenizes them (an engine
         # in a process of its own, engine.stream_text), off the process that runs the steps.
@@ -77,8 +84,11 @@ class OutputProcessor:
         ids = children[0].prompt_token_ids
         gen = self.generations[request_id] = _Generation(
             request_id, prompt if isinstance(prompt, str) else None, ids, params.output_kind, [], len(children))
+        stop_ids = frozenset(params.stop_token_ids) | (frozenset() if params.ignore_eos else frozenset(self.eos_token_ids))
         for i, c in enumerate(children):
-            seq = _Sequence(i, c, gen, make_detokenizer(self.tokenizer, ids, params, self.caller_detokenizes),
+            detokenizer = make_detokenizer(self.tokenizer, ids, params, self.caller_detokenizes)
+            seq = _Sequence(i, c, gen, detokenizer, stop_ids, min(c.num_prompt_tokens + c.max_tokens, self.max_model_len),
+                            detokenizer.per_token or params.logprobs is not None,
                             logprobs=[] if params.logprobs is not None else None)
             gen.sequences.append(seq)
             self.sequence_of[c.request_id] = seq
@@ -115,36 +125,48 @@ class OutputProcessor:
         (SamplerOutput.read). A token drawn after its sequence ended (aborted, or stopped by the token before it
         while async scheduling had already launched the next step) is dropped. This runs for every running
         request every step: one lookup per token, and a FINAL_ONLY generation is not touched again until it ends."""
-        now = time.monotonic()
+        now, previous = time.monotonic(), self._last_step_time
         emitting: dict[str, list[_Sequence]] = {}  # generations with an output this step, and their new tokens'
-        finished, gaps, num_tokens = [], Counter(), 0
+        finished, gaps, num_tokens, num_since_previous = [], Counter(), 0, 0
+        # Locals, not attribute lookups: this loop runs for every running request every step.
+        sequence_of, final_only = self.sequence_of, RequestOutputKind.FINAL_ONLY
         for req, token_id, token_logprobs in zip(reqs, token_ids, logprobs or itertools.repeat(None)):
-            if req.status.finished:
-                continue
-            seq = self.sequence_of[req.request_id]
+            seq = sequence_of.get(req.request_id)
+            if seq is None or seq.status is not None:
+                continue  # aborted, or ended by an earlier token
             gen = seq.generation
             num_tokens += 1
-            if gen.last_token_time != now:  # a generation's gap once per step, whatever its n
-                if gen.last_token_time:
-                    gaps[now - gen.last_token_time] += 1  # most generations share the previous step's time
+            last = gen.last_token_time
+            if last != now:  # a generation's gap once per step, whatever its n
                 gen.last_token_time = now
-            status = self._append_token(seq, token_id, token_logprobs, now)
-            if status is not None:
-                seq.status = status
-                gen.num_unfinished -= 1
-                finished.append((req, status))
-            if gen.num_unfinished == 0 or gen.kind is not RequestOutputKind.FINAL_ONLY:
+                if last == previous:
+                    num_since_previous += 1  # most generations: a token in every step
+                elif last:
+                    gaps[now - last] += 1
+            ids = req.token_ids
+            ids.append(token_id)
+            # Most tokens end nothing and have nothing to record or decode: only the others are looked at closely.
+            if seq.watched or len(ids) >= seq.end or token_id in seq.stop_ids or req.first_token_time is None:
+                status = self._check_token(seq, token_id, token_logprobs, now)
+                if status is not None:
+                    seq.status = status
+                    gen.num_unfinished -= 1
+                    finished.append((req, status))
+            if gen.num_unfinished == 0 or gen.kind is not final_only:
                 emitting.setdefault(gen.request_id, []).append(seq)
         self.stats.generation_tokens_total += num_tokens
+        if num_since_previous:
+            gaps[now - previous] += num_since_previous
+        self._last_step_time = now
         for gap, count in gaps.items():
             self.stats.inter_token_seconds.observe(gap, count)
         return [self._request_output(self.generations[rid], seqs) for rid, seqs in emitting.items()], finished
 
-    def _append_token(self, seq: _Sequence, token_id: int, logprobs: TokenLogprobs | None,
-                      now: float) -> RequestStatus | None:
+    def _check_token(self, seq: _Sequence, token_id: int, logprobs: TokenLogprobs | None,
+                     now: float) -> RequestStatus | None:
+        """The sequence's status after its latest token (just appended), its logprobs and text recorded."""
         req = seq.request
         params, ids = req.sampling_params, req.token_ids
-        ids.append(token_id)
         if req.first_token_time is None:
             req.first_token_time = now
             self.stats.prompt_tokens_total += req.num_prompt_tokens

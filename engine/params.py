@@ -79,7 +79,7 @@ class SamplingParams:
 
     @property
     def plain_greedy(self) -> bool:
-        """Argmax of the raw logits: nothing edits them first (most requests; the sampler's one-pass check)."""
+        """Argmax of the raw logits: nothing edits them first (most requests; see Request.argmax_only)."""
         return self.greedy and not self.min_tokens and not self.logit_bias and not self.has_penalties
 
 

@@ -46,10 +46,15 @@ class Request:
     first_token_time: float | None = None
     # Filled by the model runner for pooling requests.
     pooled: torch.Tensor | None = None
+    # Its token is the argmax of the raw logits and it wants no logprobs (most requests): read by the sampler's
+    # one-pass check every step, so decided once from parameters that do not change.
+    argmax_only: bool = field(init=False, default=False)
 
     def __post_init__(self):
         if not self.num_prompt_tokens:
             self.num_prompt_tokens = len(self.token_ids)
+        p = self.sampling_params
+        self.argmax_only = p is not None and p.plain_greedy and p.logprobs is None
 
     @property
     def is_pooling(self) -> bool:

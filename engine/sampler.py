@@ -75,9 +75,10 @@ class Sampler:
                  last_inputs: torch.Tensor | None = None) -> SamplerOutput:
         """last_inputs [B]: each row's input token this step, on the device; penalties need the ones still
         in flight (async scheduling), which the host does not have yet."""
+        if all(r.argmax_only for r in requests):
+            token_ids = logits.argmax(-1)
+            return SamplerOutput(token_ids, to_host(token_ids), [], [])
         params = [r.sampling_params for r in requests]
-        if all(p.plain_greedy for p in params):
-            return _output(logits, logits.argmax(-1), params)
         penalised = [i for i, p in enumerate(params) if p.has_penalties]
         blocked = self._blocked(requests, logits.shape[1], logits.device)
         biased = [i for i, p in enumerate(params) if p.logit_bias]

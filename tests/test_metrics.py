@@ -72,3 +72,24 @@ def test_prefix_cache_counters_count_queried_and_hit_tokens(tiny_model):
     text = render_prometheus([{**snap, "model_name": "m", "replica": "r1"}])
     assert f'vllm:prefix_cache_hits_total{{model_name="m",replica="r1"}} {float(second.num_cached_tokens)}' in text
     assert f'vllm:prefix_cache_queries_total{{model_name="m",replica="r1"}} {float(2 * n)}' in text
+
+
+@pytest.mark.parametrize("async_scheduling", [False, True])
+def test_inter_token_latency_counts_one_gap_per_generation_per_later_step(tiny_model, async_scheduling):
+    """vllm:inter_token_latency_seconds: a generation's tokens after its first, one gap each step that gives it
+    any (n > 1 choices share their generation's steps), including requests that arrive while others run."""
+    from engine import SamplingParams
+    llm = LLM(tiny_model("llama"), dtype="float32", async_scheduling=async_scheduling)
+    eng = llm.engine
+    lengths = {"a": 5, "b": 3, "c": 4}
+    for i, (rid, n) in enumerate(lengths.items()):
+        eng.add_generation(rid, PROMPTS[i], SamplingParams(temperature=0.0, max_tokens=n, ignore_eos=True,
+                                                           n=2 if rid == "c" else 1))
+        eng.step()  # each request arrives one step after the one before
+    while eng.has_unfinished():
+        eng.step()
+    stats = eng.stats_snapshot()
+    itl = stats["inter_token_seconds"]
+    assert itl["count"] == sum(n - 1 for n in lengths.values())
+    assert itl["sum"] > 0
+    assert stats["generation_tokens_total"] == 5 + 3 + 2 * 4
