@@ -2,10 +2,10 @@
 import itertools
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from engine.attention_backends import select_attention_backend
+from engine.block_table import BlockTable
 from engine.compiled_model import CompiledModel
 from engine.context import Context, PrefillSpan, set_context
 from engine.cuda_graphs import DecodeGraphs
@@ -65,6 +65,7 @@ class ModelRunner:
         # scheduling the next step takes its inputs from there before the host has them.
         self._last_sampled: torch.Tensor | None = None
         self._last_reqs: list[Request] = []
+        self.block_table = BlockTable()
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         s = self.model.spec
@@ -112,33 +113,20 @@ class ModelRunner:
         if not all_decode:  # prefill chunks first, then single-token decodes, so decodes form one batch at the end
             order = sorted(range(len(reqs)), key=decodes.__getitem__)
             reqs, counts, decodes = [reqs[i] for i in order], [counts[i] for i in order], [decodes[i] for i in order]
-        ids, types, pending_at, pending_reqs = [], [], [], []
-        for req, n in zip(reqs, counts):
-            c = req.num_computed_tokens
-            ids.extend(req.token_ids[c:c + n])
-            if req.num_pending_tokens and c + n > req.num_tokens:  # its last token is the latest step's draw
-                pending_at.append(len(ids))
-                pending_reqs.append(req)
-                ids.append(0)
-            if req.token_type_ids is not None:
-                types.extend(req.token_type_ids[c:c + n])
         ends = list(itertools.accumulate(counts))
         rows = torch.arange(len(reqs), device=self.device)
+        if all_decode and reqs == self._last_reqs:
+            # Steady decoding: the latest step sampled these requests, row for row, and each one's input now is
+            # that draw (sampling happens only once a request's computed tokens reach its end).
+            input_ids, token_types = self._last_sampled, None
+        else:
+            input_ids, token_types = self._inputs(reqs, counts)
         if all_decode:  # one token each, at its computed count
             pos = self._tensor([r.num_computed_tokens for r in reqs])
         else:  # positions without a per-token Python loop: each request's run starts at its computed count
             offsets = self._tensor([r.num_computed_tokens - (e - n) for r, n, e in zip(reqs, counts, ends)])
-            rows = rows.repeat_interleave(self._tensor(counts), output_size=len(ids))
-            pos = torch.arange(len(ids), device=self.device) + offsets[rows]
-        if len(pending_at) == len(ids) and pending_reqs == self._last_reqs:
-            input_ids = self._last_sampled  # steady decoding: every input is the latest step's draw, row for row
-        else:
-            input_ids = self._tensor(ids)
-            if pending_at:
-                row_of = {r: i for i, r in enumerate(self._last_reqs)}
-                rows_of_pending = self._tensor([row_of[r] for r in pending_reqs])
-                input_ids[self._tensor(pending_at)] = self._last_sampled[rows_of_pending]
-        token_types = self._tensor(types) if types else None
+            rows = rows.repeat_interleave(self._tensor(counts), output_size=ends[-1])
+            pos = torch.arange(ends[-1], device=self.device) + offsets[rows]
         if self.decode_graphs is not None and all_decode and len(reqs) <= self.decode_graphs.max_batch:
             hidden = self.decode_graphs.run(input_ids, pos, *self._decode_inputs(reqs, rows, pos))
         else:
@@ -152,6 +140,25 @@ class ModelRunner:
                 set_context(Context())
         return self._outputs(hidden, input_ids, reqs, counts, ends)
 
+    def _inputs(self, reqs: list[Request], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The step's input tokens and (encoder text pairs) token types. A token the step in flight is still
+        sampling (async scheduling) is taken from its draws on the device."""
+        ids, types, pending_at, pending_reqs = [], [], [], []
+        for req, n in zip(reqs, counts):
+            c = req.num_computed_tokens
+            ids.extend(req.token_ids[c:c + n])
+            if req.num_pending_tokens and c + n > req.num_tokens:  # its last token is the latest step's draw
+                pending_at.append(len(ids))
+                pending_reqs.append(req)
+                ids.append(0)
+            if req.token_type_ids is not None:
+                types.extend(req.token_type_ids[c:c + n])
+        input_ids = self._tensor(ids)
+        if pending_at:
+            row_of = {r: i for i, r in enumerate(self._last_reqs)}
+            input_ids[self._tensor(pending_at)] = self._last_sampled[self._tensor([row_of[r] for r in pending_reqs])]
+        return input_ids, self._tensor(types) if types else None
+
     def _tensor(self, values: list[int]) -> torch.Tensor:
         return to_device(values, self.device)
 
@@ -162,12 +169,7 @@ class ModelRunner:
         return [n == 1 and r.num_computed_tokens > 0 for r, n in zip(reqs, counts)]
 
     def _block_table(self, reqs: list[Request]) -> torch.Tensor:
-        # Filled in numpy through a mask, not padded row by row in Python: 3x faster at 256 requests.
-        lens = np.fromiter((len(r.block_ids) for r in reqs), dtype=np.int64, count=len(reqs))
-        table = np.zeros((len(reqs), int(lens.max())), dtype=np.int64)
-        table[np.arange(table.shape[1])[None] < lens[:, None]] = np.fromiter(
-            itertools.chain.from_iterable(r.block_ids for r in reqs), dtype=np.int64, count=int(lens.sum()))
-        return to_device(torch.from_numpy(table), self.device)
+        return to_device(torch.from_numpy(self.block_table.build(reqs)), self.device)
 
     def _decode_inputs(self, reqs: list[Request], rows: torch.Tensor, pos: torch.Tensor):
         """slot mapping, block table and context lengths of an all-decode step (rows: 0..len(reqs) - 1)."""

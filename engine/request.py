@@ -38,7 +38,7 @@ class Request:
     # Tokens sampled by a step still in flight (async scheduling): counted, not yet in token_ids.
     num_pending_tokens: int = 0
     num_cached_tokens: int = 0  # prompt tokens found in the prefix cache
-    block_ids: list[int] = field(default_factory=list)
+    block_ids: list[int] = field(default_factory=list)  # replaced when its blocks change, never edited (BlockTable)
     status: RequestStatus = RequestStatus.WAITING
     stop_reason: int | str | None = None
     seed: int | None = None  # sampling seed; n > 1 children of a seeded request get seed, seed + 1, ...

@@ -38,22 +38,27 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out, budget, preempted = SchedulerOutput(), self.max_num_batched_tokens, False
+        # Properties spelled out and methods held in locals: this loop runs for every running request every step.
+        running, kv, cap = self.running, self.kv, min(self.chunk_cap, budget)
         i = 0
-        while i < len(self.running) and budget > 0:
-            req = self.running[i]
-            if req.num_pending_tokens and req.num_outputs_with_pending >= req.max_tokens:
+        while i < len(running) and budget > 0:
+            req = running[i]
+            num_tokens = len(req.token_ids) + req.num_pending_tokens
+            if req.num_pending_tokens and num_tokens - req.num_prompt_tokens >= req.max_tokens:
                 i += 1  # its last token is being sampled by the step in flight: nothing left to compute
                 continue
-            # num_tokens_with_pending, spelled out: this runs for every running request every step.
-            n = min(len(req.token_ids) + req.num_pending_tokens - req.num_computed_tokens, budget, self.chunk_cap)
-            while not self.kv.allocate_slots(req, n):
-                victim = self.running.pop()  # the most recently started gives its blocks back
+            n = num_tokens - req.num_computed_tokens
+            if n > cap or n > budget:
+                n = min(n, budget, cap)
+            while not kv.allocate_slots(req, n):
+                victim = running.pop()  # the most recently started gives its blocks back
                 self._preempt(victim)
                 preempted = True
                 if victim is req:
                     break
             else:
-                out.requests.append(req), out.num_tokens.append(n)
+                out.requests.append(req)
+                out.num_tokens.append(n)
                 budget -= n
                 i += 1
         while self.waiting and budget > 0 and len(self.running) < self.max_num_seqs and not preempted:

@@ -252,3 +252,32 @@ def test_reference_counts_hold_under_random_use(ops, block_size, num_blocks, cac
         kv.free(r)
     check_kv_invariants(kv)
     assert kv.pool.num_free == num_blocks and all(b.ref_count == 0 for b in kv.pool.blocks)
+
+
+# Each step: the batch (request indices, in order) and the requests whose block lists are replaced (new lists of
+# any length: grown by a block, freed and reallocated, the same length with other ids).
+block_table_steps = st.lists(st.tuples(st.lists(st.integers(0, 5), min_size=1, max_size=6, unique=True),
+                                       st.lists(st.tuples(st.integers(0, 5), st.lists(st.integers(0, 99), min_size=1,
+                                                                                       max_size=5)), max_size=3)),
+                             min_size=1, max_size=12)
+
+
+@settings(max_examples=300, deadline=None)
+@given(steps=block_table_steps)
+def test_block_table_kept_between_steps_equals_a_fresh_one(steps):
+    """BlockTable reuses rows whose request holds the same block list as in the previous step; whatever the batches
+    and replacements, every step's table equals one built from scratch, and is the caller's own copy."""
+    from engine.block_table import BlockTable
+    reqs = [Request(f"r{i}", [1], block_ids=[i]) for i in range(6)]
+    kept = BlockTable()
+    for batch, replaced in steps:
+        for i, ids in replaced:
+            reqs[i].block_ids = list(ids)
+        rows = [reqs[i] for i in batch]
+        want = BlockTable().build(rows)
+        got = kept.build(rows)
+        assert got.shape == want.shape and (got == want).all()
+        assert want.shape[1] == max(len(r.block_ids) for r in rows)
+        assert all(list(row[:len(r.block_ids)]) == r.block_ids and not row[len(r.block_ids):].any()
+                   for row, r in zip(want, rows))
+        got[:] = -1  # the caller's copy: the next step's table is unaffected
