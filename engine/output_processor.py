@@ -132,8 +132,8 @@ class OutputProcessor:
         sequence_of, final_only = self.sequence_of, RequestOutputKind.FINAL_ONLY
         for req, token_id, token_logprobs in zip(reqs, token_ids, logprobs or itertools.repeat(None)):
             seq = sequence_of.get(req.request_id)
-            if seq is None or seq.status is not None:
-                continue  # aborted, or ended by an earlier token
+            if seq is None or seq.request is not req or seq.status is not None:
+                continue  # aborted (its id maybe taken by a new request since), or ended by an earlier token
             gen = seq.generation
             num_tokens += 1
             last = gen.last_token_time

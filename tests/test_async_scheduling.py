@@ -8,6 +8,7 @@ import torch
 
 from conftest import assert_pool_free, sentence
 from engine import LLM, SamplingParams
+from engine.params import RequestOutputKind
 from test_decoders import run_staggered
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -131,6 +132,34 @@ def test_abort_with_a_step_in_flight_leaks_nothing(tiny_model):
     while eng.has_unfinished():
         finished |= {o.request_id for o in eng.step() if o.finished}
     assert finished == {f"a{i}" for i in range(1, len(PROMPTS), 2)}
+    assert_pool_free(llm)
+
+
+@pytest.mark.parametrize("n", [1, 2])
+def test_a_request_id_reused_right_after_its_abort_gets_none_of_the_old_tokens(tiny_model, n):
+    """The aborted request's token from the step in flight arrives after a new request took its id: it is the
+    old request's, and the new one's output is exactly what it gives alone."""
+    sync, llm = engines(tiny_model)
+    params = SamplingParams(temperature=0.0, max_tokens=6, ignore_eos=True, n=n, seed=1,
+                            output_kind=RequestOutputKind.DELTA)
+    want = [summary(o) for o in sync.generate([PROMPTS[1]], SamplingParams(
+        temperature=0.0, max_tokens=6, ignore_eos=True, n=n, seed=1))]
+    eng = llm.engine
+    eng.add_generation("x", PROMPTS[0], params)
+    for _ in range(3):
+        eng.step()
+    assert eng._in_flight
+    eng.abort("x")
+    eng.add_generation("x", PROMPTS[1], params)
+    deltas = []
+    while eng.has_unfinished():
+        deltas += [o for o in eng.step() if o.request_id == "x"]
+    tokens, texts = {}, {}
+    for o in deltas:
+        for c in o.outputs:
+            tokens.setdefault(c.index, []).extend(c.token_ids)
+            texts[c.index] = texts.get(c.index, "") + c.text
+    assert [(tokens[i], texts[i]) for i in range(n)] == [c[:2] for c in want[0][1]]
     assert_pool_free(llm)
 
 
