@@ -38,7 +38,7 @@ class Scheduler:
 
     def schedule(self) -> SchedulerOutput:
         out, budget, preempted = SchedulerOutput(), self.max_num_batched_tokens, False
-        # Properties spelled out and methods held in locals: this loop runs for every running request every step.
+        # Properties spelled out, attributes held in locals: this loop runs for every running request every step.
         running, kv, cap = self.running, self.kv, min(self.chunk_cap, budget)
         i = 0
         while i < len(running) and budget > 0:
