@@ -126,7 +126,9 @@ class OutputProcessor:
         while async scheduling had already launched the next step) is dropped. This runs for every running
         request every step: one lookup per token, and a FINAL_ONLY generation is not touched again until it ends."""
         now, previous = time.monotonic(), self._last_step_time
-        emitting: dict[str, list[_Sequence]] = {}  # generations with an output this step, and their new tokens'
+        # Sequences whose generation has an output this step: by themselves (one choice, most), or grouped by
+        # generation (n > 1: one output carries every choice's new tokens).
+        single, grouped = [], {}
         finished, gaps, num_tokens, num_since_previous = [], Counter(), 0, 0
         # Locals, not attribute lookups: this loop runs for every running request every step.
         sequence_of, final_only = self.sequence_of, RequestOutputKind.FINAL_ONLY
@@ -153,14 +155,19 @@ class OutputProcessor:
                     gen.num_unfinished -= 1
                     finished.append((req, status))
             if gen.num_unfinished == 0 or gen.kind is not final_only:
-                emitting.setdefault(gen.request_id, []).append(seq)
+                if len(gen.sequences) == 1:
+                    single.append(seq)
+                else:
+                    grouped.setdefault(gen.request_id, []).append(seq)
         self.stats.generation_tokens_total += num_tokens
         if num_since_previous:
             gaps[now - previous] += num_since_previous
         self._last_step_time = now
         for gap, count in gaps.items():
             self.stats.inter_token_seconds.observe(gap, count)
-        return [self._request_output(self.generations[rid], seqs) for rid, seqs in emitting.items()], finished
+        outputs = [self._request_output(seq.generation, (seq,)) for seq in single]
+        outputs += [self._request_output(seqs[0].generation, seqs) for seqs in grouped.values()]
+        return outputs, finished
 
     def _check_token(self, seq: _Sequence, token_id: int, logprobs: TokenLogprobs | None,
                      now: float) -> RequestStatus | None:
@@ -200,16 +207,17 @@ class OutputProcessor:
             seq.text += detokenizer.take_delta(status is not None)
         return status
 
-    def _request_output(self, gen: _Generation, touched: list[_Sequence]) -> RequestOutput:
+    def _request_output(self, gen: _Generation, touched: list[_Sequence] | tuple[_Sequence]) -> RequestOutput:
         """The step's output of a generation that has one (a FINAL_ONLY one only once it finished)."""
         finished = gen.num_unfinished == 0
         if finished:
             self.generations.pop(gen.request_id)
             self._forget(gen)
-        if gen.kind is RequestOutputKind.FINAL_ONLY:
-            outs = [self._final(s) for s in gen.sequences]
-        elif gen.kind is RequestOutputKind.DELTA:
+        kind = gen.kind
+        if kind is RequestOutputKind.DELTA:  # every step of every stream: first
             outs = [self._delta(s) for s in touched]
+        elif kind is RequestOutputKind.FINAL_ONLY:
+            outs = [self._final(s) for s in gen.sequences]
         else:
             outs = [self._cumulative(s) for s in gen.sequences]
         return RequestOutput(gen.request_id, gen.prompt, gen.prompt_token_ids, outs, finished,
@@ -223,7 +231,7 @@ class OutputProcessor:
     def _delta(self, s: _Sequence) -> CompletionOutput:
         req = s.request
         new = req.token_ids[req.num_prompt_tokens + s.num_sent:]
-        s.num_sent = req.num_output_tokens
+        s.num_sent += len(new)
         out = self._completion(s, new, s.text, s.logprobs)
         s.text = ""
         if s.logprobs is not None:

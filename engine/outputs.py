@@ -1,5 +1,5 @@
 """Output objects shaped like vLLM's, so code moves between the two with an import change."""
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 
 @dataclass(slots=True)
@@ -41,7 +41,7 @@ class RequestOutput:
     outputs: list[CompletionOutput]
     finished: bool
     num_cached_tokens: int = 0
-    metrics: dict = field(default_factory=dict)
+    metrics: dict | None = None  # as vLLM's (which holds a RequestMetrics there, or None)
 
     def add_delta(self, later: "RequestOutput") -> None:
         """Merge the DELTA output of a later step into this one (which owns its lists): text, token ids
