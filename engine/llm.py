@@ -6,9 +6,12 @@ from engine.config import EngineConfig
 from engine.llm_engine import LLMEngine
 from engine.outputs import PoolingJobOutput, PoolingRequestOutput, RequestOutput
 from engine.params import PoolingParams, RequestOutputKind, SamplingParams
-from engine.tokenizer import apply_chat_template
+from engine.tokenizer import apply_chat_template, pair_texts
 
 Prompt = str | list[int] | dict
+# A pooling call's inputs are encoded a slice at a time, each while the device runs the step launched before it
+# (async scheduling), not all before the first step: tokenizing a corpus takes as long as embedding it on a GPU.
+POOLING_SLICE = 256
 
 
 def prompt_of(p: Prompt) -> str | list[int]:
@@ -66,19 +69,20 @@ class LLM:
     def embed(self, prompts: Prompt | list[Prompt], truncate_prompt_tokens: int | None = None,
               pooling_params: PoolingParams | None = None, use_tqdm: bool = False) -> list[PoolingRequestOutput]:
         params = self._pooling_params(pooling_params, truncate_prompt_tokens)
-        return self._run(lambda rid: self.engine.add_embed(rid, [prompt_of(p) for p in self._as_list(prompts)],
-                                                           params))
+        return self._run(lambda rid, part: self.engine.add_embed(rid, part, params),
+                         [prompt_of(p) for p in self._as_list(prompts)])
 
     def classify(self, prompts: Prompt | list[Prompt], truncate_prompt_tokens: int | None = None,
                  pooling_params: PoolingParams | None = None, use_tqdm: bool = False) -> list[PoolingRequestOutput]:
         params = self._pooling_params(pooling_params, truncate_prompt_tokens)
-        return self._run(lambda rid: self.engine.add_classify(rid, [prompt_of(p) for p in self._as_list(prompts)],
-                                                              params))
+        return self._run(lambda rid, part: self.engine.add_classify(rid, part, params),
+                         [prompt_of(p) for p in self._as_list(prompts)])
 
     def score(self, data_1: str | list[str], data_2: str | list[str], truncate_prompt_tokens: int | None = None,
               pooling_params: PoolingParams | None = None, use_tqdm: bool = False) -> list[PoolingRequestOutput]:
         params = self._pooling_params(pooling_params, truncate_prompt_tokens)
-        return self._run(lambda rid: self.engine.add_score(rid, data_1, data_2, params))
+        return self._run(lambda rid, part: self.engine.add_score(rid, [q for q, _ in part], [d for _, d in part], params),
+                         pair_texts(data_1, data_2))
 
     @staticmethod
     def _as_list(prompts: Prompt | list[Prompt]) -> list[Prompt]:
@@ -93,15 +97,28 @@ class LLM:
             params.truncate_prompt_tokens = truncate
         return params
 
-    def _run(self, add: Callable[[str], None]) -> list[PoolingRequestOutput]:
-        rid = self.engine.new_id()
-        add(rid)
+    def _run(self, add: Callable[[str, list], None], inputs: list) -> list[PoolingRequestOutput]:
+        """add(request id, slice of inputs) encodes a slice into a pooling call; one call per POOLING_SLICE
+        inputs, a step launched after each, their outputs in input order."""
+        parts = [inputs[i:i + POOLING_SLICE] for i in range(0, len(inputs), POOLING_SLICE)] or [inputs]
+        rids, done = [], {}
         try:
-            while self.engine.has_unfinished():
-                for out in self.engine.step():
-                    if isinstance(out, PoolingJobOutput) and out.request_id == rid:
-                        return out.outputs
+            for part in parts:
+                rids.append(self.engine.new_id())
+                add(rids[-1], part)
+                self._collect(self.engine.step(), rids, done)
+            while len(done) < len(rids):
+                if not self.engine.has_unfinished():
+                    raise RuntimeError(f"the engine ran out of work before pooling calls {rids} finished")
+                self._collect(self.engine.step(), rids, done)
         except BaseException:
-            self.engine.abort(rid)
+            for rid in rids:
+                self.engine.abort(rid)
             raise
-        raise RuntimeError(f"the engine ran out of work before pooling call {rid} finished")
+        return [out for rid in rids for out in done[rid]]
+
+    @staticmethod
+    def _collect(outputs: list, rids: list[str], done: dict[str, list[PoolingRequestOutput]]) -> None:
+        for out in outputs:
+            if isinstance(out, PoolingJobOutput) and out.request_id in rids:
+                done[out.request_id] = out.outputs

@@ -3,6 +3,7 @@
 bundled all-MiniLM-L6-v2 against sentence-transformers."""
 import shutil
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -196,3 +197,27 @@ def test_auto_truncate_matches_sentence_transformers(minilm, st_minilm):
     assert_close(out.outputs.embedding, st_minilm.encode([text], convert_to_tensor=True).float()[0])
     # A request's own truncate_prompt_tokens still wins over the model's option.
     assert len(auto.embed(text, truncate_prompt_tokens=10)[0].prompt_token_ids) == 10
+
+
+def test_pooling_calls_encoded_in_slices_equal_one_call(tiny_model, monkeypatch):
+    """LLM.embed / classify / score encode POOLING_SLICE inputs at a time, a step launched after each: the outputs
+    are the same, in input order, as one call's; a bad input in a later slice aborts every slice, nothing left."""
+    import engine.llm
+    from conftest import assert_pool_free
+    texts = TEXTS * 3
+    runs = {}
+    for size in (1000, 2):
+        monkeypatch.setattr(engine.llm, "POOLING_SLICE", size)
+        emb = LLM(tiny_model("bert"), task="embed", dtype="float32", async_scheduling=True, max_num_batched_tokens=24)
+        cls = LLM(tiny_model("bert-cls3"), dtype="float32", async_scheduling=True)
+        runs[size] = ([o.outputs.embedding for o in emb.embed(texts)], [o.prompt_token_ids for o in emb.embed(texts)],
+                      [o.outputs.probs for o in cls.classify(texts)],
+                      [o.outputs.score for o in emb.score(texts[0], texts)], [o.outputs.score for o in emb.score(texts, texts)])
+        assert_pool_free(emb), assert_pool_free(cls)
+    sliced, whole = runs[2], runs[1000]
+    assert sliced[1] == whole[1]  # the inputs, in order
+    for got, want in zip(sliced[:1] + sliced[2:], whole[:1] + whole[2:]):  # batch shapes differ: last bits may too
+        assert np.allclose(np.array(got), np.array(want), atol=1e-6)
+    with pytest.raises(ValueError, match="tokens"):  # over max_model_len, not truncated: found in the third slice
+        emb.embed(texts[:4] + ["word " * 500])
+    assert_pool_free(emb)
