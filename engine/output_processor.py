@@ -70,7 +70,7 @@ class OutputProcessor:
         self.generations: dict[str, _Generation] = {}
         self.pooling: dict[str, _PoolingState] = {}
         self.sequence_of: dict[str, _Sequence] = {}  # a generation's engine request id -> its sequence
-        self._last_step_time: float | None = None  # of the latest step with sampled tokens
+        self._last_step_time: float | None = None  # when process_sampled last ran (inter-token gaps)
         self.parent_of: dict[str, str] = {}  # a pooling job's engine request id -> the caller's request id
         # DELTA streams without stop strings get no text here: the caller's process detokenizes them (an engine
         # in a process of its own, engine.stream_text), off the process that runs the steps.
