@@ -108,16 +108,17 @@ class ModelRunner:
     def execute(self, sched: SchedulerOutput) -> StepResult:
         """Launches the step; the device may still be running it when this returns."""
         reqs, counts = sched.requests, sched.num_tokens
-        decodes = self._decodes(reqs, counts)
-        all_decode = all(decodes)
+        # Steady decoding: the latest step sampled exactly these requests, row for row. Each now computes that
+        # draw (sampling happens only once a request's computed tokens reach its end) and samples again.
+        steady = bool(reqs) and reqs == self._last_reqs
+        decodes = [True] * len(reqs) if steady else self._decodes(reqs, counts)
+        all_decode = steady or all(decodes)
         if not all_decode:  # prefill chunks first, then single-token decodes, so decodes form one batch at the end
             order = sorted(range(len(reqs)), key=decodes.__getitem__)
             reqs, counts, decodes = [reqs[i] for i in order], [counts[i] for i in order], [decodes[i] for i in order]
         ends = list(itertools.accumulate(counts))
         rows = torch.arange(len(reqs), device=self.device)
-        if all_decode and reqs == self._last_reqs:
-            # Steady decoding: the latest step sampled these requests, row for row, and each one's input now is
-            # that draw (sampling happens only once a request's computed tokens reach its end).
+        if steady:
             input_ids, token_types = self._last_sampled, None
         else:
             input_ids, token_types = self._inputs(reqs, counts)
@@ -138,7 +139,7 @@ class ModelRunner:
                 hidden = forward(input_ids, pos, token_types)
             finally:
                 set_context(Context())
-        return self._outputs(hidden, input_ids, reqs, counts, ends)
+        return self._outputs(hidden, input_ids, reqs, counts, ends, steady)
 
     def _inputs(self, reqs: list[Request], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The step's input tokens and (encoder text pairs) token types. A token the step in flight is still
@@ -223,23 +224,16 @@ class ModelRunner:
         self.attention_backend.prepare(ctx, bs)
         return ctx
 
-    def _outputs(self, hidden, input_ids, reqs, counts, ends) -> StepResult:
-        sample_rows, sample_reqs, pool_reqs, pool_spans = [], [], [], []
-        for req, n, end in zip(reqs, counts, ends):
-            # Properties spelled out (num_tokens_with_pending, is_pooling): this runs for every row every step.
-            if req.num_computed_tokens + n < len(req.token_ids) + req.num_pending_tokens:
-                continue  # a prefill chunk with more to come
-            if req.pooling_params is not None:
-                pool_reqs.append(req)
-                pool_spans.append((end - n, end))
-            else:
-                sample_rows.append(end - 1)
-                sample_reqs.append(req)
+    def _outputs(self, hidden, input_ids, reqs, counts, ends, steady: bool) -> StepResult:
+        if steady:  # every row samples
+            sample_rows, sample_reqs, pool_reqs, pool_spans = None, reqs, [], []
+        else:
+            sample_rows, sample_reqs, pool_reqs, pool_spans = self._finished_rows(reqs, counts, ends)
         sampled = pooled = None
         if sample_reqs:
             # An all-decode step samples every row; otherwise the rows go over as a pinned copy (indexing with
             # a list would copy from pageable memory and wait for the GPU before the head is even launched).
-            if len(sample_rows) == hidden.shape[0]:
+            if len(sample_reqs) == hidden.shape[0]:
                 rows, last_inputs = hidden, input_ids
             else:
                 rows_t = self._tensor(sample_rows)
@@ -257,6 +251,23 @@ class ModelRunner:
         if sampled is not None:  # only once nothing of the step can fail: a failed step leaves no draws behind
             self._last_sampled, self._last_reqs = sampled.token_ids, sample_reqs
         return StepResult(sample_reqs, sampled, pool_reqs, pooled, done)
+
+    @staticmethod
+    def _finished_rows(reqs: list[Request], counts: list[int], ends: list[int]):
+        """The rows whose request this step brings to its end: the last row of each one to sample, and the
+        span of each one to pool (a prefill chunk with more to come does neither)."""
+        sample_rows, sample_reqs, pool_reqs, pool_spans = [], [], [], []
+        for req, n, end in zip(reqs, counts, ends):
+            # Properties spelled out (num_tokens_with_pending, is_pooling): this runs for every row every step.
+            if req.num_computed_tokens + n < len(req.token_ids) + req.num_pending_tokens:
+                continue
+            if req.pooling_params is not None:
+                pool_reqs.append(req)
+                pool_spans.append((end - n, end))
+            else:
+                sample_rows.append(end - 1)
+                sample_reqs.append(req)
+        return sample_rows, sample_reqs, pool_reqs, pool_spans
 
     @property
     def _pooling_method(self) -> str:
