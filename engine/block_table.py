@@ -21,7 +21,7 @@ class BlockTable:
     def build(self, reqs: list[Request]) -> np.ndarray:
         """[len(reqs), most blocks of any] int64, a copy the caller owns."""
         lists = [r.block_ids for r in reqs]
-        width = max(map(len, lists))
+        width = max(map(len, lists), default=0)
         table = self._table
         if len(lists) == len(self._lists) and width <= table.shape[1]:
             for i, (new, old) in enumerate(zip(lists, self._lists)):
