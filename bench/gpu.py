@@ -203,23 +203,27 @@ def add_request(eng, rid: str, ids: list[int], params) -> None:
 
 
 # ---- rows -------------------------------------------------------------------------------------
+def embedding_corpus(data: str | None) -> tuple[dict, dict, dict, str]:
+    """corpus, queries, qrels and the source's name: SciFact where data (or SCIFACT_DIR) has it, else a synthetic
+    corpus whose query i is the opening words of document i."""
+    data = data or SCIFACT
+    if os.path.exists(os.path.join(data, "corpus.jsonl")):
+        return *load_scifact(data), "SciFact"
+    rng = random.Random(0)
+    words = [f"word{i}" for i in range(3000)]
+    corpus = {str(i): " ".join(rng.choice(words) for _ in range(rng.randint(40, 250))) for i in range(2000)}
+    queries = {f"q{i}": " ".join(corpus[str(i)].split()[:12]) for i in range(0, 2000, 10)}
+    qrels = {f"q{i}": {str(i): 1} for i in range(0, 2000, 10)}
+    return corpus, queries, qrels, "synthetic corpus"
+
+
 def embedding_rows(args, sizes: Sizes, device: torch.device, dtypes: list[str],
                    compile_modes: tuple[bool, ...] = (False,)) -> list[list]:
     from sentence_transformers import SentenceTransformer
 
     from engine.loader import resolve_model
     model_dir = resolve_model(args.model)
-    data = args.data or SCIFACT
-    if os.path.exists(os.path.join(data, "corpus.jsonl")):
-        corpus, queries, qrels = load_scifact(data)
-        source = "SciFact"
-    else:  # synthetic: query i is the opening words of document i
-        rng = random.Random(0)
-        words = [f"word{i}" for i in range(3000)]
-        corpus = {str(i): " ".join(rng.choice(words) for _ in range(rng.randint(40, 250))) for i in range(2000)}
-        queries = {f"q{i}": " ".join(corpus[str(i)].split()[:12]) for i in range(0, 2000, 10)}
-        qrels = {f"q{i}": {str(i): 1} for i in range(0, 2000, 10)}
-        source = "synthetic corpus"
+    corpus, queries, qrels, source = embedding_corpus(args.data)
     import transformers as T
     bert = T.AutoConfig.from_pretrained(model_dir)
     dids = list(corpus)[:sizes.embed_docs] if sizes.embed_docs else list(corpus)
@@ -281,14 +285,15 @@ def decode_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str,
     return rows
 
 
-def engine_decode_step_ms(sizes: Sizes, device: torch.device, dtype: str, path: str, prompts: list[list[int]],
-                          async_scheduling: bool, torch_compile: bool = False) -> float:
+def decoding_engine(sizes: Sizes, device: torch.device, dtype: str, path: str, prompts: list[list[int]], **kw):
+    """An engine (LLM) with every prompt prefilled and two decode steps taken, each request with
+    sizes.decode_steps more to go and a few spare; kw: more engine options."""
     from engine import SamplingParams
     from engine.params import RequestOutputKind
     n, tokens_per_seq = len(prompts), sizes.prompt + sizes.decode_steps + 8
     llm = engine_llm(path, dtype, max_num_seqs=n, max_num_batched_tokens=max(8192, 2 * sizes.prompt),
                      num_blocks=n * -(-tokens_per_seq // 16) + 8, max_model_len=tokens_per_seq + 16,
-                     device=str(device), async_scheduling=async_scheduling, torch_compile=torch_compile)
+                     device=str(device), **kw)
     eng = llm.engine
     # One output at the end, as LLM.generate and a non-streaming server request take them.
     params = SamplingParams(temperature=0.0, max_tokens=sizes.decode_steps + 6, ignore_eos=True,
@@ -300,6 +305,14 @@ def engine_decode_step_ms(sizes: Sizes, device: torch.device, dtype: str, path: 
         eng.step()  # the prefills, chunked by the token budget
     for _ in range(2):
         eng.step()
+    return llm
+
+
+def engine_decode_step_ms(sizes: Sizes, device: torch.device, dtype: str, path: str, prompts: list[list[int]],
+                          async_scheduling: bool, torch_compile: bool = False) -> float:
+    llm = decoding_engine(sizes, device, dtype, path, prompts, async_scheduling=async_scheduling,
+                          torch_compile=torch_compile)
+    eng = llm.engine
     secs, _ = timed(device, lambda: [eng.step() for _ in range(sizes.decode_steps)])
     while eng.has_unfinished():
         eng.step()
@@ -460,17 +473,22 @@ def parity_row(sizes: Sizes, device: torch.device, path: str, hf) -> list:
             f"{same} / {len(prompts)}", "", "", f"{sizes.parity_tokens} tokens each", "HF generate", ""]
 
 
+def rerank_texts(sizes: Sizes, vocab: int):
+    """The rerank rows' queries (12 random words "w<id>"), and a maker of fresh documents, sizes.docs per query."""
+    rng = random.Random(3)
+    queries = [" ".join(f"w{i}" for i in random_ids(rng, 12, vocab)) for _ in range(sizes.queries)]
+
+    def documents() -> list[list[str]]:
+        return [[" ".join(f"w{i}" for i in random_ids(rng, rng.randint(sizes.doc_words // 2, sizes.doc_words), vocab))
+                 for _ in range(sizes.docs)] for _ in queries]
+    return queries, documents
+
+
 def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, small: bool,
                 compile_modes: tuple[bool, ...], limits: Limits) -> list[list]:
     with tempfile.TemporaryDirectory() as path:
         hf = random_decoder(shape, small, device, path).to(getattr(torch, dtype))
-        vocab = hf.config.vocab_size
-        rng = random.Random(3)
-        queries = [" ".join(f"w{i}" for i in random_ids(rng, 12, vocab)) for _ in range(sizes.queries)]
-
-        def documents() -> list[list[str]]:
-            return [[" ".join(f"w{i}" for i in random_ids(rng, rng.randint(sizes.doc_words // 2, sizes.doc_words), vocab))
-                     for _ in range(sizes.docs)] for _ in queries]
+        queries, documents = rerank_texts(sizes, hf.config.vocab_size)
         # The engine warms up on as many other documents (full-size steps, nothing for the timed run to
         # find in the prefix cache), as HF warms up on the whole batch: a 4-pair warm-up left the first
         # full-size steps' start-up in the timed run (H200: 163.8 ms for 400 pairs warmed, ~540 ms cold).
@@ -524,12 +542,18 @@ def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, smal
 
 
 # ---- main -------------------------------------------------------------------------------------
-def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def arguments(doc: str) -> argparse.ArgumentParser:
+    """The options this script shares with bench/gpu_profile.py."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default=MINILM, help="all-MiniLM-L6-v2: a local dir or its name")
     ap.add_argument("--data", default=None, help="SciFact dir (corpus.jsonl, queries.jsonl, qrels/test.tsv)")
     ap.add_argument("--small", action="store_true", help="tiny shapes and counts (CPU smoke run)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    return ap
+
+
+def main() -> None:
+    ap = arguments(__doc__)
     ap.add_argument("--dtype", default=None, help="decoder rows' dtype (default bfloat16 on GPU, float32 on CPU)")
     ap.add_argument("--skip", nargs="*", default=[], choices=["embed", "decode", "e2e", "streams", "rerank", "parity"])
     ap.add_argument("--card-peaks", type=lambda v: tuple(map(float, v.split(","))), default=None,

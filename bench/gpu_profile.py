@@ -8,7 +8,6 @@ host) and the kernels that took most of it, grouped by name.
 
     python bench/gpu_profile.py --model .gpu/minilm --data .gpu/scifact    # on one GPU, ~1-2 min
     python bench/gpu_profile.py --small                                      # CPU smoke run (CPU ops)"""
-import argparse
 import os
 import random
 import sys
@@ -19,8 +18,9 @@ import torch
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from common import SCIFACT, load_scifact, table  # noqa: E402
-from gpu import MINILM, Sizes, engine_llm, free, random_decoder, random_ids, sync  # noqa: E402
+from common import table  # noqa: E402
+from gpu import (Sizes, arguments, decoding_engine, embedding_corpus, engine_llm, free, random_decoder,  # noqa: E402
+                 random_ids, rerank_texts, sync)
 
 TOP = 12
 
@@ -51,28 +51,15 @@ def profiled(device: torch.device, label: str, fn) -> None:
                 [[name[:90], calls, f"{us / 1e3:.2f}", f"{100 * us / 1e3 / busy:.1f}"] for name, (calls, us) in top]))
 
 
-def decode(sizes: Sizes, device: torch.device, dtype: str, path: str, vocab: int, n: int, steps: int) -> None:
-    from engine import SamplingParams
-    from engine.params import RequestOutputKind
+def decode(sizes: Sizes, device: torch.device, dtype: str, path: str, vocab: int, n: int) -> None:
     rng = random.Random(n)
     prompts = [random_ids(rng, sizes.prompt, vocab) for _ in range(n)]
-    per_seq = sizes.prompt + steps + 16
     for eager in (True, False):
-        llm = engine_llm(path, dtype, max_num_seqs=n, max_num_batched_tokens=max(8192, 2 * sizes.prompt),
-                         num_blocks=n * -(-per_seq // 16) + 8, max_model_len=per_seq + 16, device=str(device),
-                         enforce_eager=eager)
+        llm = decoding_engine(sizes, device, dtype, path, prompts, enforce_eager=eager)
         eng = llm.engine
-        params = SamplingParams(temperature=0.0, max_tokens=steps + 8, ignore_eos=True,
-                                output_kind=RequestOutputKind.FINAL_ONLY)
-        for i, ids in enumerate(prompts):
-            eng.add_generation(f"d{i}", ids, params)
-        while eng.scheduler.waiting or any(r.num_computed_tokens < r.num_prompt_tokens for r in eng.scheduler.running):
-            eng.step()
-        for _ in range(3):
-            eng.step()
         mode = "eager (enforce_eager)" if eager else "CUDA graphs" if device.type == "cuda" else "default"
-        profiled(device, f"{steps} decode steps, {n} running, {dtype}, {mode}",
-                 lambda: [eng.step() for _ in range(steps)])
+        profiled(device, f"{sizes.decode_steps} decode steps, {n} running, {dtype}, {mode}",
+                 lambda: [eng.step() for _ in range(sizes.decode_steps)])
         while eng.has_unfinished():
             eng.step()
         del llm, eng
@@ -81,19 +68,13 @@ def decode(sizes: Sizes, device: torch.device, dtype: str, path: str, vocab: int
 
 def rerank(sizes: Sizes, device: torch.device, dtype: str, small: bool) -> None:
     with tempfile.TemporaryDirectory() as path:
-        vocab = random_decoder("smollm2-135m", small, device, path).config.vocab_size
+        queries, documents = rerank_texts(sizes, random_decoder("smollm2-135m", small, device, path).config.vocab_size)
         free(device)
-        rng = random.Random(3)
-        queries = [" ".join(f"w{i}" for i in random_ids(rng, 12, vocab)) for _ in range(sizes.queries)]
-
-        def documents() -> list[str]:
-            return [" ".join(f"w{i}" for i in random_ids(rng, rng.randint(sizes.doc_words // 2, sizes.doc_words), vocab))
-                    for _ in queries for _ in range(sizes.docs)]
         flat_q = [q for q in queries for _ in range(sizes.docs)]
         llm = engine_llm(path, dtype, task="score", score_tokens=("no", "yes"), max_model_len=1024,
                          max_num_batched_tokens=16384, max_num_seqs=256, device=str(device))
-        llm.score(flat_q, documents())
-        docs = documents()
+        llm.score(flat_q, [d for ds in documents() for d in ds])
+        docs = [d for ds in documents() for d in ds]
         profiled(device, f"yes/no rerank {len(docs)} pairs, SmolLM2-135M shape, {dtype}, eager",
                  lambda: llm.score(flat_q, docs))
         del llm
@@ -102,26 +83,19 @@ def rerank(sizes: Sizes, device: torch.device, dtype: str, small: bool) -> None:
 
 def embed(args, sizes: Sizes, device: torch.device) -> None:
     from engine.loader import resolve_model
-    data = args.data or SCIFACT
-    corpus = load_scifact(data)[0] if os.path.exists(os.path.join(data, "corpus.jsonl")) else {
-        str(i): " ".join(f"word{(i * 7 + j) % 3000}" for j in range(200)) for i in range(1000)}
+    corpus, _, _, source = embedding_corpus(args.data)
     docs = list(corpus.values())[:sizes.embed_docs or 1000]
     llm = engine_llm(resolve_model(args.model), "float32", task="embed", max_model_len=256,
                      max_num_batched_tokens=32768, device=str(device))
     llm.embed(docs[:64], truncate_prompt_tokens=-1)
-    profiled(device, f"embed {len(docs)} SciFact docs, MiniLM-L6, float32",
+    profiled(device, f"embed {len(docs)} docs ({source}), MiniLM-L6, float32",
              lambda: llm.embed(docs, truncate_prompt_tokens=-1))
     del llm
     free(device)
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=MINILM, help="all-MiniLM-L6-v2: a local dir or its name")
-    ap.add_argument("--data", default=None, help="SciFact dir")
-    ap.add_argument("--small", action="store_true", help="tiny shapes (CPU smoke run)")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    args = ap.parse_args()
+    args = arguments(__doc__).parse_args()
     device = torch.device(args.device)
     sizes = Sizes(args.small)
     dtype = "float32" if device.type == "cpu" else "bfloat16"
@@ -130,7 +104,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as path:
         vocab = random_decoder("llama-1b", args.small, device, path).config.vocab_size
         free(device)
-        decode(sizes, device, dtype, path, vocab, sizes.running[0], 10)
+        decode(sizes, device, dtype, path, vocab, sizes.running[0])
     rerank(sizes, device, dtype, args.small)
     embed(args, sizes, device)
 
