@@ -193,9 +193,15 @@ def random_ids(rng: random.Random, n: int, vocab: int) -> list[int]:
     return [rng.randrange(len(SPECIALS), vocab) for _ in range(n)]
 
 
+# Which attention kernels the engines ran (the device's checks pick them at start-up), printed under the table.
+KERNELS: set[str] = set()
+
+
 def engine_llm(path: str, dtype: str, **kw):
     from engine import LLM
-    return LLM(path, dtype=dtype, **kw)
+    llm = LLM(path, dtype=dtype, **kw)
+    KERNELS.add(f"{dtype} {llm.engine.task}: {llm.engine.runner.attention_backend.name}")
+    return llm
 
 
 def add_request(eng, rid: str, ids: list[int], params) -> None:
@@ -615,6 +621,7 @@ def main() -> None:
              if args.limits.peaks else "unknown for this device (--card-peaks)")
     print(f"\nphysical limit: each step's FLOPs at the card's dense matrix peak or its bytes (weights, KV cache) at its "
           f"memory bandwidth, whichever is longer, summed over the workload's steps; peaks {peaks}.")
+    print("attention kernels: " + "; ".join(sorted(KERNELS)))
     print(f"{time.perf_counter() - t0:.0f} s in all. bf16 embedding row: "
           f"{'run' if 'bfloat16' in embed_dtypes else 'skipped (bf16 is not fast on this device)'}.")
 

@@ -43,9 +43,9 @@ sys.path.insert(0, os.path.join(ROOT, "tests"))
 from conftest import build_decoder  # noqa: E402 (the tests' tiny models)
 
 
-# The host's work is the same in any dtype. On CUDA bf16 takes the flash varlen prefill: fp32 would take
-# compiled FlexAttention, compiled again in every engine and engine process (on an H200 the fp32 run
-# printed no row in 90 s, inductor's compile workers busy).
+# The host's work is the same in any dtype. On CUDA bf16 takes the flash varlen prefill; fp32, where the
+# memory-efficient varlen kernel does not check out, takes compiled FlexAttention, compiled again in every
+# engine and engine process (on an H200 such an fp32 run printed no row in 90 s, inductor's compile workers busy).
 DTYPE = "bfloat16" if torch.cuda.is_available() else "float32"
 
 

@@ -84,7 +84,8 @@ class AttentionBackend:
 
     @property
     def name(self) -> str:
-        return f"{type(self.prefill).__name__} + {type(self.decode).__name__}"
+        """Which kernels run, e.g. for a benchmark's table."""
+        return f"{getattr(self.prefill, 'name', type(self.prefill).__name__)} + {type(self.decode).__name__}"
 
     @property
     def decode_is_graphable(self) -> bool:
@@ -101,7 +102,8 @@ class AttentionBackend:
 
 def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> AttentionBackend:
     """The one place where CUDA-only kernels are chosen; everything else gets the portable ones. Prefill on
-    CUDA: flash-attention varlen in fp16 / bf16 where it checks out, else FlexAttention (fp32 too)."""
+    CUDA: a variable-length kernel where one checks out (flash attention in fp16 / bf16, the memory-efficient
+    one in float32), else FlexAttention."""
     if device.type != "cuda":
         return AttentionBackend(PerSequencePrefill(), GatherDecode(dtype))
     from engine.flex_prefill import FlexPrefill, flex_available

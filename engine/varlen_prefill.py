@@ -1,4 +1,4 @@
-"""Every prefill span of a step in one flash-attention varlen call (CUDA, fp16 / bf16).
+"""Every prefill span of a step in one variable-length attention call (CUDA).
 
 Packed queries [tokens, heads, dim] against the packed keys of the spans' contexts, delimited by
 cumulative lengths: no padding, no mask, and no tile of another sequence is ever touched (what TEI
@@ -6,9 +6,12 @@ and vLLM run). A causal span is aligned to the end of its context, as flash atte
 run shorter than its keys: a chunk after cached or earlier-computed tokens sees all of them. Keys of
 such spans are read from the pool by slot, as FlexPrefill does.
 
-torch.nn.attention.varlen changed its signature between releases (2.10 took is_causal and no scale),
-so the kernel is used only if one call on the device, causal with a cached context and
-bidirectional, matches SDPA (varlen_kernel)."""
+Two kernels take cumulative lengths: flash attention's (torch.nn.attention.varlen, fp16 / bf16) and the
+memory-efficient one (CUTLASS; the kernel SDPA runs for float32 on CUDA, so float32 needs no FlexAttention
+compiled at start-up; its float32 accuracy is checked, a TF32 kernel would not pass). Their Python entry
+points changed between torch releases (2.10's varlen_attn took is_causal and no scale), so a kernel is used
+only if one call on the device, causal with a cached context and bidirectional, matches SDPA
+(varlen_kernel): flash first, then memory-efficient."""
 import inspect
 import itertools
 import logging
@@ -40,6 +43,7 @@ class VarlenPrefillMeta:
 class VarlenPrefill:
     def __init__(self, device: torch.device, attend: Attend):
         self.device, self._attend = device, attend
+        self.name = f"VarlenPrefill ({getattr(attend, 'name', attend.__name__)})"
 
     def prepare(self, ctx: Context) -> VarlenPrefillMeta:
         spans = ctx.prefills
@@ -69,38 +73,50 @@ def reference_attend(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale: flo
 
 
 def varlen_kernel(device: torch.device, dtype: torch.dtype, head_dim: int) -> Attend | None:
-    """torch's flash-attention varlen call for this device, dtype and head size, if it computes what SDPA
-    does; None where it is missing, refuses the shapes or answers differently."""
-    if device.type != "cuda" or dtype not in (torch.float16, torch.bfloat16):
+    """The first variable-length kernel for this device, dtype and head size that computes what SDPA does:
+    flash attention's (fp16 / bf16), else the memory-efficient one (any dtype); None where neither is there,
+    refuses the shapes or answers differently."""
+    if device.type != "cuda":
         return None
-    try:
-        from torch.nn.attention.varlen import varlen_attn
-    except ImportError:
-        return None
-    if not {"scale", "window_size"} <= set(inspect.signature(varlen_attn).parameters):
-        return None
-    return checked_attend(varlen_attn, device, dtype, head_dim)
+    candidates = []
+    if dtype in (torch.float16, torch.bfloat16):
+        try:
+            from torch.nn.attention.varlen import varlen_attn
+        except ImportError:
+            varlen_attn = None
+        if varlen_attn is not None and {"scale", "window_size"} <= set(inspect.signature(varlen_attn).parameters):
+            candidates += flash_candidates(varlen_attn)
+    efficient = getattr(torch.ops.aten, "_efficient_attention_forward", None)
+    if efficient is not None:
+        candidates.append(efficient_attend(efficient))
+    return checked_attend(candidates, device, dtype, head_dim)
 
 
-# How GQA's fewer kv heads reach the kernel: by varlen_attn's enable_gqa (torch 2.13 has it); as they are
+# How GQA's fewer kv heads reach flash attention: by varlen_attn's enable_gqa (torch 2.13 has it); as they are
 # (flash attention's kernel takes them; releases before the keyword pass them on unchecked, or refuse);
 # as copies of each kv head for its query heads (two copies a layer).
 GQA_MODES = ("keyword", "native", "copies")
 
 
-def checked_attend(varlen_attn: Callable, device: torch.device, dtype: torch.dtype, head_dim: int) -> Attend | None:
-    """varlen_attn called the first way (GQA_MODES) that matches SDPA on the device for MHA and GQA shapes."""
-    takes_keyword = "enable_gqa" in inspect.signature(varlen_attn).parameters
-    failure = "it differs from SDPA"
-    for gqa in GQA_MODES[0 if takes_keyword else 1:]:
-        attend = flash_attend(varlen_attn, gqa)
+def checked_attend(candidates: list[Attend], device: torch.device, dtype: torch.dtype, head_dim: int) -> Attend | None:
+    """The first candidate that matches SDPA on the device for MHA and GQA shapes."""
+    failure = "no variable-length kernel in this torch"
+    for attend in candidates:
         try:
             if _matches_reference(attend, device, dtype, head_dim):
+                log.info("prefill attention: %s", attend.name)
                 return attend
+            failure = f"{attend.name} differs from SDPA"
         except Exception as e:  # noqa: BLE001 (any refusal means: not this way)
-            failure = f"{type(e).__name__}: {e}"
-    log.warning("flash-attention varlen unavailable (%s); prefill uses FlexAttention", failure)
+            failure = f"{attend.name}: {type(e).__name__}: {e}"
+    log.warning("no variable-length attention kernel checked out (%s); prefill uses FlexAttention", failure)
     return None
+
+
+def flash_candidates(varlen_attn: Callable) -> list[Attend]:
+    """torch's varlen_attn called each GQA_MODES way this release can take."""
+    takes_keyword = "enable_gqa" in inspect.signature(varlen_attn).parameters
+    return [flash_attend(varlen_attn, gqa) for gqa in GQA_MODES[0 if takes_keyword else 1:]]
 
 
 def flash_attend(varlen_attn: Callable, gqa: str) -> Attend:
@@ -111,24 +127,49 @@ def flash_attend(varlen_attn: Callable, gqa: str) -> Attend:
             if gqa == "keyword":
                 kwargs = {"enable_gqa": True}
             else:
-                group = q.shape[1] // k.shape[1]
-                k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
+                k, v = _kv_copies(q, k, v)
         return varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale,
                            window_size=(-1, 0) if causal else (-1, -1), **kwargs)
-    attend.gqa = gqa
+    attend.gqa, attend.name = gqa, f"flash-attention varlen (GQA: {gqa})"
     return attend
+
+
+# The memory-efficient kernel's masks (CUTLASS's CustomMaskType): none, or causal with the diagonal at the
+# bottom right, so a query run shorter than its keys ends where they end.
+NO_MASK, CAUSAL_FROM_BOTTOM_RIGHT = 0, 2
+
+
+def efficient_attend(efficient_attention_forward: Callable) -> Attend:
+    """aten::_efficient_attention_forward on one packed batch [1, tokens, heads, dim], sequences delimited by
+    the cumulative lengths. It takes as many kv heads as query heads: GQA gets copies."""
+    def attend(q, k, v, cu_q, cu_k, max_q, max_k, causal: bool, scale: float) -> torch.Tensor:
+        if k.shape[1] != q.shape[1]:
+            k, v = _kv_copies(q, k, v)
+        out = efficient_attention_forward(q[None], k[None], v[None], None, cu_q, cu_k, max_q, max_k, 0.0,
+                                          CAUSAL_FROM_BOTTOM_RIGHT if causal else NO_MASK, False, scale=scale)
+        return out[0][0]
+    attend.gqa, attend.name = "copies", "memory-efficient varlen (GQA: copies)"
+    return attend
+
+
+def _kv_copies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    group = q.shape[1] // k.shape[1]
+    return k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
 
 
 def _matches_reference(attend: Attend, device: torch.device, dtype: torch.dtype, head_dim: int) -> bool:
     gen = torch.Generator(device=device).manual_seed(0)
     q_lens, k_lens = [5, 37, 1], [13, 37, 9]  # chunks after cached context, a whole prompt, one token
-    q = torch.randn(sum(q_lens), 4, head_dim, generator=gen, device=device, dtype=dtype)
+    # Views of packed projections, as the models pass them: every token's heads in one row.
+    q = torch.randn(sum(q_lens), 6, head_dim, generator=gen, device=device, dtype=dtype)[:, :4]
     cu_q, cu_k = (torch.tensor([0, *itertools.accumulate(lens)], dtype=torch.int32, device=device)
                   for lens in (q_lens, k_lens))
+    # Half precision rounds to 8 or 11 bits; float32 must stay float32 (a TF32 kernel would not).
+    tol = 2e-2 if dtype in (torch.float16, torch.bfloat16) else 1e-4
     for kv_heads, causal in itertools.product((4, 2), (True, False)):  # MHA and GQA
-        k, v = (torch.randn(sum(k_lens), kv_heads, head_dim, generator=gen, device=device, dtype=dtype)
-                for _ in range(2))
+        kv = torch.randn(sum(k_lens), 2 * kv_heads + 1, head_dim, generator=gen, device=device, dtype=dtype)
+        k, v = kv[:, :kv_heads], kv[:, kv_heads:2 * kv_heads]
         args = (q, k, v, cu_q, cu_k, max(q_lens), max(k_lens), causal, head_dim ** -0.5)
-        if not torch.allclose(attend(*args).float(), reference_attend(*args).float(), atol=2e-2, rtol=2e-2):
+        if not torch.allclose(attend(*args).float(), reference_attend(*args).float(), atol=tol, rtol=tol):
             return False
     return True

@@ -15,8 +15,8 @@ from engine.attention_backends import AttentionBackend, GatherDecode, PerSequenc
 from engine.context import Context, PrefillSpan
 from engine.cuda_graphs import capture_sizes
 from engine.flex_prefill import FlexPrefill
-from engine.varlen_prefill import (GQA_MODES, VarlenPrefill, checked_attend, flash_attend, reference_attend,
-                                   varlen_kernel)
+from engine.varlen_prefill import (GQA_MODES, VarlenPrefill, checked_attend, efficient_attend, flash_attend,
+                                   flash_candidates, reference_attend, varlen_kernel)
 from engine.pooling import pool_segments
 
 from test_decoders import PROMPTS, SHARED, greedy, ref, run_staggered  # noqa: F401  (ref is a fixture)
@@ -92,10 +92,12 @@ def test_varlen_prefill_matches_per_sequence_attention(case, kernel):
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
-def test_flash_varlen_is_chosen_only_where_it_checks_out():
+def test_a_varlen_kernel_is_chosen_only_where_it_checks_out():
     assert varlen_kernel(CPU, torch.bfloat16, 64) is None
-    if torch.cuda.is_available():
-        assert varlen_kernel(torch.device("cuda"), torch.float32, 64) is None  # flash attention: fp16 / bf16 only
+    assert varlen_kernel(CPU, torch.float32, 64) is None
+    if torch.cuda.is_available():  # flash attention: fp16 / bf16 only
+        fp32 = varlen_kernel(torch.device("cuda"), torch.float32, 64)
+        assert fp32 is None or fp32.name.startswith("memory-efficient")
 
 
 def fake_varlen_attn(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size):
@@ -133,30 +135,71 @@ def test_flash_varlen_takes_the_first_gqa_way_that_checks_out():
     """The keyword where the release has it; else the kv heads as they are where the kernel takes them,
     without two copies a layer; else the copies; a kernel that answers wrongly is not used at all."""
     for gqa, fake in FAKE_VARLEN.items():
-        assert checked_attend(fake, CPU, torch.float32, 16).gqa == gqa
+        assert checked_attend(flash_candidates(fake), CPU, torch.float32, 16).gqa == gqa
 
     def wrong(q, k, v, cu_q, cu_k, max_q, max_k, *, scale, window_size):
         return fake_varlen_attn_native_gqa(q, k, v, cu_q, cu_k, max_q, max_k, scale=scale, window_size=window_size) + 1
-    assert checked_attend(wrong, CPU, torch.float32, 16) is None
+    assert checked_attend(flash_candidates(wrong), CPU, torch.float32, 16) is None
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="flash attention needs CUDA")
+def fake_efficient_attention_forward(q, k, v, bias, cu_q, cu_k, max_q, max_k, dropout_p, custom_mask_type,
+                                     compute_log_sumexp, *, scale, round_to=None):
+    """aten::_efficient_attention_forward as CUDA defines it, computed by the reference: one packed batch, as
+    many kv heads as query heads, masks 0 (none) and 2 (causal from the bottom right). round_to: the
+    precision its products would round the inputs to (a TF32 kernel: bfloat16's 8 bits, near enough)."""
+    assert q.shape[0] == k.shape[0] == 1 and k.shape[2] == q.shape[2] and bias is None and dropout_p == 0.0
+    assert custom_mask_type in (0, 2) and not compute_log_sumexp
+    if round_to is not None:
+        q, k, v = (t.to(round_to).float() for t in (q, k, v))
+    out = reference_attend(q[0], k[0], v[0], cu_q, cu_k, max_q, max_k, custom_mask_type == 2, scale)
+    return out[None], None, None, None, max_q, max_k
+
+
 @pytest.mark.parametrize("case", CASES)
-def test_flash_varlen_prefill_matches_per_sequence_attention(case):
+def test_memory_efficient_varlen_call_matches_per_sequence_attention(case):
+    """Its packing: one batch of packed tokens, the causal mask aligned to each context's end, GQA as copies."""
     heads, kv_heads, dim, chunks, causal = CASES[case]
-    attend = varlen_kernel(torch.device("cuda"), torch.bfloat16, dim)
-    if attend is None:
-        pytest.skip("this torch has no flash-attention varlen call that matches SDPA")
     attn = layer(heads, kv_heads, dim, num_blocks=256)
     q, k, v, ctx, want = step(attn, chunks, causal, seed=len(case))
-    attn.k_cache, attn.v_cache = attn.k_cache.cuda().bfloat16(), attn.v_cache.cuda().bfloat16()
+    prefill = VarlenPrefill(CPU, efficient_attend(fake_efficient_attention_forward))
+    ctx.prefill_meta = prefill.prepare(ctx)
+    torch.testing.assert_close(prefill(q, k, v, attn.k_cache, attn.v_cache, attn.scale, ctx), want, atol=2e-5, rtol=1e-4)
+
+
+def test_memory_efficient_varlen_is_the_float32_kernel_only_at_float32_accuracy():
+    """After flash attention where that refuses; a kernel whose products round to fewer bits (TF32) is not
+    float32 attention, but passes for bfloat16."""
+    efficient = efficient_attend(fake_efficient_attention_forward)
+    assert checked_attend(flash_candidates(fake_varlen_attn) + [efficient], CPU, torch.float32, 16).gqa == "copies"
+    refused = flash_candidates(lambda *a, **kw: 1 / 0)
+    assert checked_attend(refused + [efficient], CPU, torch.float32, 16) is efficient
+
+    def tf32(*args, **kwargs):
+        return fake_efficient_attention_forward(*args, **kwargs, round_to=torch.bfloat16)
+    assert checked_attend([efficient_attend(tf32)], CPU, torch.float32, 16) is None
+    assert checked_attend([efficient_attend(tf32)], CPU, torch.bfloat16, 16) is not None
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="the varlen kernels need CUDA")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("case", CASES)
+def test_cuda_varlen_prefill_matches_per_sequence_attention(case, dtype):
+    """Flash attention in bf16, the memory-efficient kernel in float32."""
+    heads, kv_heads, dim, chunks, causal = CASES[case]
+    attend = varlen_kernel(torch.device("cuda"), dtype, dim)
+    if attend is None:
+        pytest.skip(f"this torch has no varlen attention call that matches SDPA in {dtype}")
+    attn = layer(heads, kv_heads, dim, num_blocks=256)
+    q, k, v, ctx, want = step(attn, chunks, causal, seed=len(case))
+    attn.k_cache, attn.v_cache = attn.k_cache.cuda().to(dtype), attn.v_cache.cuda().to(dtype)
     for span in ctx.prefills:
         span.context_slots = None if span.context_slots is None else span.context_slots.cuda()
     ctx.slot_mapping = ctx.slot_mapping.cuda()
     prefill = VarlenPrefill(torch.device("cuda"), attend)
     ctx.prefill_meta = prefill.prepare(ctx)
-    got = prefill(*(t.cuda().bfloat16() for t in (q, k, v)), attn.k_cache, attn.v_cache, attn.scale, ctx)
-    torch.testing.assert_close(got.float().cpu(), want, atol=3e-2, rtol=3e-2)
+    got = prefill(*(t.cuda().to(dtype) for t in (q, k, v)), attn.k_cache, attn.v_cache, attn.scale, ctx)
+    tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(got.float().cpu(), want, **tol)
 
 
 def test_flex_block_mask_skips_other_sequences_tiles():
