@@ -2,7 +2,8 @@
 
 Needs only torch, transformers, sentence-transformers and this repository's engine (no Ray). Rows:
   - SciFact embedding with all-MiniLM-L6-v2, fp32 and bf16: docs/s and NDCG@10, engine LLM.embed vs
-    sentence-transformers encode (batch 128) at the same dtype;
+    sentence-transformers encode (batch 128) at the same dtype, and the share of the run the engine's host
+    waited on the device (near 100%: device-bound; near 0: host-bound);
   - decode step ms and tok/s (a whole LLMEngine.step(), outputs final-only as LLM.generate takes them),
     async scheduling on (the CUDA default) and off, with 256 and 1,024 sequences running (128-token prompts) on a random
     1B-shape Llama (hidden 2048, 16 layers, 32/8 heads, vocab 49,152), bf16, vs Hugging Face's own
@@ -14,7 +15,8 @@ Needs only torch, transformers, sentence-transformers and this repository's engi
     vs LLM.generate's final-only outputs;
   - yes/no reranking, 4 queries x 100 documents of ~280 tokens a pair, on random SmolLM2-135M and
     Qwen3-Reranker-0.6B shapes, engine LLM.score vs HF, one left-padded batch per query, both from text
-    (the same prompt template and tokenizer; with --torch-compile also the engine with torch_compile);
+    (the same prompt template and tokenizer; with --torch-compile also the engine with torch_compile), and
+    the host's waiting share as above;
   - greedy parity: engine vs HF `generate`, fp32, identical token sequences out of N.
 
 Each row also gives the workload's physical limit on the card (a roofline: FLOPs at the dense matrix peak or
@@ -251,8 +253,9 @@ def embedding_rows(args, sizes: Sizes, device: torch.device, dtypes: list[str],
         for compiled in compile_modes:
             llm = engine_llm(model_dir, dtype, task="embed", max_model_len=256, max_num_batched_tokens=32768,
                              device=str(device), torch_compile=compiled)
-            llm.embed(docs[:64], truncate_prompt_tokens=-1)  # warm-up (and FlexAttention's compile)
-            secs, outs = timed(device, lambda: llm.embed(docs, truncate_prompt_tokens=-1))
+            llm.embed(docs[:64], truncate_prompt_tokens=-1)  # warm-up (and FlexAttention's compile, where used)
+            with host_waits() as waited:
+                secs, outs = timed(device, lambda: llm.embed(docs, truncate_prompt_tokens=-1))
             e_docs = np.array([o.outputs.embedding for o in outs], dtype=np.float32)
             flops = bert_flops([len(o.prompt_token_ids) for o in outs], bert)
             e_q = np.array([o.outputs.embedding for o in llm.embed(qtexts, truncate_prompt_tokens=-1)],
@@ -262,7 +265,8 @@ def embedding_rows(args, sizes: Sizes, device: torch.device, dtypes: list[str],
             nd_e = ndcg_at_10(e_q, qids, e_docs, dids, qrels)
             rows.append([f"embed {len(docs)} docs ({source}), MiniLM-L6, {dtype}" + (", torch_compile" if compiled else ""),
                          "docs/s", f"{len(docs) / secs:,.0f}", f"{len(docs) / st_secs:,.0f}", ratio(st_secs, secs),
-                         f"NDCG@10 {nd_e:.5f} vs {nd_s:.5f}", "sentence-transformers encode",
+                         f"NDCG@10 {nd_e:.5f} vs {nd_s:.5f}; host waited {100 * waited[0] / secs:.0f}%",
+                         "sentence-transformers encode",
                          args.limits.cell([(flops, 0.0)], dtype, len(docs), "docs/s", len(docs) / secs)])
     return rows
 
@@ -501,13 +505,14 @@ def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, smal
         warm_up, docs = documents(), documents()
         flat_q = [q for q, ds in zip(queries, docs) for _ in ds]
         flat_d = [d for ds in docs for d in ds]
-        runs = {}  # torch_compile -> (seconds, scores)
+        runs = {}  # torch_compile -> (seconds, scores, seconds the host waited on the device)
         for compiled in compile_modes:
             llm = engine_llm(path, dtype, task="score", score_tokens=("no", "yes"), max_model_len=1024,
                              max_num_batched_tokens=16384, max_num_seqs=256, device=str(device), torch_compile=compiled)
             llm.score(flat_q, [d for ds in warm_up for d in ds])
-            secs, outs = timed(device, lambda: llm.score(flat_q, flat_d))
-            runs[compiled] = secs, np.array([o.outputs.score for o in outs])
+            with host_waits() as waited:
+                secs, outs = timed(device, lambda: llm.score(flat_q, flat_d))
+            runs[compiled] = secs, np.array([o.outputs.score for o in outs]), waited[0]
             prompt = llm.engine.input_processor.yes_no
             del llm
             free(device)
@@ -541,10 +546,10 @@ def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, smal
     return [[f"yes/no rerank {sizes.queries} x {sizes.docs} pairs (~{tok_per_pair:.0f} tok), random {shape}, {dtype}"
              + (", torch_compile" if compiled else ""),
              "pairs/s", f"{n / secs:,.1f}", f"{n / hf_secs:,.1f}", ratio(hf_secs, secs),
-             f"max |score - HF| {np.abs(scores - want).max():.4f}",
+             f"max |score - HF| {np.abs(scores - want).max():.4f}; host waited {100 * waited / secs:.0f}%",
              f"HF from text ({tokenize_secs * 1e3:.0f} ms of it tokenizing), left-padded batch per query",
              limits.cell(phases, dtype, n, "pairs/s", n / secs)]
-            for compiled, (secs, scores) in runs.items()]
+            for compiled, (secs, scores, waited) in runs.items()]
 
 
 # ---- main -------------------------------------------------------------------------------------
