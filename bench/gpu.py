@@ -202,7 +202,10 @@ KERNELS: set[str] = set()
 def engine_llm(path: str, dtype: str, **kw):
     from engine import LLM
     llm = LLM(path, dtype=dtype, **kw)
-    KERNELS.add(f"{dtype} {llm.engine.task}: {llm.engine.runner.attention_backend.name}")
+    runner = llm.engine.runner
+    layer_ops = getattr(runner.model, "layer_ops", None)
+    KERNELS.add(f"{dtype} {llm.engine.task}: {runner.attention_backend.name}"
+                + (f", layer ops {layer_ops.name}" if layer_ops is not None else ""))
     return llm
 
 

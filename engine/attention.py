@@ -1,7 +1,7 @@
 """Attention over a packed step: one backend call for all prefill spans, one for all decodes.
 
-The kernels live in the backend that `select_attention_backend` picks for the device; this module
-only writes the step's K/V into the paged pool and routes the two halves of the step."""
+The kernels live in the backend that engine.kernels picks for the device; this module only writes the
+step's K/V into the paged pool and routes the two halves of the step."""
 from typing import Optional
 
 import torch

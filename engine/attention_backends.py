@@ -1,10 +1,10 @@
-"""Attention kernels and the one place that picks them for a device.
+"""Attention backends, and the portable PyTorch kernels; engine.kernels picks a device's.
 
 A backend is a prefill kernel (every prefill span of the step in one variable-length call where the
 device has one; called as kernel(q, k, v, k_cache, v_cache, scale, ctx)) and a decode kernel (every
 decode of the step in one call over the paged pool).
-CUDA-only kernels are imported here and nowhere else; any device without them gets the portable
-PyTorch kernels below, so the engine itself stays device-agnostic."""
+Any device without CUDA's kernels gets the portable PyTorch kernels below, so the engine itself stays
+device-agnostic."""
 from dataclasses import dataclass
 
 import torch
@@ -98,19 +98,3 @@ class AttentionBackend:
             ctx.prefill_kernel, ctx.prefill_meta = self.prefill, self.prefill.prepare(ctx)
         if ctx.decode_block_table is not None:
             ctx.decode_meta = self.decode.prepare(ctx, block_size)
-
-
-def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> AttentionBackend:
-    """The one place where CUDA-only kernels are chosen; everything else gets the portable ones. Prefill on
-    CUDA: a variable-length kernel where one checks out (flash attention in fp16 / bf16, the memory-efficient
-    one in float32), else FlexAttention."""
-    if device.type != "cuda":
-        return AttentionBackend(PerSequencePrefill(), GatherDecode(dtype))
-    from engine.flex_prefill import FlexPrefill, flex_available
-    from engine.triton_decode import TritonPagedDecode, triton_available
-    from engine.varlen_prefill import VarlenPrefill, varlen_kernel
-    if head_dim is not None and (attend := varlen_kernel(device, dtype, head_dim)) is not None:
-        prefill = VarlenPrefill(device, attend)
-    else:
-        prefill = FlexPrefill(device) if flex_available() else PerSequencePrefill()
-    return AttentionBackend(prefill, TritonPagedDecode() if triton_available() else GatherDecode(dtype))

@@ -4,11 +4,11 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.attention_backends import select_attention_backend
 from engine.block_table import BlockTable
 from engine.compiled_model import CompiledModel
 from engine.context import Context, PrefillSpan, set_context
 from engine.cuda_graphs import DecodeGraphs
+from engine.kernels import select_attention_backend, select_layer_ops
 from engine.models import model_class
 from engine.pooling import pool_segments
 from engine.quantization import compile_int8_layers, quantize_decoder
@@ -54,6 +54,8 @@ class ModelRunner:
         self.attention_backend = select_attention_backend(device, dtype, layers[0].head_dim if layers else None)
         for attn in layers:
             attn.backend = self.attention_backend
+        if hasattr(self.model, "layer_ops"):  # decoders
+            self.model.layer_ops = select_layer_ops(device, dtype)
         self.block_size = 0
         self.num_blocks = 0
         self.pooling: str = "last"

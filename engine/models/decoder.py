@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import Attention
-from engine.models.rotary import RotaryEmbedding, apply_rotary, rope_parameters
+from engine.layer_ops import LayerOps
+from engine.models.rotary import RotaryEmbedding, rope_parameters
 from engine.models.weights import load_into
 
 DECODER_ARCHITECTURES = {f"{family}For{head}" for family in ("Llama", "Mistral", "Qwen2", "Qwen3", "Gemma")
@@ -89,26 +90,27 @@ class DecoderLayer(nn.Module):
         self.mlp.gate_up_proj.shard_sizes = (s.intermediate_size, s.intermediate_size)
         self.mlp.down_proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=False)
 
-    def forward(self, rotary: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    def forward(self, rotary: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
+                ops: LayerOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """x: the previous layer's MLP output (the embeddings for the first), not yet added to the residual
+        stream; returns this layer's, and the stream: each add is fused with the norm after it."""
         s, attn = self.s, self.self_attn
+        h, residual = ops.add_rms_norm(x, residual, self.input_layernorm)
         # Heads first, then split: no reshape of split columns, which a compiled graph would specialise
         # on a batch of one.
-        qkv = attn.qkv_proj(self.input_layernorm(x)).view(-1, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
-        if s.qk_norm:
-            q, k, v = qkv.split((s.num_heads, s.num_kv_heads, s.num_kv_heads), dim=1)
-            qk = torch.cat((attn.q_norm(q), attn.k_norm(k)), dim=1)
-        else:
-            qk, v = qkv.split((s.num_heads + s.num_kv_heads, s.num_kv_heads), dim=1)
-        # Queries and keys rotated in one pass, then split (views: the kernels take strided heads).
-        q, k = apply_rotary(qk, *rotary).split((s.num_heads, s.num_kv_heads), dim=1)
-        x = x + attn.o_proj(self.attn(q, k, v))
-        gate, up = self.mlp.gate_up_proj(self.post_attention_layernorm(x)).chunk(2, dim=-1)
-        act = F.gelu(gate, approximate="tanh") if s.gelu else F.silu(gate)
-        return x + self.mlp.down_proj(act * up)
+        qkv = attn.qkv_proj(h).view(-1, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
+        qk = ops.rotate_qk(qkv, s.num_heads, s.num_kv_heads, rotary,
+                           *((attn.q_norm, attn.k_norm) if s.qk_norm else ()))
+        # Views: the kernels take strided heads.
+        q, k = qk.split((s.num_heads, s.num_kv_heads), dim=1)
+        v = qkv[:, s.num_heads + s.num_kv_heads:]
+        h, residual = ops.add_rms_norm(attn.o_proj(self.attn(q, k, v)), residual, self.post_attention_layernorm)
+        return self.mlp.down_proj(ops.gated_activation(self.mlp.gate_up_proj(h), s.gelu)), residual
 
 
 class DecoderModel(nn.Module):
     is_decoder = True
+    layer_ops = LayerOps()  # the model runner sets the device's (engine.kernels)
 
     def __init__(self, config, max_model_len: int):
         super().__init__()
@@ -130,10 +132,10 @@ class DecoderModel(nn.Module):
         x = self.embed_tokens(input_ids)
         if self.spec.gemma:
             x = x * torch.tensor(self.spec.hidden_size ** 0.5, dtype=x.dtype)
-        rotary = self.rotary.tables(positions, x.dtype)
+        rotary, ops, residual = self.rotary.tables(positions, x.dtype), self.layer_ops, None
         for layer in self.layers:
-            x = layer(rotary, x)
-        return self.norm(x)
+            x, residual = layer(rotary, x, residual, ops)
+        return ops.add_rms_norm(x, residual, self.norm)[0]
 
     def output_embeddings(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight

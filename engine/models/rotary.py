@@ -49,11 +49,3 @@ class RotaryEmbedding(nn.Module):
         """cos and sin for the step's positions in the activations' dtype, as Hugging Face casts them, looked
         up once and shared by every layer."""
         return self.cos[positions].unsqueeze(1).to(dtype), self.sin[positions].unsqueeze(1).to(dtype)
-
-
-def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: [tokens, heads, head_dim], queries and keys together. Bit for bit Hugging Face's x1*cos - x2*sin,
-    x2*cos + x1*sin in x's dtype (negating a factor is exact), in four kernels: an unfused op costs a
-    launch and a pass over memory, and a step runs this once per layer."""
-    x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((x2, x1), dim=-1) * sin

@@ -1,0 +1,30 @@
+"""The one place where CUDA-only kernels are chosen; every other device gets the portable PyTorch ones, so
+the engine stays device-agnostic: attention (engine.attention_backends) and a decoder layer's elementwise
+passes (engine.layer_ops)."""
+import torch
+
+from engine.attention_backends import AttentionBackend, GatherDecode, PerSequencePrefill
+from engine.layer_ops import FusedLayerOps, LayerOps
+
+
+def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> AttentionBackend:
+    """Prefill on CUDA: a variable-length kernel where one checks out (flash attention in fp16 / bf16, the
+    memory-efficient one in float32), else FlexAttention; decode: the paged Triton kernel."""
+    if device.type != "cuda":
+        return AttentionBackend(PerSequencePrefill(), GatherDecode(dtype))
+    from engine.flex_prefill import FlexPrefill, flex_available
+    from engine.triton_decode import TritonPagedDecode, triton_available
+    from engine.varlen_prefill import VarlenPrefill, varlen_kernel
+    if head_dim is not None and (attend := varlen_kernel(device, dtype, head_dim)) is not None:
+        prefill = VarlenPrefill(device, attend)
+    else:
+        prefill = FlexPrefill(device) if flex_available() else PerSequencePrefill()
+    return AttentionBackend(prefill, TritonPagedDecode() if triton_available() else GatherDecode(dtype))
+
+
+def select_layer_ops(device: torch.device, dtype: torch.dtype) -> LayerOps:
+    """Fused Triton kernels on CUDA in fp16 / bf16; float32 keeps Hugging Face's roundings, op by op."""
+    from engine.triton_decode import triton_available
+    if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and triton_available():
+        return FusedLayerOps()
+    return LayerOps()

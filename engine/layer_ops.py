@@ -1,0 +1,70 @@
+"""A decoder layer's elementwise passes: op by op in PyTorch, or fused (CUDA, Triton).
+
+Between its matmuls a decoder layer adds each branch to the residual stream and normalizes the sum (twice),
+rotates queries and keys (after Qwen3's per-head norm) and gates its MLP. Op by op that is a dozen kernels
+a layer, each a pass over the step's activations: on a GPU most of a decode step's launches and much of a
+prefill step's memory traffic. The fused ops run each group as one kernel that reads its inputs once,
+computes in float32 and rounds once (what vLLM's fused_add_rms_norm, rotary and silu_and_mul kernels do).
+engine.kernels picks them for CUDA in fp16 / bf16; float32 keeps Hugging Face's roundings op by op (token
+for token parity), and a compiled model traces the PyTorch ops and fuses them itself."""
+import torch
+import torch.nn.functional as F
+
+
+def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """x: [tokens, heads, head_dim], queries and keys together; cos, sin: RotaryEmbedding.tables. Bit for bit
+    Hugging Face's x1*cos - x2*sin, x2*cos + x1*sin in x's dtype (negating a factor is exact), in four kernels."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return x * cos + torch.cat((x2, x1), dim=-1) * sin
+
+
+class LayerOps:
+    """Op by op in PyTorch, rounding where Hugging Face rounds: every device."""
+    name = "PyTorch"
+
+    def add_rms_norm(self, x: torch.Tensor, residual: torch.Tensor | None, norm) -> tuple[torch.Tensor, torch.Tensor]:
+        """(norm(x + residual), x + residual); the first layer has no residual yet: x is the stream."""
+        if residual is not None:
+            x = x + residual
+        return norm(x), x
+
+    def rotate_qk(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, rotary: tuple[torch.Tensor, torch.Tensor],
+                  q_norm=None, k_norm=None) -> torch.Tensor:
+        """qkv [tokens, heads + 2 kv heads, dim] -> queries and keys [tokens, heads + kv heads, dim], rotated
+        (after q_norm / k_norm, Qwen3's per-head RMSNorms) together."""
+        if q_norm is not None:
+            q, k = qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads]
+            qk = torch.cat((q_norm(q), k_norm(k)), dim=1)
+        else:
+            qk = qkv[:, :num_heads + num_kv_heads]
+        return apply_rotary(qk, *rotary)
+
+    def gated_activation(self, gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
+        """[tokens, 2 n] (gate, up) -> act(gate) * up, act SiLU or (Gemma) tanh-approximated GELU."""
+        gate, up = gate_up.chunk(2, dim=-1)
+        return (F.gelu(gate, approximate="tanh") if gelu else F.silu(gate)) * up
+
+
+class FusedLayerOps(LayerOps):
+    """One Triton kernel per group (engine.triton_layer_ops); PyTorch where a compiled model traces them."""
+    name = "fused (Triton)"
+
+    def add_rms_norm(self, x, residual, norm):
+        from engine.triton_layer_ops import MAX_ROW, add_rms_norm
+        if torch.compiler.is_compiling() or x.shape[-1] > MAX_ROW:
+            return super().add_rms_norm(x, residual, norm)
+        return add_rms_norm(x, residual, norm.weight, norm.eps, norm.gemma)
+
+    def rotate_qk(self, qkv, num_heads, num_kv_heads, rotary, q_norm=None, k_norm=None):
+        from engine.triton_layer_ops import rotate_qk
+        if torch.compiler.is_compiling():
+            return super().rotate_qk(qkv, num_heads, num_kv_heads, rotary, q_norm, k_norm)
+        if q_norm is None:
+            return rotate_qk(qkv, num_heads, num_kv_heads, *rotary, None, None, 0.0)
+        return rotate_qk(qkv, num_heads, num_kv_heads, *rotary, q_norm.weight, k_norm.weight, q_norm.eps)
+
+    def gated_activation(self, gate_up, gelu):
+        from engine.triton_layer_ops import gated_activation
+        if torch.compiler.is_compiling():
+            return super().gated_activation(gate_up, gelu)
+        return gated_activation(gate_up, gelu)

@@ -1,0 +1,122 @@
+"""A decoder layer's fused elementwise kernels (engine.triton_layer_ops) against the op-by-op PyTorch ones they
+replace: on CUDA, and on CPU in Triton's interpreter (conftest sets TRITON_INTERPRET=1 there), in float32
+(the interpreter has no bfloat16 arithmetic of its own); and whole engines on them against the same engines
+op by op."""
+import os
+
+import pytest
+import torch
+import transformers as T
+
+from engine import LLM, PoolingParams
+from engine.kernels import select_layer_ops
+from engine.layer_ops import FusedLayerOps, LayerOps
+from engine.models.decoder import RMSNorm
+
+from test_decoders import PROMPTS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+CUDA = torch.cuda.is_available()
+DEVICE = "cuda" if CUDA else "cpu"
+
+
+@pytest.fixture(autouse=True)
+def needs_triton():
+    pytest.importorskip("triton")
+    if not CUDA and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU: run with TRITON_INTERPRET=1 to check the kernels in Triton's interpreter")
+
+
+def norm(dim: int, gemma: bool, seed: int) -> RMSNorm:
+    n = RMSNorm(dim, 1e-6, gemma).to(DEVICE)
+    with torch.no_grad():
+        n.weight.copy_(torch.randn(dim, generator=torch.Generator().manual_seed(seed)) * 0.3 + (0 if gemma else 1))
+    return n
+
+
+def randn(*shape, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE)
+
+
+@pytest.mark.parametrize("hidden", [48, 64, 576])
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_fused_add_rms_norm_matches_op_by_op(hidden, gemma, with_residual):
+    x, residual = randn(7, hidden, seed=1), randn(7, hidden, seed=2) if with_residual else None
+    n = norm(hidden, gemma, seed=hidden)
+    want, want_stream = LayerOps().add_rms_norm(x, residual, n)
+    got, got_stream = FusedLayerOps().add_rms_norm(x, residual, n)
+    torch.testing.assert_close(got_stream, want_stream, atol=0, rtol=0)  # the same sum, rounded once
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+# (query heads, kv heads, head dim): MHA, GQA, heads and half dims that are not powers of two
+@pytest.mark.parametrize("heads", [(4, 4, 16), (8, 2, 32), (6, 2, 12), (9, 3, 64)])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_fused_rotary_matches_op_by_op(heads, qk_norm):
+    h, kv, dim = heads
+    t = 11
+    qkv = randn(t, h + 2 * kv, dim, seed=3)
+    freqs = torch.outer(torch.arange(t, dtype=torch.float32) * 3, 1.0 / 10000 ** (torch.arange(dim // 2) * 2 / dim))
+    cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)[:, None].to(DEVICE)
+    sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)[:, None].to(DEVICE)
+    norms = (norm(dim, False, seed=4), norm(dim, False, seed=5)) if qk_norm else ()
+    want = LayerOps().rotate_qk(qkv, h, kv, (cos, sin), *norms)
+    got = FusedLayerOps().rotate_qk(qkv, h, kv, (cos, sin), *norms)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("width", [40, 1536, 2100])  # one program's block of columns, and more than one
+@pytest.mark.parametrize("gelu", [False, True])
+@pytest.mark.filterwarnings("ignore:overflow encountered in exp")  # the interpreter's numpy sigmoid at -inf: 0
+def test_fused_gated_activation_matches_op_by_op(width, gelu):
+    gate_up = randn(5, 2 * width, seed=width) * 3
+    want = LayerOps().gated_activation(gate_up, gelu)
+    got = FusedLayerOps().gated_activation(gate_up, gelu)
+    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_ops_on_no_rows():
+    ops, n = FusedLayerOps(), norm(16, False, seed=0)
+    empty = torch.empty(0, 16, device=DEVICE)
+    assert ops.add_rms_norm(empty, empty, n)[0].shape == (0, 16)
+    assert ops.rotate_qk(torch.empty(0, 4, 16, device=DEVICE), 2, 1, (empty[:, None], empty[:, None])).shape == (0, 3, 16)
+    assert ops.gated_activation(torch.empty(0, 32, device=DEVICE), False).shape == (0, 16)
+
+
+def test_fused_ops_are_chosen_for_cuda_half_precision_only():
+    assert type(select_layer_ops(torch.device("cpu"), torch.bfloat16)) is LayerOps
+    if CUDA:
+        assert type(select_layer_ops(torch.device("cuda"), torch.float32)) is LayerOps
+        assert type(select_layer_ops(torch.device("cuda"), torch.bfloat16)) is FusedLayerOps
+
+
+@pytest.mark.parametrize("arch", ["llama3-gqa", "qwen3", "gemma"])
+def test_an_engine_on_the_fused_ops_matches_op_by_op(arch, tiny_model):
+    """Chunked prefill after prefix-cache hits, then the last tokens' hidden states (float32)."""
+    path = tiny_model(arch)
+    llm = LLM(path, task="embed", dtype="float32", block_size=8, max_num_batched_tokens=24,
+              long_prefill_token_threshold=13, device=DEVICE)
+    params = PoolingParams(normalize=False)
+    want = [o.outputs.embedding for o in llm.embed(PROMPTS, pooling_params=params)]
+    llm.engine.runner.model.layer_ops = FusedLayerOps()
+    got = [o.outputs.embedding for o in llm.embed(PROMPTS, pooling_params=params)]
+    assert llm.engine.kv.prefix_cache_hits > 0
+    torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.skipif(not CUDA, reason="the fused ops run in bfloat16 on CUDA only")
+@pytest.mark.parametrize("arch", ["gemma", "llama3-gqa", "qwen3"])
+def test_bfloat16_on_the_fused_ops_as_close_to_float32_as_hf_bfloat16(arch, tiny_model):
+    """Rounding once where Hugging Face rounds op by op moves the hidden states no further from float32."""
+    path = tiny_model(arch)
+    hf = {dt: T.AutoModel.from_pretrained(path, dtype=dt).to(DEVICE).eval() for dt in (torch.bfloat16, torch.float32)}
+    llm = LLM(path, task="embed", dtype="bfloat16", block_size=8, device=DEVICE)
+    assert isinstance(llm.engine.runner.model.layer_ops, FusedLayerOps)
+    for out in llm.embed(PROMPTS, pooling_params=PoolingParams(normalize=False)):
+        ids = torch.tensor([out.prompt_token_ids], device=DEVICE)
+        with torch.no_grad():
+            h16, h32 = (hf[dt](ids).last_hidden_state[0, -1].float().cpu() for dt in (torch.bfloat16, torch.float32))
+        got = torch.tensor(out.outputs.embedding)
+        distance = [1 - torch.nn.functional.cosine_similarity(a, h32, dim=0).item() for a in (got, h16)]
+        assert distance[0] <= 2 * distance[1] + 1e-5, distance
