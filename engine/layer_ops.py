@@ -10,6 +10,8 @@ for token parity), and a compiled model traces the PyTorch ops and fuses them it
 import torch
 import torch.nn.functional as F
 
+from engine import triton_layer_ops
+
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """x: [tokens, heads, head_dim], queries and keys together; cos, sin: RotaryEmbedding.tables. Bit for bit
@@ -50,21 +52,19 @@ class FusedLayerOps(LayerOps):
     name = "fused (Triton)"
 
     def add_rms_norm(self, x, residual, norm):
-        from engine.triton_layer_ops import MAX_ROW, add_rms_norm
-        if torch.compiler.is_compiling() or x.shape[-1] > MAX_ROW:
+        if torch.compiler.is_compiling() or x.shape[-1] > triton_layer_ops.MAX_ROW:
             return super().add_rms_norm(x, residual, norm)
-        return add_rms_norm(x, residual, norm.weight, norm.eps, norm.gemma)
+        return triton_layer_ops.add_rms_norm(x, residual, norm.weight, norm.eps, norm.gemma)
 
     def rotate_qk(self, qkv, num_heads, num_kv_heads, rotary, q_norm=None, k_norm=None):
-        from engine.triton_layer_ops import rotate_qk
         if torch.compiler.is_compiling():
             return super().rotate_qk(qkv, num_heads, num_kv_heads, rotary, q_norm, k_norm)
         if q_norm is None:
-            return rotate_qk(qkv, num_heads, num_kv_heads, *rotary, None, None, 0.0)
-        return rotate_qk(qkv, num_heads, num_kv_heads, *rotary, q_norm.weight, k_norm.weight, q_norm.eps)
+            return triton_layer_ops.rotate_qk(qkv, num_heads, num_kv_heads, *rotary, None, None, 0.0)
+        return triton_layer_ops.rotate_qk(qkv, num_heads, num_kv_heads, *rotary, q_norm.weight, k_norm.weight,
+                                          q_norm.eps)
 
     def gated_activation(self, gate_up, gelu):
-        from engine.triton_layer_ops import gated_activation
         if torch.compiler.is_compiling():
             return super().gated_activation(gate_up, gelu)
-        return gated_activation(gate_up, gelu)
+        return triton_layer_ops.gated_activation(gate_up, gelu)

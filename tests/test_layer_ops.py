@@ -84,6 +84,25 @@ def test_fused_ops_on_no_rows():
     assert ops.gated_activation(torch.empty(0, 32, device=DEVICE), False).shape == (0, 16)
 
 
+def test_a_compiled_model_traces_the_op_by_op_path():
+    """Inside torch.compile the fused ops hand over to PyTorch's, which the compiler fuses itself: one graph,
+    no Triton launch traced."""
+    ops, n = FusedLayerOps(), norm(64, False, seed=0)
+    x, residual, gate_up = randn(5, 64, seed=1), randn(5, 64, seed=2), randn(5, 64, seed=3)
+    qkv = randn(5, 4, 16, seed=4)
+    tables = randn(5, 1, 16, seed=5), randn(5, 1, 16, seed=6)
+
+    def layer(x, residual, qkv, gate_up):
+        return (*ops.add_rms_norm(x, residual, n), ops.rotate_qk(qkv, 2, 1, tables, n16, n16),
+                ops.gated_activation(gate_up, False))
+    n16 = norm(16, False, seed=7)
+    compiled = torch.compile(layer, backend="eager", fullgraph=True)
+    want = (*LayerOps().add_rms_norm(x, residual, n), LayerOps().rotate_qk(qkv, 2, 1, tables, n16, n16),
+            LayerOps().gated_activation(gate_up, False))
+    for got, expected in zip(compiled(x, residual, qkv, gate_up), want):
+        torch.testing.assert_close(got, expected, atol=0, rtol=0)
+
+
 def test_fused_ops_are_chosen_for_cuda_half_precision_only():
     assert type(select_layer_ops(torch.device("cpu"), torch.bfloat16)) is LayerOps
     if CUDA:
