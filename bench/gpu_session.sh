@@ -19,7 +19,7 @@ case "${1:-}" in
       | grep -v "^USDT\|^STAGE" | tail -100
     timeout 150 $PY bench/host.py --running 256 --steps 40 2>&1 | tee "$OUT/host.txt" | tail -30
     if $PY -c "import pytest" 2>/dev/null; then
-      timeout 240 $PY -m pytest -q -x tests/test_attention_kernels.py tests/test_async_scheduling.py 2>&1 | tee "$OUT/tests.txt" | tail -15
+      timeout 240 $PY -m pytest -q -x tests/test_attention_kernels.py tests/test_layer_ops.py tests/test_async_scheduling.py 2>&1 | tee "$OUT/tests.txt" | tail -15
     else
       echo "no pytest on this machine: tests not run" | tee "$OUT/tests.txt"
     fi ;;
