@@ -11,7 +11,17 @@ from engine.tokenizer import apply_chat_template, pair_texts
 Prompt = str | list[int] | dict
 # A pooling call's inputs are encoded a slice at a time, each while the device runs the step launched before it
 # (async scheduling), not all before the first step: tokenizing a corpus takes as long as embedding it on a GPU.
-POOLING_SLICE = 256
+# The slices grow from the first, so the device waits for a few inputs' tokens, not for a whole slice's.
+POOLING_FIRST_SLICE, POOLING_SLICE = 32, 256
+
+
+def slices(n: int) -> list[tuple[int, int]]:
+    """[start, end) of each slice of n inputs: POOLING_FIRST_SLICE, twice that, ... up to POOLING_SLICE each."""
+    bounds, start, size = [], 0, min(POOLING_FIRST_SLICE, POOLING_SLICE)
+    while start < n:
+        bounds.append((start, min(n, start + size)))
+        start, size = start + size, min(2 * size, POOLING_SLICE)
+    return bounds
 
 
 def prompt_of(p: Prompt) -> str | list[int]:
@@ -98,9 +108,9 @@ class LLM:
         return params
 
     def _run(self, add: Callable[[str, list], None], inputs: list) -> list[PoolingRequestOutput]:
-        """add(request id, slice of inputs) encodes a slice into a pooling call; one call per POOLING_SLICE
-        inputs, a step launched after each, their outputs in input order."""
-        parts = [inputs[i:i + POOLING_SLICE] for i in range(0, len(inputs), POOLING_SLICE)] or [inputs]
+        """add(request id, slice of inputs) encodes a slice into a pooling call; one call per slice (slices), a
+        step launched after each, their outputs in input order."""
+        parts = [inputs[start:end] for start, end in slices(len(inputs))] or [inputs]
         rids, done = [], {}
         try:
             for part in parts:

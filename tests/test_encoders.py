@@ -200,13 +200,14 @@ def test_auto_truncate_matches_sentence_transformers(minilm, st_minilm):
 
 
 def test_pooling_calls_encoded_in_slices_equal_one_call(tiny_model, monkeypatch):
-    """LLM.embed / classify / score encode POOLING_SLICE inputs at a time, a step launched after each: the outputs
+    """LLM.embed / classify / score encode their inputs a slice at a time, a step launched after each: the outputs
     are the same, in input order, as one call's; a bad input in a later slice aborts every slice, nothing left."""
     import engine.llm
     from conftest import assert_pool_free
     texts = TEXTS * 3
     runs = {}
-    for size in (1000, 2):
+    for first, size in ((1000, 1000), (1, 2)):  # one call; slices of 1, 2, 2, ...
+        monkeypatch.setattr(engine.llm, "POOLING_FIRST_SLICE", first)
         monkeypatch.setattr(engine.llm, "POOLING_SLICE", size)
         emb = LLM(tiny_model("bert"), task="embed", dtype="float32", async_scheduling=True, max_num_batched_tokens=24)
         cls = LLM(tiny_model("bert-cls3"), dtype="float32", async_scheduling=True)
@@ -218,6 +219,13 @@ def test_pooling_calls_encoded_in_slices_equal_one_call(tiny_model, monkeypatch)
     assert sliced[1] == whole[1]  # the inputs, in order
     for got, want in zip(sliced[:1] + sliced[2:], whole[:1] + whole[2:]):  # batch shapes differ: last bits may too
         assert np.allclose(np.array(got), np.array(want), atol=1e-6)
-    with pytest.raises(ValueError, match="tokens"):  # over max_model_len, not truncated: found in the third slice
-        emb.embed(texts[:4] + ["word " * 500])
+    with pytest.raises(ValueError, match="tokens"):  # over max_model_len, not truncated: found in the fourth slice
+        emb.embed(texts[:5] + ["word " * 500])
     assert_pool_free(emb)
+
+
+def test_pooling_slices_grow_from_a_small_first_one():
+    """The device starts on the first few inputs' tokens; later slices are as large as POOLING_SLICE."""
+    from engine.llm import slices
+    assert slices(600) == [(0, 32), (32, 96), (96, 224), (224, 480), (480, 600)]
+    assert slices(20) == [(0, 20)] and slices(0) == []
