@@ -4,7 +4,12 @@ One program per (sequence, kv head): it loads the query rows of the kv head's qu
 sequence's context a tile of slots at a time, looking each slot's block up in the block table, and
 keeps an online softmax. Both products run on the matrix units (`tl.dot`), the query rows padded to
 16, their minimum. No dense copy of any context is made, and the shapes depend only on the batch
-size, so a CUDA graph can replay it."""
+size and the block table's width, so a CUDA graph can replay it.
+
+Few sequences over long contexts would leave most of the GPU idle, each program walking thousands of
+slots alone (one chat at 32k tokens: a program per kv head, 8 of 132 SMs). There the context is split
+into partitions of PARTITION slots, one program each, and a second kernel merges the partitions'
+softmax states (flash-decoding; vLLM's paged attention v2)."""
 import functools
 
 import torch
@@ -13,6 +18,7 @@ from engine.context import Context
 
 TILE = 64  # context slots per loop iteration
 MIN_DOT = 16  # tl.dot's smallest M, N and K
+PARTITION = 512  # context slots per program where contexts are split (any size computes the same; TILE divides it)
 
 
 def triton_available() -> bool:
@@ -29,11 +35,15 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def paged_decode(q_ptr, k_ptr, v_ptr, out_ptr, table_ptr, lens_ptr, scale,
-                     stride_q, stride_qh, stride_k, stride_kh, stride_o, stride_oh, stride_table,
+    def paged_decode(q_ptr, k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, table_ptr, lens_ptr, scale,
+                     stride_q, stride_qh, stride_k, stride_kh, stride_o, stride_oh, stride_os, stride_m, stride_mh,
+                     stride_table,
                      GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr,
-                     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PRECISION: tl.constexpr):
-        seq, kv_head = tl.program_id(0), tl.program_id(1)
+                     BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PARTITION: tl.constexpr, SPLIT: tl.constexpr,
+                     PRECISION: tl.constexpr):
+        # SPLIT: this program's partition of the context, its unnormalized output and softmax state (m, l) kept
+        # for the merge; else the whole context, normalized.
+        seq, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.load(lens_ptr + seq)
         g, d, t = tl.arange(0, ROWS), tl.arange(0, DIM_P2), tl.arange(0, TILE)
         g_ok, d_ok = g < GROUP, d < HEAD_DIM
@@ -43,9 +53,13 @@ def _kernel():
         m = tl.full([ROWS], float("-inf"), tl.float32)
         l = tl.zeros([ROWS], tl.float32)
         acc = tl.zeros([ROWS, DIM_P2], tl.float32)
-        for start in range(0, length, TILE):
+        first, end = 0, length
+        if SPLIT:
+            first = part * PARTITION
+            end = tl.minimum(length, first + PARTITION)
+        for start in range(first, end, TILE):
             pos = start + t
-            t_ok = pos < length
+            t_ok = pos < end
             block = tl.load(table_ptr + seq * stride_table + pos // BLOCK_SIZE, mask=t_ok, other=0)
             slots = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
             kv_mask = t_ok[:, None] & d_ok[None, :]
@@ -61,41 +75,102 @@ def _kernel():
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
-        out = acc / tl.where(l > 0, l, 1.0)[:, None]  # a padding row (length 0) writes zeros
-        tl.store(out_ptr + seq * stride_o + heads[:, None] * stride_oh + d[None, :],
-                 out.to(out_ptr.dtype.element_ty), mask=g_ok[:, None] & d_ok[None, :])
+        row_ok = g_ok[:, None] & d_ok[None, :]
+        if SPLIT:  # a partition past the context keeps m = -inf, l = 0: the merge weighs it 0
+            dst = out_ptr + seq * stride_o + heads[:, None] * stride_oh + part * stride_os + d[None, :]
+            tl.store(dst, acc, mask=row_ok)
+            state = seq * stride_m + heads * stride_mh + part
+            tl.store(m_ptr + state, m, mask=g_ok)
+            tl.store(l_ptr + state, l, mask=g_ok)
+        else:
+            out = acc / tl.where(l > 0, l, 1.0)[:, None]  # a padding row (length 0) writes zeros
+            tl.store(out_ptr + seq * stride_o + heads[:, None] * stride_oh + d[None, :],
+                     out.to(out_ptr.dtype.element_ty), mask=row_ok)
 
-    return paged_decode
+    @triton.jit
+    def merge_partitions(part_ptr, m_ptr, l_ptr, out_ptr, stride_p, stride_ph, stride_ps, stride_m, stride_mh,
+                         stride_o, stride_oh, PARTS: tl.constexpr, PARTS_P2: tl.constexpr, HEAD_DIM: tl.constexpr,
+                         DIM_P2: tl.constexpr):
+        seq, head = tl.program_id(0), tl.program_id(1)
+        j, d = tl.arange(0, PARTS_P2), tl.arange(0, DIM_P2)
+        j_ok, d_ok = j < PARTS, d < HEAD_DIM
+        m = tl.load(m_ptr + seq * stride_m + head * stride_mh + j, mask=j_ok, other=float("-inf"))
+        l = tl.load(l_ptr + seq * stride_m + head * stride_mh + j, mask=j_ok, other=0.0)
+        top = tl.max(m, axis=0)
+        weight = tl.where(m > float("-inf"), tl.exp(m - top), 0.0)  # partitions past the context: 0
+        acc = tl.load(part_ptr + seq * stride_p + head * stride_ph + j[:, None] * stride_ps + d[None, :],
+                      mask=j_ok[:, None] & d_ok[None, :], other=0.0)
+        total = tl.sum(l * weight, axis=0)
+        out = tl.sum(acc * weight[:, None], axis=0) / tl.where(total > 0, total, 1.0)
+        tl.store(out_ptr + seq * stride_o + head * stride_oh + d, out.to(out_ptr.dtype.element_ty), mask=d_ok)
+
+    return paged_decode, merge_partitions
 
 
 class TritonPagedDecode:
     graphable = True
 
+    def __init__(self, min_programs: int | None = None, partition: int = PARTITION):
+        # Programs a step should launch before a context is split: two per SM of a CUDA device (read at first use);
+        # elsewhere (Triton's interpreter) contexts are split only when asked.
+        self.min_programs, self.partition = min_programs, partition
+
     def prepare(self, ctx: Context, block_size: int) -> None:
         return None
 
     def __call__(self, layer, q, ctx: Context) -> torch.Tensor:
-        args = (q, layer.k_cache, layer.v_cache, ctx.decode_block_table, ctx.decode_context_lens, layer.scale,
-                layer.num_kv_heads, layer.block_size)
+        if self.min_programs is None:
+            self.min_programs = (2 * torch.cuda.get_device_properties(q.device).multi_processor_count
+                                 if q.device.type == "cuda" else 1)
+        table = ctx.decode_block_table
+        parts = num_partitions(q.shape[0] * layer.num_kv_heads, table.shape[1] * layer.block_size, self.min_programs,
+                               self.partition)
+        args = (q, layer.k_cache, layer.v_cache, table, ctx.decode_context_lens, layer.scale, layer.num_kv_heads,
+                layer.block_size, parts, self.partition)
         # Inside a compiled model (torch_compile) the launch is one opaque op, so inductor fuses the ops around
         # it and a CUDA graph captures both; eager, the direct launch skips the op's dispatch.
         return _paged_decode_op(*args) if torch.compiler.is_compiling() else _paged_decode(*args)
 
 
+def num_partitions(programs: int, max_context: int, min_programs: int, partition: int = PARTITION) -> int:
+    """Partitions each context is split into: 1 where the batch's (sequence, kv head) programs fill the device,
+    else enough to, but no more than the longest context the block table holds needs. It depends only on the
+    batch size and the table's width, never on the contexts' lengths, so a captured graph stays valid."""
+    if programs >= min_programs:
+        return 1
+    return max(1, min(-(-min_programs // programs), -(-max_context // partition)))
+
+
 def _paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
-                  scale: float, num_kv_heads: int, block_size: int) -> torch.Tensor:
+                  scale: float, num_kv_heads: int, block_size: int, parts: int, partition: int) -> torch.Tensor:
     import triton
+    decode, merge = _kernel()
+    b, heads, head_dim = q.shape
     out = q.new_empty(q.shape)
-    group, head_dim = q.shape[1] // num_kv_heads, q.shape[2]
-    _kernel()[(q.shape[0], num_kv_heads)](
-        q, k, v, out, table, lens, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), out.stride(0), out.stride(1), table.stride(0),
-        GROUP=group, ROWS=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim,
-        DIM_P2=max(MIN_DOT, triton.next_power_of_2(head_dim)), BLOCK_SIZE=block_size, TILE=TILE,
+    split = parts > 1
+    if split:  # each partition's unnormalized output and softmax state, merged below
+        part_out = torch.empty((b, heads, parts, head_dim), dtype=torch.float32, device=q.device)
+        m, l = (torch.empty((b, heads, parts), dtype=torch.float32, device=q.device) for _ in range(2))
+        dst, dst_strides = part_out, part_out.stride()[:3]
+    else:
+        m = l = out  # unused
+        dst, dst_strides = out, (*out.stride()[:2], 0)
+    group = heads // num_kv_heads
+    dim_p2 = max(MIN_DOT, triton.next_power_of_2(head_dim))
+    decode[(b, num_kv_heads, parts)](
+        q, k, v, dst, m, l, table, lens, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), *dst_strides, m.stride(0), m.stride(1), table.stride(0),
+        GROUP=group, ROWS=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim, DIM_P2=dim_p2,
+        BLOCK_SIZE=block_size, TILE=TILE, PARTITION=partition, SPLIT=split,
         # float32 keeps float32 products (the matrix units' default would round operands to tf32).
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
+    if split:
+        merge[(b, heads)](part_out, m, l, out, *part_out.stride()[:3], m.stride(0), m.stride(1), out.stride(0),
+                          out.stride(1), PARTS=parts, PARTS_P2=triton.next_power_of_2(parts), HEAD_DIM=head_dim,
+                          DIM_P2=dim_p2)
     return out
 
 
 _paged_decode_op = torch.library.custom_op("servecluster::paged_decode", _paged_decode, mutates_args=())
-_paged_decode_op.register_fake(lambda q, k, v, table, lens, scale, num_kv_heads, block_size: q.new_empty(q.shape))
+_paged_decode_op.register_fake(lambda q, k, v, table, lens, scale, num_kv_heads, block_size, parts, partition:
+                               q.new_empty(q.shape))

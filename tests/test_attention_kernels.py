@@ -237,8 +237,9 @@ def test_gather_decode_matches_dense_attention(shape):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("shape", [(4, 4, 8), (8, 2, 16), (6, 2, 12), (16, 8, 64)])
-def test_triton_paged_decode_matches_dense_attention(shape, dtype):
+def test_triton_paged_decode_matches_dense_attention(shape, dtype, split):
     """On CUDA with Triton; on CPU in Triton's interpreter (conftest sets TRITON_INTERPRET=1 there)."""
     pytest.importorskip("triton")
     cuda = torch.cuda.is_available()
@@ -251,10 +252,38 @@ def test_triton_paged_decode_matches_dense_attention(shape, dtype):
     dev = "cuda" if cuda else "cpu"
     attn.k_cache, attn.v_cache, q = attn.k_cache.to(dev, dtype), attn.v_cache.to(dev, dtype), q.to(dev, dtype)
     ctx.decode_block_table, ctx.decode_context_lens = ctx.decode_block_table.to(dev), ctx.decode_context_lens.to(dev)
-    got = TritonPagedDecode()(attn, q, ctx)
+    # split: contexts cut into partitions of one tile (300 slots: 5), merged by the second kernel; partitions
+    # past a shorter context are empty
+    decode = TritonPagedDecode(min_programs=10 ** 6, partition=64) if split else TritonPagedDecode(min_programs=1)
+    got = decode(attn, q, ctx)
     # bfloat16: inputs, probabilities and output rounded to 8 bits against a float32 reference.
     tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got.float().cpu(), want, **tol)
+
+
+def test_an_engine_decoding_with_split_contexts_matches_hf(tiny_model, ref):  # noqa: F811
+    """Every decode step's contexts cut into partitions of 8 slots (as few sequences over long contexts are on a
+    GPU; any partition size computes the same), merged: greedy tokens as Hugging Face's."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU: run with TRITON_INTERPRET=1 to check the kernel in Triton's interpreter")
+    from engine.triton_decode import TritonPagedDecode
+    arch = "llama3-gqa"
+    llm = LLM(tiny_model(arch), dtype="float32", block_size=8, enforce_eager=True)
+    runner = llm.engine.runner
+    runner.attention_backend = AttentionBackend(PerSequencePrefill(), TritonPagedDecode(10 ** 6, partition=8))
+    for attn in runner.model.attention_layers:
+        attn.backend = runner.attention_backend
+    for out in llm.generate(PROMPTS[:3], greedy()):
+        ref(arch).check(out)
+
+
+def test_contexts_are_split_only_where_the_batch_leaves_the_device_idle():
+    from engine.triton_decode import num_partitions
+    assert num_partitions(programs=2048, max_context=4096, min_programs=264) == 1  # 256 sequences x 8 kv heads
+    assert num_partitions(programs=8, max_context=32768, min_programs=264) == 33  # one long chat: fill the SMs
+    assert num_partitions(programs=8, max_context=1024, min_programs=264) == 2  # no more than the table holds
+    assert num_partitions(programs=8, max_context=100, min_programs=264) == 1
 
 
 @pytest.mark.parametrize("method", ["cls", "mean", "last"])
