@@ -7,7 +7,8 @@ Needs only torch, transformers, sentence-transformers and this repository's engi
   - decode step ms and tok/s (a whole LLMEngine.step(), outputs final-only as LLM.generate takes them),
     async scheduling on (the CUDA default) and off, with 256 and 1,024 sequences running (128-token prompts) on a random
     1B-shape Llama (hidden 2048, 16 layers, 32/8 heads, vocab 49,152), bf16, vs Hugging Face's own
-    decode step (DynamicCache) at the same batch;
+    decode step (DynamicCache) at the same batch; and 4 sequences at 4,000 tokens of context, where the paged
+    kernel splits each context (its figure without splitting beside it);
   - 256 prompts x 128 tokens -> 128 tokens end to end, engine LLM.generate vs HF `generate`, one batch, and
     the share of the run the engine's host spent waiting for the device (which of the two bounds it), with
     --torch-compile also compiled;
@@ -298,6 +299,34 @@ def decode_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str,
     return rows
 
 
+def long_context_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str, hf) -> list[list]:
+    """A few sequences over long contexts, where one program per (sequence, kv head) would leave most of the GPU
+    idle: the engine's decode step with contexts split into partitions (its default) and not split, against
+    HF's decode step."""
+    import copy
+    import engine.triton_decode as triton_decode
+    n, context = (2, 200) if args.small else (4, 4000)  # the random models hold 4,096 positions
+    long = copy.copy(sizes)
+    long.prompt = context
+    rng = random.Random(context)
+    prompts = [random_ids(rng, context, hf.config.vocab_size) for _ in range(n)]
+    hf_ms = hf_decode_step_ms(hf.to(getattr(torch, dtype)), prompts, sizes.decode_steps, device)
+    free(device)
+    split_ms = engine_decode_step_ms(long, device, dtype, path, prompts, async_scheduling=True)
+    default = triton_decode.TritonPagedDecode
+    triton_decode.TritonPagedDecode = lambda: default(min_programs=1)  # every engine built meanwhile: never split
+    try:
+        whole_ms = engine_decode_step_ms(long, device, dtype, path, prompts, async_scheduling=True)
+    finally:
+        triton_decode.TritonPagedDecode = default
+    at = context + 3 + sizes.decode_steps // 2
+    return [[f"decode step, {n} running at {context:,} tokens of context, random {args.decoder_shape}, {dtype}, "
+             "contexts split (async scheduling)", "ms (tok/s)", f"{split_ms:.2f} ({n / split_ms * 1e3:,.0f})",
+             f"{hf_ms:.2f} ({n / hf_ms * 1e3:,.0f})", ratio(hf_ms, split_ms),
+             f"contexts not split: {whole_ms:.2f} ms", "HF forward step, DynamicCache",
+             args.limits.cell([DecoderCost(hf.config, dtype).decode([at] * n)], dtype, n, "tok/s", n / split_ms * 1e3)]]
+
+
 def decoding_engine(sizes: Sizes, device: torch.device, dtype: str, path: str, prompts: list[list[int]], **kw):
     """An engine (LLM) with every prompt prefilled and two decode steps taken, each request with
     sizes.decode_steps more to go and a few spare; kw: more engine options."""
@@ -569,7 +598,7 @@ def arguments(doc: str) -> argparse.ArgumentParser:
 def main() -> None:
     ap = arguments(__doc__)
     ap.add_argument("--dtype", default=None, help="decoder rows' dtype (default bfloat16 on GPU, float32 on CPU)")
-    ap.add_argument("--skip", nargs="*", default=[], choices=["embed", "decode", "e2e", "streams", "rerank", "parity"])
+    ap.add_argument("--skip", nargs="*", default=[], choices=["embed", "decode", "long", "e2e", "streams", "rerank", "parity"])
     ap.add_argument("--card-peaks", type=lambda v: tuple(map(float, v.split(","))), default=None,
                     metavar="BF16,FP32,TBPS", help="the card's dense bf16 and fp32 TFLOP/s and memory TB/s, for the "
                     f"physical-limit column on a card not in {', '.join(CARD_PEAKS)} (e.g. A100 SXM: 312,19.5,2.0)")
@@ -606,13 +635,15 @@ def main() -> None:
     if "embed" not in args.skip:
         run_rows("embed", lambda: embedding_rows(args, sizes, device, embed_dtypes,
                                                  (False, True) if args.torch_compile else (False,)))
-    if {"decode", "e2e", "streams", "parity"} - set(args.skip):
+    if {"decode", "long", "e2e", "streams", "parity"} - set(args.skip):
         with tempfile.TemporaryDirectory() as path:
             hf = random_decoder("llama-1b", args.small, device, path)
             if "parity" not in args.skip:
                 run_rows("parity", lambda: [parity_row(sizes, device, path, hf)])
             if "decode" not in args.skip:
                 run_rows("decode", lambda: decode_rows(args, sizes, device, dtype, path, hf))
+            if "long" not in args.skip:
+                run_rows("long context", lambda: long_context_rows(args, sizes, device, dtype, path, hf))
             if "e2e" not in args.skip:
                 run_rows("e2e", lambda: end_to_end_rows(args, sizes, device, dtype, path, hf))
             if "streams" not in args.skip:

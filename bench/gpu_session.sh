@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A lent GPU's checks in two calls of under 10 minutes each, from the repository root, after
 # `python bench/gpu_bundle.py` filled .gpu/ on the machine that sends the repository:
-#   bash bench/gpu_session.sh table    # bench/gpu.py --torch-compile: issue 8's table (~8 min on an H200)
+#   bash bench/gpu_session.sh table    # bench/gpu.py --torch-compile: issue 8's table (~8-9 min on an H200)
 #   bash bench/gpu_session.sh checks   # kernel profiles (bench/gpu_profile.py), host-only ceilings (bench/host.py)
 #                                      # and the CUDA-only tests (~4 min)
 # Logs go to $OUT (the device tool's folder that comes back) or /tmp/gpu_session.
@@ -13,7 +13,7 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 $PY -c "import torch, triton; print('torch', torch.__version__, 'triton', triton.__version__)" | tee -a "$OUT/card.txt"
 case "${1:-}" in
   table)
-    timeout 560 $PY bench/gpu.py --model .gpu/minilm --data .gpu/scifact --torch-compile 2>&1 | tee "$OUT/gpu_table.txt" | tail -45 ;;
+    timeout 580 $PY bench/gpu.py --model .gpu/minilm --data .gpu/scifact --torch-compile 2>&1 | tee "$OUT/gpu_table.txt" | tail -45 ;;
   checks)
     timeout 180 $PY bench/gpu_profile.py --model .gpu/minilm --data .gpu/scifact 2>&1 | tee "$OUT/profile.txt" \
       | grep -v "^USDT\|^STAGE" | tail -100
