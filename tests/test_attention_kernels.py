@@ -269,13 +269,22 @@ def test_an_engine_decoding_with_split_contexts_matches_hf(tiny_model, ref):  # 
         pytest.skip("no GPU: run with TRITON_INTERPRET=1 to check the kernel in Triton's interpreter")
     from engine.triton_decode import TritonPagedDecode
     arch = "llama3-gqa"
-    llm = LLM(tiny_model(arch), dtype="float32", block_size=8, enforce_eager=True)
+    llm = LLM(tiny_model(arch), dtype="float32", block_size=8, max_model_len=64, enforce_eager=True)
     runner = llm.engine.runner
     runner.attention_backend = AttentionBackend(PerSequencePrefill(), TritonPagedDecode(10 ** 6, partition=8))
     for attn in runner.model.attention_layers:
         attn.backend = runner.attention_backend
     for out in llm.generate(PROMPTS[:3], greedy()):
         ref(arch).check(out)
+    # As CUDA graphs replay it: static buffers whose block table is as wide as max_model_len (most partitions
+    # past every context), padding rows attending to one slot of the scratch block.
+    runner.capture_decode_graphs(4, capture=False)
+    graphs, ran = runner.decode_graphs, []
+    run = graphs.run
+    graphs.run = lambda *a: ran.append(a[0].shape[0]) or run(*a)
+    for out in llm.generate(PROMPTS[:3], greedy()):
+        ref(arch).check(out)
+    assert ran and set(ran) == {3}  # three decodes padded to four
 
 
 def test_contexts_are_split_only_where_the_batch_leaves_the_device_idle():
