@@ -19,7 +19,11 @@ def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim:
         prefill = VarlenPrefill(device, attend)
     else:
         prefill = FlexPrefill(device) if flex_available() else PerSequencePrefill()
-    return AttentionBackend(prefill, TritonPagedDecode() if triton_available() else GatherDecode(dtype))
+    if not triton_available():
+        return AttentionBackend(prefill, GatherDecode(dtype))
+    # Contexts are split where a step would launch fewer than two programs per SM.
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    return AttentionBackend(prefill, TritonPagedDecode(min_programs=2 * sms))
 
 
 def select_layer_ops(device: torch.device, dtype: torch.dtype) -> LayerOps:

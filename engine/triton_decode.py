@@ -110,25 +110,20 @@ def _kernel():
 class TritonPagedDecode:
     graphable = True
 
-    def __init__(self, min_programs: int | None = None, partition: int = PARTITION):
-        # Programs a step should launch before a context is split: two per SM of a CUDA device (read at first use);
-        # elsewhere (Triton's interpreter) contexts are split only when asked.
+    def __init__(self, min_programs: int = 1, partition: int = PARTITION):
+        # min_programs: programs a step should launch before contexts are split (engine.kernels: two per SM);
+        # 1 never splits.
         self.min_programs, self.partition = min_programs, partition
 
     def prepare(self, ctx: Context, block_size: int) -> None:
         return None
 
     def __call__(self, layer, q, ctx: Context) -> torch.Tensor:
-        if self.min_programs is None:
-            self.min_programs = (2 * torch.cuda.get_device_properties(q.device).multi_processor_count
-                                 if q.device.type == "cuda" else 1)
-        table = ctx.decode_block_table
-        parts = num_partitions(q.shape[0] * layer.num_kv_heads, table.shape[1] * layer.block_size, self.min_programs,
-                               self.partition)
-        args = (q, layer.k_cache, layer.v_cache, table, ctx.decode_context_lens, layer.scale, layer.num_kv_heads,
-                layer.block_size, parts, self.partition)
+        args = (q, layer.k_cache, layer.v_cache, ctx.decode_block_table, ctx.decode_context_lens, layer.scale,
+                layer.num_kv_heads, layer.block_size, self.min_programs, self.partition)
         # Inside a compiled model (torch_compile) the launch is one opaque op, so inductor fuses the ops around
-        # it and a CUDA graph captures both; eager, the direct launch skips the op's dispatch.
+        # it, a CUDA graph captures both, and the split is decided from the op's concrete shapes, never traced;
+        # eager, the direct launch skips the op's dispatch.
         return _paged_decode_op(*args) if torch.compiler.is_compiling() else _paged_decode(*args)
 
 
@@ -142,10 +137,11 @@ def num_partitions(programs: int, max_context: int, min_programs: int, partition
 
 
 def _paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
-                  scale: float, num_kv_heads: int, block_size: int, parts: int, partition: int) -> torch.Tensor:
+                  scale: float, num_kv_heads: int, block_size: int, min_programs: int, partition: int) -> torch.Tensor:
     import triton
     decode, merge = _kernel()
     b, heads, head_dim = q.shape
+    parts = num_partitions(b * num_kv_heads, table.shape[1] * block_size, min_programs, partition)
     out = q.new_empty(q.shape)
     split = parts > 1
     if split:  # each partition's unnormalized output and softmax state, merged below
@@ -172,5 +168,5 @@ def _paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
 
 
 _paged_decode_op = torch.library.custom_op("servecluster::paged_decode", _paged_decode, mutates_args=())
-_paged_decode_op.register_fake(lambda q, k, v, table, lens, scale, num_kv_heads, block_size, parts, partition:
+_paged_decode_op.register_fake(lambda q, k, v, table, lens, scale, num_kv_heads, block_size, min_programs, partition:
                                q.new_empty(q.shape))

@@ -163,7 +163,8 @@ def test_memory_efficient_varlen_call_matches_per_sequence_attention(case):
     q, k, v, ctx, want = step(attn, chunks, causal, seed=len(case))
     prefill = VarlenPrefill(CPU, efficient_attend(fake_efficient_attention_forward))
     ctx.prefill_meta = prefill.prepare(ctx)
-    torch.testing.assert_close(prefill(q, k, v, attn.k_cache, attn.v_cache, attn.scale, ctx), want, atol=2e-5, rtol=1e-4)
+    got = prefill(q, k, v, attn.k_cache, attn.v_cache, attn.scale, ctx)
+    torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
 def test_memory_efficient_varlen_is_the_float32_kernel_only_at_float32_accuracy():
@@ -254,7 +255,7 @@ def test_triton_paged_decode_matches_dense_attention(shape, dtype, split):
     ctx.decode_block_table, ctx.decode_context_lens = ctx.decode_block_table.to(dev), ctx.decode_context_lens.to(dev)
     # split: contexts cut into partitions of one tile (300 slots: 5), merged by the second kernel; partitions
     # past a shorter context are empty
-    decode = TritonPagedDecode(min_programs=10 ** 6, partition=64) if split else TritonPagedDecode(min_programs=1)
+    decode = TritonPagedDecode(min_programs=10 ** 6, partition=64) if split else TritonPagedDecode()
     got = decode(attn, q, ctx)
     # bfloat16: inputs, probabilities and output rounded to 8 bits against a float32 reference.
     tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
@@ -358,15 +359,20 @@ def test_padded_decode_graph_buffers_match_hf(async_scheduling, tiny_model, ref)
     assert {1, 3, 5} <= set(ran)  # batch sizes between the captured ones (1, 2, 4, 6) were padded
 
 
-def test_compiled_model_in_the_decode_graph_buffers_with_the_paged_kernel_matches_hf(tiny_model, ref):  # noqa: F811
+@pytest.mark.parametrize("split", [False, True])
+def test_compiled_model_in_the_decode_graph_buffers_with_the_paged_kernel_matches_hf(split, tiny_model,
+                                                                                     ref):  # noqa: F811
     """torch_compile where CUDA graphs are captured: the graphs replay the compiled model, the paged Triton
-    kernel an opaque op inside it (here the padded buffers run eagerly, the kernel in Triton's interpreter)."""
+    kernel an opaque op inside it (here the padded buffers run eagerly, the kernel in Triton's interpreter);
+    split: contexts cut into partitions, decided inside the op from its concrete shapes (nothing traced
+    specialises on the batch size)."""
     pytest.importorskip("triton")
     from engine.triton_decode import TritonPagedDecode
     arch = "llama3-gqa"
     llm = LLM(tiny_model(arch), dtype="float32", block_size=8, max_num_seqs=4, enforce_eager=True, torch_compile=True)
     runner = llm.engine.runner
-    runner.attention_backend = AttentionBackend(PerSequencePrefill(), TritonPagedDecode())
+    decode = TritonPagedDecode(10 ** 6, partition=8) if split else TritonPagedDecode()
+    runner.attention_backend = AttentionBackend(PerSequencePrefill(), decode)
     for attn in runner.model.attention_layers:
         attn.backend = runner.attention_backend
     runner.capture_decode_graphs(4, capture=False)

@@ -80,7 +80,8 @@ def test_fused_ops_on_no_rows():
     ops, n = FusedLayerOps(), norm(16, False, seed=0)
     empty = torch.empty(0, 16, device=DEVICE)
     assert ops.add_rms_norm(empty, empty, n)[0].shape == (0, 16)
-    assert ops.rotate_qk(torch.empty(0, 4, 16, device=DEVICE), 2, 1, (empty[:, None], empty[:, None])).shape == (0, 3, 16)
+    tables = (empty[:, None], empty[:, None])
+    assert ops.rotate_qk(torch.empty(0, 4, 16, device=DEVICE), 2, 1, tables).shape == (0, 3, 16)
     assert ops.gated_activation(torch.empty(0, 32, device=DEVICE), False).shape == (0, 16)
 
 
