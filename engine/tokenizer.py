@@ -40,8 +40,8 @@ class Tokenizer:
         """Token ids of many texts or (text, text) pairs, cut to max_length (pairs longest first), and their
         token type ids where the model takes them: what hf(texts, ...) returns. Where Hugging Face's batch call
         is its backend class's own, the same Rust call after the same configuration, minus what only costs
-        here: offsets (encode_batch_fast) and a dict of lists per text (SciFact's 5,183 documents: 1.5-1.8 s
-        -> 1.1 s on 2 cores)."""
+        here: offsets (encode_batch_fast) and a dict of lists per text (SciFact's 5,183 documents: 1.5-1.9 s
+        -> 1.1-1.2 s on 2 cores)."""
         with self._lock:
             if self._rust_encode is None:
                 pairs = bool(texts) and isinstance(texts[0], tuple)
