@@ -1,10 +1,14 @@
 """The one place where CUDA-only kernels are chosen; every other device gets the portable PyTorch ones, so
 the engine stays device-agnostic: attention (engine.attention_backends) and a decoder layer's elementwise
 passes (engine.layer_ops)."""
+import logging
+
 import torch
 
 from engine.attention_backends import AttentionBackend, GatherDecode, PerSequencePrefill
-from engine.layer_ops import FusedLayerOps, LayerOps
+from engine.layer_ops import FusedLayerOps, LayerOps, fused_ops_check_out
+
+log = logging.getLogger(__name__)
 
 
 def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> AttentionBackend:
@@ -26,9 +30,12 @@ def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim:
     return AttentionBackend(prefill, TritonPagedDecode(min_programs=2 * sms))
 
 
-def select_layer_ops(device: torch.device, dtype: torch.dtype) -> LayerOps:
-    """Fused Triton kernels on CUDA in fp16 / bf16; float32 keeps Hugging Face's roundings, op by op."""
+def select_layer_ops(device: torch.device, dtype: torch.dtype, spec) -> LayerOps:
+    """Fused Triton kernels on CUDA in fp16 / bf16 where they check out for the model's shapes (spec: its
+    DecoderSpec); float32 keeps Hugging Face's roundings, op by op."""
     from engine.triton_decode import triton_available
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and triton_available():
-        return FusedLayerOps()
+        if fused_ops_check_out(device, dtype, spec):
+            return FusedLayerOps()
+        log.warning("the fused layer ops differ from PyTorch's on this device; decoder layers run op by op")
     return LayerOps()

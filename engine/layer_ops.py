@@ -5,8 +5,9 @@ rotates queries and keys (after Qwen3's per-head norm) and gates its MLP. Op by 
 a layer, each a pass over the step's activations: on a GPU most of a decode step's launches and much of a
 prefill step's memory traffic. The fused ops run each group as one kernel that reads its inputs once,
 computes in float32 and rounds once (what vLLM's fused_add_rms_norm, rotary and silu_and_mul kernels do).
-engine.kernels picks them for CUDA in fp16 / bf16; float32 keeps Hugging Face's roundings op by op (token
-for token parity), and a compiled model traces the PyTorch ops and fuses them itself."""
+engine.kernels picks them for CUDA in fp16 / bf16 where they match the PyTorch ops on the device at start-up
+(fused_ops_check_out); float32 keeps Hugging Face's roundings op by op (token for token parity), and a compiled
+model traces the PyTorch ops and fuses them itself."""
 import torch
 import torch.nn.functional as F
 
@@ -68,3 +69,35 @@ class FusedLayerOps(LayerOps):
         if torch.compiler.is_compiling():
             return super().gated_activation(gate_up, gelu)
         return triton_layer_ops.gated_activation(gate_up, gelu)
+
+
+def fused_ops_check_out(device: torch.device, dtype: torch.dtype, spec) -> bool:
+    """The fused ops give the PyTorch ops' results (to the dtype's rounding) for the model's shapes (spec: a
+    DecoderSpec) on the device: a Triton that fails to build or answers differently leaves the PyTorch ops in
+    place. Also builds the kernels before a CUDA graph captures them."""
+    from engine.models.decoder import RMSNorm
+    gen = torch.Generator(device=device).manual_seed(0)
+
+    def randn(*shape):
+        return torch.randn(*shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
+    hidden, heads, kv, dim = spec.hidden_size, spec.num_heads, spec.num_kv_heads, spec.head_dim
+    norm, head_norm = RMSNorm(hidden, spec.eps, spec.gemma), RMSNorm(dim, spec.eps, False)
+    for n in (norm, head_norm):
+        n.to(device)
+        n.weight.data = randn(n.weight.shape[0])
+    t = 5
+    cases = [("add_rms_norm", (randn(t, hidden), randn(t, hidden), norm)),
+             ("add_rms_norm", (randn(t, hidden), None, norm)),
+             ("rotate_qk", (randn(t, heads + 2 * kv, dim), heads, kv, (randn(t, 1, dim), randn(t, 1, dim)),
+                            *((head_norm, head_norm) if spec.qk_norm else ()))),
+             ("gated_activation", (randn(t, 2 * spec.intermediate_size), spec.gelu))]
+    fused, reference = FusedLayerOps(), LayerOps()
+    try:
+        for name, args in cases:
+            got, want = getattr(fused, name)(*args), getattr(reference, name)(*args)
+            for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
+                if not torch.allclose(g.float(), w.float(), atol=2e-2, rtol=2e-2):
+                    return False
+    except Exception:  # noqa: BLE001 (any failure to build or run: the PyTorch ops stay)
+        return False
+    return True

@@ -55,7 +55,7 @@ class ModelRunner:
         for attn in layers:
             attn.backend = self.attention_backend
         if hasattr(self.model, "layer_ops"):  # decoders
-            self.model.layer_ops = select_layer_ops(device, dtype)
+            self.model.layer_ops = select_layer_ops(device, dtype, self.model.spec)
         self.block_size = 0
         self.num_blocks = 0
         self.pooling: str = "last"

@@ -10,8 +10,8 @@ import transformers as T
 
 from engine import LLM, PoolingParams
 from engine.kernels import select_layer_ops
-from engine.layer_ops import FusedLayerOps, LayerOps
-from engine.models.decoder import RMSNorm
+from engine.layer_ops import FusedLayerOps, LayerOps, fused_ops_check_out
+from engine.models.decoder import DecoderSpec, RMSNorm
 
 from test_decoders import PROMPTS
 
@@ -104,11 +104,29 @@ def test_a_compiled_model_traces_the_op_by_op_path():
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
-def test_fused_ops_are_chosen_for_cuda_half_precision_only():
-    assert type(select_layer_ops(torch.device("cpu"), torch.bfloat16)) is LayerOps
+def decoder_spec(arch: str, tiny_model) -> DecoderSpec:
+    return DecoderSpec.from_hf(T.AutoConfig.from_pretrained(tiny_model(arch)))
+
+
+def test_fused_ops_are_chosen_for_cuda_half_precision_only(tiny_model):
+    spec = decoder_spec("llama3-gqa", tiny_model)
+    assert type(select_layer_ops(torch.device("cpu"), torch.bfloat16, spec)) is LayerOps
     if CUDA:
-        assert type(select_layer_ops(torch.device("cuda"), torch.float32)) is LayerOps
-        assert type(select_layer_ops(torch.device("cuda"), torch.bfloat16)) is FusedLayerOps
+        assert type(select_layer_ops(torch.device("cuda"), torch.float32, spec)) is LayerOps
+        assert type(select_layer_ops(torch.device("cuda"), torch.bfloat16, spec)) is FusedLayerOps
+
+
+@pytest.mark.parametrize("arch", ["llama3-gqa", "qwen3", "gemma"])
+def test_the_start_up_check_passes_the_fused_ops_and_refuses_wrong_ones(arch, tiny_model, monkeypatch):
+    """What decides, on the device at start-up, whether a model's layers take the fused ops."""
+    import engine.triton_layer_ops as kernels
+    spec, dtype = decoder_spec(arch, tiny_model), torch.float32 if not CUDA else torch.bfloat16
+    assert fused_ops_check_out(torch.device(DEVICE), dtype, spec)
+    gated = kernels.gated_activation
+    monkeypatch.setattr(kernels, "gated_activation", lambda gate_up, gelu: gated(gate_up, not gelu))
+    assert not fused_ops_check_out(torch.device(DEVICE), dtype, spec)
+    monkeypatch.setattr(kernels, "gated_activation", lambda gate_up, gelu: 1 / 0)  # a kernel that fails to build
+    assert not fused_ops_check_out(torch.device(DEVICE), dtype, spec)
 
 
 @pytest.mark.parametrize("arch", ["llama3-gqa", "qwen3", "gemma"])
