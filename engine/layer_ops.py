@@ -31,8 +31,8 @@ class LayerOps:
             x = x + residual
         return norm(x), x
 
-    def rotate_qk(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int, rotary: tuple[torch.Tensor, torch.Tensor],
-                  q_norm=None, k_norm=None) -> torch.Tensor:
+    def rotate_qk(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
+                  rotary: tuple[torch.Tensor, torch.Tensor], q_norm=None, k_norm=None) -> torch.Tensor:
         """qkv [tokens, heads + 2 kv heads, dim] -> queries and keys [tokens, heads + kv heads, dim], rotated
         (after q_norm / k_norm, Qwen3's per-head RMSNorms) together."""
         if q_norm is not None:
