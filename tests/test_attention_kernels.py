@@ -263,7 +263,7 @@ def test_triton_paged_decode_matches_dense_attention(shape, dtype, split):
 
 
 def test_an_engine_decoding_with_split_contexts_matches_hf(tiny_model, ref):  # noqa: F811
-    """Every decode step's contexts cut into partitions of 8 slots (as few sequences over long contexts are on a
+    """Every decode step's contexts cut into partitions of 16 slots (as few sequences over long contexts are on a
     GPU; any partition size computes the same), merged: greedy tokens as Hugging Face's."""
     pytest.importorskip("triton")
     if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
@@ -272,7 +272,7 @@ def test_an_engine_decoding_with_split_contexts_matches_hf(tiny_model, ref):  # 
     arch = "llama3-gqa"
     llm = LLM(tiny_model(arch), dtype="float32", block_size=8, max_model_len=64, enforce_eager=True)
     runner = llm.engine.runner
-    runner.attention_backend = AttentionBackend(PerSequencePrefill(), TritonPagedDecode(10 ** 6, partition=8))
+    runner.attention_backend = AttentionBackend(PerSequencePrefill(), TritonPagedDecode(10 ** 6, partition=16))
     for attn in runner.model.attention_layers:
         attn.backend = runner.attention_backend
     for out in llm.generate(PROMPTS[:3], greedy()):
@@ -369,9 +369,10 @@ def test_compiled_model_in_the_decode_graph_buffers_with_the_paged_kernel_matche
     pytest.importorskip("triton")
     from engine.triton_decode import TritonPagedDecode
     arch = "llama3-gqa"
-    llm = LLM(tiny_model(arch), dtype="float32", block_size=8, max_num_seqs=4, enforce_eager=True, torch_compile=True)
+    llm = LLM(tiny_model(arch), dtype="float32", block_size=8, max_num_seqs=4, max_model_len=64, enforce_eager=True,
+              torch_compile=True)
     runner = llm.engine.runner
-    decode = TritonPagedDecode(10 ** 6, partition=8) if split else TritonPagedDecode()
+    decode = TritonPagedDecode(10 ** 6, partition=16) if split else TritonPagedDecode()
     runner.attention_backend = AttentionBackend(PerSequencePrefill(), decode)
     for attn in runner.model.attention_layers:
         attn.backend = runner.attention_backend
