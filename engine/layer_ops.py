@@ -60,10 +60,8 @@ class FusedLayerOps(LayerOps):
     def rotate_qk(self, qkv, num_heads, num_kv_heads, rotary, q_norm=None, k_norm=None):
         if torch.compiler.is_compiling():
             return super().rotate_qk(qkv, num_heads, num_kv_heads, rotary, q_norm, k_norm)
-        if q_norm is None:
-            return triton_layer_ops.rotate_qk(qkv, num_heads, num_kv_heads, *rotary, None, None, 0.0)
-        return triton_layer_ops.rotate_qk(qkv, num_heads, num_kv_heads, *rotary, q_norm.weight, k_norm.weight,
-                                          q_norm.eps)
+        norms = (None, None, 0.0) if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
+        return triton_layer_ops.rotate_qk(qkv, num_heads, num_kv_heads, *rotary, *norms)
 
     def gated_activation(self, gate_up, gelu):
         if torch.compiler.is_compiling():

@@ -80,10 +80,6 @@ def _kernels():
     return add_rms_norm, rotate_qk, gated_activation
 
 
-def _next_pow2(n: int) -> int:
-    return 1 << (n - 1).bit_length()
-
-
 def _warps(elements: int) -> int:
     return 4 if elements <= 2048 else 8 if elements <= 8192 else 16
 
@@ -95,7 +91,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     res_out = torch.empty_like(x) if residual is not None else x
     rows, n = x.shape
     if rows:
-        block = _next_pow2(n)
+        import triton
+        block = triton.next_power_of_2(n)
         _kernels()[0][(rows,)](x, residual if residual is not None else x, weight, out, res_out, n, eps,
                                x.stride(0), (residual if residual is not None else x).stride(0), out.stride(0),
                                res_out.stride(0), HAS_RESIDUAL=residual is not None, PLUS_ONE=plus_one,
@@ -113,7 +110,8 @@ def rotate_qk(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.T
     if t:
         half = dim // 2
         qk_norm = q_weight is not None
-        heads_p2, half_p2 = _next_pow2(num_qk), _next_pow2(half)
+        import triton
+        heads_p2, half_p2 = triton.next_power_of_2(num_qk), triton.next_power_of_2(half)
         _kernels()[1][(t,)](qkv, cos, sin, q_weight if qk_norm else cos, k_weight if qk_norm else cos, out, eps,
                             qkv.stride(0), qkv.stride(1), cos.stride(0), out.stride(0), out.stride(1),
                             NUM_Q=num_heads, NUM_QK=num_qk, HEADS_P2=heads_p2, HALF=half, HALF_P2=half_p2,

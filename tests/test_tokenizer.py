@@ -131,7 +131,7 @@ def test_batched_encoding_equals_hugging_face_call(name, tiny_model):
     import random
     hf = bundled_tokenizer(*BUNDLED[name]) if name in BUNDLED else load_tokenizer(tiny_model(name)).hf
     tok, rng = Tokenizer(hf), random.Random(1)
-    assert tok._rust_encode is not None  # every one of these takes the direct call
+    assert tok._direct_encode  # every one of these takes the direct call
     words = ["the", "Über", "naïve", "x=1;", "  ", "\n", "日本語", "😀", hf.eos_token or "", hf.unk_token or "",
              "don't", "12.5%"] + [sentence(i, 3) for i in range(5)]
     texts = [" ".join(rng.choice(words) for _ in range(rng.randrange(1, 30))) for _ in range(40)]
@@ -146,11 +146,11 @@ def test_batched_encoding_equals_hugging_face_call(name, tiny_model):
 
 
 def test_the_direct_call_is_taken_for_standard_fast_tokenizers_only(tiny_model):
-    assert Tokenizer(bundled_tokenizer(*BUNDLED["minilm"]))._rust_encode is not None
-    assert load_tokenizer(tiny_model("llama"))._rust_encode is not None
+    assert Tokenizer(bundled_tokenizer(*BUNDLED["minilm"]))._direct_encode
+    assert load_tokenizer(tiny_model("llama"))._direct_encode
 
     class Custom(type(bundled_tokenizer(*BUNDLED["minilm"]))):
         def _encode_plus(self, *args, **kwargs):  # a tokenizer class with encoding of its own
             return super()._encode_plus(*args, **kwargs)
     custom = Custom.from_pretrained(bundled_tokenizer(*BUNDLED["minilm"]).name_or_path)
-    assert Tokenizer(custom)._rust_encode is None
+    assert Tokenizer(custom)._direct_encode is False
