@@ -1,13 +1,26 @@
 """Attention over a packed step: one backend call for all prefill spans, one for all decodes.
 
-The kernels live in the backend that engine.kernels picks for the device; this module only writes the
-step's K/V into the paged pool and routes the two halves of the step."""
-from typing import Optional
+The kernels live in the backend that engine.kernels picks for the device; this module routes the two halves
+of the step. The step's keys and values reach the paged pool before it (CacheWrite): written by the layer's
+rotary op, fused with it where the layer ops are (engine.layer_ops)."""
+from typing import NamedTuple, Optional
 
 import torch
 from torch import nn
 
 from engine.context import get_context
+
+
+class CacheWrite(NamedTuple):
+    """Where a layer's keys and values of the step go: its views of the pool, and each packed token's slot."""
+    k_cache: torch.Tensor  # [num_slots, kv_heads, head_dim]
+    v_cache: torch.Tensor
+    slots: torch.Tensor  # int64 [tokens]
+
+
+def write_kv(cache: CacheWrite, k: torch.Tensor, v: torch.Tensor) -> None:
+    cache.k_cache.index_copy_(0, cache.slots, k)
+    cache.v_cache.index_copy_(0, cache.slots, v)
 
 
 class Attention(nn.Module):
@@ -20,12 +33,15 @@ class Attention(nn.Module):
         self.block_size = 0
         self.backend = None  # set by the model runner: an AttentionBackend
 
+    def cache_write(self) -> CacheWrite | None:
+        """Where this step's keys and values go; None where nothing is kept (encoders, a model without a pool)."""
+        slots = get_context().slot_mapping
+        return None if self.k_cache is None or slots is None else CacheWrite(self.k_cache, self.v_cache, slots)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-        """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim] -> [tokens, heads * dim]"""
+        """q: [tokens, heads, dim]; k, v: [tokens, kv_heads, dim] -> [tokens, heads * dim]; the step's k and v
+        are in the pool already (cache_write)."""
         ctx = get_context()
-        if self.k_cache is not None and ctx.slot_mapping is not None:
-            self.k_cache.index_copy_(0, ctx.slot_mapping, k)
-            self.v_cache.index_copy_(0, ctx.slot_mapping, v)
         if ctx.decode_block_table is None:
             return self._prefill(q, k, v).flatten(1)
         p = ctx.num_prefill_tokens

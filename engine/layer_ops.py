@@ -1,10 +1,11 @@
 """A decoder layer's elementwise passes: op by op in PyTorch, or fused (CUDA, Triton).
 
 Between its matmuls a decoder layer adds each branch to the residual stream and normalizes the sum (twice),
-rotates queries and keys (after Qwen3's per-head norm) and gates its MLP. Op by op that is a dozen kernels
-a layer, each a pass over the step's activations: on a GPU most of a decode step's launches and much of a
+rotates queries and keys (after Qwen3's per-head norm), writes keys and values into the KV cache and gates its
+MLP. Op by op that is over a dozen kernels a layer, each a pass over the step's activations: on a GPU most of a decode step's launches and much of a
 prefill step's memory traffic. The fused ops run each group as one kernel that reads its inputs once,
-computes in float32 and rounds once (what vLLM's fused_add_rms_norm, rotary and silu_and_mul kernels do).
+computes in float32 and rounds once (what vLLM's fused_add_rms_norm, rotary, reshape_and_cache and silu_and_mul
+kernels do).
 engine.kernels picks them for CUDA in fp16 / bf16 where they match the PyTorch ops on the device at start-up
 (fused_ops_check_out); float32 keeps Hugging Face's roundings op by op (token for token parity), and a compiled
 model traces the PyTorch ops and fuses them itself."""
@@ -12,6 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import triton_layer_ops
+from engine.attention import CacheWrite, write_kv
 
 
 def apply_rotary(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -31,16 +33,22 @@ class LayerOps:
             x = x + residual
         return norm(x), x
 
-    def rotate_qk(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
-                  rotary: tuple[torch.Tensor, torch.Tensor], q_norm=None, k_norm=None) -> torch.Tensor:
-        """qkv [tokens, heads + 2 kv heads, dim] -> queries and keys [tokens, heads + kv heads, dim], rotated
-        (after q_norm / k_norm, Qwen3's per-head RMSNorms) together."""
+    def attention_inputs(self, qkv: torch.Tensor, num_heads: int, num_kv_heads: int,
+                         rotary: tuple[torch.Tensor, torch.Tensor], q_norm=None, k_norm=None, *,
+                         cache: CacheWrite | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """qkv [tokens, heads + 2 kv heads, dim] -> queries, keys and values for attention: queries and keys
+        rotated (after q_norm / k_norm, Qwen3's per-head RMSNorms) together, keys and values written into the
+        cache where there is one. Views: the kernels take strided heads."""
         if q_norm is not None:
             q, k = qkv[:, :num_heads], qkv[:, num_heads:num_heads + num_kv_heads]
             qk = torch.cat((q_norm(q), k_norm(k)), dim=1)
         else:
             qk = qkv[:, :num_heads + num_kv_heads]
-        return apply_rotary(qk, *rotary)
+        q, k = apply_rotary(qk, *rotary).split((num_heads, num_kv_heads), dim=1)
+        v = qkv[:, num_heads + num_kv_heads:]
+        if cache is not None:
+            write_kv(cache, k, v)
+        return q, k, v
 
     def gated_activation(self, gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
         """[tokens, 2 n] (gate, up) -> act(gate) * up, act SiLU or (Gemma) tanh-approximated GELU."""
@@ -57,11 +65,12 @@ class FusedLayerOps(LayerOps):
             return super().add_rms_norm(x, residual, norm)
         return triton_layer_ops.add_rms_norm(x, residual, norm.weight, norm.eps, norm.gemma)
 
-    def rotate_qk(self, qkv, num_heads, num_kv_heads, rotary, q_norm=None, k_norm=None):
+    def attention_inputs(self, qkv, num_heads, num_kv_heads, rotary, q_norm=None, k_norm=None, *, cache=None):
         if torch.compiler.is_compiling():
-            return super().rotate_qk(qkv, num_heads, num_kv_heads, rotary, q_norm, k_norm)
+            return super().attention_inputs(qkv, num_heads, num_kv_heads, rotary, q_norm, k_norm, cache=cache)
         norms = (None, None, 0.0) if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
-        return triton_layer_ops.rotate_qk(qkv, num_heads, num_kv_heads, *rotary, *norms)
+        qk = triton_layer_ops.rotate_qk(qkv, num_heads, num_kv_heads, *rotary, *norms, cache)
+        return *qk.split((num_heads, num_kv_heads), dim=1), qkv[:, num_heads + num_kv_heads:]
 
     def gated_activation(self, gate_up, gelu):
         if torch.compiler.is_compiling():
@@ -83,18 +92,22 @@ def fused_ops_check_out(device: torch.device, dtype: torch.dtype, spec) -> bool:
     for n in (norm, head_norm):
         n.to(device)
         n.weight.data = randn(n.weight.shape[0])
-    t = 5
-    cases = [("add_rms_norm", (randn(t, hidden), randn(t, hidden), norm)),
-             ("add_rms_norm", (randn(t, hidden), None, norm)),
-             ("rotate_qk", (randn(t, heads + 2 * kv, dim), heads, kv, (randn(t, 1, dim), randn(t, 1, dim)),
-                            *((head_norm, head_norm) if spec.qk_norm else ()))),
-             ("gated_activation", (randn(t, 2 * spec.intermediate_size), spec.gelu))]
-    fused, reference = FusedLayerOps(), LayerOps()
+    t, slots = 5, torch.randperm(16, generator=gen, device=device)[:5]  # scattered slots of a small pool
+    qkv, tables = randn(t, heads + 2 * kv, dim), (randn(t, 1, dim), randn(t, 1, dim))
+    x, residual, gate_up = randn(t, hidden), randn(t, hidden), randn(t, 2 * spec.intermediate_size)
+    head_norms = (head_norm, head_norm) if spec.qk_norm else ()
+
+    def rotate_and_write(ops: LayerOps) -> tuple[torch.Tensor, ...]:
+        cache = CacheWrite(torch.zeros(16, kv, dim, device=device, dtype=dtype),
+                           torch.zeros(16, kv, dim, device=device, dtype=dtype), slots)
+        return *ops.attention_inputs(qkv, heads, kv, tables, *head_norms, cache=cache), cache.k_cache, cache.v_cache
+    cases = [lambda ops: ops.add_rms_norm(x, residual, norm), lambda ops: ops.add_rms_norm(x, None, norm),
+             lambda ops: ops.attention_inputs(qkv, heads, kv, tables, *head_norms), rotate_and_write,
+             lambda ops: (ops.gated_activation(gate_up, spec.gelu),)]
     try:
-        for name, args in cases:
-            got, want = getattr(fused, name)(*args), getattr(reference, name)(*args)
-            for g, w in zip(got if isinstance(got, tuple) else (got,), want if isinstance(want, tuple) else (want,)):
-                if not torch.allclose(g.float(), w.float(), atol=2e-2, rtol=2e-2):
+        for case in cases:
+            for got, want in zip(case(FusedLayerOps()), case(LayerOps()), strict=True):
+                if not torch.allclose(got.float(), want.float(), atol=2e-2, rtol=2e-2):
                     return False
     except Exception:  # noqa: BLE001 (any failure to build or run: the PyTorch ops stay)
         return False

@@ -1,9 +1,11 @@
 """A decoder layer's elementwise passes as fused Triton kernels (CUDA): residual add + RMSNorm, per-head
-norm + rotary of queries and keys, gated MLP activation. Each reads its inputs once, computes in float32
+norm + rotary of queries and keys with the write of keys and values into the KV cache, gated MLP activation. Each reads its inputs once, computes in float32
 and rounds once. engine.layer_ops calls them; the portable PyTorch ops there say what each computes."""
 import functools
 
 import torch
+
+from engine.attention import CacheWrite
 
 MAX_ROW = 16384  # widest normalized row one program holds (Llama 3.1 405B's hidden size)
 ACTIVATION_BLOCK = 1024  # columns of the gated activation per program
@@ -34,10 +36,12 @@ def _kernels():
         tl.store(out_ptr + row * stride_o + cols, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def rotate_qk(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, out_ptr, eps, stride_t, stride_h, stride_c,
-                  stride_ot, stride_oh, NUM_Q: tl.constexpr, NUM_QK: tl.constexpr, HEADS_P2: tl.constexpr,
-                  HALF: tl.constexpr, HALF_P2: tl.constexpr, QK_NORM: tl.constexpr):
-        # One token: all its query and key heads as a [heads, half] tile per half of the head dimension.
+    def rotate_qk(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, out_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, eps,
+                  stride_t, stride_h, stride_c, stride_ot, stride_oh, stride_cs, stride_ch, NUM_Q: tl.constexpr,
+                  NUM_QK: tl.constexpr, HEADS_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
+                  QK_NORM: tl.constexpr, STORE_KV: tl.constexpr, KV_P2: tl.constexpr):
+        # One token: all its query and key heads as a [heads, half] tile per half of the head dimension; with
+        # STORE_KV its rotated keys and its values also go to its slot of the cache.
         t = tl.program_id(0).to(tl.int64)
         h = tl.arange(0, HEADS_P2)[:, None]
         d = tl.arange(0, HALF_P2)[None, :]
@@ -60,9 +64,24 @@ def _kernels():
         c2 = tl.load(cos_ptr + t * stride_c + HALF + d, mask=d_ok, other=0.0).to(tl.float32)
         s1 = tl.load(sin_ptr + t * stride_c + d, mask=d_ok, other=0.0).to(tl.float32)
         s2 = tl.load(sin_ptr + t * stride_c + HALF + d, mask=d_ok, other=0.0).to(tl.float32)
+        y1 = (x1 * c1 + x2 * s1).to(out_ptr.dtype.element_ty)
+        y2 = (x2 * c2 + x1 * s2).to(out_ptr.dtype.element_ty)
         dst = out_ptr + t * stride_ot + h * stride_oh + d
-        tl.store(dst, (x1 * c1 + x2 * s1).to(out_ptr.dtype.element_ty), mask=ok)
-        tl.store(dst + HALF, (x2 * c2 + x1 * s2).to(out_ptr.dtype.element_ty), mask=ok)
+        tl.store(dst, y1, mask=ok)
+        tl.store(dst + HALF, y2, mask=ok)
+        if STORE_KV:
+            slot = tl.load(slot_ptr + t).to(tl.int64)
+            is_k = ok & (h >= NUM_Q)
+            k_dst = k_cache_ptr + slot * stride_cs + tl.where(h >= NUM_Q, h - NUM_Q, 0) * stride_ch + d
+            tl.store(k_dst, y1.to(k_cache_ptr.dtype.element_ty), mask=is_k)
+            tl.store(k_dst + HALF, y2.to(k_cache_ptr.dtype.element_ty), mask=is_k)
+            kv = tl.arange(0, KV_P2)[:, None]
+            v_ok = (kv < NUM_QK - NUM_Q) & d_ok
+            v_src = qkv_ptr + t * stride_t + (NUM_QK + kv) * stride_h + d
+            v_dst = v_cache_ptr + slot * stride_cs + kv * stride_ch + d
+            tl.store(v_dst, tl.load(v_src, mask=v_ok, other=0.0).to(v_cache_ptr.dtype.element_ty), mask=v_ok)
+            tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=v_ok, other=0.0).to(v_cache_ptr.dtype.element_ty),
+                     mask=v_ok)
 
     @triton.jit
     def gated_activation(gate_up_ptr, out_ptr, n, stride_g, stride_o, GELU: tl.constexpr, BLOCK: tl.constexpr):
@@ -101,9 +120,11 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
 
 
 def rotate_qk(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
-              q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float) -> torch.Tensor:
+              q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+              cache: CacheWrite | None) -> torch.Tensor:
     """qkv [tokens, heads + 2 kv heads, dim] -> rotated queries and keys [tokens, heads + kv heads, dim];
-    cos, sin [tokens, 1, dim] (the rotary tables), q_weight / k_weight: Qwen3's per-head norms."""
+    cos, sin [tokens, 1, dim] (the rotary tables), q_weight / k_weight: Qwen3's per-head norms; with a cache,
+    the rotated keys and the values also go to their slots there (vLLM's reshape_and_cache, in the same pass)."""
     t, _, dim = qkv.shape
     num_qk = num_heads + num_kv_heads
     out = torch.empty((t, num_qk, dim), dtype=qkv.dtype, device=qkv.device)
@@ -112,10 +133,14 @@ def rotate_qk(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.T
         qk_norm = q_weight is not None
         import triton
         heads_p2, half_p2 = triton.next_power_of_2(num_qk), triton.next_power_of_2(half)
-        _kernels()[1][(t,)](qkv, cos, sin, q_weight if qk_norm else cos, k_weight if qk_norm else cos, out, eps,
-                            qkv.stride(0), qkv.stride(1), cos.stride(0), out.stride(0), out.stride(1),
-                            NUM_Q=num_heads, NUM_QK=num_qk, HEADS_P2=heads_p2, HALF=half, HALF_P2=half_p2,
-                            QK_NORM=qk_norm, num_warps=_warps(heads_p2 * half_p2))
+        k_cache, v_cache, slots = cache if cache is not None else (out, out, out)
+        assert k_cache.stride() == v_cache.stride() and k_cache.stride(2) == 1
+        _kernels()[1][(t,)](qkv, cos, sin, q_weight if qk_norm else cos, k_weight if qk_norm else cos, out, slots,
+                            k_cache, v_cache, eps, qkv.stride(0), qkv.stride(1), cos.stride(0), out.stride(0),
+                            out.stride(1), k_cache.stride(0), k_cache.stride(1), NUM_Q=num_heads, NUM_QK=num_qk,
+                            HEADS_P2=heads_p2, HALF=half, HALF_P2=half_p2, QK_NORM=qk_norm,
+                            STORE_KV=cache is not None, KV_P2=triton.next_power_of_2(num_kv_heads),
+                            num_warps=_warps(heads_p2 * half_p2))
     return out
 
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 import transformers as T
 
-from engine import LLM, PoolingParams
+from engine import LLM, PoolingParams, SamplingParams
+from engine.attention import CacheWrite
 from engine.kernels import select_layer_ops
 from engine.layer_ops import FusedLayerOps, LayerOps, fused_ops_check_out
 from engine.models.decoder import DecoderSpec, RMSNorm
@@ -61,9 +62,34 @@ def test_fused_rotary_matches_op_by_op(heads, qk_norm):
     cos = torch.cat((freqs.cos(), freqs.cos()), dim=-1)[:, None].to(DEVICE)
     sin = torch.cat((-freqs.sin(), freqs.sin()), dim=-1)[:, None].to(DEVICE)
     norms = (norm(dim, False, seed=4), norm(dim, False, seed=5)) if qk_norm else ()
-    want = LayerOps().rotate_qk(qkv, h, kv, (cos, sin), *norms)
-    got = FusedLayerOps().rotate_qk(qkv, h, kv, (cos, sin), *norms)
-    torch.testing.assert_close(got, want, atol=1e-5, rtol=1e-5)
+    want = LayerOps().attention_inputs(qkv, h, kv, (cos, sin), *norms)
+    got = FusedLayerOps().attention_inputs(qkv, h, kv, (cos, sin), *norms)
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("heads", [(4, 4, 16), (8, 2, 32), (6, 2, 12), (9, 3, 64)])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_fused_rotary_writes_keys_and_values_into_the_cache_as_op_by_op(heads, qk_norm):
+    """Rotated keys and the values land in their scattered slots; every other slot keeps what it held."""
+    h, kv, dim = heads
+    t, num_slots = 11, 40
+    qkv = randn(t, h + 2 * kv, dim, seed=6)
+    tables = randn(t, 1, dim, seed=7), randn(t, 1, dim, seed=8)
+    norms = (norm(dim, False, seed=4), norm(dim, False, seed=5)) if qk_norm else ()
+    slots = torch.randperm(num_slots, generator=torch.Generator().manual_seed(9))[:t].to(DEVICE)
+    pools = randn(2, num_slots, kv, dim, seed=10)
+    caches = {}
+    for ops in (LayerOps(), FusedLayerOps()):
+        cache = CacheWrite(pools[0].clone(), pools[1].clone(), slots)
+        caches[type(ops)] = ops.attention_inputs(qkv, h, kv, tables, *norms, cache=cache)[1], *cache[:2]
+    (want_keys, want_k, want_v), (got_keys, got_k, got_v) = caches[LayerOps], caches[FusedLayerOps]
+    torch.testing.assert_close(got_keys, want_keys, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_k, want_k, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(got_v, want_v, atol=0, rtol=0)
+    assert torch.equal(got_k[slots], got_keys) and torch.equal(got_v[slots], qkv[:, h + kv:])
+    untouched = torch.ones(num_slots, dtype=torch.bool, device=DEVICE).index_fill_(0, slots, False)
+    assert torch.equal(got_k[untouched], pools[0][untouched]) and torch.equal(got_v[untouched], pools[1][untouched])
 
 
 @pytest.mark.parametrize("width", [40, 1536, 2100])  # one program's block of columns, and more than one
@@ -81,7 +107,8 @@ def test_fused_ops_on_no_rows():
     empty = torch.empty(0, 16, device=DEVICE)
     assert ops.add_rms_norm(empty, empty, n)[0].shape == (0, 16)
     tables = (empty[:, None], empty[:, None])
-    assert ops.rotate_qk(torch.empty(0, 4, 16, device=DEVICE), 2, 1, tables).shape == (0, 3, 16)
+    q, k, v = ops.attention_inputs(torch.empty(0, 4, 16, device=DEVICE), 2, 1, tables)
+    assert q.shape == (0, 2, 16) and k.shape == v.shape == (0, 1, 16)
     assert ops.gated_activation(torch.empty(0, 32, device=DEVICE), False).shape == (0, 16)
 
 
@@ -93,14 +120,16 @@ def test_a_compiled_model_traces_the_op_by_op_path():
     qkv = randn(5, 4, 16, seed=4)
     tables = randn(5, 1, 16, seed=5), randn(5, 1, 16, seed=6)
 
-    def layer(x, residual, qkv, gate_up):
-        return (*ops.add_rms_norm(x, residual, n), ops.rotate_qk(qkv, 2, 1, tables, n16, n16),
-                ops.gated_activation(gate_up, False))
+    slots = torch.tensor([3, 0, 6, 1, 4], device=DEVICE)
+
+    def layer(ops, x, residual, qkv, gate_up):
+        cache = CacheWrite(torch.zeros(8, 1, 16, device=DEVICE), torch.zeros(8, 1, 16, device=DEVICE), slots)
+        return (*ops.add_rms_norm(x, residual, n), *ops.attention_inputs(qkv, 2, 1, tables, n16, n16, cache=cache),
+                cache.k_cache, cache.v_cache, ops.gated_activation(gate_up, False))
     n16 = norm(16, False, seed=7)
     compiled = torch.compile(layer, backend="eager", fullgraph=True)
-    want = (*LayerOps().add_rms_norm(x, residual, n), LayerOps().rotate_qk(qkv, 2, 1, tables, n16, n16),
-            LayerOps().gated_activation(gate_up, False))
-    for got, expected in zip(compiled(x, residual, qkv, gate_up), want):
+    for got, expected in zip(compiled(ops, x, residual, qkv, gate_up), layer(LayerOps(), x, residual, qkv, gate_up),
+                             strict=True):
         torch.testing.assert_close(got, expected, atol=0, rtol=0)
 
 
@@ -141,6 +170,17 @@ def test_an_engine_on_the_fused_ops_matches_op_by_op(arch, tiny_model):
     got = [o.outputs.embedding for o in llm.embed(PROMPTS, pooling_params=params)]
     assert llm.engine.kv.prefix_cache_hits > 0
     torch.testing.assert_close(torch.tensor(got), torch.tensor(want), atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("arch", ["llama3-gqa", "qwen3"])
+def test_an_engine_generating_on_the_fused_ops_matches_op_by_op(arch, tiny_model):
+    """Decodes read the keys and values the fused rotary wrote into the pool, from prefill and every step."""
+    llm = LLM(tiny_model(arch), dtype="float32", block_size=8, device=DEVICE)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True)
+    want = [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], params)]
+    llm.engine.runner.model.layer_ops = FusedLayerOps()
+    llm.engine.kv.pool.cached.clear()  # nothing from the op-by-op run: every key and value written again
+    assert [o.outputs[0].token_ids for o in llm.generate(PROMPTS[:3], params)] == want
 
 
 @pytest.mark.skipif(not CUDA, reason="the fused ops run in bfloat16 on CUDA only")

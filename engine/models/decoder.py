@@ -99,11 +99,8 @@ class DecoderLayer(nn.Module):
         # Heads first, then split: no reshape of split columns, which a compiled graph would specialise
         # on a batch of one.
         qkv = attn.qkv_proj(h).view(-1, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
-        qk = ops.rotate_qk(qkv, s.num_heads, s.num_kv_heads, rotary,
-                           *((attn.q_norm, attn.k_norm) if s.qk_norm else ()))
-        # Views: the kernels take strided heads.
-        q, k = qk.split((s.num_heads, s.num_kv_heads), dim=1)
-        v = qkv[:, s.num_heads + s.num_kv_heads:]
+        q, k, v = ops.attention_inputs(qkv, s.num_heads, s.num_kv_heads, rotary,
+                                       *((attn.q_norm, attn.k_norm) if s.qk_norm else ()), cache=self.attn.cache_write())
         h, residual = ops.add_rms_norm(attn.o_proj(self.attn(q, k, v)), residual, self.post_attention_layernorm)
         return self.mlp.down_proj(ops.gated_activation(self.mlp.gate_up_proj(h), s.gelu)), residual
 
