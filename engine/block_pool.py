@@ -10,15 +10,21 @@ class Block:
     block_id: int
     ref_count: int = 0
     block_hash: bytes | None = None  # set once the block is full and cached
-    token_ids: tuple[int, ...] = ()  # kept to verify a hash hit
+    tokens: bytes = b""  # its token ids packed (pack_tokens), kept to verify a hash hit
     # Doubly linked free queue: O(1) removal when a cached free block is revived.
     prev: "Block | None" = None
     next: "Block | None" = None
 
 
-def hash_block(parent: bytes | None, token_ids: list[int] | tuple[int, ...]) -> bytes:
-    """A stable chained hash: equal hashes mean equal prefixes, in every process."""
-    return hashlib.sha256((parent or b"") + _packer(len(token_ids))(*token_ids)).digest()
+def pack_tokens(token_ids: list[int] | tuple[int, ...]) -> bytes:
+    """Token ids as 8-byte little-endian integers: a request's whole prompt packed in one call, then cut into
+    blocks by slicing bytes."""
+    return _packer(len(token_ids))(*token_ids)
+
+
+def hash_block(parent: bytes | None, tokens: bytes) -> bytes:
+    """A stable chained hash of a block's packed tokens: equal hashes mean equal prefixes, in every process."""
+    return hashlib.sha256((parent or b"") + tokens).digest()
 
 
 @functools.cache
@@ -48,12 +54,18 @@ class FreeBlockQueue:
         block.prev = block.next = None
         self.size -= 1
 
-    def popleft(self) -> Block:
-        if not self.size:
+    def popleft(self, n: int) -> list[Block]:
+        """The n least recently freed blocks, unlinked in one walk."""
+        if n > self.size:
             raise RuntimeError("no free KV-cache block")
-        block = self.head.next
-        self.remove(block)
-        return block
+        blocks, block = [], self.head.next
+        for _ in range(n):
+            blocks.append(block)
+            block.prev, block = None, block.next
+            blocks[-1].next = None
+        self.head.next, block.prev = block, self.head
+        self.size -= n
+        return blocks
 
 
 class BlockPool:
@@ -74,9 +86,9 @@ class BlockPool:
     def usage(self) -> float:
         return 1.0 - self.num_free / max(1, self.num_blocks)
 
-    def lookup(self, block_hash: bytes, token_ids: tuple[int, ...]) -> Block | None:
+    def lookup(self, block_hash: bytes, tokens: bytes) -> Block | None:
         block = self.cached.get(block_hash)
-        if block is None or block.token_ids != token_ids:
+        if block is None or block.tokens != tokens:
             return None
         return block
 
@@ -86,25 +98,30 @@ class BlockPool:
             self.free.remove(block)
         block.ref_count += 1
 
-    def allocate(self) -> Block:
-        block = self.free.popleft()
-        self.uncache(block)  # evict: its content is about to be overwritten
-        block.ref_count = 1
-        return block
+    def allocate(self, n: int = 1) -> list[Block]:
+        """n blocks off the free queue, each evicted from the cache: its content is about to be overwritten."""
+        blocks = self.free.popleft(n)
+        for block in blocks:
+            if block.block_hash is not None:
+                self.uncache(block)
+            block.ref_count = 1
+        return blocks
 
     def uncache(self, block: Block) -> None:
         if block.block_hash is not None and self.cached.get(block.block_hash) is block:
             del self.cached[block.block_hash]
-        block.block_hash, block.token_ids = None, ()
+        block.block_hash, block.tokens = None, b""
 
-    def cache(self, block: Block, block_hash: bytes, token_ids: tuple[int, ...]) -> None:
+    def cache(self, block: Block, block_hash: bytes, tokens: bytes) -> None:
         if not self.enable_prefix_caching or block.block_hash is not None:
             return
-        block.block_hash, block.token_ids = block_hash, token_ids
+        block.block_hash, block.tokens = block_hash, tokens
         self.cached.setdefault(block_hash, block)
 
-    def release(self, block: Block) -> None:
-        block.ref_count -= 1
-        assert block.ref_count >= 0, f"block {block.block_id} freed twice"
-        if block.ref_count == 0:
-            self.free.append(block)
+    def release(self, blocks: list[Block]) -> None:
+        """Blocks back to the free queue's end in this order, once no request holds them."""
+        for block in blocks:
+            block.ref_count -= 1
+            assert block.ref_count >= 0, f"block {block.block_id} freed twice"
+            if block.ref_count == 0:
+                self.free.append(block)

@@ -1,5 +1,5 @@
 """Gives each request KV-cache blocks from the pool; finds shared prompt prefixes by hash."""
-from engine.block_pool import Block, BlockPool, hash_block
+from engine.block_pool import Block, BlockPool, hash_block, pack_tokens
 from engine.request import Request
 
 
@@ -12,7 +12,9 @@ class KVCacheManager:
         self.block_size = block_size
         self.pool = BlockPool(num_blocks, enable_prefix_caching)
         self.req_blocks: dict[str, list[Block]] = {}
-        self.req_hashes: dict[str, list[bytes]] = {}  # chain hashes of the request's full blocks
+        # The request's full blocks so far: their chain hashes, and their tokens packed (to verify a hit).
+        self.req_hashes: dict[str, list[bytes]] = {}
+        self.req_tokens: dict[str, list[bytes]] = {}
         self.req_num_cached: dict[str, int] = {}  # how many of its blocks are registered
         # vLLM's prefix-cache counters, in tokens: looked up when a request is admitted, and found.
         self.prefix_cache_queries = 0
@@ -23,14 +25,14 @@ class KVCacheManager:
         because its logits (or hidden state) are what the request needs."""
         if not self.pool.enable_prefix_caching:
             return [], 0
-        bs, ids, blocks = self.block_size, req.token_ids, []
-        n = (req.num_tokens - 1) // bs
-        for i, block_hash in enumerate(self._hashes(req, n)[:n]):
-            block = self.pool.lookup(block_hash, tuple(ids[i * bs:(i + 1) * bs]))
+        n, blocks = (req.num_tokens - 1) // self.block_size, []
+        hashes = self._hashes(req, n)
+        for block_hash, tokens in zip(hashes[:n], self.req_tokens[req.request_id]):
+            block = self.pool.lookup(block_hash, tokens)
             if block is None:
                 break
             blocks.append(block)
-        return blocks, len(blocks) * bs
+        return blocks, len(blocks) * self.block_size
 
     def record_prefix_lookup(self, req: Request, num_hit: int) -> None:
         """Count an admitted request's lookup: once per admission (a preempted request's again), not per
@@ -54,16 +56,16 @@ class KVCacheManager:
             for b in computed:
                 self.pool.touch(b)
             blocks.extend(computed)
-            blocks.extend(self.pool.allocate() for _ in range(num_new_blocks))
+            blocks.extend(self.pool.allocate(num_new_blocks))
             req.block_ids = [b.block_id for b in blocks]
         self._cache_full_blocks(req, blocks, num_tokens)
         return True
 
     def free(self, req: Request) -> None:
         # Tail blocks first, so they are evicted before the shared heads of prefixes.
-        for block in reversed(self.req_blocks.pop(req.request_id, [])):
-            self.pool.release(block)
+        self.pool.release(self.req_blocks.pop(req.request_id, [])[::-1])
         self.req_hashes.pop(req.request_id, None)
+        self.req_tokens.pop(req.request_id, None)
         self.req_num_cached.pop(req.request_id, None)
         req.block_ids = []
 
@@ -82,20 +84,26 @@ class KVCacheManager:
         # reads it, even within the same step.
         if not self.pool.enable_prefix_caching:
             return
-        bs, done = self.block_size, self.req_num_cached.get(req.request_id, 0)
-        num_full = min(num_tokens, req.num_tokens) // bs
+        done = self.req_num_cached.get(req.request_id, 0)
+        num_full = min(num_tokens, req.num_tokens) // self.block_size
         if num_full <= done:
             return
-        hashes, ids = self._hashes(req, num_full), req.token_ids
+        hashes, tokens, cache = self._hashes(req, num_full), self.req_tokens[req.request_id], self.pool.cache
         for i in range(done, num_full):
-            self.pool.cache(blocks[i], hashes[i], tuple(ids[i * bs:(i + 1) * bs]))
+            cache(blocks[i], hashes[i], tokens[i])
         self.req_num_cached[req.request_id] = num_full
 
     def _hashes(self, req: Request, n: int) -> list[bytes]:
-        """The request's chain hashes, at least its first n blocks' (each block hashed once per request)."""
-        hashes, bs, ids = self.req_hashes.setdefault(req.request_id, []), self.block_size, req.token_ids
-        parent = hashes[-1] if hashes else None
-        for j in range(len(hashes), n):
-            parent = hash_block(parent, ids[j * bs:(j + 1) * bs])
-            hashes.append(parent)
+        """The request's chain hashes, at least its first n blocks' (each block packed and hashed once per
+        request, the new blocks' tokens packed in one call)."""
+        rid, bs = req.request_id, self.block_size
+        hashes, tokens = self.req_hashes.setdefault(rid, []), self.req_tokens.setdefault(rid, [])
+        start = len(hashes)
+        if n > start:
+            packed, width = pack_tokens(req.token_ids[start * bs:n * bs]), 8 * bs
+            parent = hashes[-1] if hashes else None
+            for j in range(0, (n - start) * width, width):
+                tokens.append(packed[j:j + width])
+                parent = hash_block(parent, tokens[-1])
+                hashes.append(parent)
         return hashes

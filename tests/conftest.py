@@ -407,7 +407,7 @@ def check_kv_invariants(kv) -> None:
         if b.ref_count > 1:
             assert b.block_hash is not None, "a partial block is shared"
         if b.block_hash is not None:
-            assert len(b.token_ids) == kv.block_size
+            assert len(b.tokens) == 8 * kv.block_size  # block_size packed 8-byte ids
     for h, b in pool.cached.items():
         assert b.block_hash == h
 

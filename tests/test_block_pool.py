@@ -9,7 +9,7 @@ from hypothesis import strategies as st
 
 import engine.kv_cache_manager as kvm
 from conftest import check_kv_invariants, free_queue_ids
-from engine.block_pool import BlockPool, FreeBlockQueue, Block, hash_block
+from engine.block_pool import BlockPool, FreeBlockQueue, Block, hash_block, pack_tokens
 from engine.kv_cache_manager import KVCacheManager
 from engine.request import Request
 
@@ -30,13 +30,13 @@ def prefill(kv: KVCacheManager, r: Request) -> int:
 
 
 def test_hash_is_a_stable_chain():
-    h0 = hash_block(None, [1, 2, 3, 4])
+    assert pack_tokens([1, 2, 3, 4]) == struct.pack("<4q", 1, 2, 3, 4) == pack_tokens((1, 2, 3, 4))
+    h0 = hash_block(None, pack_tokens([1, 2, 3, 4]))
     assert h0 == hashlib.sha256(struct.pack("<4q", 1, 2, 3, 4)).digest()  # same in every process
-    h1 = hash_block(h0, (5, 6, 7, 8))
-    assert h1 == hash_block(h0, [5, 6, 7, 8])
-    assert h1 != hash_block(None, [5, 6, 7, 8])  # the same tokens after another prefix
-    assert h1 != hash_block(hash_block(None, [1, 2, 3, 9]), [5, 6, 7, 8])
-    assert hash_block(None, [1, 2]) != hash_block(None, [2, 1])
+    h1 = hash_block(h0, pack_tokens([5, 6, 7, 8]))
+    assert h1 != hash_block(None, pack_tokens([5, 6, 7, 8]))  # the same tokens after another prefix
+    assert h1 != hash_block(hash_block(None, pack_tokens([1, 2, 3, 9])), pack_tokens([5, 6, 7, 8]))
+    assert hash_block(None, pack_tokens([1, 2])) != hash_block(None, pack_tokens([2, 1]))
 
 
 # ---------------------------------------------------------------- free queue and pool
@@ -47,59 +47,63 @@ def test_free_queue_order_and_removal():
     q = FreeBlockQueue(blocks)
     q.remove(blocks[2])
     assert q.size == 4
-    assert q.popleft() is blocks[0]
+    assert q.popleft(1) == [blocks[0]] and blocks[0].prev is blocks[0].next is None
     q.append(blocks[2])
     q.append(blocks[0])
-    assert [q.popleft().block_id for _ in range(4)] == [1, 3, 4, 2]
-    assert q.popleft() is blocks[0]
     with pytest.raises(RuntimeError, match="no free"):
-        q.popleft()
+        q.popleft(6)
+    assert q.size == 5  # a refused pop takes nothing
+    assert [b.block_id for b in q.popleft(4)] == [1, 3, 4, 2]
+    assert q.popleft(1) == [blocks[0]] and q.size == 0 and q.head.next is q.tail and q.tail.prev is q.head
+    assert q.popleft(0) == []
+    with pytest.raises(RuntimeError, match="no free"):
+        q.popleft(1)
 
 
 def test_pool_release_is_lru_and_double_free_is_caught():
     pool = BlockPool(4)
-    a, b, c = pool.allocate(), pool.allocate(), pool.allocate()
+    a, b, c = pool.allocate(3)
     assert [a.block_id, b.block_id, c.block_id] == [0, 1, 2] and a.ref_count == 1
-    pool.release(b)
-    pool.release(a)
+    pool.release([b, a])
     # Never-used block 3 first, then in the order they were freed.
-    assert [pool.allocate().block_id for _ in range(3)] == [3, 1, 0]
-    pool.release(c)
+    assert [block.block_id for block in pool.allocate(3)] == [3, 1, 0]
+    pool.release([c])
     with pytest.raises(AssertionError, match="freed twice"):
-        pool.release(c)
+        pool.release([c])
 
 
 def test_eviction_drops_the_cache_entry_and_touch_revives():
     pool = BlockPool(2)
-    a = pool.allocate()
-    h = hash_block(None, (1, 2))
-    pool.cache(a, h, (1, 2))
-    pool.release(a)
-    assert pool.lookup(h, (1, 2)) is a and pool.num_free == 2
+    [a] = pool.allocate()
+    tokens = pack_tokens((1, 2))
+    h = hash_block(None, tokens)
+    pool.cache(a, h, tokens)
+    pool.release([a])
+    assert pool.lookup(h, tokens) is a and pool.num_free == 2
     pool.touch(a)  # a cached free block comes back without being rewritten
     assert a.ref_count == 1 and pool.num_free == 1 and a.block_hash == h
-    pool.release(a)
+    pool.release([a])
     pool.allocate()  # block 1: never used
-    assert pool.lookup(h, (1, 2)) is a
-    b = pool.allocate()  # block 0 again: evicted, its content is about to be overwritten
-    assert b is a and a.block_hash is None and pool.lookup(h, (1, 2)) is None and not pool.cached
+    assert pool.lookup(h, tokens) is a
+    [b] = pool.allocate()  # block 0 again: evicted, its content is about to be overwritten
+    assert b is a and a.block_hash is None and pool.lookup(h, tokens) is None and not pool.cached
 
 
 def test_lookup_verifies_the_stored_tokens():
     pool = BlockPool(2)
-    a = pool.allocate()
-    pool.cache(a, b"h", (1, 2))
-    assert pool.lookup(b"h", (1, 2)) is a
-    assert pool.lookup(b"h", (1, 3)) is None  # a hash collision must not serve the wrong K/V
-    b = pool.allocate()
-    pool.cache(b, b"h", (1, 2))  # a second copy of the same content keeps the first as the hit
+    [a] = pool.allocate()
+    pool.cache(a, b"h", pack_tokens((1, 2)))
+    assert pool.lookup(b"h", pack_tokens((1, 2))) is a
+    assert pool.lookup(b"h", pack_tokens((1, 3))) is None  # a hash collision must not serve the wrong K/V
+    [b] = pool.allocate()
+    pool.cache(b, b"h", pack_tokens((1, 2)))  # a second copy of the same content keeps the first as the hit
     assert pool.cached[b"h"] is a
 
 
 def test_no_caching_when_disabled():
     pool = BlockPool(2, enable_prefix_caching=False)
-    a = pool.allocate()
-    pool.cache(a, b"h", (1, 2))
+    [a] = pool.allocate()
+    pool.cache(a, b"h", pack_tokens((1, 2)))
     assert a.block_hash is None and not pool.cached
 
 
@@ -247,7 +251,7 @@ def test_reference_counts_hold_under_random_use(ops, block_size, num_blocks, cac
             assert len(blocks) == -(-r.num_tokens // block_size)
             for j, b in enumerate(blocks):
                 if b.block_hash is not None:
-                    assert b.token_ids == tuple(r.token_ids[j * block_size:(j + 1) * block_size])
+                    assert b.tokens == pack_tokens(r.token_ids[j * block_size:(j + 1) * block_size])
     for r in list(live.values()):
         kv.free(r)
     check_kv_invariants(kv)
