@@ -21,6 +21,9 @@ class Context:
     slot_mapping: torch.Tensor | None = None  # where each packed token's K/V is written
     decode_block_table: torch.Tensor | None = None  # [batch, max_blocks] blocks of each decode, padded
     decode_context_lens: torch.Tensor | None = None  # [batch] int32 tokens in each decode's context
+    # Rows whose hidden states the step's outputs read (sampled, pooled): the last layer computes only these past
+    # its attention, and the model returns them in this order. None: every row.
+    output_rows: torch.Tensor | None = None
     # Whatever the attention backend derived once for the whole step (masks, block masks), and its prefill
     # kernel, which every layer's prefill calls (inside a compiled model through an opaque op).
     prefill_meta: Any = None

@@ -130,18 +130,24 @@ class ModelRunner:
             offsets = self._tensor([r.num_computed_tokens - (e - n) for r, n, e in zip(reqs, counts, ends)])
             rows = rows.repeat_interleave(self._tensor(counts), output_size=ends[-1])
             pos = torch.arange(ends[-1], device=self.device) + offsets[rows]
+        finished = None if steady else self._finished_rows(reqs, counts, ends)
+        pruned = False
         if self.decode_graphs is not None and all_decode and len(reqs) <= self.decode_graphs.max_batch:
             hidden = self.decode_graphs.run(input_ids, pos, *self._decode_inputs(reqs, rows, pos))
         else:
             # Compiled graphs for all-decode and all-prefill steps; a mixed step runs eagerly.
             one_kind = all_decode or not any(decodes)
             forward = self.compiled if one_kind and self.compiled is not None else self.model
-            set_context(self._context(reqs, counts, decodes, rows, pos))
+            ctx = self._context(reqs, counts, decodes, rows, pos)
+            if forward is self.model and finished is not None:
+                ctx.output_rows = self._output_rows(*finished, ends[-1])
+                pruned = ctx.output_rows is not None
+            set_context(ctx)
             try:
                 hidden = forward(input_ids, pos, token_types)
             finally:
                 set_context(Context())
-        return self._outputs(hidden, input_ids, reqs, counts, ends, steady)
+        return self._outputs(hidden, input_ids, reqs, finished, pruned)
 
     def _inputs(self, reqs: list[Request], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The step's input tokens and (encoder text pairs) token types. A token the step in flight is still
@@ -226,16 +232,20 @@ class ModelRunner:
         self.attention_backend.prepare(ctx, bs)
         return ctx
 
-    def _outputs(self, hidden, input_ids, reqs, counts, ends, steady: bool) -> StepResult:
-        if steady:  # every row samples
+    def _outputs(self, hidden, input_ids, reqs, finished, pruned: bool) -> StepResult:
+        """finished: _finished_rows of the step (None: steady decoding, every row samples); pruned: hidden holds
+        only _output_rows' rows."""
+        if finished is None:
             sample_rows, sample_reqs, pool_reqs, pool_spans = None, reqs, [], []
         else:
-            sample_rows, sample_reqs, pool_reqs, pool_spans = self._finished_rows(reqs, counts, ends)
+            sample_rows, sample_reqs, pool_reqs, pool_spans = finished
         sampled = pooled = None
         if sample_reqs:
             # An all-decode step samples every row; otherwise the rows go over as a pinned copy (indexing with
             # a list would copy from pageable memory and wait for the GPU before the head is even launched).
-            if len(sample_reqs) == hidden.shape[0]:
+            if pruned:
+                rows, last_inputs = hidden[:len(sample_reqs)], input_ids[self._tensor(sample_rows)]
+            elif len(sample_reqs) == hidden.shape[0]:
                 rows, last_inputs = hidden, input_ids
             else:
                 rows_t = self._tensor(sample_rows)
@@ -243,8 +253,11 @@ class ModelRunner:
             logits = self.model.compute_logits(rows).float()
             sampled = self.sampler(logits, sample_reqs, last_inputs)
         if pool_reqs:
-            starts, ends_t = self._tensor([s for s, _ in pool_spans]), self._tensor([e for _, e in pool_spans])
-            vectors = pool_segments(hidden, starts, ends_t, self._pooling_method, sum(e - s for s, e in pool_spans))
+            if pruned:  # one row per pooled request, after the sampled ones
+                vectors = hidden[len(sample_reqs):]
+            else:
+                starts, ends = self._tensor([s for s, _ in pool_spans]), self._tensor([e for _, e in pool_spans])
+                vectors = pool_segments(hidden, starts, ends, self._pooling_method, sum(e - s for s, e in pool_spans))
             pooled = to_host(self._head(vectors).float())
         done = None
         if self.device.type == "cuda":
@@ -270,6 +283,16 @@ class ModelRunner:
                 sample_rows.append(end - 1)
                 sample_reqs.append(req)
         return sample_rows, sample_reqs, pool_reqs, pool_spans
+
+    def _output_rows(self, sample_rows, sample_reqs, pool_reqs, pool_spans, num_tokens: int) -> torch.Tensor | None:
+        """The rows the step's outputs read, the sampled ones first, then one per pooled request (its first or
+        last token): past its attention the model's last layer computes only these (Context.output_rows). None
+        where every row goes on: a model without the option, mean pooling, or no row to spare."""
+        method = self._pooling_method
+        if not getattr(self.model, "computes_output_rows_only", False) or (pool_reqs and method == "mean"):
+            return None
+        rows = sample_rows + [start if method == "cls" else end - 1 for start, end in pool_spans]
+        return self._tensor(rows) if len(rows) < num_tokens else None
 
     @property
     def _pooling_method(self) -> str:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import Attention
+from engine.context import get_context
 from engine.layer_ops import LayerOps
 from engine.models.rotary import RotaryEmbedding, rope_parameters
 from engine.models.weights import load_into
@@ -91,9 +92,10 @@ class DecoderLayer(nn.Module):
         self.mlp.down_proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=False)
 
     def forward(self, rotary: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
-                ops: LayerOps) -> tuple[torch.Tensor, torch.Tensor]:
+                ops: LayerOps, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: the previous layer's MLP output (the embeddings for the first), not yet added to the residual
-        stream; returns this layer's, and the stream: each add is fused with the norm after it."""
+        stream; returns this layer's, and the stream: each add is fused with the norm after it. rows: only
+        those go past attention (Context.output_rows)."""
         s, attn = self.s, self.self_attn
         h, residual = ops.add_rms_norm(x, residual, self.input_layernorm)
         # Heads first, then split: no reshape of split columns, which a compiled graph would specialise
@@ -101,12 +103,16 @@ class DecoderLayer(nn.Module):
         qkv = attn.qkv_proj(h).view(-1, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
         q, k, v = ops.attention_inputs(qkv, s.num_heads, s.num_kv_heads, rotary,
                                        *((attn.q_norm, attn.k_norm) if s.qk_norm else ()), cache=self.attn.cache_write())
-        h, residual = ops.add_rms_norm(attn.o_proj(self.attn(q, k, v)), residual, self.post_attention_layernorm)
+        out = self.attn(q, k, v)
+        if rows is not None:  # the last layer: only the rows the step's outputs read go on
+            out, residual = out[rows], residual[rows]
+        h, residual = ops.add_rms_norm(attn.o_proj(out), residual, self.post_attention_layernorm)
         return self.mlp.down_proj(ops.gated_activation(self.mlp.gate_up_proj(h), s.gelu)), residual
 
 
 class DecoderModel(nn.Module):
     is_decoder = True
+    computes_output_rows_only = True  # its last layer honours Context.output_rows
     layer_ops = LayerOps()  # the model runner sets the device's (engine.kernels)
 
     def __init__(self, config, max_model_len: int):
@@ -130,8 +136,9 @@ class DecoderModel(nn.Module):
         if self.spec.gemma:
             x = x * torch.tensor(self.spec.hidden_size ** 0.5, dtype=x.dtype)
         rotary, ops, residual = self.rotary.tables(positions, x.dtype), self.layer_ops, None
-        for layer in self.layers:
-            x, residual = layer(rotary, x, residual, ops)
+        rows, last = get_context().output_rows, len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            x, residual = layer(rotary, x, residual, ops, rows if i == last else None)
         return ops.add_rms_norm(x, residual, self.norm)[0]
 
     def output_embeddings(self) -> torch.Tensor:

@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.attention import Attention
+from engine.context import get_context
 from engine.models.jina import jina_to_hf
 from engine.models.weights import load_into
 
@@ -67,17 +68,21 @@ class EncoderLayer(nn.Module):
         self.output = named_module(dense=nn.Linear(s.intermediate_size, h), LayerNorm=nn.LayerNorm(h, s.eps))
         self.attn = Attention(s.num_heads, s.num_heads, h // s.num_heads, (h // s.num_heads) ** -0.5)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+        """rows: only those go past attention (the last layer, Context.output_rows)."""
         s, head_dim = self.s, self.s.hidden_size // self.s.num_heads
         q, k, v = self.attention.self.qkv(x).view(-1, 3, s.num_heads, head_dim).unbind(1)
-        out = self.attention.output
-        x = out.LayerNorm(x + out.dense(self.attn(q, k, v)))
+        out, attended = self.attention.output, self.attn(q, k, v)
+        if rows is not None:
+            x, attended = x[rows], attended[rows]
+        x = out.LayerNorm(x + out.dense(attended))
         h = ACTIVATIONS[s.act](self.intermediate.dense(x))
         return self.output.LayerNorm(x + self.output.dense(h))
 
 
 class EncoderModel(nn.Module):
     is_decoder = False
+    computes_output_rows_only = True  # its last layer honours Context.output_rows
 
     def __init__(self, config, max_model_len: int):
         super().__init__()
@@ -107,8 +112,9 @@ class EncoderModel(nn.Module):
         x = (e.word_embeddings(input_ids) + e.position_embeddings(positions + self.spec.position_offset)
              + e.token_type_embeddings(token_type_ids))
         x = e.LayerNorm(x)
-        for layer in self.encoder.layer:
-            x = layer(x)
+        rows, last = get_context().output_rows, len(self.encoder.layer) - 1
+        for i, layer in enumerate(self.encoder.layer):
+            x = layer(x, rows if i == last else None)
         return x
 
     def classify(self, cls_hidden: torch.Tensor) -> torch.Tensor:
