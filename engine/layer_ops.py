@@ -1,11 +1,11 @@
 """A decoder layer's elementwise passes: op by op in PyTorch, or fused (CUDA, Triton).
 
 Between its matmuls a decoder layer adds each branch to the residual stream and normalizes the sum (twice),
-rotates queries and keys (after Qwen3's per-head norm), writes keys and values into the KV cache and gates its
-MLP. Op by op that is over a dozen kernels a layer, each a pass over the step's activations: on a GPU most of a decode step's launches and much of a
-prefill step's memory traffic. The fused ops run each group as one kernel that reads its inputs once,
-computes in float32 and rounds once (what vLLM's fused_add_rms_norm, rotary, reshape_and_cache and silu_and_mul
-kernels do).
+rotates queries and keys (after Qwen3's per-head norm), writes keys and values into the KV cache and gates
+its MLP. Op by op that is over a dozen kernels a layer, each a pass over the step's activations: on a GPU
+most of a decode step's launches and much of a prefill step's memory traffic. The fused ops run each group
+as one kernel that reads its inputs once, computes in float32 and rounds once (what vLLM's
+fused_add_rms_norm, rotary, reshape_and_cache and silu_and_mul kernels do).
 engine.kernels picks them for CUDA in fp16 / bf16 where they match the PyTorch ops on the device at start-up
 (fused_ops_check_out); float32 keeps Hugging Face's roundings op by op (token for token parity), and a compiled
 model traces the PyTorch ops and fuses them itself."""

@@ -1,6 +1,7 @@
 """A decoder layer's elementwise passes as fused Triton kernels (CUDA): residual add + RMSNorm, per-head
-norm + rotary of queries and keys with the write of keys and values into the KV cache, gated MLP activation. Each reads its inputs once, computes in float32
-and rounds once. engine.layer_ops calls them; the portable PyTorch ops there say what each computes."""
+norm + rotary of queries and keys with the write of keys and values into the KV cache, gated MLP
+activation. Each reads its inputs once, computes in float32 and rounds once. engine.layer_ops calls them;
+the portable PyTorch ops there say what each computes."""
 import functools
 
 import torch

@@ -101,8 +101,8 @@ class DecoderLayer(nn.Module):
         # Heads first, then split: no reshape of split columns, which a compiled graph would specialise
         # on a batch of one.
         qkv = attn.qkv_proj(h).view(-1, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
-        q, k, v = ops.attention_inputs(qkv, s.num_heads, s.num_kv_heads, rotary,
-                                       *((attn.q_norm, attn.k_norm) if s.qk_norm else ()), cache=self.attn.cache_write())
+        norms = (attn.q_norm, attn.k_norm) if s.qk_norm else ()
+        q, k, v = ops.attention_inputs(qkv, s.num_heads, s.num_kv_heads, rotary, *norms, cache=self.attn.cache_write())
         out = self.attn(q, k, v)
         if rows is not None:  # the last layer: only the rows the step's outputs read go on
             out, residual = out[rows], residual[rows]
