@@ -92,10 +92,15 @@ def stub_engine(config):
 
 
 def stub_forward(engine) -> None:
-    """Random hidden states in the model's dtype instead of its forward."""
+    """Random hidden states in the model's dtype instead of its forward: a row for each of the step's output
+    rows where the step names them (Context.output_rows), as the model returns them, else for every token."""
+    from engine.context import get_context
     hidden, dtype = engine.runner.model.spec.hidden_size, engine.runner.dtype
-    engine.runner.model.forward = lambda ids, pos, types=None: torch.randn(ids.shape[0], hidden, device=ids.device,
-                                                                           dtype=dtype)
+
+    def forward(ids: torch.Tensor, pos: torch.Tensor, types=None) -> torch.Tensor:
+        rows = get_context().output_rows
+        return torch.randn(ids.shape[0] if rows is None else rows.shape[0], hidden, device=ids.device, dtype=dtype)
+    engine.runner.model.forward = forward
 
 
 def measure_async_llm(model_dir: str, running: int, kind, steps: int, interval_s: float = 0.0,

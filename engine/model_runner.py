@@ -147,6 +147,7 @@ class ModelRunner:
                 hidden = forward(input_ids, pos, token_types)
             finally:
                 set_context(Context())
+            assert not pruned or hidden.shape[0] == ctx.output_rows.shape[0], "the model ignored Context.output_rows"
         return self._outputs(hidden, input_ids, reqs, finished, pruned)
 
     def _inputs(self, reqs: list[Request], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
