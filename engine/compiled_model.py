@@ -36,6 +36,8 @@ class CompiledModel:
         token decoded, into the pool's scratch block where there is a pool."""
         dev = runner.device
         contexts = [Context(causal=runner.is_decoder, prefills=[PrefillSpan(0, 2, 2)], num_prefill_tokens=2)]
+        if runner.prunes_output_rows:  # prefill steps name their output rows (engine.model_runner)
+            contexts[0].output_rows = torch.arange(2, device=dev)
         if runner.num_blocks:
             bs, scratch = runner.block_size, runner.scratch_block
             contexts[0].slot_mapping = torch.arange(2, device=dev) + scratch * bs
@@ -50,7 +52,7 @@ class CompiledModel:
             # Every dimension of every step input the graph sees is symbolic; weights and the pool keep
             # static shapes.
             for t in (input_ids, positions, ctx.slot_mapping, ctx.decode_block_table, ctx.decode_context_lens,
-                      ctx.decode_meta):
+                      ctx.decode_meta, ctx.output_rows):
                 if isinstance(t, torch.Tensor):
                     torch._dynamo.mark_dynamic(t, list(range(t.dim())))
             set_context(ctx)

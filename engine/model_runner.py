@@ -139,8 +139,10 @@ class ModelRunner:
             one_kind = all_decode or not any(decodes)
             forward = self.compiled if one_kind and self.compiled is not None else self.model
             ctx = self._context(reqs, counts, decodes, rows, pos)
-            if forward is self.model and finished is not None:
-                ctx.output_rows = self._output_rows(*finished, ends[-1])
+            # A compiled graph's step kind always takes the rows or never does (its warm-up's), so no recompile.
+            compiled = forward is not self.model
+            if finished is not None and self.prunes_output_rows and not (compiled and all_decode):
+                ctx.output_rows = self._output_rows(*finished, ends[-1], every_row_too=compiled)
                 pruned = ctx.output_rows is not None
             set_context(ctx)
             try:
@@ -285,15 +287,19 @@ class ModelRunner:
                 sample_reqs.append(req)
         return sample_rows, sample_reqs, pool_reqs, pool_spans
 
-    def _output_rows(self, sample_rows, sample_reqs, pool_reqs, pool_spans, num_tokens: int) -> torch.Tensor | None:
+    @property
+    def prunes_output_rows(self) -> bool:
+        """Prefill steps name their output rows (Context.output_rows): the model's last layer computes only those,
+        unless it pools the mean of every row."""
+        return getattr(self.model, "computes_output_rows_only", False) and self._pooling_method != "mean"
+
+    def _output_rows(self, sample_rows, sample_reqs, pool_reqs, pool_spans, num_tokens: int,
+                     every_row_too: bool) -> torch.Tensor | None:
         """The rows the step's outputs read, the sampled ones first, then one per pooled request (its first or
-        last token): past its attention the model's last layer computes only these (Context.output_rows). None
-        where every row goes on: a model without the option, mean pooling, or no row to spare."""
-        method = self._pooling_method
-        if not getattr(self.model, "computes_output_rows_only", False) or (pool_reqs and method == "mean"):
-            return None
-        rows = sample_rows + [start if method == "cls" else end - 1 for start, end in pool_spans]
-        return self._tensor(rows) if len(rows) < num_tokens else None
+        last token): past its attention the model's last layer computes only these. None where that is every
+        row, unless every_row_too."""
+        rows = sample_rows + [start if self._pooling_method == "cls" else end - 1 for start, end in pool_spans]
+        return self._tensor(rows) if every_row_too or len(rows) < num_tokens else None
 
     @property
     def _pooling_method(self) -> str:

@@ -12,6 +12,7 @@ import transformers as T
 
 from conftest import assert_pool_free, sentence
 from engine import LLM, PoolingParams, SamplingParams
+from engine.context import get_context
 from engine.loader import resolve_model
 from engine.params import RequestOutputKind
 
@@ -554,12 +555,9 @@ def test_compiled_int8_steps_run_one_graph_each(tiny_model, method):
     prompts = [sentence(710 + i, n) for i, n in enumerate((4, 17, 90))]
     params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=1, ignore_eos=True)
     # The same calls in both: int8 weight-only rounds activations to bf16 in batches of up to 64 rows only,
-    # so its numbers depend on how requests are batched, compiled or not; and on how many rows the last layer
-    # computes, so eager computes them all, as compiled prefill steps do (no Context.output_rows).
+    # so its numbers depend on how requests are batched, compiled or not.
     run = lambda llm: llm.generate(prompts[:1], params) + llm.generate(prompts[1:], params)  # noqa: E731
-    eager_llm = LLM(model_dir, dtype="float32", block_size=8, quantization=method)
-    eager_llm.engine.runner.model.computes_output_rows_only = False
-    eager = run(eager_llm)
+    eager = run(LLM(model_dir, dtype="float32", block_size=8, quantization=method))
     llm = LLM(model_dir, dtype="float32", block_size=8, quantization=method, torch_compile=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = run(llm)
@@ -598,10 +596,16 @@ def test_compiled_pooling_steps_match_eager_from_one_graph(tiny_model):
     reranker = LLM(tiny_model("qwen3"), torch_compile=True, **kw)
     embedder = LLM(tiny_model("bert"), task="embed", dtype="float32", torch_compile=True)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
-    compiled, steps = reranker.engine.runner.compiled, []
-    reranker.engine.runner.compiled = lambda *args: steps.append(args[0].shape[0]) or compiled(*args)
+    compiled, steps, rows = reranker.engine.runner.compiled, [], []
+
+    def counted(*args):
+        steps.append(args[0].shape[0])
+        rows.append(len(get_context().output_rows))
+        return compiled(*args)
+    reranker.engine.runner.compiled = counted
     outs = reranker.score(QUERY, docs[:1]) + reranker.score(QUERY, docs[1:])
     assert len(steps) >= 3 and max(steps) == 32  # every step compiled, the long pair's chunks too
+    assert sum(rows) == len(docs) and 0 in rows  # the last layer on each pair's last token; a chunk reads none
     assert outs[-1].num_cached_tokens > 0
     assert [o.outputs.score for o in outs] == pytest.approx(want, abs=1e-5)
     embeddings = [o.outputs.embedding for o in embedder.embed(texts[:1]) + embedder.embed(texts[1:])]
