@@ -142,7 +142,7 @@ class ModelRunner:
             # A compiled graph's step kind always takes the rows or never does (its warm-up's), so no recompile.
             compiled = forward is not self.model
             if finished is not None and self.prunes_output_rows and not (compiled and all_decode):
-                ctx.output_rows = self._output_rows(*finished, ends[-1], every_row_too=compiled)
+                ctx.output_rows = self._output_rows(finished, ends[-1], every_row_too=compiled)
                 pruned = ctx.output_rows is not None
             set_context(ctx)
             try:
@@ -293,11 +293,11 @@ class ModelRunner:
         unless it pools the mean of every row."""
         return getattr(self.model, "computes_output_rows_only", False) and self._pooling_method != "mean"
 
-    def _output_rows(self, sample_rows, sample_reqs, pool_reqs, pool_spans, num_tokens: int,
-                     every_row_too: bool) -> torch.Tensor | None:
-        """The rows the step's outputs read, the sampled ones first, then one per pooled request (its first or
-        last token): past its attention the model's last layer computes only these. None where that is every
-        row, unless every_row_too."""
+    def _output_rows(self, finished, num_tokens: int, every_row_too: bool) -> torch.Tensor | None:
+        """The rows the step's outputs read (finished: _finished_rows), the sampled ones first, then one per pooled
+        request (its first or last token): past its attention the model's last layer computes only these. None
+        where that is every row, unless every_row_too."""
+        sample_rows, _, _, pool_spans = finished
         rows = sample_rows + [start if self._pooling_method == "cls" else end - 1 for start, end in pool_spans]
         return self._tensor(rows) if every_row_too or len(rows) < num_tokens else None
 
