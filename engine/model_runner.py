@@ -131,7 +131,7 @@ class ModelRunner:
             rows = rows.repeat_interleave(self._tensor(counts), output_size=ends[-1])
             pos = torch.arange(ends[-1], device=self.device) + offsets[rows]
         finished = None if steady else self._finished_rows(reqs, counts, ends)
-        pruned = False
+        output_rows = None
         if self.decode_graphs is not None and all_decode and len(reqs) <= self.decode_graphs.max_batch:
             hidden = self.decode_graphs.run(input_ids, pos, *self._decode_inputs(reqs, rows, pos))
         else:
@@ -142,15 +142,14 @@ class ModelRunner:
             # A compiled graph's step kind always takes the rows or never does (its warm-up's), so no recompile.
             compiled = forward is not self.model
             if finished is not None and self.prunes_output_rows and not (compiled and all_decode):
-                ctx.output_rows = self._output_rows(finished, ends[-1], every_row_too=compiled)
-                pruned = ctx.output_rows is not None
+                ctx.output_rows = output_rows = self._output_rows(finished, ends[-1], every_row_too=compiled)
             set_context(ctx)
             try:
                 hidden = forward(input_ids, pos, token_types)
             finally:
                 set_context(Context())
-            assert not pruned or hidden.shape[0] == ctx.output_rows.shape[0], "the model ignored Context.output_rows"
-        return self._outputs(hidden, input_ids, reqs, finished, pruned)
+            assert output_rows is None or hidden.shape[0] == len(output_rows), "the model ignored Context.output_rows"
+        return self._outputs(hidden, input_ids, reqs, finished, output_rows)
 
     def _inputs(self, reqs: list[Request], counts: list[int]) -> tuple[torch.Tensor, torch.Tensor | None]:
         """The step's input tokens and (encoder text pairs) token types. A token the step in flight is still
@@ -235,9 +234,9 @@ class ModelRunner:
         self.attention_backend.prepare(ctx, bs)
         return ctx
 
-    def _outputs(self, hidden, input_ids, reqs, finished, pruned: bool) -> StepResult:
-        """finished: _finished_rows of the step (None: steady decoding, every row samples); pruned: hidden holds
-        only _output_rows' rows."""
+    def _outputs(self, hidden, input_ids, reqs, finished, output_rows: torch.Tensor | None) -> StepResult:
+        """finished: _finished_rows of the step (None: steady decoding, every row samples); output_rows: the rows
+        hidden holds (_output_rows), None: every row."""
         if finished is None:
             sample_rows, sample_reqs, pool_reqs, pool_spans = None, reqs, [], []
         else:
@@ -246,8 +245,8 @@ class ModelRunner:
         if sample_reqs:
             # An all-decode step samples every row; otherwise the rows go over as a pinned copy (indexing with
             # a list would copy from pageable memory and wait for the GPU before the head is even launched).
-            if pruned:
-                rows, last_inputs = hidden[:len(sample_reqs)], input_ids[self._tensor(sample_rows)]
+            if output_rows is not None:  # the sampled rows come first, already on the device
+                rows, last_inputs = hidden[:len(sample_reqs)], input_ids[output_rows[:len(sample_reqs)]]
             elif len(sample_reqs) == hidden.shape[0]:
                 rows, last_inputs = hidden, input_ids
             else:
@@ -256,7 +255,7 @@ class ModelRunner:
             logits = self.model.compute_logits(rows).float()
             sampled = self.sampler(logits, sample_reqs, last_inputs)
         if pool_reqs:
-            if pruned:  # one row per pooled request, after the sampled ones
+            if output_rows is not None:  # one row per pooled request, after the sampled ones
                 vectors = hidden[len(sample_reqs):]
             else:
                 starts, ends = self._tensor([s for s, _ in pool_spans]), self._tensor([e for _, e in pool_spans])
