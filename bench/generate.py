@@ -243,7 +243,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from engine import AsyncLLM, EngineConfig
-    from engine.quantization import Int8Linear
+    from engine.quantization import QuantizedLinear
 
     def make_engine(quantization: str | None, compiled: bool) -> AsyncLLM:
         return AsyncLLM(EngineConfig(model=MODEL, max_model_len=2048, quantization=quantization,
@@ -335,9 +335,9 @@ def main() -> None:
 
     # Roofline: the model's matmul FLOPs per level at the mm peak of the engine's dtype (attention excluded).
     model = sync_engine.runner.model
-    dense = 2 * sum((m.qweight if isinstance(m, Int8Linear) else m.weight).numel()
+    dense = 2 * sum((m.qweight if isinstance(m, QuantizedLinear) else m.weight).numel()
                     for n, m in model.named_modules()
-                    if n.startswith("layers.") and isinstance(m, (torch.nn.Linear, Int8Linear)))
+                    if n.startswith("layers.") and isinstance(m, (torch.nn.Linear, QuantizedLinear)))
     head = 2 * model.spec.vocab_size * model.spec.hidden_size
     peak = matmul_gflops(dtype, 2048)
     print(f"\nroofline: {dense / 1e6:.0f} MFLOP per token + {head / 1e6:.0f} MFLOP LM head per output token; "

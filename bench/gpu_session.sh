@@ -4,6 +4,7 @@
 #   bash bench/gpu_session.sh table    # bench/gpu.py --torch-compile: issue 8's table (~8-9 min on an H200)
 #   bash bench/gpu_session.sh checks   # kernel profiles (bench/gpu_profile.py), host-only ceilings (bench/host.py)
 #                                      # and the CUDA-only tests (~4 min)
+#   bash bench/gpu_session.sh fp8      # the decode and rerank rows with fp8 layers, and the fp8 tests (~5 min)
 # Logs go to $OUT (the device tool's folder that comes back) or /tmp/gpu_session.
 set -u
 PY=${PY:-python3}  # the GPU image's python3 holds its PyTorch
@@ -23,6 +24,11 @@ case "${1:-}" in
     else
       echo "no pytest on this machine: tests not run" | tee "$OUT/tests.txt"
     fi ;;
+  fp8)
+    if $PY -c "import pytest" 2>/dev/null; then
+      timeout 90 $PY -m pytest -q tests/test_quantization.py -k fp8 2>&1 | tee "$OUT/fp8_tests.txt" | tail -8
+    fi
+    timeout 420 $PY bench/gpu.py --quantization fp8 --torch-compile 2>&1 | tee "$OUT/fp8_table.txt" | tail -20 ;;
   *)
-    echo "usage: bash bench/gpu_session.sh table|checks" >&2; exit 2 ;;
+    echo "usage: bash bench/gpu_session.sh table|checks|fp8" >&2; exit 2 ;;
 esac

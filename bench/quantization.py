@@ -1,6 +1,6 @@
 """What each quantization method costs in accuracy: SmolLM2-135M-Instruct on SciFact abstracts.
 
-Each method's layers are the engine's own (`engine.quantization.Int8Linear`, its CPU kernels) put into
+Each method's layers are the engine's own (`engine.quantization.QuantizedLinear`, its CPU kernels) put into
 Hugging Face's SmolLM2 in place of every projection and the logits head, as the engine quantizes them
 (tests/test_quantization.py checks the engine against exactly this reference). Every abstract is
 scored teacher-forced: perplexity, top-1 agreement with float32's next-token prediction, and the mean
@@ -26,11 +26,11 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def quantize_hf(model, method: str) -> None:
-    from engine.quantization import Int8Linear
+    from engine.quantization import QuantizedLinear
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear) and (".layers." in f"{name}." or child_name == "lm_head"):
-                setattr(mod, child_name, Int8Linear(child.weight.data, child.bias, method))
+                setattr(mod, child_name, QuantizedLinear(child.weight.data, child.bias, method))
 
 
 def llama_cpp_logprobs(texts: list[list[int]]) -> list[torch.Tensor] | None:

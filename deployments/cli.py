@@ -36,7 +36,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto")
     s.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_METHODS,
                    help="decoders: int8 = weight-only int8 (faster small-batch decode on CPU); w8a8 = int8 weights "
-                        "and per-token int8 activations (faster at every batch size on CPU, less accurate)")
+                        "and per-token int8 activations (faster at every batch size on CPU, less accurate); fp8 = float8 "
+                        "weights and per-token float8 activations (fp8 tensor cores on Hopper / Ada GPUs)")
     s.add_argument("--max-model-len", type=int, default=None)
     s.add_argument("--max-num-seqs", type=int, default=None)
     s.add_argument("--max-num-batched-tokens", type=int, default=None)

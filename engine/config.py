@@ -30,7 +30,7 @@ class EngineConfig:
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
     # Decoders only (engine.quantization): "int8" weight-only int8; "w8a8" int8 weights and per-token int8
-    # activations. None serves the weights as loaded.
+    # activations; "fp8" float8 weights and per-token float8 activations. None serves the weights as loaded.
     quantization: str | None = None
     # Decode steps run eagerly instead of from captured CUDA graphs (vLLM's option; CPU never captures).
     enforce_eager: bool = False

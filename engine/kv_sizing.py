@@ -9,6 +9,9 @@ def num_kv_blocks(config: EngineConfig, bytes_per_block: int, max_model_len: int
     if config.num_blocks:
         return config.num_blocks
     if device.type == "cuda":
+        # Memory freed since loading (a quantized layer's float weights) is still the allocator's cache, which
+        # the driver counts as used: given back first, the pool gets it.
+        torch.cuda.empty_cache()
         free, total = torch.cuda.mem_get_info(device)
         budget = free - (1 - config.gpu_memory_utilization) * total
     else:

@@ -11,7 +11,7 @@ from engine.cuda_graphs import DecodeGraphs
 from engine.kernels import select_attention_backend, select_layer_ops
 from engine.models import model_class
 from engine.pooling import pool_segments
-from engine.quantization import compile_int8_layers, quantize_decoder
+from engine.quantization import compile_quantized_layers, quantize_decoder
 from engine.request import Request
 from engine.sampler import Sampler, SamplerOutput, TokenLogprobs
 from engine.scheduler import SchedulerOutput
@@ -98,11 +98,11 @@ class ModelRunner:
         self.decode_graphs = DecodeGraphs(self, max_num_seqs, capture)
 
     def compile(self, decode: bool) -> None:
-        """Engine option torch_compile, compiled here rather than on the first request: int8 layers take
+        """Engine option torch_compile, compiled here rather than on the first request: quantized layers take
         their fused kernels for prefill-sized inputs, and prefill steps and (where the model generates)
         decode steps each run one compiled graph of the whole model (decode replayed from CUDA graphs where
         they are captured afterwards)."""
-        compile_int8_layers(self.model)
+        compile_quantized_layers(self.model)
         self.compiled = CompiledModel(self.model)
         self.compiled.warm_up(self, decode)
 

@@ -1,20 +1,35 @@
-"""int8 quantization of a decoder's linear layers: one symmetric scale per output channel.
+"""Quantization of a decoder's linear layers: one symmetric scale per output channel.
 
-Two methods:
+Three methods:
 - "int8" (weight-only, W8A16): activations stay in the serving dtype. At small batches a decode step is
   bound by reading the weights, and int8 reads a quarter of fp32's bytes.
 - "w8a8": int8 weights and int8 activations with one dynamic scale per token (vLLM's W8A8-INT8 scheme;
   llama.cpp quantizes activations to 8 bits for its quantized dot products too). Every matmul is
   int8 x int8 with int32 accumulation, which CPUs with VNNI run several times faster than fp32 at
   every batch size, prefill included; it costs some accuracy (README: perplexity and top-1 agreement).
-Attention, norms and the KV cache keep the serving dtype in both. The matmul kernel is picked here,
-once per device and method: on CPU, torch's int8 kernels; elsewhere a portable float matmul of the
-same integers (correct, not faster)."""
+- "fp8": float8 (e4m3) weights and float8 activations with one dynamic scale per token (vLLM's dynamic
+  FP8 W8A8): torch._scaled_mm with row-wise scales, float32 accumulation. Hopper and Ada GPUs run it on
+  their fp8 tensor cores at twice the bf16 rate, with half the weight bytes; CPUs have the same op (oneDNN),
+  slower than bf16 there.
+Attention, norms and the KV cache keep the serving dtype in all three. The matmul kernel is picked here,
+once per device and method: on CPU, torch's int8 kernels; for fp8, torch._scaled_mm where one call on the
+device matched its float reference at start-up; elsewhere a portable float matmul of the same quantized
+numbers (correct, not faster)."""
+import functools
+import logging
+
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-QUANTIZATION_METHODS = ("int8", "w8a8")
+log = logging.getLogger(__name__)
+
+QUANTIZATION_METHODS = ("int8", "w8a8", "fp8")
+FP8 = torch.float8_e4m3fn
+FP8_MAX = torch.finfo(FP8).max  # 448
+# torch._scaled_mm takes inner and output dimensions in multiples of 16 (cuBLASLt's fp8 alignment); a layer of
+# other shapes keeps the portable matmul.
+FP8_ALIGNMENT = 16
 # Rows up to which the CPU int8 x bf16 kernel beats dequantize + fp32 matmul (2 threads, SmolLM2's shapes:
 # the kernel wins up to 64 rows for every projection and the logits head, they tie at 128; README).
 CPU_INT8_KERNEL_MAX_ROWS = 64
@@ -24,17 +39,31 @@ def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """int8 rows and float32 per-row scales [rows, 1] with x ~= q * scale, rounded to nearest.
     Used for weights once and for activations on every w8a8 matmul, so it is kept to a few ops."""
     x = x.float()
-    # abs().amax(): torch's inf-norm kernel is 5-10x slower at 32+ rows (measured).
-    scale = x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(127)
+    scale = _row_scales(x, 127)
     return torch.div(x, scale).round_().to(torch.int8), scale
 
 
+def quantize_fp8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """float8 e4m3 rows and float32 per-row scales [rows, 1] with x ~= q * scale (the cast rounds to nearest)."""
+    x = x.float()
+    scale = _row_scales(x, FP8_MAX)
+    # e4m3fn has no infinity: a quotient rounded a step above the largest value would cast to NaN.
+    return torch.div(x, scale).clamp_(-FP8_MAX, FP8_MAX).to(FP8), scale
+
+
+def _row_scales(x: torch.Tensor, largest: float) -> torch.Tensor:
+    # abs().amax(): torch's inf-norm kernel is 5-10x slower at 32+ rows (measured).
+    return x.abs().amax(dim=-1, keepdim=True).clamp_min_(1e-12).div_(largest)
+
+
 def dequantize(q: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """scale: [rows, 1], as quantize_int8 returns it."""
-    return q * scale.to(dtype)  # one pass: int8 * float promotes to the float dtype
+    """scale: [rows, 1], as quantize_int8 / quantize_fp8 return it."""
+    if q.dtype == FP8:  # float8 takes part in no type promotion
+        q = q.to(dtype)
+    return q * scale.to(dtype)  # int8 * float promotes to the float dtype in the same pass
 
 
-def _portable_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
+def _portable_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
     return F.linear(x, layer.qweight.to(x.dtype)) * layer.scale.to(x.dtype)
 
 
@@ -49,7 +78,7 @@ def _int8_kernel_mm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     return torch._weight_int8pack_mm(rows.to(torch.bfloat16), qweight, scale_bf16).to(rows.dtype)
 
 
-def _cpu_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
+def _cpu_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
     rows = x.reshape(-1, x.shape[-1])
     args = (rows, layer.qweight, layer.scale, layer.scale_bf16)
     if torch.compiler.is_compiling():
@@ -74,7 +103,7 @@ def _int8_activations_product(rows: torch.Tensor, qweight: torch.Tensor, scale: 
 _fused_int8_activations_product = torch.compile(_int8_activations_product, dynamic=True)
 
 
-def _int8_activations_matmul(x: torch.Tensor, layer: "Int8Linear", int_mm,
+def _int8_activations_matmul(x: torch.Tensor, layer: "QuantizedLinear", int_mm,
                              product=_int8_activations_product) -> torch.Tensor:
     out = product(x.reshape(-1, x.shape[-1]), layer.qweight, layer.scale, int_mm)
     return out.to(x.dtype).view(*x.shape[:-1], -1)
@@ -85,11 +114,11 @@ def _float_int_mm(xq: torch.Tensor, qweight_t: torch.Tensor) -> torch.Tensor:
     return xq.float() @ qweight_t.float()
 
 
-def _cpu_w8a8_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
+def _cpu_w8a8_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
     return _int8_activations_matmul(x, layer, torch._int_mm)
 
 
-def _cpu_fused_w8a8_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
+def _cpu_fused_w8a8_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
     # A compiled decode graph fuses the eager form itself; a small eager step would pay more for the
     # compiled call (guards, wrapper) than it saves.
     if torch.compiler.is_compiling() or x.shape[:-1].numel() <= CPU_INT8_KERNEL_MAX_ROWS:
@@ -97,30 +126,94 @@ def _cpu_fused_w8a8_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor
     return _int8_activations_matmul(x, layer, torch._int_mm, _fused_int8_activations_product)
 
 
-def _portable_w8a8_matmul(x: torch.Tensor, layer: "Int8Linear") -> torch.Tensor:
+def _portable_w8a8_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
     return _int8_activations_matmul(x, layer, _float_int_mm)
 
 
-def select_int8_matmul(device: torch.device, method: str, compiled: bool = False):
-    """The one place that picks an int8 kernel for a device and method (compiled: torch_compile is on)."""
+def _scaled_mm(xq: torch.Tensor, qweight: torch.Tensor, xscale: torch.Tensor, scale: torch.Tensor,
+               out_dtype: torch.dtype) -> torch.Tensor:
+    return torch._scaled_mm(xq, qweight.t(), scale_a=xscale, scale_b=scale[None], out_dtype=out_dtype)
+
+
+# In a compiled model the product is one opaque op: _scaled_mm's own shape checks would otherwise guard the
+# graph on a single row (a decode of one, a prefill with one output row) and compile it again for more.
+_scaled_mm_op = torch.library.custom_op("servecluster::fp8_scaled_mm", _scaled_mm, mutates_args=())
+_scaled_mm_op.register_fake(lambda xq, qweight, xscale, scale, out_dtype:
+                            xq.new_empty((xq.shape[0], qweight.shape[0]), dtype=out_dtype))
+
+
+def _fp8_scaled_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
+    # A compiled model fuses quantize_fp8's ops itself.
+    quantize = quantize_fp8 if torch.compiler.is_compiling() else layer.quantize_activations
+    xq, xscale = quantize(x.reshape(-1, x.shape[-1]))
+    mm = _scaled_mm_op if torch.compiler.is_compiling() else _scaled_mm
+    out = mm(xq, layer.qweight, xscale, layer.scale, layer.scaled_mm_out_dtype)
+    return out.to(x.dtype).view(*x.shape[:-1], -1)
+
+
+def _portable_fp8_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
+    # In float32, as _scaled_mm accumulates: products of two e4m3 values are exact there.
+    xq, xscale = quantize_fp8(x.reshape(-1, x.shape[-1]))
+    w = dequantize(layer.qweight, layer.scale[:, None], torch.float32)
+    out = F.linear(dequantize(xq, xscale, torch.float32), w)
+    return out.to(x.dtype).view(*x.shape[:-1], -1)
+
+
+@functools.cache
+def _scaled_mm_out_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+    """The output dtype torch._scaled_mm gives row-wise scaled fp8 products in on this device for a model
+    serving in dtype: dtype itself, else bfloat16 (CUDA's row-wise kernels write only that), checked once
+    against the float reference at batch sizes 1, 5 and 33; None: the op is missing, refuses or differs."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    wq, wscale = quantize_fp8(torch.randn(48, 64, generator=gen, device=device))
+    for out_dtype in dict.fromkeys((dtype, torch.bfloat16)):
+        try:
+            for rows in (1, 5, 33):
+                xq, xscale = quantize_fp8(torch.randn(rows, 64, generator=gen, device=device))
+                got = torch._scaled_mm(xq, wq.t(), scale_a=xscale, scale_b=wscale.view(1, -1), out_dtype=out_dtype)
+                want = (xq.float() * xscale) @ (wq.float() * wscale).t()
+                if got.dtype != out_dtype or not torch.allclose(got.float(), want, rtol=1e-2, atol=1e-2):
+                    break
+            else:
+                return out_dtype
+        except Exception:  # noqa: BLE001 (no fp8 matmul on this device or for this dtype)
+            continue
+    return None
+
+
+def select_matmul(layer: "QuantizedLinear", compiled: bool = False):
+    """The one place that picks a quantized layer's kernel: by its method and device, for fp8 by whether
+    torch._scaled_mm takes the layer there (compiled: torch_compile is on)."""
+    device = layer.qweight.device
     on_cpu = device.type == "cpu"
-    if method == "w8a8":
+    if layer.method == "fp8":
+        return _portable_fp8_matmul if layer.scaled_mm_out_dtype is None else _fp8_scaled_matmul
+    if layer.method == "w8a8":
         if not on_cpu:
             return _portable_w8a8_matmul
         return _cpu_fused_w8a8_matmul if compiled else _cpu_w8a8_matmul
     return _cpu_matmul if on_cpu else _portable_matmul
 
 
-class Int8Linear(nn.Module):
+class QuantizedLinear(nn.Module):
+    """A linear layer's weights quantized by `method` (QUANTIZATION_METHODS), one scale per output channel."""
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None, method: str = "int8"):
         super().__init__()
-        q, scale = quantize_int8(weight)
+        q, scale = (quantize_fp8 if method == "fp8" else quantize_int8)(weight)
         self.register_buffer("qweight", q)
         self.register_buffer("scale", scale.squeeze(1))  # [out_features]: scales the matmul's columns
         self.register_buffer("scale_bf16", self.scale.to(torch.bfloat16))  # the int8 x bf16 kernel's
         self.bias = bias
         self.dtype, self.method = weight.dtype, method
-        self.matmul = select_int8_matmul(weight.device, method)
+        # fp8: what torch._scaled_mm writes for this layer on its device (None: the op is not used).
+        aligned = all(n % FP8_ALIGNMENT == 0 for n in weight.shape)
+        self.scaled_mm_out_dtype = (_scaled_mm_out_dtype(weight.device, weight.dtype) if method == "fp8" and aligned
+                                    else None)
+        if self.scaled_mm_out_dtype is not None:
+            from engine.kernels import select_fp8_quantizer
+            self.quantize_activations = select_fp8_quantizer(weight.device)
+        self.matmul = select_matmul(self)
 
     @property
     def weight(self) -> torch.Tensor:
@@ -135,7 +228,7 @@ class Int8Linear(nn.Module):
 
 def quantize_decoder(model: nn.Module, method: str, logits_head: bool) -> None:
     """Replaces every projection of every layer, and the logits head of a generating model, by its
-    quantized form in place. A tied logits head gets its own int8 copy; the input embedding table stays
+    quantized form in place. A tied logits head gets its own quantized copy; the input embedding table stays
     as it is (a lookup reads one row per token)."""
     if not getattr(model, "is_decoder", False):
         raise ValueError("quantization applies to decoder models (generation and yes/no reranking) only")
@@ -143,20 +236,27 @@ def quantize_decoder(model: nn.Module, method: str, logits_head: bool) -> None:
         for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
                              (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
             linear = getattr(parent, name)
-            setattr(parent, name, Int8Linear(linear.weight.data, linear.bias, method))
+            setattr(parent, name, QuantizedLinear(linear.weight.data, linear.bias, method))
     if logits_head:
-        model.lm_head = Int8Linear(model.output_embeddings().data, None, method)
+        model.lm_head = QuantizedLinear(model.output_embeddings().data, None, method)
+    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
+    if method == "fp8" and (layers[0].qweight.device.type != "cuda" or
+                            any(layer.scaled_mm_out_dtype is None for layer in layers)):
+        # Without fp8 matrix units the float8 values are converted in software, every call.
+        log.warning("quantization fp8 on %s runs emulated, several times slower than the unquantized model "
+                    "(fp8 needs a GPU with fp8 tensor cores: Ada or Hopper); on CPU int8 and w8a8 are the fast "
+                    "methods", layers[0].qweight.device)
 
 
 @torch.inference_mode()  # as engine steps run: a graph compiled outside it would not serve them
-def compile_int8_layers(model: nn.Module) -> None:
-    """Engine option torch_compile: every int8 layer switches to its compiled kernel where it has one,
+def compile_quantized_layers(model: nn.Module) -> None:
+    """Engine option torch_compile: every quantized layer switches to its compiled kernel where it has one,
     each distinct shape compiled now (one call with prefill-sized zeros) rather than on a request."""
     warmed = set()
     for layer in model.modules():
-        if not isinstance(layer, Int8Linear):
+        if not isinstance(layer, QuantizedLinear):
             continue
-        layer.matmul = select_int8_matmul(layer.qweight.device, layer.method, compiled=True)
+        layer.matmul = select_matmul(layer, compiled=True)
         if layer.matmul is _cpu_fused_w8a8_matmul and layer.qweight.shape not in warmed:
             warmed.add(layer.qweight.shape)
             layer(torch.zeros(2 * CPU_INT8_KERNEL_MAX_ROWS, layer.qweight.shape[1], dtype=layer.dtype,

@@ -1,6 +1,9 @@
-"""int8 quantization: weight-only (int8) and int8 weights + per-token int8 activations (w8a8). Each
-layer against its own dequantized weights (and quantized activations), the CPU kernel choice, and the
-engine end to end against Hugging Face running the same dequantized weights and activations."""
+"""Quantization: weight-only int8 (int8), int8 weights + per-token int8 activations (w8a8), float8 weights +
+per-token float8 activations (fp8). Each layer against its own dequantized weights (and quantized
+activations), the kernel choice, and the engine end to end against Hugging Face running the same
+dequantized weights and activations."""
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -21,11 +24,113 @@ def test_quantize_int8_is_within_half_a_step_per_row():
     assert q.abs().amax(dim=1).eq(127).all()  # each row uses its whole range
 
 
+def test_quantize_fp8_is_within_a_rounding_of_each_value():
+    w = torch.randn(64, 96) * torch.linspace(0.01, 3.0, 64)[:, None]
+    q, scale = Q.quantize_fp8(w)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (64, 1)
+    err = (w - Q.dequantize(q, scale, torch.float32)).abs()
+    # e4m3: 3 stored significand bits, so half a step is 1/16 of a normal value; subnormals step by 2^-9.
+    assert torch.all(err <= w.abs() / 16 + scale * 2.0 ** -10 + 1e-7)
+    assert q.float().abs().amax(dim=1).eq(Q.FP8_MAX).all()  # each row uses its whole range
+    huge = torch.tensor([[3e38, -3e38, 1.0]])  # a quotient past 448 would cast to NaN
+    assert not Q.quantize_fp8(huge)[0].float().isnan().any()
+
+
+def fp8_reference(x: torch.Tensor, layer: Q.QuantizedLinear) -> torch.Tensor:
+    """Per-token float8 activations times float8 weights, both dequantized, in float64."""
+    xq, xscale = Q.quantize_fp8(x)
+    w = layer.qweight.double() * layer.scale.double()[:, None]
+    return ((xq.double() * xscale.double()) @ w.t()).to(x.dtype)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 200])
+def test_fp8_linear_takes_scaled_mm_and_matches_its_quantized_numbers(rows, dtype, monkeypatch):
+    torch.manual_seed(rows)
+    w, b = torch.randn(48, 64).to(dtype), torch.randn(48).to(dtype)
+    x = (torch.randn(rows, 64) * torch.logspace(-2, 2, rows)[:, None]).to(dtype)  # tokens of very different ranges
+    layer = Q.QuantizedLinear(w, b, "fp8")
+    assert layer.qweight.dtype == torch.float8_e4m3fn
+    calls = []
+    real = torch._scaled_mm
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: calls.append(k["out_dtype"]) or real(*a, **k))
+    got, want = layer(x), fp8_reference(x, layer) + b
+    assert calls == [dtype] and got.dtype == dtype and got.shape == (rows, 48)
+    tol = 1e-5 if dtype == torch.float32 else 2e-2  # float32 accumulation in both; bf16 rounds the output
+    assert torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * x.abs().amax().item())
+    assert torch.allclose((Q._portable_fp8_matmul(x, layer) + b).float(), want.float(), rtol=tol,
+                          atol=tol * x.abs().amax().item())
+    # Within float8's rounding of the unquantized product: each factor of each product is off by at most 1/16
+    # of itself (subnormals and bf16's own rounding add a little).
+    exact, bound = F.linear(x.double(), w.double(), b.double()), x.double().abs() @ w.double().abs().t()
+    assert torch.all((got.double() - exact).abs() <= bound / 8 + 1e-2 * exact.abs() + 1e-3)
+
+
+def test_fp8_layers_scaled_mm_cannot_take_keep_the_portable_matmul(monkeypatch):
+    """Inner or output sizes off 16 (cuBLASLt's fp8 alignment), or a device whose _scaled_mm is missing or
+    differs: the same numbers through the portable float matmul."""
+    torch.manual_seed(3)
+    x = torch.randn(4, 40)
+    odd = Q.QuantizedLinear(torch.randn(48, 40), None, "fp8")
+    assert odd.matmul is Q._portable_fp8_matmul
+    assert torch.allclose(odd(x), fp8_reference(x, odd), atol=1e-5)
+    Q._scaled_mm_out_dtype.cache_clear()
+    monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no fp8 here")))
+    try:
+        assert Q.QuantizedLinear(torch.randn(48, 64), None, "fp8").matmul is Q._portable_fp8_matmul
+    finally:
+        Q._scaled_mm_out_dtype.cache_clear()
+
+
+def triton_device() -> str:
+    """CUDA with Triton; on CPU Triton's interpreter (conftest sets TRITON_INTERPRET=1 there)."""
+    pytest.importorskip("triton")
+    if not torch.cuda.is_available() and os.environ.get("TRITON_INTERPRET") != "1":
+        pytest.skip("no GPU: run with TRITON_INTERPRET=1 to check the kernel in Triton's interpreter")
+    return "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n", [64, 576, 4096 + 576])
+def test_fp8_quantization_kernel_gives_quantize_fp8s_numbers(n, dtype):
+    """The Triton kernel fp8 layers quantize with on CUDA: quantize_fp8's scales and float8 bits, rows of
+    every range (subnormal results, zeros, an all-zero row), narrower and wider than its block, strided."""
+    from engine import triton_quant
+    dev = triton_device()
+    gen = torch.Generator().manual_seed(n)
+    x = torch.randn(9, n + 8, generator=gen) * torch.logspace(-4, 4, 9)[:, None]
+    x[0, :5] = torch.tensor([0.0, 1e-30, -1e-30, 3e-4, -2e-5])
+    x[1] = 0.0
+    x = x.to(dev, dtype)[:, :n]  # rows apart by more than their width, as a packed projection's views are
+    (q, scale), (want_q, want_scale) = triton_quant.quantize_fp8_rows(x), Q.quantize_fp8(x)
+    assert q.dtype == torch.float8_e4m3fn and scale.shape == (9, 1)
+    assert torch.equal(scale, want_scale)
+    if dev == "cpu":  # one division in both
+        assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
+    else:  # the GPU's float32 division may round a quotient at a boundary the other way: one fp8 step
+        step = Q.dequantize(want_q, want_scale, torch.float32).abs() / 8 + want_scale * 2.0 ** -9
+        assert torch.all((Q.dequantize(q, scale, torch.float32) - Q.dequantize(want_q, want_scale, torch.float32))
+                         .abs() <= step)
+    assert triton_quant.quantize_fp8_rows(x[:0])[0].shape == (0, n)
+    assert triton_quant.checks_out(torch.device(dev))
+
+
+def test_fp8_layer_on_the_quantization_kernel_computes_the_same_numbers():
+    from engine import triton_quant
+    triton_device()
+    torch.manual_seed(4)
+    layer = Q.QuantizedLinear(torch.randn(48, 64), torch.randn(48), "fp8")
+    x = torch.randn(5, 64) * torch.logspace(-2, 2, 5)[:, None]
+    want = layer(x)
+    layer.quantize_activations = triton_quant.quantize_fp8_rows
+    assert torch.equal(layer(x), want)
+
+
 @pytest.mark.parametrize("rows", [1, 3, Q.CPU_INT8_KERNEL_MAX_ROWS, Q.CPU_INT8_KERNEL_MAX_ROWS + 1, 200])
 def test_int8_linear_matches_its_dequantized_weights_on_cpu(rows, monkeypatch):
     torch.manual_seed(rows)
     w, b, x = torch.randn(48, 80), torch.randn(48), torch.randn(rows, 80)
-    layer = Q.Int8Linear(w, b)
+    layer = Q.QuantizedLinear(w, b)
     kernel_calls = []
     real = torch._weight_int8pack_mm
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: kernel_calls.append(1) or real(*a))
@@ -41,11 +146,11 @@ def test_int8_linear_matches_its_dequantized_weights_on_cpu(rows, monkeypatch):
 def test_portable_int8_matmul_matches_dequantized_weights():
     torch.manual_seed(0)
     w, x = torch.randn(32, 40), torch.randn(5, 40)
-    layer = Q.Int8Linear(w, None)
+    layer = Q.QuantizedLinear(w, None)
     assert torch.allclose(Q._portable_matmul(x, layer), F.linear(x, layer.weight), atol=1e-5)
 
 
-def w8a8_reference(x: torch.Tensor, layer: Q.Int8Linear) -> torch.Tensor:
+def w8a8_reference(x: torch.Tensor, layer: Q.QuantizedLinear) -> torch.Tensor:
     """Exact integer arithmetic in float64: per-token int8 activations times int8 weights, then both scales."""
     xq, xscale = Q.quantize_int8(x)
     return ((xq.double() @ layer.qweight.double().t()) * layer.scale.double() * xscale.double()).float()
@@ -56,7 +161,7 @@ def test_w8a8_linear_is_exact_integer_arithmetic_on_both_paths(rows, in_features
     torch.manual_seed(rows)
     w, b = torch.randn(48, in_features), torch.randn(48)
     x = torch.randn(rows, in_features) * torch.logspace(-2, 2, rows)[:, None]  # tokens of very different ranges
-    layer = Q.Int8Linear(w, b, "w8a8")
+    layer = Q.QuantizedLinear(w, b, "w8a8")
     kernel_calls = []
     real = torch._int_mm
     monkeypatch.setattr(torch, "_int_mm", lambda *a: kernel_calls.append(1) or real(*a))
@@ -69,35 +174,37 @@ def test_w8a8_linear_is_exact_integer_arithmetic_on_both_paths(rows, in_features
     assert torch.allclose(got, F.linear(x, w, b), rtol=0.1, atol=0.05 * x.abs().amax().item())
 
 
-def test_w8a8_scales_each_token_alone():
+@pytest.mark.parametrize("method", ["w8a8", "fp8"])
+def test_quantized_activations_scale_each_token_alone(method):
     """A token's result does not depend on the other tokens of the step (an outlier token would
-    otherwise cost every other token its precision), so a packed batch equals its rows one by one."""
+    otherwise cost every other token its precision), so a packed batch equals its rows one by one: bit for bit
+    through int32 sums; fp8's float32 sums may be ordered differently for one row than for six."""
     torch.manual_seed(1)
-    layer = Q.Int8Linear(torch.randn(24, 32), None, "w8a8")
+    layer = Q.QuantizedLinear(torch.randn(32, 32), None, method)
     x = torch.randn(6, 32)
     x[2] *= 1000
-    together = layer(x)
-    assert torch.equal(together, torch.cat([layer(x[i:i + 1]) for i in range(6)]))
+    together, alone = layer(x), torch.cat([layer(x[i:i + 1]) for i in range(6)])
+    assert torch.equal(together, alone) if method == "w8a8" else torch.allclose(together, alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", ["int8", "w8a8"])
-def test_compiled_int8_layers_compute_the_same_numbers(method):
+@pytest.mark.parametrize("method", Q.QUANTIZATION_METHODS)
+def test_compiled_quantized_layers_compute_the_same_numbers(method):
     """torch_compile compiles these layers inside the decode graph, and w8a8's alone for prefill-sized
-    inputs: the activations' scales and int8 values, and the rescaled product, stay bit for bit eager's."""
+    inputs: the activations' scales and quantized values, and the rescaled product, stay bit for bit eager's."""
     torch.manual_seed(2)
-    layer = Q.Int8Linear(torch.randn(40, 64), torch.randn(40), method)
+    layer = Q.QuantizedLinear(torch.randn(48, 64), torch.randn(48), method)
     inputs = [torch.randn(rows, 64) * torch.logspace(-2, 2, rows)[:, None]
               for rows in (1, 5, 3 * Q.CPU_INT8_KERNEL_MAX_ROWS)]
     eager = [layer(x) for x in inputs]
     in_a_graph = torch.compile(layer.forward, dynamic=True)
     assert all(torch.equal(in_a_graph(x), want) for x, want in zip(inputs[:2], eager))
-    Q.compile_int8_layers(layer)
+    Q.compile_quantized_layers(layer)
     with torch.inference_mode():
         assert all(torch.equal(layer(x), want) for x, want in zip(inputs, eager))
 
 
 def test_quantization_is_checked():
-    with pytest.raises(ValueError, match="quantization must be one of int8, w8a8"):
+    with pytest.raises(ValueError, match="quantization must be one of int8, w8a8, fp8"):
         EngineConfig(model="m", quantization="int4")
 
 
@@ -107,22 +214,23 @@ def test_quantization_of_an_encoder_is_refused(tiny_model):
 
 
 def dequantized_reference(model_dir: str, method: str):
-    """Hugging Face on the engine's int8 weights, dequantized to fp32 (a tied head gets its own copy,
-    as in the engine; the input embeddings stay exact); for w8a8 every such layer's input is quantized
-    per token and dequantized too."""
+    """Hugging Face on the engine's quantized weights, dequantized to fp32 (a tied head gets its own copy,
+    as in the engine; the input embeddings stay exact); for w8a8 and fp8 every such layer's input is
+    quantized per token and dequantized too."""
     hf = T.AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    quantize = Q.quantize_fp8 if method == "fp8" else Q.quantize_int8
     with torch.no_grad():
         for name, mod in hf.named_modules():
             if isinstance(mod, torch.nn.Linear) and (".layers." in name or name == "lm_head"):
-                mod.weight = torch.nn.Parameter(Q.dequantize(*Q.quantize_int8(mod.weight), torch.float32))
-                if method == "w8a8":
-                    mod.register_forward_pre_hook(lambda _, args: (Q.dequantize(*Q.quantize_int8(args[0]),
-                                                                                torch.float32),))
+                mod.weight = torch.nn.Parameter(Q.dequantize(*quantize(mod.weight), torch.float32))
+                if method != "int8":
+                    mod.register_forward_pre_hook(lambda _, args: (Q.dequantize(*quantize(args[0]), torch.float32),))
     return hf
 
 
-@pytest.mark.parametrize("arch, method", [("llama", "int8"), ("qwen3", "int8"), ("llama", "w8a8"), ("qwen3", "w8a8")])
-def test_int8_generation_follows_hf_on_the_dequantized_weights(arch, method, tiny_model):
+@pytest.mark.parametrize("arch, method", [(arch, method) for method in Q.QUANTIZATION_METHODS
+                                          for arch in ("llama", "qwen3")])
+def test_quantized_generation_follows_hf_on_the_dequantized_weights(arch, method, tiny_model):
     model_dir = tiny_model(arch)
     llm = LLM(model_dir, dtype="float32", block_size=8, quantization=method)
     hf = dequantized_reference(model_dir, method)
@@ -137,7 +245,8 @@ def test_int8_generation_follows_hf_on_the_dequantized_weights(arch, method, tin
             row = logits[start + k]
             # int8: rows through the int8 x bf16 kernel carry bf16 activations (logprob errors seen up to
             # 0.09 here, logits of std ~1.6), so a token may differ from HF's only at a near-tie. w8a8 is
-            # the same integer arithmetic as its reference: only float rounding differs (seen 2e-6).
+            # the same integer arithmetic as its reference, fp8 the same float8 products: only float rounding
+            # differs (seen 2e-6).
             tol = 0.1 if method == "int8" else 1e-4
             assert row.max() - row[tok] < tol, f"step {k}: token {tok} is not HF's near-top"
             assert abs(entry[tok].logprob - row.log_softmax(-1)[tok].item()) < tol
@@ -145,7 +254,7 @@ def test_int8_generation_follows_hf_on_the_dequantized_weights(arch, method, tin
 
 
 @pytest.mark.parametrize("method", Q.QUANTIZATION_METHODS)
-def test_int8_yes_no_reranker_matches_hf_on_the_dequantized_weights(method, tiny_model):
+def test_quantized_yes_no_reranker_matches_hf_on_the_dequantized_weights(method, tiny_model):
     template = "question : {query} document : {document} answer :"
     model_dir = tiny_model("llama")
     llm = LLM(model_dir, task="score", dtype="float32", block_size=4, score_tokens=("no", "yes"),
@@ -160,5 +269,19 @@ def test_int8_yes_no_reranker_matches_hf_on_the_dequantized_weights(method, tiny
         want = row[[no, yes]].softmax(-1)[1].item()
         assert abs(out.outputs.score - want) <= 1e-3
     down_proj = llm.engine.runner.model.layers[0].mlp.down_proj
-    assert down_proj.qweight.dtype == torch.int8 and down_proj.matmul is Q.select_int8_matmul(torch.device("cpu"), method)
+    assert down_proj.qweight.dtype == (torch.float8_e4m3fn if method == "fp8" else torch.int8)
+    assert down_proj.matmul is Q.select_matmul(down_proj)
     assert_pool_free(llm)
+
+
+def test_memory_a_quantized_model_frees_goes_to_the_kv_pool(monkeypatch):
+    """On CUDA a quantized layer's float weights, freed after loading, stay in PyTorch's allocator cache, which
+    the driver reports as used: the pool is sized after that cache is given back."""
+    from engine.kv_sizing import num_kv_blocks
+    gib = 1 << 30
+    cache = {"held": 4 * gib}
+    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: cache.update(held=0))
+    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * gib - cache["held"], 20 * gib))
+    config = EngineConfig(model="m", gpu_memory_utilization=0.9, max_num_seqs=10_000)
+    # free 10 GiB - (1 - 0.9) x 20 GiB = 8 GiB for blocks of 1 MiB
+    assert num_kv_blocks(config, 1 << 20, 4096, torch.device("cuda")) == 8 * 1024
