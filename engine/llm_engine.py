@@ -9,11 +9,12 @@ import os
 
 import torch
 
+from engine.checkpoint_quantization import checkpoint_weights
 from engine.config import EngineConfig, keep_freed_memory, set_num_threads
 from engine.input_processor import InputProcessor, InputSpec, PoolingJob
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_sizing import num_kv_blocks
-from engine.loader import (iter_weights, load_config, read_matryoshka_dims,
+from engine.loader import (load_config, read_matryoshka_dims,
                            read_sentence_transformers_max_seq_length, read_sentence_transformers_pooling,
                            resolve_model)
 from engine.metrics import Stats
@@ -69,10 +70,12 @@ class LLMEngine:
                                                    read_sentence_transformers_max_seq_length(self.model_dir))
         self.task = resolve_task(hf, config)
         device = config.torch_device()
+        dtype = config.torch_dtype(device)
         if device.type == "cpu":
             keep_freed_memory()
-        self.runner = ModelRunner(hf, iter_weights(self.model_dir), self.max_model_len, device,
-                                  config.torch_dtype(device), config.quantization, self.task == "generate")
+        weights, quantization = checkpoint_weights(self.model_dir, hf, config.quantization, self.is_decoder, device,
+                                                   dtype)
+        self.runner = ModelRunner(hf, weights, self.max_model_len, device, dtype, quantization, self.task == "generate")
         self.vocab_size = self.runner.model.spec.vocab_size if self.is_decoder else hf.vocab_size
         self.id2label = {int(k): v for k, v in (getattr(hf, "id2label", None) or {}).items()}
         self._setup_pooling()

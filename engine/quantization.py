@@ -160,7 +160,7 @@ def _portable_fp8_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Ten
 
 
 @functools.cache
-def _scaled_mm_out_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
+def scaled_mm_out_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype | None:
     """The output dtype torch._scaled_mm gives row-wise scaled fp8 products in on this device for a model
     serving in dtype: dtype itself, else bfloat16 (CUDA's row-wise kernels write only that), checked once
     against the float reference at batch sizes 1, 5 and 33; None: the op is missing, refuses or differs."""
@@ -208,7 +208,7 @@ class QuantizedLinear(nn.Module):
         self.dtype, self.method = weight.dtype, method
         # fp8: what torch._scaled_mm writes for this layer on its device (None: the op is not used).
         aligned = all(n % FP8_ALIGNMENT == 0 for n in weight.shape)
-        self.scaled_mm_out_dtype = (_scaled_mm_out_dtype(weight.device, weight.dtype) if method == "fp8" and aligned
+        self.scaled_mm_out_dtype = (scaled_mm_out_dtype(weight.device, weight.dtype) if method == "fp8" and aligned
                                     else None)
         if self.scaled_mm_out_dtype is not None:
             from engine.kernels import select_fp8_quantizer

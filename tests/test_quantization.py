@@ -74,12 +74,12 @@ def test_fp8_layers_scaled_mm_cannot_take_keep_the_portable_matmul(monkeypatch):
     odd = Q.QuantizedLinear(torch.randn(48, 40), None, "fp8")
     assert odd.matmul is Q._portable_fp8_matmul
     assert torch.allclose(odd(x), fp8_reference(x, odd), atol=1e-5)
-    Q._scaled_mm_out_dtype.cache_clear()
+    Q.scaled_mm_out_dtype.cache_clear()
     monkeypatch.setattr(torch, "_scaled_mm", lambda *a, **k: (_ for _ in ()).throw(RuntimeError("no fp8 here")))
     try:
         assert Q.QuantizedLinear(torch.randn(48, 64), None, "fp8").matmul is Q._portable_fp8_matmul
     finally:
-        Q._scaled_mm_out_dtype.cache_clear()
+        Q.scaled_mm_out_dtype.cache_clear()
 
 
 def triton_device() -> str:
