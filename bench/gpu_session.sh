@@ -26,7 +26,7 @@ case "${1:-}" in
     fi ;;
   fp8)
     if $PY -c "import pytest" 2>/dev/null; then
-      timeout 90 $PY -m pytest -q tests/test_quantization.py -k fp8 2>&1 | tee "$OUT/fp8_tests.txt" | tail -8
+      timeout 90 $PY -m pytest -q tests/test_quantization.py tests/test_checkpoint_quantization.py -k "fp8 or kernel or int_mm" 2>&1 | tee "$OUT/fp8_tests.txt" | tail -8
     fi
     timeout 420 $PY bench/gpu.py --quantization fp8 --torch-compile 2>&1 | tee "$OUT/fp8_table.txt" | tail -20 ;;
   *)

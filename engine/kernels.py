@@ -1,13 +1,13 @@
 """The one place where CUDA-only kernels are chosen; every other device gets the portable PyTorch ones, so
 the engine stays device-agnostic: attention (engine.attention_backends), a decoder layer's elementwise
-passes (engine.layer_ops) and fp8 layers' quantization of their inputs (engine.triton_quant)."""
+passes (engine.layer_ops) and fp8 / w8a8 layers' quantization of their inputs (engine.triton_quant)."""
 import logging
 
 import torch
 
 from engine.attention_backends import AttentionBackend, GatherDecode, PerSequencePrefill
 from engine.layer_ops import FusedLayerOps, LayerOps, fused_ops_check_out
-from engine.quantization import quantize_fp8
+from engine.quantization import FP8, quantize_fp8, quantize_int8
 
 log = logging.getLogger(__name__)
 
@@ -42,13 +42,15 @@ def select_layer_ops(device: torch.device, dtype: torch.dtype, spec) -> LayerOps
     return LayerOps()
 
 
-def select_fp8_quantizer(device: torch.device):
-    """Per-token fp8 quantization of a layer's input: one Triton kernel on CUDA where it matches quantize_fp8
-    on the device, else quantize_fp8's PyTorch ops."""
+def select_activation_quantizer(device: torch.device, method: str):
+    """Per-token quantization of a layer's input for the fp8 or w8a8 method: one Triton kernel on CUDA where it
+    matches the PyTorch quantizer on the device, else that quantizer's ops."""
     from engine.triton_decode import triton_available
+    dtype, ops = (torch.int8, quantize_int8) if method == "w8a8" else (FP8, quantize_fp8)
     if device.type == "cuda" and triton_available():
         from engine import triton_quant
-        if triton_quant.checks_out(device):
-            return triton_quant.quantize_fp8_rows
-        log.warning("the fp8 quantization kernel differs from PyTorch's on this device; fp8 layers quantize op by op")
-    return quantize_fp8
+        if triton_quant.checks_out(device, dtype):
+            return triton_quant.quantize_int8_rows if method == "w8a8" else triton_quant.quantize_fp8_rows
+        log.warning("the %s quantization kernel differs from PyTorch's on this device; layers quantize op by op",
+                    method)
+    return ops

@@ -12,9 +12,10 @@ Three methods:
   their fp8 tensor cores at twice the bf16 rate, with half the weight bytes; CPUs have the same op (oneDNN),
   slower than bf16 there.
 Attention, norms and the KV cache keep the serving dtype in all three. The matmul kernel is picked here,
-once per device and method: on CPU, torch's int8 kernels; for fp8, torch._scaled_mm where one call on the
-device matched its float reference at start-up; elsewhere a portable float matmul of the same quantized
-numbers (correct, not faster)."""
+once per device and method: on CPU, torch's int8 kernels; w8a8 on a GPU, torch._int_mm (cuBLASLt's int8 GEMM,
+the int8 tensor cores of Ampere and later); for fp8, torch._scaled_mm; each where one call on the device
+matched its reference at start-up; elsewhere (and weight-only int8 on a GPU) a portable float matmul of the
+same quantized numbers (correct, not faster)."""
 import functools
 import logging
 
@@ -30,6 +31,9 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 # torch._scaled_mm takes inner and output dimensions in multiples of 16 (cuBLASLt's fp8 alignment); a layer of
 # other shapes keeps the portable matmul.
 FP8_ALIGNMENT = 16
+INT_MM_PADDING = 16
+# torch._int_mm on CUDA takes inner and output sizes in multiples of 8; other layers keep the portable matmul.
+INT_MM_ALIGNMENT = 8
 # Rows up to which the CPU int8 x bf16 kernel beats dequantize + fp32 matmul (2 threads, SmolLM2's shapes:
 # the kernel wins up to 64 rows for every projection and the logits head, they tie at 128; README).
 CPU_INT8_KERNEL_MAX_ROWS = 64
@@ -92,8 +96,8 @@ def _cpu_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
 
 
 def _int8_activations_product(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                              int_mm) -> torch.Tensor:
-    xq, xscale = quantize_int8(rows)
+                              int_mm, quantize=quantize_int8) -> torch.Tensor:
+    xq, xscale = quantize(rows)
     # Convert first, then scale in place: int32 * float32 promotes element by element, 1.5-4x slower.
     return int_mm(xq, qweight.t()).float().mul_(scale).mul_(xscale)
 
@@ -104,8 +108,8 @@ _fused_int8_activations_product = torch.compile(_int8_activations_product, dynam
 
 
 def _int8_activations_matmul(x: torch.Tensor, layer: "QuantizedLinear", int_mm,
-                             product=_int8_activations_product) -> torch.Tensor:
-    out = product(x.reshape(-1, x.shape[-1]), layer.qweight, layer.scale, int_mm)
+                             product=_int8_activations_product, quantize=quantize_int8) -> torch.Tensor:
+    out = product(x.reshape(-1, x.shape[-1]), layer.qweight, layer.scale, int_mm, quantize)
     return out.to(x.dtype).view(*x.shape[:-1], -1)
 
 
@@ -128,6 +132,34 @@ def _cpu_fused_w8a8_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.T
 
 def _portable_w8a8_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
     return _int8_activations_matmul(x, layer, _float_int_mm)
+
+
+def _padded_int_mm(xq: torch.Tensor, qweight_t: torch.Tensor) -> torch.Tensor:
+    # cuBLASLt's int8 GEMM (torch._int_mm on CUDA) takes more than 16 rows: every call gets 16 zero rows more,
+    # so a decode of one runs too, and a compiled graph holds no branch on the row count.
+    return torch._int_mm(F.pad(xq, (0, 0, 0, INT_MM_PADDING)), qweight_t)[:xq.shape[0]]
+
+
+def _gpu_w8a8_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
+    # A compiled model fuses quantize_int8's ops itself.
+    quantize = quantize_int8 if torch.compiler.is_compiling() else layer.quantize_activations
+    return _int8_activations_matmul(x, layer, _padded_int_mm, quantize=quantize)
+
+
+@functools.cache
+def int_mm_checks_out(device: torch.device) -> bool:
+    """torch._int_mm gives exact int32 products of int8 matrices on this device (one row, a few, more than 32),
+    checked once; False: the op is missing or refuses."""
+    gen = torch.Generator(device=device).manual_seed(0)
+    w = torch.randint(-127, 128, (48, 64), generator=gen, device=device, dtype=torch.int8)
+    try:
+        for rows in (1, 5, 33):
+            x = torch.randint(-127, 128, (rows, 64), generator=gen, device=device, dtype=torch.int8)
+            if not torch.equal(_padded_int_mm(x, w.t()), (x.double() @ w.t().double()).int()):
+                return False
+    except Exception:  # noqa: BLE001 (no int8 GEMM on this device)
+        return False
+    return True
 
 
 def _scaled_mm(xq: torch.Tensor, qweight: torch.Tensor, xscale: torch.Tensor, scale: torch.Tensor,
@@ -190,7 +222,7 @@ def select_matmul(layer: "QuantizedLinear", compiled: bool = False):
         return _portable_fp8_matmul if layer.scaled_mm_out_dtype is None else _fp8_scaled_matmul
     if layer.method == "w8a8":
         if not on_cpu:
-            return _portable_w8a8_matmul
+            return _gpu_w8a8_matmul if layer.int_mm else _portable_w8a8_matmul
         return _cpu_fused_w8a8_matmul if compiled else _cpu_w8a8_matmul
     return _cpu_matmul if on_cpu else _portable_matmul
 
@@ -210,9 +242,12 @@ class QuantizedLinear(nn.Module):
         aligned = all(n % FP8_ALIGNMENT == 0 for n in weight.shape)
         self.scaled_mm_out_dtype = (scaled_mm_out_dtype(weight.device, weight.dtype) if method == "fp8" and aligned
                                     else None)
-        if self.scaled_mm_out_dtype is not None:
-            from engine.kernels import select_fp8_quantizer
-            self.quantize_activations = select_fp8_quantizer(weight.device)
+        # w8a8 off the CPU: whether torch._int_mm takes the layer on its device.
+        self.int_mm = (method == "w8a8" and weight.device.type != "cpu" and int_mm_checks_out(weight.device)
+                       and all(n % INT_MM_ALIGNMENT == 0 for n in weight.shape))
+        if self.scaled_mm_out_dtype is not None or self.int_mm:
+            from engine.kernels import select_activation_quantizer
+            self.quantize_activations = select_activation_quantizer(weight.device, method)
         self.matmul = select_matmul(self)
 
     @property

@@ -90,40 +90,66 @@ def triton_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.mark.parametrize("method", ["fp8", "w8a8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [64, 576, 4096 + 576])
-def test_fp8_quantization_kernel_gives_quantize_fp8s_numbers(n, dtype):
-    """The Triton kernel fp8 layers quantize with on CUDA: quantize_fp8's scales and float8 bits, rows of
-    every range (subnormal results, zeros, an all-zero row), narrower and wider than its block, strided."""
+def test_quantization_kernel_gives_the_pytorch_quantizers_numbers(n, dtype, method):
+    """The Triton kernel fp8 and w8a8 layers quantize with on CUDA: quantize_fp8's / quantize_int8's scales and
+    bits, rows of every range (subnormal results, ties, zeros, an all-zero row), narrower and wider than its
+    block, strided."""
     from engine import triton_quant
     dev = triton_device()
+    reference, kernel, qdtype = ((Q.quantize_fp8, triton_quant.quantize_fp8_rows, torch.float8_e4m3fn)
+                                 if method == "fp8" else (Q.quantize_int8, triton_quant.quantize_int8_rows, torch.int8))
     gen = torch.Generator().manual_seed(n)
     x = torch.randn(9, n + 8, generator=gen) * torch.logspace(-4, 4, 9)[:, None]
     x[0, :5] = torch.tensor([0.0, 1e-30, -1e-30, 3e-4, -2e-5])
     x[1] = 0.0
+    x[2, :4] = torch.tensor([254.0, 1.0, -1.0, 3.0])  # scale 2: quotients 127, 0.5, -0.5, 1.5 (ties to even)
+    x[2, 4:n] = 0.0
     x = x.to(dev, dtype)[:, :n]  # rows apart by more than their width, as a packed projection's views are
-    (q, scale), (want_q, want_scale) = triton_quant.quantize_fp8_rows(x), Q.quantize_fp8(x)
-    assert q.dtype == torch.float8_e4m3fn and scale.shape == (9, 1)
+    (q, scale), (want_q, want_scale) = kernel(x), reference(x)
+    assert q.dtype == qdtype and scale.shape == (9, 1)
     assert torch.equal(scale, want_scale)
     if dev == "cpu":  # one division in both
         assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
-    else:  # the GPU's float32 division may round a quotient at a boundary the other way: one fp8 step
-        step = Q.dequantize(want_q, want_scale, torch.float32).abs() / 8 + want_scale * 2.0 ** -9
-        assert torch.all((Q.dequantize(q, scale, torch.float32) - Q.dequantize(want_q, want_scale, torch.float32))
-                         .abs() <= step)
-    assert triton_quant.quantize_fp8_rows(x[:0])[0].shape == (0, n)
-    assert triton_quant.checks_out(torch.device(dev))
+    else:  # the GPU's float32 division may round a quotient at a boundary the other way: one step
+        want = Q.dequantize(want_q, want_scale, torch.float32)
+        step = want_scale if method == "w8a8" else want.abs() / 8 + want_scale * 2.0 ** -9
+        assert torch.all((Q.dequantize(q, scale, torch.float32) - want).abs() <= step)
+    assert kernel(x[:0])[0].shape == (0, n)
+    assert triton_quant.checks_out(torch.device(dev), qdtype)
 
 
-def test_fp8_layer_on_the_quantization_kernel_computes_the_same_numbers():
+@pytest.mark.parametrize("method", ["fp8", "w8a8"])
+def test_layer_on_the_quantization_kernel_computes_the_same_numbers(method):
     from engine import triton_quant
     triton_device()
     torch.manual_seed(4)
-    layer = Q.QuantizedLinear(torch.randn(48, 64), torch.randn(48), "fp8")
+    layer = Q.QuantizedLinear(torch.randn(48, 64), torch.randn(48), method)
     x = torch.randn(5, 64) * torch.logspace(-2, 2, 5)[:, None]
     want = layer(x)
-    layer.quantize_activations = triton_quant.quantize_fp8_rows
+    if method == "w8a8":  # the GPU's path: torch._int_mm padded past 16 rows, the kernel's int8 activations
+        layer.matmul = Q._gpu_w8a8_matmul
+    layer.quantize_activations = triton_quant.quantize_int8_rows if method == "w8a8" else triton_quant.quantize_fp8_rows
     assert torch.equal(layer(x), want)
+
+
+def test_padded_int_mm_is_exact_for_any_row_count(monkeypatch):
+    """CUDA's int8 GEMM takes more than 16 rows (torch checks it there; here a stand-in does): the padded call
+    gives every row count the exact products."""
+    real = torch._int_mm
+
+    def cuda_int_mm(a, b):
+        assert a.shape[0] > 16, "torch._int_mm on CUDA takes more than 16 rows"
+        return real(a, b)
+    monkeypatch.setattr(torch, "_int_mm", cuda_int_mm)
+    torch.manual_seed(5)
+    w = torch.randint(-127, 128, (48, 64), dtype=torch.int8)
+    for rows in (1, 16, 17, 40):
+        x = torch.randint(-127, 128, (rows, 64), dtype=torch.int8)
+        assert torch.equal(Q._padded_int_mm(x, w.t()), (x.double() @ w.t().double()).int())
+    assert Q.int_mm_checks_out(torch.device("cpu"))
 
 
 @pytest.mark.parametrize("rows", [1, 3, Q.CPU_INT8_KERNEL_MAX_ROWS, Q.CPU_INT8_KERNEL_MAX_ROWS + 1, 200])
