@@ -213,6 +213,10 @@ def scaled_mm_out_dtype(device: torch.device, dtype: torch.dtype) -> torch.dtype
     return None
 
 
+# The portable matmuls: correct everywhere, faster nowhere (quantize_decoder warns where a layer gets one).
+EMULATED = (_portable_matmul, _portable_w8a8_matmul, _portable_fp8_matmul)
+
+
 def select_matmul(layer: "QuantizedLinear", compiled: bool = False):
     """The one place that picks a quantized layer's kernel: by its method and device, for fp8 by whether
     torch._scaled_mm takes the layer there (compiled: torch_compile is on)."""
@@ -275,12 +279,11 @@ def quantize_decoder(model: nn.Module, method: str, logits_head: bool) -> None:
     if logits_head:
         model.lm_head = QuantizedLinear(model.output_embeddings().data, None, method)
     layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    if method == "fp8" and (layers[0].qweight.device.type != "cuda" or
-                            any(layer.scaled_mm_out_dtype is None for layer in layers)):
-        # Without fp8 matrix units the float8 values are converted in software, every call.
-        log.warning("quantization fp8 on %s runs emulated, several times slower than the unquantized model "
-                    "(fp8 needs a GPU with fp8 tensor cores: Ada or Hopper); on CPU int8 and w8a8 are the fast "
-                    "methods", layers[0].qweight.device)
+    device = layers[0].qweight.device
+    if any(layer.matmul in EMULATED for layer in layers) or (method == "fp8" and device.type == "cpu"):
+        log.warning("quantization %s on %s runs emulated (the quantized values converted back to floats every "
+                    "call), slower than the unquantized model; fast: int8 and w8a8 on CPU, fp8 on Ada / Hopper "
+                    "GPUs, w8a8 on Ampere and later", method, device)
 
 
 @torch.inference_mode()  # as engine steps run: a graph compiled outside it would not serve them

@@ -311,3 +311,11 @@ def test_memory_a_quantized_model_frees_goes_to_the_kv_pool(monkeypatch):
     config = EngineConfig(model="m", gpu_memory_utilization=0.9, max_num_seqs=10_000)
     # free 10 GiB - (1 - 0.9) x 20 GiB = 8 GiB for blocks of 1 MiB
     assert num_kv_blocks(config, 1 << 20, 4096, torch.device("cuda")) == 8 * 1024
+
+
+@pytest.mark.parametrize("method, warns", [("int8", False), ("w8a8", False), ("fp8", True)])
+def test_an_emulated_quantization_is_announced(method, warns, tiny_model, caplog):
+    """On this CPU int8 and w8a8 have their kernels; fp8 has none (no fp8 units): the engine says so."""
+    with caplog.at_level("WARNING", logger="engine.quantization"):
+        LLM(tiny_model("llama"), dtype="float32", quantization=method)
+    assert ("runs emulated" in caplog.text) == warns
