@@ -20,9 +20,10 @@ Needs only torch, transformers, sentence-transformers and this repository's engi
     the host's waiting share as above;
   - greedy parity: engine vs HF `generate`, fp32, identical token sequences out of N.
 
-With --quantization (e.g. fp8) only the decode-step and rerank rows run, the engine's decoders quantized
-that way and the baselines as they are (the same dtype's HF, so the ratio includes what quantizing gives up:
-the quality column says how much for the rerank scores); their physical-limit column is not computed.
+With --quantization (e.g. fp8) or --kv-cache-dtype fp8 only the decode-step and rerank rows run, the engine's
+decoders quantized that way and the baselines as they are (the same dtype's HF, so the ratio includes what
+quantizing gives up: the quality column says how much for the rerank scores); their physical-limit column is
+not computed.
 
 Each row also gives the workload's physical limit on the card (a roofline: FLOPs at the dense matrix peak or
 bytes at the memory bandwidth, step by step; the peaks of H100 and H200 are known, --card-peaks names another's)
@@ -281,7 +282,7 @@ def embedding_rows(args, sizes: Sizes, device: torch.device, dtypes: list[str],
 
 def decode_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str, hf) -> list[list]:
     """Engine decode steps with N running, async scheduling on (the default on CUDA) and off, against HF's
-    decode step at the same N; the engine quantized as args.quantization says."""
+    decode step at the same N; the engine quantized as args.engine_options say."""
     rows, vocab = [], hf.config.vocab_size
     hf_dtype = hf.to(getattr(torch, dtype))
     cost = DecoderCost(hf.config, dtype)
@@ -294,12 +295,13 @@ def decode_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str,
         modes = [(True, False), (False, False)] + ([(True, True)] if args.torch_compile else [])
         for async_scheduling, torch_compile in modes:
             step_ms = engine_decode_step_ms(sizes, device, dtype, path, prompts, async_scheduling, torch_compile,
-                                            quantization=args.quantization)
+                                            **args.engine_options)
             mode = ("async scheduling" if async_scheduling else "synchronous scheduling") + (
                 ", torch_compile" if torch_compile else "")
-            limit = "-" if args.quantization else args.limits.cell([cost.decode([context] * n)], dtype, n, "tok/s",
+            limit = "-" if args.engine_options else args.limits.cell([cost.decode([context] * n)], dtype, n, "tok/s",
                                                                    n / step_ms * 1e3)
-            label = f"decode step, {n} running, random {args.decoder_shape}, {weights_label(dtype, args.quantization)}"
+            weights = weights_label(dtype, args.engine_options)
+            label = f"decode step, {n} running, random {args.decoder_shape}, {weights}"
             rows.append([f"{label}, {mode}", "ms (tok/s)", f"{step_ms:.2f} ({n / step_ms * 1e3:,.0f})",
                          f"{hf_ms:.2f} ({n / hf_ms * 1e3:,.0f})",
                          ratio(hf_ms, step_ms), "", f"HF forward step, DynamicCache, {dtype}", limit])
@@ -334,8 +336,9 @@ def long_context_rows(args, sizes: Sizes, device: torch.device, dtype: str, path
              args.limits.cell([DecoderCost(hf.config, dtype).decode([at] * n)], dtype, n, "tok/s", n / split_ms * 1e3)]]
 
 
-def weights_label(dtype: str, quantization: str | None) -> str:
-    return dtype + (f", {quantization}" if quantization else "")
+def weights_label(dtype: str, options: dict) -> str:
+    """dtype and the engine options a row's engine ran with (quantization, kv_cache_dtype)."""
+    return ", ".join([dtype, *(f"{name} {value}" for name, value in options.items())])
 
 
 def decoding_engine(sizes: Sizes, device: torch.device, dtype: str, path: str, prompts: list[list[int]], **kw):
@@ -363,9 +366,9 @@ def decoding_engine(sizes: Sizes, device: torch.device, dtype: str, path: str, p
 
 def engine_decode_step_ms(sizes: Sizes, device: torch.device, dtype: str, path: str, prompts: list[list[int]],
                           async_scheduling: bool, torch_compile: bool = False,
-                          quantization: str | None = None) -> float:
+                          **options) -> float:
     llm = decoding_engine(sizes, device, dtype, path, prompts, async_scheduling=async_scheduling,
-                          torch_compile=torch_compile, quantization=quantization)
+                          torch_compile=torch_compile, **options)
     eng = llm.engine
     secs, _ = timed(device, lambda: [eng.step() for _ in range(sizes.decode_steps)])
     while eng.has_unfinished():
@@ -539,7 +542,7 @@ def rerank_texts(sizes: Sizes, vocab: int):
 
 
 def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, small: bool,
-                compile_modes: tuple[bool, ...], limits: Limits, quantization: str | None = None) -> list[list]:
+                compile_modes: tuple[bool, ...], limits: Limits, options: dict) -> list[list]:
     with tempfile.TemporaryDirectory() as path:
         hf = random_decoder(shape, small, device, path).to(getattr(torch, dtype))
         queries, documents = rerank_texts(sizes, hf.config.vocab_size)
@@ -553,7 +556,7 @@ def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, smal
         for compiled in compile_modes:
             llm = engine_llm(path, dtype, task="score", score_tokens=("no", "yes"), max_model_len=1024,
                              max_num_batched_tokens=16384, max_num_seqs=256, device=str(device), torch_compile=compiled,
-                             quantization=quantization)
+                             **options)
             llm.score(flat_q, [d for ds in warm_up for d in ds])
             with host_waits() as waited:
                 secs, outs = timed(device, lambda: llm.score(flat_q, flat_d))
@@ -589,12 +592,12 @@ def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, smal
         free(device)
     n = len(flat_q)
     return [[f"yes/no rerank {sizes.queries} x {sizes.docs} pairs (~{tok_per_pair:.0f} tok), random {shape}, "
-             f"{weights_label(dtype, quantization)}"
+             f"{weights_label(dtype, options)}"
              + (", torch_compile" if compiled else ""),
              "pairs/s", f"{n / secs:,.1f}", f"{n / hf_secs:,.1f}", ratio(hf_secs, secs),
              f"max |score - HF| {np.abs(scores - want).max():.4f}; host waited {100 * waited / secs:.0f}%",
              f"HF from text ({tokenize_secs * 1e3:.0f} ms of it tokenizing), left-padded batch per query, {dtype}",
-             "-" if quantization else limits.cell(phases, dtype, n, "pairs/s", n / secs)]
+             "-" if options else limits.cell(phases, dtype, n, "pairs/s", n / secs)]
             for compiled, (secs, scores, waited) in runs.items()]
 
 
@@ -618,12 +621,15 @@ def main() -> None:
                     f"physical-limit column on a card not in {', '.join(CARD_PEAKS)} (e.g. A100 SXM: 312,19.5,2.0)")
     ap.add_argument("--quantization", default=None, help="run only the decode and rerank rows, the engine's decoders "
                     "quantized so (engine.quantization: int8, w8a8, fp8), the baselines unquantized")
+    ap.add_argument("--kv-cache-dtype", default=None, help="as --quantization, for the engine's KV cache (fp8)")
     ap.add_argument("--torch-compile", action="store_true",
                     help="also rows with torch_compile: embedding per dtype and rerank per shape (prefill steps "
                          "through the compiled model), decode per size and end to end (the CUDA graphs capture the "
                          "compiled model)")
     args = ap.parse_args()
-    if args.quantization:
+    args.engine_options = {name: value for name, value in
+                           (("quantization", args.quantization), ("kv_cache_dtype", args.kv_cache_dtype)) if value}
+    if args.engine_options:
         args.skip = sorted(set(args.skip) | {"embed", "long", "e2e", "streams", "parity"})
     args.decoder_shape = "llama-1b" if not args.small else "tiny llama"
     device = torch.device(args.device)
@@ -672,7 +678,7 @@ def main() -> None:
         for shape in ("smollm2-135m", "qwen3-reranker-0.6b"):
             compile_modes = (False, True) if args.torch_compile else (False,)
             run_rows(f"rerank {shape}", lambda: rerank_rows(shape, sizes, device, dtype, args.small, compile_modes,
-                                                            args.limits, args.quantization))
+                                                            args.limits, args.engine_options))
     print(table(["workload", "unit", "engine", "baseline", "engine / baseline", "quality", "baseline is",
                  "physical limit (roofline)"], rows))
     peaks = (f"{args.limits.peaks[0]:g} TFLOP/s bf16, {args.limits.peaks[1]:g} fp32, {args.limits.peaks[2]:g} TB/s"

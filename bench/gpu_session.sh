@@ -4,7 +4,8 @@
 #   bash bench/gpu_session.sh table    # bench/gpu.py --torch-compile: issue 8's table (~8-9 min on an H200)
 #   bash bench/gpu_session.sh checks   # kernel profiles (bench/gpu_profile.py), host-only ceilings (bench/host.py)
 #                                      # and the CUDA-only tests (~4 min)
-#   bash bench/gpu_session.sh fp8      # the decode and rerank rows with fp8 layers, and the fp8 tests (~5 min)
+#   bash bench/gpu_session.sh fp8      # the fp8 and quantization-kernel tests, the decode and rerank rows with fp8
+#                                      # layers, the decode rows with an fp8 KV cache (~8 min)
 # Logs go to $OUT (the device tool's folder that comes back) or /tmp/gpu_session.
 set -u
 PY=${PY:-python3}  # the GPU image's python3 holds its PyTorch
@@ -26,9 +27,10 @@ case "${1:-}" in
     fi ;;
   fp8)
     if $PY -c "import pytest" 2>/dev/null; then
-      timeout 90 $PY -m pytest -q tests/test_quantization.py tests/test_checkpoint_quantization.py -k "fp8 or kernel or int_mm" 2>&1 | tee "$OUT/fp8_tests.txt" | tail -8
+      timeout 90 $PY -m pytest -q tests/test_quantization.py tests/test_checkpoint_quantization.py tests/test_kv_cache_dtype.py -k "fp8 or kernel or int_mm or pool" 2>&1 | tee "$OUT/fp8_tests.txt" | tail -8
     fi
-    timeout 420 $PY bench/gpu.py --quantization fp8 --torch-compile 2>&1 | tee "$OUT/fp8_table.txt" | tail -20 ;;
+    timeout 330 $PY bench/gpu.py --quantization fp8 --torch-compile 2>&1 | tee "$OUT/fp8_table.txt" | tail -20
+    timeout 150 $PY bench/gpu.py --kv-cache-dtype fp8 --skip rerank 2>&1 | tee "$OUT/fp8_kv_table.txt" | tail -12 ;;
   *)
     echo "usage: bash bench/gpu_session.sh table|checks|fp8" >&2; exit 2 ;;
 esac

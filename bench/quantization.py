@@ -6,6 +6,9 @@ Hugging Face's SmolLM2 in place of every projection and the logits head, as the 
 scored teacher-forced: perplexity, top-1 agreement with float32's next-token prediction, and the mean
 KL divergence from float32's next-token distribution. llama.cpp on the bundled Q4_1 GGUF (4-bit weights,
 activations quantized to 8 bits in blocks of 32) scores the same token ids, for what the baseline gives up.
+The fp8 KV cache (kv_cache_dtype fp8) is scored the same way, every key and value rounded to float8 as the
+engine stores them (engine.attention.as_cache_values) before attention reads it: what a token-by-token decode
+over the cache computes (a prompt's own keys, computed in the same step, are read unrounded there).
 
 Note on int8 (weight-only): its CPU kernel takes bf16 activations only for up to 64 rows (decode
 steps); a whole abstract goes through the dequantized fp32 matmul, so its rows here show the
@@ -31,6 +34,22 @@ def quantize_hf(model, method: str) -> None:
         for child_name, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear) and (".layers." in f"{name}." or child_name == "lm_head"):
                 setattr(mod, child_name, QuantizedLinear(child.weight.data, child.bias, method))
+
+
+FP8_KV_ATTENTION = "fp8_kv_cache"
+
+
+def register_fp8_kv_attention() -> None:
+    """Hugging Face's SDPA attention over keys and values rounded as an fp8 pool stores them."""
+    from transformers import AttentionInterface
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    from engine.attention import as_cache_values
+
+    def attend(module, query, key, value, attention_mask, **kwargs):
+        key, value = (as_cache_values(x, torch.float8_e4m3fn).to(x.dtype) for x in (key, value))
+        return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
+    AttentionInterface.register(FP8_KV_ATTENTION, attend)
 
 
 def llama_cpp_logprobs(texts: list[list[int]]) -> list[torch.Tensor] | None:
@@ -66,9 +85,10 @@ def main() -> None:
     texts = [[bos] + tok(t, add_special_tokens=False)["input_ids"][:args.max_tokens]
              for t in list(corpus.values())[:args.docs]]
 
-    def logprobs(method: str | None) -> list[torch.Tensor]:
+    def logprobs(method: str | None, attention: str = "sdpa") -> list[torch.Tensor]:
         with quiet_transformers():
-            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+            model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32,
+                                                         attn_implementation=attention).eval()
         if method:
             quantize_hf(model, method)
         with torch.no_grad():
@@ -77,6 +97,8 @@ def main() -> None:
     systems = {"float32 (engine default)": logprobs(None)}
     for method in QUANTIZATION_METHODS:
         systems[f"engine quantization: {method}"] = logprobs(method)
+    register_fp8_kv_attention()
+    systems["engine kv_cache_dtype: fp8"] = logprobs(None, FP8_KV_ATTENTION)
     cpp = llama_cpp_logprobs(texts)
     if cpp is not None:
         systems["llama.cpp, Q4_1 GGUF"] = cpp

@@ -20,6 +20,7 @@ from ray import serve
 from cluster.shapes import cpu_shape, gpu_shape
 from deployments.builder import AppArgs, ModelArgs, build_app
 from deployments.ingest_cli import add_ingest_parser, ingest
+from engine.config import KV_CACHE_DTYPES
 from engine.quantization import QUANTIZATION_METHODS
 
 
@@ -36,8 +37,11 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("--dtype", default="auto")
     s.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_METHODS,
                    help="decoders: int8 = weight-only int8 (faster small-batch decode on CPU); w8a8 = int8 weights "
-                        "and per-token int8 activations (faster at every batch size on CPU, less accurate); fp8 = float8 "
-                        "weights and per-token float8 activations (fp8 tensor cores on Hopper / Ada GPUs)")
+                        "and per-token int8 activations (faster at every batch size on CPU, less accurate); fp8 = "
+                        "float8 weights and per-token float8 activations (fp8 tensor cores on Hopper / Ada GPUs)")
+    s.add_argument("--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPES),
+                   help="decoders: fp8 = a float8 KV cache, twice bf16's tokens in the same memory "
+                        "(default auto: the dtype)")
     s.add_argument("--max-model-len", type=int, default=None)
     s.add_argument("--max-num-seqs", type=int, default=None)
     s.add_argument("--max-num-batched-tokens", type=int, default=None)
@@ -77,7 +81,7 @@ def app_args(ns: argparse.Namespace) -> AppArgs:
     extra = {"gpu_memory_utilization": ns.gpu_memory_utilization, "block_size": ns.block_size,
              "enable_prefix_caching": ns.enable_prefix_caching, "seed": ns.seed, "enforce_eager": ns.enforce_eager,
              "torch_compile": ns.torch_compile, "async_scheduling": ns.async_scheduling,
-             "engine_process": ns.engine_process}
+             "engine_process": ns.engine_process, "kv_cache_dtype": ns.kv_cache_dtype}
     model = ModelArgs(
         model=ns.model, task=ns.task, served_model_name=ns.served_model_name[0] if ns.served_model_name else None,
         dtype=ns.dtype, quantization=ns.quantization, max_model_len=ns.max_model_len, max_num_seqs=ns.max_num_seqs,

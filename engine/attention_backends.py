@@ -36,7 +36,7 @@ class PerSequencePrefill:
             if span.context_slots is None:
                 kk, vv = k[span.start:span.end], v[span.start:span.end]
             else:
-                kk, vv = k_cache[span.context_slots], v_cache[span.context_slots]
+                kk, vv = k_cache[span.context_slots].to(q.dtype), v_cache[span.context_slots].to(q.dtype)
             # The fused CPU kernel takes only 4-D inputs; 3-D ones fall back to a generic path.
             o = F.scaled_dot_product_attention(
                 q[span.start:span.end].transpose(0, 1)[None], kk.transpose(0, 1)[None], vv.transpose(0, 1)[None],
@@ -71,6 +71,7 @@ class GatherDecode:
         vv = layer.v_cache.view(-1, layer.block_size * layer.num_kv_heads * layer.head_dim).index_select(0, blocks)
         # GQA without copying K/V: a kv head's query heads become its rows of queries.
         qd = q.view(b, layer.num_kv_heads, layer.num_heads // layer.num_kv_heads, layer.head_dim)
+        kk, vv = kk.to(q.dtype), vv.to(q.dtype)  # a float8 pool's blocks (kv_cache_dtype fp8)
         od = F.scaled_dot_product_attention(qd, kk.view(shape).flatten(1, 2).transpose(1, 2),
                                             vv.view(shape).flatten(1, 2).transpose(1, 2),
                                             attn_mask=ctx.decode_meta[:, None, None, :], scale=layer.scale)

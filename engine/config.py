@@ -11,6 +11,8 @@ TASKS = ("auto", "generate", "embed", "score", "classify")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16,
           "float": torch.float32}
+# vLLM's names; None: the serving dtype.
+KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
 
 
 @dataclass(slots=True)
@@ -32,6 +34,10 @@ class EngineConfig:
     # Decoders only (engine.quantization): "int8" weight-only int8; "w8a8" int8 weights and per-token int8
     # activations; "fp8" float8 weights and per-token float8 activations. None serves the weights as loaded.
     quantization: str | None = None
+    # The paged KV cache's dtype: "auto" (the serving dtype) or "fp8" (float8 e4m3, half of bf16's bytes, so
+    # twice the tokens in the same memory; vLLM's kv_cache_dtype, with its default scale of 1: values past
+    # +-448 saturate). Decoders only.
+    kv_cache_dtype: str = "auto"
     # Decode steps run eagerly instead of from captured CUDA graphs (vLLM's option; CPU never captures).
     enforce_eager: bool = False
     # Prefill steps and decode steps each run as one torch.compile graph of the whole model (engine.compiled_model),
@@ -73,6 +79,8 @@ class EngineConfig:
         if self.quantization is not None and self.quantization not in QUANTIZATION_METHODS:
             raise ValueError(f"quantization must be one of {', '.join(QUANTIZATION_METHODS)}, "
                              f"got {self.quantization!r}")
+        if self.kv_cache_dtype not in KV_CACHE_DTYPES:
+            raise ValueError(f"kv_cache_dtype must be one of {', '.join(KV_CACHE_DTYPES)}, got {self.kv_cache_dtype!r}")
         for name in ("max_num_batched_tokens", "max_num_seqs", "block_size"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
@@ -97,6 +105,10 @@ class EngineConfig:
 
     def uses_engine_process(self, device: torch.device) -> bool:
         return device.type == "cuda" if self.engine_process is None else self.engine_process
+
+    def kv_torch_dtype(self, dtype: torch.dtype) -> torch.dtype:
+        """The KV cache's dtype for a model serving in dtype."""
+        return KV_CACHE_DTYPES[self.kv_cache_dtype] or dtype
 
     def torch_dtype(self, device: torch.device) -> torch.dtype:
         if self.dtype != "auto":

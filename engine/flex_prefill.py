@@ -71,7 +71,7 @@ class FlexPrefill:
     def __call__(self, q, k, v, k_cache, v_cache, scale: float, ctx: Context) -> torch.Tensor:
         meta: FlexPrefillMeta = ctx.prefill_meta
         if meta.kv_slots is not None:
-            k, v = k_cache[meta.kv_slots], v_cache[meta.kv_slots]
+            k, v = k_cache[meta.kv_slots].to(q.dtype), v_cache[meta.kv_slots].to(q.dtype)
         out = self._flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                          block_mask=meta.block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
         return out[0].transpose(0, 1)

@@ -31,12 +31,12 @@ def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim:
     return AttentionBackend(prefill, TritonPagedDecode(min_programs=2 * sms))
 
 
-def select_layer_ops(device: torch.device, dtype: torch.dtype, spec) -> LayerOps:
+def select_layer_ops(device: torch.device, dtype: torch.dtype, spec, kv_dtype: torch.dtype | None = None) -> LayerOps:
     """Fused Triton kernels on CUDA in fp16 / bf16 where they check out for the model's shapes (spec: its
-    DecoderSpec); float32 keeps Hugging Face's roundings, op by op."""
+    DecoderSpec) and KV cache dtype; float32 keeps Hugging Face's roundings, op by op."""
     from engine.triton_decode import triton_available
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and triton_available():
-        if fused_ops_check_out(device, dtype, spec):
+        if fused_ops_check_out(device, dtype, spec, kv_dtype):
             return FusedLayerOps()
         log.warning("the fused layer ops differ from PyTorch's on this device; decoder layers run op by op")
     return LayerOps()

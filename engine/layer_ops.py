@@ -78,10 +78,10 @@ class FusedLayerOps(LayerOps):
         return triton_layer_ops.gated_activation(gate_up, gelu)
 
 
-def fused_ops_check_out(device: torch.device, dtype: torch.dtype, spec) -> bool:
+def fused_ops_check_out(device: torch.device, dtype: torch.dtype, spec, kv_dtype: torch.dtype | None = None) -> bool:
     """The fused ops give the PyTorch ops' results (to the dtype's rounding) for the model's shapes (spec: a
-    DecoderSpec) on the device: a Triton that fails to build or answers differently leaves the PyTorch ops in
-    place. Also builds the kernels before a CUDA graph captures them."""
+    DecoderSpec) and KV cache dtype (None: dtype) on the device: a Triton that fails to build or answers
+    differently leaves the PyTorch ops in place. Also builds the kernels before a CUDA graph captures them."""
     from engine.models.decoder import RMSNorm
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -98,8 +98,8 @@ def fused_ops_check_out(device: torch.device, dtype: torch.dtype, spec) -> bool:
     head_norms = (head_norm, head_norm) if spec.qk_norm else ()
 
     def rotate_and_write(ops: LayerOps) -> tuple[torch.Tensor, ...]:
-        cache = CacheWrite(torch.zeros(16, kv, dim, device=device, dtype=dtype),
-                           torch.zeros(16, kv, dim, device=device, dtype=dtype), slots)
+        cache = CacheWrite(torch.zeros(16, kv, dim, device=device, dtype=kv_dtype or dtype),
+                           torch.zeros(16, kv, dim, device=device, dtype=kv_dtype or dtype), slots)
         return *ops.attention_inputs(qkv, heads, kv, tables, *head_norms, cache=cache), cache.k_cache, cache.v_cache
     cases = [lambda ops: ops.add_rms_norm(x, residual, norm), lambda ops: ops.add_rms_norm(x, None, norm),
              lambda ops: ops.attention_inputs(qkv, heads, kv, tables, *head_norms), rotate_and_write,

@@ -75,7 +75,10 @@ class LLMEngine:
             keep_freed_memory()
         weights, quantization = checkpoint_weights(self.model_dir, hf, config.quantization, self.is_decoder, device,
                                                    dtype)
-        self.runner = ModelRunner(hf, weights, self.max_model_len, device, dtype, quantization, self.task == "generate")
+        if config.kv_cache_dtype != "auto" and not self.is_decoder:
+            raise ValueError("kv_cache_dtype applies to decoder models only (encoders keep no KV cache)")
+        self.runner = ModelRunner(hf, weights, self.max_model_len, device, dtype, quantization, self.task == "generate",
+                                  config.kv_torch_dtype(dtype))
         self.vocab_size = self.runner.model.spec.vocab_size if self.is_decoder else hf.vocab_size
         self.id2label = {int(k): v for k, v in (getattr(hf, "id2label", None) or {}).items()}
         self._setup_pooling()

@@ -38,8 +38,9 @@ class StepResult:
 
 class ModelRunner:
     def __init__(self, hf_config, weights, max_model_len: int, device: torch.device, dtype: torch.dtype,
-                 quantization: str | None = None, generates: bool = True):
+                 quantization: str | None = None, generates: bool = True, kv_dtype: torch.dtype | None = None):
         self.device, self.dtype = device, dtype
+        self.kv_dtype = kv_dtype or dtype  # the paged pool's (kv_cache_dtype)
         self.max_model_len = max_model_len
         model = model_class(hf_config)(hf_config, max_model_len)
         model.load_weights(weights)
@@ -55,7 +56,7 @@ class ModelRunner:
         for attn in layers:
             attn.backend = self.attention_backend
         if hasattr(self.model, "layer_ops"):  # decoders
-            self.model.layer_ops = select_layer_ops(device, dtype, self.model.spec)
+            self.model.layer_ops = select_layer_ops(device, dtype, self.model.spec, self.kv_dtype)
         self.block_size = 0
         self.num_blocks = 0
         self.pooling: str = "last"
@@ -71,14 +72,14 @@ class ModelRunner:
 
     def kv_bytes_per_block(self, block_size: int) -> int:
         s = self.model.spec
-        return 2 * s.num_layers * block_size * s.num_kv_heads * s.head_dim * self.dtype.itemsize
+        return 2 * s.num_layers * block_size * s.num_kv_heads * s.head_dim * self.kv_dtype.itemsize
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         s = self.model.spec
         self.num_blocks, self.block_size = num_blocks, block_size
         # One block more than the manager hands out: padded rows of a replayed decode graph write there.
         cache = torch.zeros(2, s.num_layers, (num_blocks + 1) * block_size, s.num_kv_heads, s.head_dim,
-                            dtype=self.dtype, device=self.device)
+                            dtype=self.kv_dtype, device=self.device)
         for i, attn in enumerate(self.model.attention_layers):
             attn.k_cache, attn.v_cache, attn.block_size = cache[0, i], cache[1, i], block_size
         self.kv_cache = cache

@@ -63,15 +63,16 @@ def _kernel():
             block = tl.load(table_ptr + seq * stride_table + pos // BLOCK_SIZE, mask=t_ok, other=0)
             slots = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
             kv_mask = t_ok[:, None] & d_ok[None, :]
+            # .to: a float8 pool's keys and values (kv_cache_dtype fp8) in the queries' dtype.
             k = tl.load(k_ptr + slots[:, None] * stride_k + kv_head * stride_kh + d[None, :], mask=kv_mask,
-                        other=0.0)
+                        other=0.0).to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [ROWS, TILE]
             s = tl.where(t_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             v = tl.load(v_ptr + slots[:, None] * stride_k + kv_head * stride_kh + d[None, :], mask=kv_mask,
-                        other=0.0)
+                        other=0.0).to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new

@@ -7,6 +7,7 @@ import functools
 import torch
 
 from engine.attention import CacheWrite
+from engine.triton_fp8 import round_to_e4m3
 
 MAX_ROW = 16384  # widest normalized row one program holds (Llama 3.1 405B's hidden size)
 ACTIVATION_BLOCK = 1024  # columns of the gated activation per program
@@ -40,9 +41,10 @@ def _kernels():
     def rotate_qk(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, out_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, eps,
                   stride_t, stride_h, stride_c, stride_ot, stride_oh, stride_cs, stride_ch, NUM_Q: tl.constexpr,
                   NUM_QK: tl.constexpr, HEADS_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
-                  QK_NORM: tl.constexpr, STORE_KV: tl.constexpr, KV_P2: tl.constexpr):
+                  QK_NORM: tl.constexpr, STORE_KV: tl.constexpr, KV_P2: tl.constexpr, FP8_CACHE: tl.constexpr):
         # One token: all its query and key heads as a [heads, half] tile per half of the head dimension; with
-        # STORE_KV its rotated keys and its values also go to its slot of the cache.
+        # STORE_KV its rotated keys and its values also go to its slot of the cache (FP8_CACHE: a float8 pool,
+        # the values rounded and saturated as engine.attention.as_cache_values does).
         t = tl.program_id(0).to(tl.int64)
         h = tl.arange(0, HEADS_P2)[:, None]
         d = tl.arange(0, HALF_P2)[None, :]
@@ -73,16 +75,20 @@ def _kernels():
         if STORE_KV:
             slot = tl.load(slot_ptr + t).to(tl.int64)
             is_k = ok & (h >= NUM_Q)
-            k_dst = k_cache_ptr + slot * stride_cs + tl.where(h >= NUM_Q, h - NUM_Q, 0) * stride_ch + d
-            tl.store(k_dst, y1.to(k_cache_ptr.dtype.element_ty), mask=is_k)
-            tl.store(k_dst + HALF, y2.to(k_cache_ptr.dtype.element_ty), mask=is_k)
+            k1, k2 = y1, y2
             kv = tl.arange(0, KV_P2)[:, None]
             v_ok = (kv < NUM_QK - NUM_Q) & d_ok
             v_src = qkv_ptr + t * stride_t + (NUM_QK + kv) * stride_h + d
+            v1, v2 = tl.load(v_src, mask=v_ok, other=0.0), tl.load(v_src + HALF, mask=v_ok, other=0.0)
+            if FP8_CACHE:
+                k1, k2 = round_to_e4m3(k1.to(tl.float32)), round_to_e4m3(k2.to(tl.float32))
+                v1, v2 = round_to_e4m3(v1.to(tl.float32)), round_to_e4m3(v2.to(tl.float32))
+            k_dst = k_cache_ptr + slot * stride_cs + tl.where(h >= NUM_Q, h - NUM_Q, 0) * stride_ch + d
+            tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=is_k)
+            tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=is_k)
             v_dst = v_cache_ptr + slot * stride_cs + kv * stride_ch + d
-            tl.store(v_dst, tl.load(v_src, mask=v_ok, other=0.0).to(v_cache_ptr.dtype.element_ty), mask=v_ok)
-            tl.store(v_dst + HALF, tl.load(v_src + HALF, mask=v_ok, other=0.0).to(v_cache_ptr.dtype.element_ty),
-                     mask=v_ok)
+            tl.store(v_dst, v1.to(v_cache_ptr.dtype.element_ty), mask=v_ok)
+            tl.store(v_dst + HALF, v2.to(v_cache_ptr.dtype.element_ty), mask=v_ok)
 
     @triton.jit
     def gated_activation(gate_up_ptr, out_ptr, n, stride_g, stride_o, GELU: tl.constexpr, BLOCK: tl.constexpr):
@@ -141,6 +147,7 @@ def rotate_qk(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.T
                             out.stride(1), k_cache.stride(0), k_cache.stride(1), NUM_Q=num_heads, NUM_QK=num_qk,
                             HEADS_P2=heads_p2, HALF=half, HALF_P2=half_p2, QK_NORM=qk_norm,
                             STORE_KV=cache is not None, KV_P2=triton.next_power_of_2(num_kv_heads),
+                            FP8_CACHE=k_cache.dtype == torch.float8_e4m3fn,
                             num_warps=_warps(heads_p2 * half_p2))
     return out
 

@@ -8,12 +8,12 @@ import functools
 import torch
 
 from engine.quantization import FP8, FP8_MAX, dequantize, quantize_fp8, quantize_int8
+from engine.triton_fp8 import round_to_e4m3
 
 BLOCK = 4096  # columns per loop iteration; wider rows take several
 INT8_MAX = 127.0
-# float32's ulp at 1.5 * 2^23 is 1 and at 1.5 * 2^14 it is 2^-9 (e4m3's subnormal step): adding and
-# subtracting such a number rounds to that step, ties to even.
-INTEGER_ROUNDER, SUBNORMAL_ROUNDER = 12582912.0, 24576.0
+# float32's ulp at 1.5 * 2^23 is 1: adding and subtracting it rounds to an integer, ties to even.
+INTEGER_ROUNDER = 12582912.0
 
 
 @functools.cache  # one jit function per process; Triton specialises it per shape
@@ -23,7 +23,7 @@ def _kernel():
 
     @triton.jit
     def quantize_rows(x_ptr, q_ptr, scale_ptr, n, stride_x, stride_q, INT8: tl.constexpr, LARGEST: tl.constexpr,
-                      INTEGER_ROUNDER: tl.constexpr, SUBNORMAL_ROUNDER: tl.constexpr, BLOCK: tl.constexpr):
+                      INTEGER_ROUNDER: tl.constexpr, BLOCK: tl.constexpr):
         row = tl.program_id(0).to(tl.int64)
         cols = tl.arange(0, BLOCK)
         amax = tl.zeros([BLOCK], dtype=tl.float32)
@@ -35,17 +35,11 @@ def _kernel():
             ok = start + cols < n
             x = tl.load(x_ptr + row * stride_x + start + cols, mask=ok, other=0.0).to(tl.float32)
             q = x / scale
-            # Rounded here (to nearest, ties to even), so the cast below is exact: Triton's interpreter casts
-            # a float rounding up into the next power of two to half of it.
+            # Rounded here (to nearest, ties to even), so the cast below is exact (engine.triton_fp8).
             if INT8:
                 q = (q + INTEGER_ROUNDER) - INTEGER_ROUNDER
-            else:  # to e4m3's grid: 3 significand bits, subnormals in steps of 2^-9
-                mag = tl.abs(q)
-                bits = mag.to(tl.int32, bitcast=True)
-                normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0x7FF00000).to(tl.float32, bitcast=True)
-                subnormal = (mag + SUBNORMAL_ROUNDER) - SUBNORMAL_ROUNDER
-                mag = tl.minimum(tl.where(mag < 0.015625, subnormal, normal), LARGEST)
-                q = tl.where(q < 0, -mag, mag)
+            else:
+                q = round_to_e4m3(q)
             tl.store(q_ptr + row * stride_q + start + cols, q.to(q_ptr.dtype.element_ty), mask=ok)
         tl.store(scale_ptr + row, scale)
 
@@ -63,7 +57,7 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
         block = min(BLOCK, triton.next_power_of_2(n))
         int8 = dtype == torch.int8
         _kernel()[(rows,)](x, q, scale, n, x.stride(0), q.stride(0), INT8=int8, LARGEST=INT8_MAX if int8 else FP8_MAX,
-                           INTEGER_ROUNDER=INTEGER_ROUNDER, SUBNORMAL_ROUNDER=SUBNORMAL_ROUNDER, BLOCK=block,
+                           INTEGER_ROUNDER=INTEGER_ROUNDER, BLOCK=block,
                            num_warps=4 if block <= 2048 else 8)
     return q, scale
 

@@ -55,7 +55,7 @@ class VarlenPrefill:
     def __call__(self, q, k, v, k_cache, v_cache, scale: float, ctx: Context) -> torch.Tensor:
         meta: VarlenPrefillMeta = ctx.prefill_meta
         if meta.kv_slots is not None:
-            k, v = k_cache[meta.kv_slots], v_cache[meta.kv_slots]
+            k, v = k_cache[meta.kv_slots].to(q.dtype), v_cache[meta.kv_slots].to(q.dtype)
         return self._attend(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, ctx.causal, scale)
 
 

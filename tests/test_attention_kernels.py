@@ -212,10 +212,13 @@ def test_flex_block_mask_skips_other_sequences_tiles():
     assert counts == [1, 2, 3, 1, 2, 3]  # causal: tile i of a sequence needs its tiles 0..i
 
 
-def paged_decode_case(heads, kv_heads, dim, lengths, seed):
-    """Decodes of the given context lengths over blocks scattered in the pool."""
+def paged_decode_case(heads, kv_heads, dim, lengths, seed, pool_dtype=None):
+    """Decodes of the given context lengths over blocks scattered in the pool; with pool_dtype (float8) the
+    pool holds that dtype and the references read its values."""
     g = torch.Generator().manual_seed(seed)
     attn = layer(heads, kv_heads, dim, num_blocks=128)
+    if pool_dtype is not None:
+        attn.k_cache, attn.v_cache = (c.to(pool_dtype).float() for c in (attn.k_cache, attn.v_cache))
     blocks = torch.randperm(128, generator=g)
     width, used, table, refs = max(-(-n // BLOCK) for n in lengths), 0, [], []
     q = torch.randn(len(lengths), heads, dim, generator=g)
@@ -226,21 +229,26 @@ def paged_decode_case(heads, kv_heads, dim, lengths, seed):
         slots = (own[:, None] * BLOCK + torch.arange(BLOCK)).flatten()[:n]
         refs.append(reference(attn, q[i:i + 1], attn.k_cache[slots], attn.v_cache[slots], False))
     ctx = Context(decode_block_table=torch.tensor(table), decode_context_lens=torch.tensor(lengths, dtype=torch.int32))
+    if pool_dtype is not None:
+        attn.k_cache, attn.v_cache = attn.k_cache.to(pool_dtype), attn.v_cache.to(pool_dtype)
     return attn, q, ctx, torch.cat(refs)
 
 
+@pytest.mark.parametrize("pool_dtype", [None, torch.float8_e4m3fn])  # kv_cache_dtype auto, fp8
 @pytest.mark.parametrize("shape", [(4, 4, 8), (8, 2, 16), (6, 2, 12)])
-def test_gather_decode_matches_dense_attention(shape):
-    attn, q, ctx, want = paged_decode_case(*shape, lengths=[1, 4, 5, 37, 16, 70], seed=sum(shape))
+def test_gather_decode_matches_dense_attention(shape, pool_dtype):
+    attn, q, ctx, want = paged_decode_case(*shape, lengths=[1, 4, 5, 37, 16, 70], seed=sum(shape),
+                                           pool_dtype=pool_dtype)
     decode = GatherDecode()
     ctx.decode_meta = decode.prepare(ctx, BLOCK)
     torch.testing.assert_close(decode(attn, q, ctx), want, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("pool_dtype", [None, torch.float8_e4m3fn])  # kv_cache_dtype auto, fp8
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("shape", [(4, 4, 8), (8, 2, 16), (6, 2, 12), (16, 8, 64)])
-def test_triton_paged_decode_matches_dense_attention(shape, dtype, split):
+def test_triton_paged_decode_matches_dense_attention(shape, dtype, split, pool_dtype):
     """On CUDA with Triton; on CPU in Triton's interpreter (conftest sets TRITON_INTERPRET=1 there)."""
     pytest.importorskip("triton")
     cuda = torch.cuda.is_available()
@@ -249,9 +257,11 @@ def test_triton_paged_decode_matches_dense_attention(shape, dtype, split):
     if not cuda and dtype == torch.bfloat16:
         pytest.skip("Triton's interpreter multiplies bfloat16 matrices wrongly (numpy has no bfloat16)")
     from engine.triton_decode import TritonPagedDecode
-    attn, q, ctx, want = paged_decode_case(*shape, lengths=[1, 4, 5, 37, 16, 70, 300], seed=sum(shape))
+    attn, q, ctx, want = paged_decode_case(*shape, lengths=[1, 4, 5, 37, 16, 70, 300], seed=sum(shape),
+                                           pool_dtype=pool_dtype)
     dev = "cuda" if cuda else "cpu"
-    attn.k_cache, attn.v_cache, q = attn.k_cache.to(dev, dtype), attn.v_cache.to(dev, dtype), q.to(dev, dtype)
+    attn.k_cache, attn.v_cache = (c.to(dev, pool_dtype or dtype) for c in (attn.k_cache, attn.v_cache))
+    q = q.to(dev, dtype)
     ctx.decode_block_table, ctx.decode_context_lens = ctx.decode_block_table.to(dev), ctx.decode_context_lens.to(dev)
     # split: contexts cut into partitions of one tile (300 slots: 5), merged by the second kernel; partitions
     # past a shorter context are empty

@@ -293,11 +293,12 @@ def test_cli_takes_vllm_serve_commands():
     build_app(args)  # the same application serve_config.yaml builds, for one model
     ns, _ = cli.parser().parse_known_args(["serve", MINILM, "--task", "embed", "--auto-truncate"])
     assert cli.app_args(ns).models[0].engine_config({})["auto_truncate"] is True
-    ns, _ = cli.parser().parse_known_args(["serve", "HuggingFaceTB/SmolLM2-135M-Instruct", "-q", "int8",
-                                           "--torch-compile", "--enforce-eager", "--no-async-scheduling"])
+    ns, _ = cli.parser().parse_known_args(["serve", "HuggingFaceTB/SmolLM2-135M-Instruct", "-q", "fp8",
+                                           "--torch-compile", "--enforce-eager", "--no-async-scheduling",
+                                           "--kv-cache-dtype", "fp8"])
     config = cli.app_args(ns).models[0].engine_config({})
-    assert (config["quantization"], config["torch_compile"], config["enforce_eager"], config["async_scheduling"]) == (
-        "int8", True, True, False)
+    assert (config["quantization"], config["torch_compile"], config["enforce_eager"], config["async_scheduling"],
+            config["kv_cache_dtype"]) == ("fp8", True, True, False, "fp8")
 
 
 def test_every_route_names_an_ingress_method():

@@ -1,0 +1,23 @@
+"""float8 e4m3 rounding inside Triton kernels, for kernels that store float8 (activations quantized for fp8
+matmuls, keys and values written into an fp8 KV cache): rounded here, to nearest with ties to even and
+saturating at the largest value, a float becomes exactly an e4m3 value, so the cast after it is exact. The
+hardware's cast rounds the same way; Triton's interpreter (the CPU tests) casts a float that rounds up into
+the next power of two to half of it."""
+try:
+    import triton
+    import triton.language as tl
+except ImportError:  # no Triton: the kernels that call it are never built
+    triton = None
+
+round_to_e4m3 = None
+if triton is not None:
+    @triton.jit
+    def round_to_e4m3(x):
+        # Normal values keep 3 significand bits (float32 keeps 23: round the other 20 away, ties to even);
+        # below 2^-6 the subnormals step by 2^-9, float32's ulp at 1.5 * 2^14.
+        mag = tl.abs(x)
+        bits = mag.to(tl.int32, bitcast=True)
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0x7FF00000).to(tl.float32, bitcast=True)
+        subnormal = (mag + 24576.0) - 24576.0
+        mag = tl.minimum(tl.where(mag < 0.015625, subnormal, normal), 448.0)
+        return tl.where(x < 0, -mag, mag)

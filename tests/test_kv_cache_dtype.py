@@ -1,0 +1,71 @@
+"""kv_cache_dtype fp8: a float8 paged pool (half of bf16's bytes). Every reader converts its blocks back to
+the queries' dtype, so an engine on an fp8 pool computes exactly what one computes whose float pool holds the
+same rounded values, through every attention path (prefill with cached and chunked context, decode, the
+Triton paged kernel in Triton's interpreter)."""
+import os
+
+import pytest
+import torch
+from conftest import assert_pool_free, sentence
+
+from engine import LLM, EngineConfig, SamplingParams
+from engine import attention
+from engine.attention_backends import AttentionBackend, GatherDecode, PerSequencePrefill
+from engine.varlen_prefill import VarlenPrefill, reference_attend
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+FP8 = torch.float8_e4m3fn
+
+
+def use_backend(llm: LLM, backend: AttentionBackend) -> None:
+    llm.engine.runner.attention_backend = backend
+    for attn in llm.engine.runner.model.attention_layers:
+        attn.backend = backend
+
+
+def backends() -> dict:
+    """name -> backend(device)"""
+    out = {"per-sequence + gather": lambda dev: AttentionBackend(PerSequencePrefill(), GatherDecode()),
+           "varlen + gather": lambda dev: AttentionBackend(VarlenPrefill(dev, reference_attend), GatherDecode())}
+    if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
+        from engine.triton_decode import TritonPagedDecode
+        out["per-sequence + triton paged"] = lambda dev: AttentionBackend(PerSequencePrefill(), TritonPagedDecode())
+    return out
+
+
+def run(llm: LLM, backend) -> list:
+    use_backend(llm, backend(llm.engine.runner.device))
+    shared = "the shared instruction of every chat goes here and it is long enough to fill blocks "
+    prompts = [sentence(950, 5), sentence(951, 40)] + [shared + sentence(900 + i, 4) for i in range(3)]
+    params = SamplingParams(temperature=0.0, max_tokens=10, logprobs=1, ignore_eos=True)
+    outs = llm.generate(prompts, params) + llm.generate(prompts[2:], params)  # then prefix-cache hits
+    assert_pool_free(llm)
+    return [(o.outputs[0].token_ids, [e[t].logprob for t, e in zip(o.outputs[0].token_ids, o.outputs[0].logprobs)])
+            for o in outs]
+
+
+@pytest.mark.parametrize("backend", list(backends()))
+def test_an_fp8_pool_computes_as_its_rounded_values_in_a_float_pool(backend, tiny_model, monkeypatch):
+    model = tiny_model("qwen3")
+    kw = dict(dtype="float32", block_size=8, max_num_batched_tokens=32, long_prefill_token_threshold=12)
+    fp8 = LLM(model, kv_cache_dtype="fp8", **kw)
+    assert fp8.engine.runner.kv_cache.dtype == FP8
+    got = run(fp8, backends()[backend])
+    real = attention.as_cache_values
+    monkeypatch.setattr(attention, "as_cache_values", lambda x, dtype: real(x, FP8).to(dtype))
+    want = run(LLM(model, **kw), backends()[backend])
+    assert got == want
+
+
+def test_an_fp8_pool_holds_more_tokens_in_the_same_memory(tiny_model):
+    model = tiny_model("llama")
+    blocks = {kv: LLM(model, dtype="float32", device="cpu", kv_cache_dtype=kv, kv_cache_memory_bytes=1 << 20)
+              .engine.kv.pool.num_blocks for kv in ("auto", "fp8")}
+    assert blocks["fp8"] == 4 * blocks["auto"]  # 1 byte a value against float32's 4
+
+
+def test_kv_cache_dtype_is_checked(tiny_model):
+    with pytest.raises(ValueError, match="kv_cache_dtype must be one of auto, fp8, fp8_e4m3"):
+        EngineConfig(model="m", kv_cache_dtype="int4")
+    with pytest.raises(ValueError, match="kv_cache_dtype applies to decoder models"):
+        LLM(tiny_model("bert"), dtype="float32", kv_cache_dtype="fp8")
