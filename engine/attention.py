@@ -9,8 +9,7 @@ import torch
 from torch import nn
 
 from engine.context import get_context
-
-FP8_MAX = torch.finfo(torch.float8_e4m3fn).max
+from engine.quantization import FP8, FP8_MAX
 
 
 class CacheWrite(NamedTuple):
@@ -23,7 +22,7 @@ class CacheWrite(NamedTuple):
 def write_kv(cache: CacheWrite, k: torch.Tensor, v: torch.Tensor) -> None:
     for pool, x in ((cache.k_cache, k), (cache.v_cache, v)):
         values = as_cache_values(x, pool.dtype)
-        if pool.dtype == torch.float8_e4m3fn:  # index_copy_ has no float8 kernel: the same bytes as uint8
+        if pool.dtype == FP8:  # index_copy_ has no float8 kernel: the same bytes as uint8
             pool, values = pool.view(torch.uint8), values.view(torch.uint8)
         pool.index_copy_(0, cache.slots, values)
 
@@ -31,7 +30,7 @@ def write_kv(cache: CacheWrite, k: torch.Tensor, v: torch.Tensor) -> None:
 def as_cache_values(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """x in the pool's dtype. A float8 pool (kv_cache_dtype fp8, scale 1) saturates at its largest value, as
     the GPU's cast does, where PyTorch's would give NaN; readers convert back to the queries' dtype."""
-    if dtype == torch.float8_e4m3fn:
+    if dtype == FP8:
         x = x.clamp(-FP8_MAX, FP8_MAX)
     return x.to(dtype)
 

@@ -5,14 +5,14 @@ from dataclasses import dataclass
 
 import torch
 
-from engine.quantization import QUANTIZATION_METHODS
+from engine.quantization import FP8, QUANTIZATION_METHODS
 
 TASKS = ("auto", "generate", "embed", "score", "classify")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16,
           "fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "half": torch.float16,
           "float": torch.float32}
 # vLLM's names; None: the serving dtype.
-KV_CACHE_DTYPES = {"auto": None, "fp8": torch.float8_e4m3fn, "fp8_e4m3": torch.float8_e4m3fn}
+KV_CACHE_DTYPES = {"auto": None, "fp8": FP8, "fp8_e4m3": FP8}
 
 
 @dataclass(slots=True)

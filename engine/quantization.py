@@ -31,7 +31,7 @@ FP8_MAX = torch.finfo(FP8).max  # 448
 # torch._scaled_mm takes inner and output dimensions in multiples of 16 (cuBLASLt's fp8 alignment); a layer of
 # other shapes keeps the portable matmul.
 FP8_ALIGNMENT = 16
-INT_MM_PADDING = 16
+INT_MM_PADDING = 16  # zero rows added to every GPU torch._int_mm call (_padded_int_mm)
 # torch._int_mm on CUDA takes inner and output sizes in multiples of 8; other layers keep the portable matmul.
 INT_MM_ALIGNMENT = 8
 # Rows up to which the CPU int8 x bf16 kernel beats dequantize + fp32 matmul (2 threads, SmolLM2's shapes:
@@ -218,8 +218,8 @@ EMULATED = (_portable_matmul, _portable_w8a8_matmul, _portable_fp8_matmul)
 
 
 def select_matmul(layer: "QuantizedLinear", compiled: bool = False):
-    """The one place that picks a quantized layer's kernel: by its method and device, for fp8 by whether
-    torch._scaled_mm takes the layer there (compiled: torch_compile is on)."""
+    """The one place that picks a quantized layer's kernel: by its method and device and, off the CPU, by
+    whether torch._scaled_mm (fp8) or torch._int_mm (w8a8) takes the layer there (compiled: torch_compile)."""
     device = layer.qweight.device
     on_cpu = device.type == "cpu"
     if layer.method == "fp8":

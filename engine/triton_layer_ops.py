@@ -7,6 +7,7 @@ import functools
 import torch
 
 from engine.attention import CacheWrite
+from engine.quantization import FP8
 from engine.triton_fp8 import round_to_e4m3
 
 MAX_ROW = 16384  # widest normalized row one program holds (Llama 3.1 405B's hidden size)
@@ -147,7 +148,7 @@ def rotate_qk(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.T
                             out.stride(1), k_cache.stride(0), k_cache.stride(1), NUM_Q=num_heads, NUM_QK=num_qk,
                             HEADS_P2=heads_p2, HALF=half, HALF_P2=half_p2, QK_NORM=qk_norm,
                             STORE_KV=cache is not None, KV_P2=triton.next_power_of_2(num_kv_heads),
-                            FP8_CACHE=k_cache.dtype == torch.float8_e4m3fn,
+                            FP8_CACHE=k_cache.dtype == FP8,
                             num_warps=_warps(heads_p2 * half_p2))
     return out
 
