@@ -11,11 +11,11 @@ Three methods:
   FP8 W8A8): torch._scaled_mm with row-wise scales, float32 accumulation. Hopper and Ada GPUs run it on
   their fp8 tensor cores at twice the bf16 rate, with half the weight bytes; CPUs have the same op (oneDNN),
   slower than bf16 there.
-Attention, norms and the KV cache keep the serving dtype in all three. The matmul kernel is picked here,
-once per device and method: on CPU, torch's int8 kernels; w8a8 on a GPU, torch._int_mm (cuBLASLt's int8 GEMM,
-the int8 tensor cores of Ampere and later); for fp8, torch._scaled_mm; each where one call on the device
-matched its reference at start-up; elsewhere (and weight-only int8 on a GPU) a portable float matmul of the
-same quantized numbers (correct, not faster)."""
+Attention and norms keep the serving dtype in all three (the KV cache too, unless kv_cache_dtype says
+otherwise). The matmul kernel is picked here, once per device and method: on CPU, torch's int8 kernels;
+w8a8 on a GPU, torch._int_mm (cuBLASLt's int8 GEMM, the int8 tensor cores of Ampere and later); for fp8,
+torch._scaled_mm; each where one call on the device matched its reference at start-up; elsewhere (and
+weight-only int8 on a GPU) a portable float matmul of the same quantized numbers (correct, not faster)."""
 import functools
 import logging
 
