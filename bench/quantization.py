@@ -6,9 +6,10 @@ Hugging Face's SmolLM2 in place of every projection and the logits head, as the 
 scored teacher-forced: perplexity, top-1 agreement with float32's next-token prediction, and the mean
 KL divergence from float32's next-token distribution. llama.cpp on the bundled Q4_1 GGUF (4-bit weights,
 activations quantized to 8 bits in blocks of 32) scores the same token ids, for what the baseline gives up.
-The fp8 KV cache (kv_cache_dtype fp8) is scored the same way, every key and value rounded to float8 as the
-engine stores them (engine.attention.as_cache_values) before attention reads it: what a token-by-token decode
-over the cache computes (a prompt's own keys, computed in the same step, are read unrounded there).
+The fp8 KV cache (kv_cache_dtype fp8) is scored the same way, every key and value quantized as the engine
+stores them (engine.attention.quantize_kv: float8, one scale per token and head) before attention reads it: what
+a token-by-token decode over the cache computes (a prompt's own keys, computed in the same step, are read
+unquantized there).
 
 Note on int8 (weight-only): its CPU kernel takes bf16 activations only for up to 64 rows (decode
 steps); a whole abstract goes through the dequantized fp32 matmul, so its rows here show the
@@ -40,14 +41,14 @@ FP8_KV_ATTENTION = "fp8_kv_cache"
 
 
 def register_fp8_kv_attention() -> None:
-    """Hugging Face's SDPA attention over keys and values rounded as an fp8 pool stores them."""
+    """Hugging Face's SDPA attention over keys and values quantized as an fp8 pool stores them."""
     from transformers import AttentionInterface
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    from engine.attention import as_cache_values
+    from engine.attention import dequantized_kv, quantize_kv
 
     def attend(module, query, key, value, attention_mask, **kwargs):
-        key, value = (as_cache_values(x, torch.float8_e4m3fn).to(x.dtype) for x in (key, value))
+        key, value = (dequantized_kv(*quantize_kv(x), x.dtype) for x in (key, value))
         return sdpa_attention_forward(module, query, key, value, attention_mask, **kwargs)
     AttentionInterface.register(FP8_KV_ATTENTION, attend)
 

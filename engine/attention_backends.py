@@ -1,7 +1,7 @@
 """Attention backends, and the portable PyTorch kernels; engine.kernels picks a device's.
 
 A backend is a prefill kernel (every prefill span of the step in one variable-length call where the
-device has one; called as kernel(q, k, v, k_cache, v_cache, scale, ctx)) and a decode kernel (every
+device has one; called as kernel(q, k, v, pool, scale, ctx), pool as engine.attention.Pool) and a decode kernel (every
 decode of the step in one call over the paged pool).
 Any device without CUDA's kernels gets the portable PyTorch kernels below, so the engine itself stays
 device-agnostic."""
@@ -10,6 +10,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.attention import dequantized_kv, read_kv
 from engine.context import Context
 
 
@@ -30,13 +31,13 @@ class PerSequencePrefill:
             masks.append((keys[None] <= torch.arange(n, device=dev)[:, None] + (span.context_len - n))[None, None])
         return masks
 
-    def __call__(self, q, k, v, k_cache, v_cache, scale: float, ctx: Context) -> torch.Tensor:
+    def __call__(self, q, k, v, pool, scale: float, ctx: Context) -> torch.Tensor:
         out = torch.empty_like(q)
         for span, mask in zip(ctx.prefills, ctx.prefill_meta):
             if span.context_slots is None:
                 kk, vv = k[span.start:span.end], v[span.start:span.end]
             else:
-                kk, vv = k_cache[span.context_slots].to(q.dtype), v_cache[span.context_slots].to(q.dtype)
+                kk, vv = read_kv(pool, span.context_slots, q.dtype)
             # The fused CPU kernel takes only 4-D inputs; 3-D ones fall back to a generic path.
             o = F.scaled_dot_product_attention(
                 q[span.start:span.end].transpose(0, 1)[None], kk.transpose(0, 1)[None], vv.transpose(0, 1)[None],
@@ -67,15 +68,26 @@ class GatherDecode:
         # guard on w, so one graph serves every context length.
         shape = (b, w, layer.block_size, layer.num_kv_heads, layer.head_dim)
         blocks = table.flatten()
-        kk = layer.k_cache.view(-1, layer.block_size * layer.num_kv_heads * layer.head_dim).index_select(0, blocks)
-        vv = layer.v_cache.view(-1, layer.block_size * layer.num_kv_heads * layer.head_dim).index_select(0, blocks)
+        kk, vv = (self._blocks(pool, scales, layer, blocks, q.dtype)
+                  for pool, scales in ((layer.k_cache, layer.k_scale), (layer.v_cache, layer.v_scale)))
         # GQA without copying K/V: a kv head's query heads become its rows of queries.
         qd = q.view(b, layer.num_kv_heads, layer.num_heads // layer.num_kv_heads, layer.head_dim)
-        kk, vv = kk.to(q.dtype), vv.to(q.dtype)  # a float8 pool's blocks (kv_cache_dtype fp8)
         od = F.scaled_dot_product_attention(qd, kk.view(shape).flatten(1, 2).transpose(1, 2),
                                             vv.view(shape).flatten(1, 2).transpose(1, 2),
                                             attn_mask=ctx.decode_meta[:, None, None, :], scale=layer.scale)
         return od.reshape(b, layer.num_heads, layer.head_dim)
+
+    @staticmethod
+    def _blocks(pool: torch.Tensor, scales: torch.Tensor | None, layer, blocks: torch.Tensor,
+                dtype: torch.dtype) -> torch.Tensor:
+        """Whole blocks of the pool [len(blocks), block_size * kv_heads * head_dim] in dtype (a float8 pool's
+        dequantized)."""
+        per_block = layer.block_size * layer.num_kv_heads
+        x = pool.view(-1, per_block * layer.head_dim).index_select(0, blocks)
+        if scales is None:
+            return x.to(dtype)
+        s = scales.view(-1, per_block).index_select(0, blocks)
+        return dequantized_kv(x.view(-1, per_block, layer.head_dim), s, dtype).flatten(1)
 
 
 @dataclass(slots=True)

@@ -34,9 +34,9 @@ class EngineConfig:
     # Decoders only (engine.quantization): "int8" weight-only int8; "w8a8" int8 weights and per-token int8
     # activations; "fp8" float8 weights and per-token float8 activations. None serves the weights as loaded.
     quantization: str | None = None
-    # The paged KV cache's dtype: "auto" (the serving dtype) or "fp8" (float8 e4m3, half of bf16's bytes, so
-    # twice the tokens in the same memory; vLLM's kv_cache_dtype, with its default scale of 1: values past
-    # +-448 saturate). Decoders only.
+    # The paged KV cache's dtype: "auto" (the serving dtype) or "fp8" (float8 e4m3 with a float32 scale per
+    # token and kv head: ~1.8x bf16's tokens in the same memory at head_dim 128; vLLM's kv_cache_dtype values).
+    # Decoders only.
     kv_cache_dtype: str = "auto"
     # Decode steps run eagerly instead of from captured CUDA graphs (vLLM's option; CPU never captures).
     enforce_eager: bool = False

@@ -9,6 +9,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.attention import read_kv
 from engine.context import Context
 from engine.transfer import to_device
 
@@ -68,10 +69,10 @@ class FlexPrefill:
                                               BLOCK_SIZE=TILE, mask_mod=document_mask, seq_lengths=(t, s))
         return FlexPrefillMeta(block_mask, kv_slots)
 
-    def __call__(self, q, k, v, k_cache, v_cache, scale: float, ctx: Context) -> torch.Tensor:
+    def __call__(self, q, k, v, pool, scale: float, ctx: Context) -> torch.Tensor:
         meta: FlexPrefillMeta = ctx.prefill_meta
         if meta.kv_slots is not None:
-            k, v = k_cache[meta.kv_slots].to(q.dtype), v_cache[meta.kv_slots].to(q.dtype)
+            k, v = read_kv(pool, meta.kv_slots, q.dtype)
         out = self._flex(q.transpose(0, 1)[None], k.transpose(0, 1)[None], v.transpose(0, 1)[None],
                          block_mask=meta.block_mask, scale=scale, enable_gqa=k.shape[1] != q.shape[1])
         return out[0].transpose(0, 1)

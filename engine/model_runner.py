@@ -70,18 +70,28 @@ class ModelRunner:
         self._last_reqs: list[Request] = []
         self.block_table = BlockTable()
 
+    @property
+    def kv_scaled(self) -> bool:
+        """A float8 pool keeps a float32 scale per (slot, kv head) beside its values (engine.attention.quantize_kv)."""
+        return self.kv_dtype.itemsize == 1
+
     def kv_bytes_per_block(self, block_size: int) -> int:
         s = self.model.spec
-        return 2 * s.num_layers * block_size * s.num_kv_heads * s.head_dim * self.kv_dtype.itemsize
+        per_head = s.head_dim * self.kv_dtype.itemsize + (4 if self.kv_scaled else 0)
+        return 2 * s.num_layers * block_size * s.num_kv_heads * per_head
 
     def allocate_kv_cache(self, num_blocks: int, block_size: int) -> None:
         s = self.model.spec
         self.num_blocks, self.block_size = num_blocks, block_size
         # One block more than the manager hands out: padded rows of a replayed decode graph write there.
-        cache = torch.zeros(2, s.num_layers, (num_blocks + 1) * block_size, s.num_kv_heads, s.head_dim,
-                            dtype=self.kv_dtype, device=self.device)
+        slots = (num_blocks + 1) * block_size
+        cache = torch.zeros(2, s.num_layers, slots, s.num_kv_heads, s.head_dim, dtype=self.kv_dtype, device=self.device)
+        scales = (torch.zeros(2, s.num_layers, slots, s.num_kv_heads, dtype=torch.float32, device=self.device)
+                  if self.kv_scaled else None)
         for i, attn in enumerate(self.model.attention_layers):
             attn.k_cache, attn.v_cache, attn.block_size = cache[0, i], cache[1, i], block_size
+            if scales is not None:
+                attn.k_scale, attn.v_scale = scales[0, i], scales[1, i]
         self.kv_cache = cache
 
     @property

@@ -11,6 +11,7 @@ slots alone (one chat at 32k tokens: a program per kv head, 8 of 132 SMs). There
 into partitions of PARTITION slots, one program each, and a second kernel merges the partitions'
 softmax states (flash-decoding; vLLM's paged attention v2)."""
 import functools
+from typing import Optional
 
 import torch
 
@@ -35,14 +36,14 @@ def _kernel():
     import triton.language as tl
 
     @triton.jit
-    def paged_decode(q_ptr, k_ptr, v_ptr, out_ptr, m_ptr, l_ptr, table_ptr, lens_ptr, scale,
-                     stride_q, stride_qh, stride_k, stride_kh, stride_o, stride_oh, stride_os, stride_m, stride_mh,
-                     stride_table,
+    def paged_decode(q_ptr, k_ptr, v_ptr, ks_ptr, vs_ptr, out_ptr, m_ptr, l_ptr, table_ptr, lens_ptr, scale,
+                     stride_q, stride_qh, stride_k, stride_kh, stride_s, stride_o, stride_oh, stride_os, stride_m,
+                     stride_mh, stride_table,
                      GROUP: tl.constexpr, ROWS: tl.constexpr, HEAD_DIM: tl.constexpr, DIM_P2: tl.constexpr,
                      BLOCK_SIZE: tl.constexpr, TILE: tl.constexpr, PARTITION: tl.constexpr, SPLIT: tl.constexpr,
-                     PRECISION: tl.constexpr):
+                     SCALED: tl.constexpr, PRECISION: tl.constexpr):
         # SPLIT: this program's partition of the context, its unnormalized output and softmax state (m, l) kept
-        # for the merge; else the whole context, normalized.
+        # for the merge; else the whole context, normalized. SCALED: a float8 pool, one scale per (slot, kv head).
         seq, kv_head, part = tl.program_id(0), tl.program_id(1), tl.program_id(2)
         length = tl.load(lens_ptr + seq)
         g, d, t = tl.arange(0, ROWS), tl.arange(0, DIM_P2), tl.arange(0, TILE)
@@ -63,16 +64,21 @@ def _kernel():
             block = tl.load(table_ptr + seq * stride_table + pos // BLOCK_SIZE, mask=t_ok, other=0)
             slots = block.to(tl.int64) * BLOCK_SIZE + pos % BLOCK_SIZE
             kv_mask = t_ok[:, None] & d_ok[None, :]
-            # .to: a float8 pool's keys and values (kv_cache_dtype fp8) in the queries' dtype.
             k = tl.load(k_ptr + slots[:, None] * stride_k + kv_head * stride_kh + d[None, :], mask=kv_mask,
-                        other=0.0).to(q.dtype)
+                        other=0.0)
+            if SCALED:  # a float8 pool's keys and values in the queries' dtype, as engine.attention.read_kv
+                k = k.to(tl.float32) * tl.load(ks_ptr + slots * stride_s + kv_head, mask=t_ok, other=0.0)[:, None]
+            k = k.to(q.dtype)
             s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale  # [ROWS, TILE]
             s = tl.where(t_ok[None, :], s, float("-inf"))
             m_new = tl.maximum(m, tl.max(s, axis=1))
             p = tl.exp(s - m_new[:, None])
             alpha = tl.exp(m - m_new)
             v = tl.load(v_ptr + slots[:, None] * stride_k + kv_head * stride_kh + d[None, :], mask=kv_mask,
-                        other=0.0).to(q.dtype)
+                        other=0.0)
+            if SCALED:
+                v = v.to(tl.float32) * tl.load(vs_ptr + slots * stride_s + kv_head, mask=t_ok, other=0.0)[:, None]
+            v = v.to(q.dtype)
             acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
             l = l * alpha + tl.sum(p, axis=1)
             m = m_new
@@ -120,8 +126,9 @@ class TritonPagedDecode:
         return None
 
     def __call__(self, layer, q, ctx: Context) -> torch.Tensor:
-        args = (q, layer.k_cache, layer.v_cache, ctx.decode_block_table, ctx.decode_context_lens, layer.scale,
-                layer.num_kv_heads, layer.block_size, self.min_programs, self.partition)
+        args = (q, layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale, ctx.decode_block_table,
+                ctx.decode_context_lens, layer.scale, layer.num_kv_heads, layer.block_size, self.min_programs,
+                self.partition)
         # Inside a compiled model (torch_compile) the launch is one opaque op, so inductor fuses the ops around
         # it, a CUDA graph captures both, and the split is decided from the op's concrete shapes, never traced;
         # eager, the direct launch skips the op's dispatch.
@@ -137,8 +144,9 @@ def num_partitions(programs: int, max_context: int, min_programs: int, partition
     return max(1, min(-(-min_programs // programs), -(-max_context // partition)))
 
 
-def _paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
-                  scale: float, num_kv_heads: int, block_size: int, min_programs: int, partition: int) -> torch.Tensor:
+def _paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: Optional[torch.Tensor],
+                  v_scale: Optional[torch.Tensor], table: torch.Tensor, lens: torch.Tensor, scale: float,
+                  num_kv_heads: int, block_size: int, min_programs: int, partition: int) -> torch.Tensor:
     import triton
     decode, merge = _kernel()
     b, heads, head_dim = q.shape
@@ -154,11 +162,13 @@ def _paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
         dst, dst_strides = out, (*out.stride()[:2], 0)
     group = heads // num_kv_heads
     dim_p2 = max(MIN_DOT, triton.next_power_of_2(head_dim))
+    scaled = k_scale is not None
     decode[(b, num_kv_heads, parts)](
-        q, k, v, dst, m, l, table, lens, scale,
-        q.stride(0), q.stride(1), k.stride(0), k.stride(1), *dst_strides, m.stride(0), m.stride(1), table.stride(0),
+        q, k, v, k_scale if scaled else k, v_scale if scaled else v, dst, m, l, table, lens, scale,
+        q.stride(0), q.stride(1), k.stride(0), k.stride(1), k_scale.stride(0) if scaled else 0, *dst_strides,
+        m.stride(0), m.stride(1), table.stride(0),
         GROUP=group, ROWS=max(MIN_DOT, triton.next_power_of_2(group)), HEAD_DIM=head_dim, DIM_P2=dim_p2,
-        BLOCK_SIZE=block_size, TILE=TILE, PARTITION=partition, SPLIT=split,
+        BLOCK_SIZE=block_size, TILE=TILE, PARTITION=partition, SPLIT=split, SCALED=scaled,
         # float32 keeps float32 products (the matrix units' default would round operands to tf32).
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32")
     if split:
@@ -169,5 +179,5 @@ def _paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, table: torc
 
 
 _paged_decode_op = torch.library.custom_op("servecluster::paged_decode", _paged_decode, mutates_args=())
-_paged_decode_op.register_fake(lambda q, k, v, table, lens, scale, num_kv_heads, block_size, min_programs, partition:
-                               q.new_empty(q.shape))
+_paged_decode_op.register_fake(lambda q, k, v, k_scale, v_scale, table, lens, scale, num_kv_heads, block_size,
+                               min_programs, partition: q.new_empty(q.shape))

@@ -7,7 +7,6 @@ import functools
 import torch
 
 from engine.attention import CacheWrite
-from engine.quantization import FP8
 from engine.triton_fp8 import round_to_e4m3
 
 MAX_ROW = 16384  # widest normalized row one program holds (Llama 3.1 405B's hidden size)
@@ -39,13 +38,14 @@ def _kernels():
         tl.store(out_ptr + row * stride_o + cols, (x * rstd * w).to(out_ptr.dtype.element_ty), mask=ok)
 
     @triton.jit
-    def rotate_qk(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, out_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, eps,
-                  stride_t, stride_h, stride_c, stride_ot, stride_oh, stride_cs, stride_ch, NUM_Q: tl.constexpr,
+    def rotate_qk(qkv_ptr, cos_ptr, sin_ptr, qw_ptr, kw_ptr, out_ptr, slot_ptr, k_cache_ptr, v_cache_ptr, ks_ptr,
+                  vs_ptr, eps, stride_t, stride_h, stride_c, stride_ot, stride_oh, stride_cs, stride_ch, stride_ss,
+                  NUM_Q: tl.constexpr,
                   NUM_QK: tl.constexpr, HEADS_P2: tl.constexpr, HALF: tl.constexpr, HALF_P2: tl.constexpr,
                   QK_NORM: tl.constexpr, STORE_KV: tl.constexpr, KV_P2: tl.constexpr, FP8_CACHE: tl.constexpr):
         # One token: all its query and key heads as a [heads, half] tile per half of the head dimension; with
         # STORE_KV its rotated keys and its values also go to its slot of the cache (FP8_CACHE: a float8 pool,
-        # the values rounded and saturated as engine.attention.as_cache_values does).
+        # each kv head quantized with its own scale, as engine.attention.quantize_kv does).
         t = tl.program_id(0).to(tl.int64)
         h = tl.arange(0, HEADS_P2)[:, None]
         d = tl.arange(0, HALF_P2)[None, :]
@@ -81,10 +81,22 @@ def _kernels():
             v_ok = (kv < NUM_QK - NUM_Q) & d_ok
             v_src = qkv_ptr + t * stride_t + (NUM_QK + kv) * stride_h + d
             v1, v2 = tl.load(v_src, mask=v_ok, other=0.0), tl.load(v_src + HALF, mask=v_ok, other=0.0)
-            if FP8_CACHE:
-                k1, k2 = round_to_e4m3(k1.to(tl.float32)), round_to_e4m3(k2.to(tl.float32))
-                v1, v2 = round_to_e4m3(v1.to(tl.float32)), round_to_e4m3(v2.to(tl.float32))
-            k_dst = k_cache_ptr + slot * stride_cs + tl.where(h >= NUM_Q, h - NUM_Q, 0) * stride_ch + d
+            kv_head = tl.where(h >= NUM_Q, h - NUM_Q, 0)
+            if FP8_CACHE:  # each head's row scaled by its absmax / 448, its values rounded exactly (triton_fp8)
+                k1, k2 = k1.to(tl.float32), k2.to(tl.float32)
+                k_scale = tl.maximum(tl.maximum(tl.max(tl.abs(k1), axis=1), tl.max(tl.abs(k2), axis=1)), 1e-12)
+                k_scale = k_scale / 448.0
+                k1, k2 = round_to_e4m3(k1 / k_scale[:, None]), round_to_e4m3(k2 / k_scale[:, None])
+                rows = tl.arange(0, HEADS_P2)  # the tile's heads, as a vector
+                tl.store(ks_ptr + slot * stride_ss + tl.where(rows >= NUM_Q, rows - NUM_Q, 0), k_scale,
+                         mask=(rows >= NUM_Q) & (rows < NUM_QK))
+                v1, v2 = v1.to(tl.float32), v2.to(tl.float32)
+                v_scale = tl.maximum(tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1)), 1e-12)
+                v_scale = v_scale / 448.0
+                v1, v2 = round_to_e4m3(v1 / v_scale[:, None]), round_to_e4m3(v2 / v_scale[:, None])
+                v_rows = tl.arange(0, KV_P2)
+                tl.store(vs_ptr + slot * stride_ss + v_rows, v_scale, mask=v_rows < NUM_QK - NUM_Q)
+            k_dst = k_cache_ptr + slot * stride_cs + kv_head * stride_ch + d
             tl.store(k_dst, k1.to(k_cache_ptr.dtype.element_ty), mask=is_k)
             tl.store(k_dst + HALF, k2.to(k_cache_ptr.dtype.element_ty), mask=is_k)
             v_dst = v_cache_ptr + slot * stride_cs + kv * stride_ch + d
@@ -141,14 +153,16 @@ def rotate_qk(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.T
         qk_norm = q_weight is not None
         import triton
         heads_p2, half_p2 = triton.next_power_of_2(num_qk), triton.next_power_of_2(half)
-        k_cache, v_cache, slots = cache if cache is not None else (out, out, out)
+        k_cache, v_cache, slots, k_scale, v_scale = cache if cache is not None else (out, out, out, None, None)
         assert k_cache.stride() == v_cache.stride() and k_cache.stride(2) == 1
+        fp8 = k_scale is not None
         _kernels()[1][(t,)](qkv, cos, sin, q_weight if qk_norm else cos, k_weight if qk_norm else cos, out, slots,
-                            k_cache, v_cache, eps, qkv.stride(0), qkv.stride(1), cos.stride(0), out.stride(0),
-                            out.stride(1), k_cache.stride(0), k_cache.stride(1), NUM_Q=num_heads, NUM_QK=num_qk,
+                            k_cache, v_cache, k_scale if fp8 else out, v_scale if fp8 else out, eps, qkv.stride(0),
+                            qkv.stride(1), cos.stride(0), out.stride(0), out.stride(1), k_cache.stride(0),
+                            k_cache.stride(1), k_scale.stride(0) if fp8 else 0, NUM_Q=num_heads, NUM_QK=num_qk,
                             HEADS_P2=heads_p2, HALF=half, HALF_P2=half_p2, QK_NORM=qk_norm,
                             STORE_KV=cache is not None, KV_P2=triton.next_power_of_2(num_kv_heads),
-                            FP8_CACHE=k_cache.dtype == FP8,
+                            FP8_CACHE=fp8,
                             num_warps=_warps(heads_p2 * half_p2))
     return out
 

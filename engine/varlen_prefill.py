@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from engine.attention import read_kv
 from engine.context import Context
 from engine.transfer import to_device
 
@@ -52,10 +53,10 @@ class VarlenPrefill:
         cu = [to_device([0, *itertools.accumulate(lens)], self.device, torch.int32) for lens in (q_lens, k_lens)]
         return VarlenPrefillMeta(cu[0], cu[1], max(q_lens), max(k_lens), ctx.prefill_key_slots())
 
-    def __call__(self, q, k, v, k_cache, v_cache, scale: float, ctx: Context) -> torch.Tensor:
+    def __call__(self, q, k, v, pool, scale: float, ctx: Context) -> torch.Tensor:
         meta: VarlenPrefillMeta = ctx.prefill_meta
         if meta.kv_slots is not None:
-            k, v = k_cache[meta.kv_slots].to(q.dtype), v_cache[meta.kv_slots].to(q.dtype)
+            k, v = read_kv(pool, meta.kv_slots, q.dtype)
         return self._attend(q, k, v, meta.cu_q, meta.cu_k, meta.max_q, meta.max_k, ctx.causal, scale)
 
 

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 
 from engine import LLM
-from engine.attention import Attention
+from engine.attention import Attention, dequantized_kv, quantize_kv
 from engine.attention_backends import AttentionBackend, GatherDecode, PerSequencePrefill
 from engine.context import Context, PrefillSpan
 from engine.cuda_graphs import capture_sizes
@@ -31,6 +31,11 @@ def layer(heads: int, kv_heads: int, dim: int, num_blocks: int = 64) -> Attentio
     attn.v_cache = torch.randn(num_blocks * BLOCK, kv_heads, dim)
     attn.block_size = BLOCK
     return attn
+
+
+def pool_of(attn: Attention) -> tuple:
+    """The layer's pool as the prefill kernels take it (engine.attention.Pool)."""
+    return attn.k_cache, attn.v_cache, attn.k_scale, attn.v_scale
 
 
 def reference(attn: Attention, q, k, v, causal: bool) -> torch.Tensor:
@@ -88,7 +93,7 @@ def test_varlen_prefill_matches_per_sequence_attention(case, kernel):
     q, k, v, ctx, want = step(attn, chunks, causal, seed=len(case))
     prefill = PREFILLS[kernel](CPU)
     ctx.prefill_meta = prefill.prepare(ctx)
-    got = prefill(q, k, v, attn.k_cache, attn.v_cache, attn.scale, ctx)
+    got = prefill(q, k, v, pool_of(attn), attn.scale, ctx)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
@@ -128,7 +133,7 @@ def test_flash_varlen_call_passes_gqa_its_way(case, gqa):
     q, k, v, ctx, want = step(attn, chunks, causal, seed=len(case))
     prefill = VarlenPrefill(CPU, flash_attend(FAKE_VARLEN[gqa], gqa))
     ctx.prefill_meta = prefill.prepare(ctx)
-    torch.testing.assert_close(prefill(q, k, v, attn.k_cache, attn.v_cache, attn.scale, ctx), want, atol=2e-5, rtol=1e-4)
+    torch.testing.assert_close(prefill(q, k, v, pool_of(attn), attn.scale, ctx), want, atol=2e-5, rtol=1e-4)
 
 
 def test_flash_varlen_takes_the_first_gqa_way_that_checks_out():
@@ -163,7 +168,7 @@ def test_memory_efficient_varlen_call_matches_per_sequence_attention(case):
     q, k, v, ctx, want = step(attn, chunks, causal, seed=len(case))
     prefill = VarlenPrefill(CPU, efficient_attend(fake_efficient_attention_forward))
     ctx.prefill_meta = prefill.prepare(ctx)
-    got = prefill(q, k, v, attn.k_cache, attn.v_cache, attn.scale, ctx)
+    got = prefill(q, k, v, pool_of(attn), attn.scale, ctx)
     torch.testing.assert_close(got, want, atol=2e-5, rtol=1e-4)
 
 
@@ -217,8 +222,10 @@ def paged_decode_case(heads, kv_heads, dim, lengths, seed, pool_dtype=None):
     pool holds that dtype and the references read its values."""
     g = torch.Generator().manual_seed(seed)
     attn = layer(heads, kv_heads, dim, num_blocks=128)
-    if pool_dtype is not None:
-        attn.k_cache, attn.v_cache = (c.to(pool_dtype).float() for c in (attn.k_cache, attn.v_cache))
+    if pool_dtype is not None:  # a float8 pool: its values and scales, and the floats they stand for
+        (kq, attn.k_scale), (vq, attn.v_scale) = quantize_kv(attn.k_cache), quantize_kv(attn.v_cache)
+        attn.k_cache, attn.v_cache = dequantized_kv(kq, attn.k_scale, torch.float32), \
+            dequantized_kv(vq, attn.v_scale, torch.float32)
     blocks = torch.randperm(128, generator=g)
     width, used, table, refs = max(-(-n // BLOCK) for n in lengths), 0, [], []
     q = torch.randn(len(lengths), heads, dim, generator=g)
@@ -230,7 +237,7 @@ def paged_decode_case(heads, kv_heads, dim, lengths, seed, pool_dtype=None):
         refs.append(reference(attn, q[i:i + 1], attn.k_cache[slots], attn.v_cache[slots], False))
     ctx = Context(decode_block_table=torch.tensor(table), decode_context_lens=torch.tensor(lengths, dtype=torch.int32))
     if pool_dtype is not None:
-        attn.k_cache, attn.v_cache = attn.k_cache.to(pool_dtype), attn.v_cache.to(pool_dtype)
+        attn.k_cache, attn.v_cache = kq, vq
     return attn, q, ctx, torch.cat(refs)
 
 
@@ -261,6 +268,8 @@ def test_triton_paged_decode_matches_dense_attention(shape, dtype, split, pool_d
                                            pool_dtype=pool_dtype)
     dev = "cuda" if cuda else "cpu"
     attn.k_cache, attn.v_cache = (c.to(dev, pool_dtype or dtype) for c in (attn.k_cache, attn.v_cache))
+    if pool_dtype is not None:
+        attn.k_scale, attn.v_scale = attn.k_scale.to(dev), attn.v_scale.to(dev)
     q = q.to(dev, dtype)
     ctx.decode_block_table, ctx.decode_context_lens = ctx.decode_block_table.to(dev), ctx.decode_context_lens.to(dev)
     # split: contexts cut into partitions of one tile (300 slots: 5), merged by the second kernel; partitions

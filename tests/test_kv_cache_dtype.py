@@ -1,7 +1,7 @@
-"""kv_cache_dtype fp8: a float8 paged pool (half of bf16's bytes). Every reader converts its blocks back to
-the queries' dtype, so an engine on an fp8 pool computes exactly what one computes whose float pool holds the
-same rounded values, through every attention path (prefill with cached and chunked context, decode, the
-Triton paged kernel in Triton's interpreter)."""
+"""kv_cache_dtype fp8: a float8 paged pool with one scale per (token, kv head). Every reader dequantizes its
+blocks into the queries' dtype, so an engine on an fp8 pool computes exactly what one computes whose float pool
+holds the same dequantized values, through every attention path (prefill with cached and chunked context,
+decode, the Triton paged kernel in Triton's interpreter)."""
 import os
 
 import pytest
@@ -51,17 +51,20 @@ def test_an_fp8_pool_computes_as_its_rounded_values_in_a_float_pool(backend, tin
     fp8 = LLM(model, kv_cache_dtype="fp8", **kw)
     assert fp8.engine.runner.kv_cache.dtype == FP8
     got = run(fp8, backends()[backend])
-    real = attention.as_cache_values
-    monkeypatch.setattr(attention, "as_cache_values", lambda x, dtype: real(x, FP8).to(dtype))
+    monkeypatch.setattr(attention, "as_cache_values",
+                        lambda x, dtype: attention.dequantized_kv(*attention.quantize_kv(x), dtype))
     want = run(LLM(model, **kw), backends()[backend])
     assert got == want
 
 
 def test_an_fp8_pool_holds_more_tokens_in_the_same_memory(tiny_model):
-    model = tiny_model("llama")
-    blocks = {kv: LLM(model, dtype="float32", device="cpu", kv_cache_dtype=kv, kv_cache_memory_bytes=1 << 20)
-              .engine.kv.pool.num_blocks for kv in ("auto", "fp8")}
-    assert blocks["fp8"] == 4 * blocks["auto"]  # 1 byte a value against float32's 4
+    engines = {kv: LLM(tiny_model("llama"), dtype="float32", device="cpu", kv_cache_dtype=kv, block_size=16,
+                       kv_cache_memory_bytes=1 << 20).engine for kv in ("auto", "fp8")}
+    per_block = {kv: e.runner.kv_bytes_per_block(16) for kv, e in engines.items()}
+    # A head's 16 values of a token: 64 bytes in float32, 16 and a 4-byte scale in float8.
+    assert per_block["fp8"] * 64 == per_block["auto"] * 20
+    for kv, e in engines.items():
+        assert e.kv.pool.num_blocks == (1 << 20) // per_block[kv]
 
 
 def test_kv_cache_dtype_is_checked(tiny_model):
@@ -69,3 +72,20 @@ def test_kv_cache_dtype_is_checked(tiny_model):
         EngineConfig(model="m", kv_cache_dtype="int4")
     with pytest.raises(ValueError, match="kv_cache_dtype applies to decoder models"):
         LLM(tiny_model("bert"), dtype="float32", kv_cache_dtype="fp8")
+
+
+def test_compiled_steps_on_an_fp8_pool_run_one_graph_each(tiny_model):
+    """torch_compile traces the pool's quantizing write: decodes of one and of two, and a long prompt, from the
+    graphs compiled at start (a reshape in the write had specialised the decode graph on a batch of one), with
+    eager's tokens."""
+    model, kw = tiny_model("qwen3"), dict(dtype="float32", block_size=8, kv_cache_dtype="fp8")
+    prompts = [sentence(960 + i, n) for i, n in enumerate((5, 30, 60))]
+    params = SamplingParams(temperature=0.0, max_tokens=8, ignore_eos=True)
+
+    def tokens(llm):
+        return [o.outputs[0].token_ids for o in llm.generate(prompts[:1], params) + llm.generate(prompts[1:], params)]
+    eager = tokens(LLM(model, **kw))
+    llm = LLM(model, torch_compile=True, **kw)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    assert tokens(llm) == eager
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

@@ -94,22 +94,22 @@ def test_fused_rotary_writes_keys_and_values_into_the_cache_as_op_by_op(heads, q
 
 @pytest.mark.parametrize("heads", [(4, 4, 16), (8, 2, 32), (9, 3, 64)])
 def test_fused_rotary_writes_a_float8_pool_as_op_by_op(heads):
-    """kv_cache_dtype fp8: the kernel rounds keys and values to float8 itself (ties to even, saturating past 448)
-    and stores exactly what the op-by-op write stores, bit for bit."""
+    """kv_cache_dtype fp8: the kernel scales each kv head of each token by its absmax / 448 and rounds its
+    values to float8 itself, storing exactly what the op-by-op write stores, bit for bit, scales included."""
     h, kv, dim = heads
     t, num_slots = 11, 40
-    qkv = randn(t, h + 2 * kv, dim, seed=11) * 30
-    qkv[0, h + kv, :3] = torch.tensor([1000.0, -1000.0, 0.5 * (240 + 256)])  # saturates; a tie between two values
+    qkv = randn(t, h + 2 * kv, dim, seed=11) * torch.logspace(-3, 3, t, device=DEVICE)[:, None, None]
+    qkv[1, h + kv:] = 0.0  # a token whose values are all zero
     tables = randn(t, 1, dim, seed=12), randn(t, 1, dim, seed=13)
     slots = torch.randperm(num_slots, generator=torch.Generator().manual_seed(14))[:t].to(DEVICE)
-    pools = []
+    written = []
     for ops in (LayerOps(), FusedLayerOps()):
         cache = CacheWrite(*(torch.zeros(num_slots, kv, dim, device=DEVICE, dtype=torch.float8_e4m3fn)
-                             for _ in range(2)), slots)
+                             for _ in range(2)), slots, *(torch.zeros(num_slots, kv, device=DEVICE) for _ in range(2)))
         ops.attention_inputs(qkv, h, kv, tables, cache=cache)
-        pools.append(torch.stack(cache[:2]).view(torch.uint8))
-    assert torch.equal(pools[0], pools[1])
-    assert pools[0].float().abs().amax() > 0
+        written.append((torch.stack(cache[:2]).view(torch.uint8), torch.stack(cache[3:])))
+    assert torch.equal(written[0][0], written[1][0]) and torch.equal(written[0][1], written[1][1])
+    assert written[0][1].amax() > 0
 
 
 @pytest.mark.parametrize("width", [40, 1536, 2100])  # one program's block of columns, and more than one
