@@ -24,17 +24,12 @@ class CacheWrite(NamedTuple):
 def write_kv(cache: CacheWrite, k: torch.Tensor, v: torch.Tensor) -> None:
     for pool, scales, x in ((cache.k_cache, cache.k_scale, k), (cache.v_cache, cache.v_scale, v)):
         if scales is None:
-            pool.index_copy_(0, cache.slots, as_cache_values(x, pool.dtype))
+            pool.index_copy_(0, cache.slots, x)
             continue
         q, scale = quantize_kv(x)
         # index_copy_ has no float8 kernel: the same bytes as uint8.
         pool.view(torch.uint8).index_copy_(0, cache.slots, q.view(torch.uint8))
         scales.index_copy_(0, cache.slots, scale)
-
-
-def as_cache_values(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """x as a pool of that dtype keeps it (tests put float8's rounding here to build a float reference)."""
-    return x.to(dtype)
 
 
 def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

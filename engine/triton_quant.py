@@ -50,6 +50,7 @@ def quantize_rows(x: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, to
     """x [rows, n] (rows contiguous) -> dtype (float8 e4m3 or int8) rows and float32 scales [rows, 1], as
     quantize_fp8 / quantize_int8."""
     rows, n = x.shape
+    assert x.stride(1) == 1, "the kernel reads each row's values contiguously"
     q = torch.empty((rows, n), dtype=dtype, device=x.device)
     scale = torch.empty((rows, 1), dtype=torch.float32, device=x.device)
     if rows:

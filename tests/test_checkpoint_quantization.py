@@ -9,6 +9,7 @@ import torch
 import transformers as T
 from conftest import assert_pool_free, sentence
 from safetensors.torch import load_file, save_file
+from test_quantization import beside_hf
 
 from engine import LLM, SamplingParams
 from engine import checkpoint_quantization as CQ
@@ -99,14 +100,9 @@ def test_fp8_checkpoint_generates_as_hf_on_its_dequantized_weights(fmt, tiny_mod
     outs = llm.generate([sentence(810 + i, n) for i, n in enumerate((5, 30))],
                         SamplingParams(temperature=0.0, max_tokens=8, logprobs=1, ignore_eos=True))
     for out in outs:
-        c = out.outputs[0]
-        with torch.no_grad():
-            logits = hf(torch.tensor([out.prompt_token_ids + c.token_ids])).logits[0]
-        start = len(out.prompt_token_ids) - 1
-        for k, (tok, entry) in enumerate(zip(c.token_ids, c.logprobs)):
-            row = logits[start + k]
+        for tok, logprob, row in beside_hf(hf, out):
             assert row.argmax().item() == tok
-            assert abs(entry[tok].logprob - row.log_softmax(-1)[tok].item()) < 1e-4
+            assert abs(logprob - row.log_softmax(-1)[tok].item()) < 1e-4
     assert_pool_free(llm)
 
 

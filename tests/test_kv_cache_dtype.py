@@ -9,7 +9,7 @@ import torch
 from conftest import assert_pool_free, sentence
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine import attention
+from engine import attention, layer_ops
 from engine.attention_backends import AttentionBackend, GatherDecode, PerSequencePrefill
 from engine.varlen_prefill import VarlenPrefill, reference_attend
 
@@ -51,8 +51,10 @@ def test_an_fp8_pool_computes_as_its_rounded_values_in_a_float_pool(backend, tin
     fp8 = LLM(model, kv_cache_dtype="fp8", **kw)
     assert fp8.engine.runner.kv_cache.dtype == FP8
     got = run(fp8, backends()[backend])
-    monkeypatch.setattr(attention, "as_cache_values",
-                        lambda x, dtype: attention.dequantized_kv(*attention.quantize_kv(x), dtype))
+    # The reference: the same write into a float pool, of the values an fp8 pool dequantizes to.
+    write = layer_ops.write_kv
+    as_stored = lambda x: attention.dequantized_kv(*attention.quantize_kv(x), x.dtype)  # noqa: E731
+    monkeypatch.setattr(layer_ops, "write_kv", lambda cache, k, v: write(cache, as_stored(k), as_stored(v)))
     want = run(LLM(model, **kw), backends()[backend])
     assert got == want
 

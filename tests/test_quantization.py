@@ -254,6 +254,16 @@ def dequantized_reference(model_dir: str, method: str):
     return hf
 
 
+def beside_hf(hf, out) -> list[tuple[int, float, torch.Tensor]]:
+    """(token, the engine's logprob of it, Hugging Face's logits where it was chosen) for each generated token of
+    a generation output (logprobs=1), Hugging Face running the prompt and the tokens teacher-forced."""
+    c = out.outputs[0]
+    with torch.no_grad():
+        logits = hf(torch.tensor([out.prompt_token_ids + c.token_ids])).logits[0]
+    start = len(out.prompt_token_ids) - 1
+    return [(tok, entry[tok].logprob, logits[start + k]) for k, (tok, entry) in enumerate(zip(c.token_ids, c.logprobs))]
+
+
 @pytest.mark.parametrize("arch, method", [(arch, method) for method in Q.QUANTIZATION_METHODS
                                           for arch in ("llama", "qwen3")])
 def test_quantized_generation_follows_hf_on_the_dequantized_weights(arch, method, tiny_model):
@@ -263,19 +273,14 @@ def test_quantized_generation_follows_hf_on_the_dequantized_weights(arch, method
     prompts = [sentence(500 + i, n) for i, n in enumerate((5, 30))]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, logprobs=1, ignore_eos=True))
     for out in outs:
-        c = out.outputs[0]
-        with torch.no_grad():
-            logits = hf(torch.tensor([out.prompt_token_ids + c.token_ids])).logits[0]
-        start = len(out.prompt_token_ids) - 1
-        for k, (tok, entry) in enumerate(zip(c.token_ids, c.logprobs)):
-            row = logits[start + k]
+        for k, (tok, logprob, row) in enumerate(beside_hf(hf, out)):
             # int8: rows through the int8 x bf16 kernel carry bf16 activations (logprob errors seen up to
             # 0.09 here, logits of std ~1.6), so a token may differ from HF's only at a near-tie. w8a8 is
             # the same integer arithmetic as its reference, fp8 the same float8 products: only float rounding
             # differs (seen 2e-6).
             tol = 0.1 if method == "int8" else 1e-4
             assert row.max() - row[tok] < tol, f"step {k}: token {tok} is not HF's near-top"
-            assert abs(entry[tok].logprob - row.log_softmax(-1)[tok].item()) < tol
+            assert abs(logprob - row.log_softmax(-1)[tok].item()) < tol
     assert_pool_free(llm)
 
 
