@@ -622,6 +622,8 @@ def main() -> None:
     ap.add_argument("--quantization", default=None, help="run only the decode and rerank rows, the engine's decoders "
                     "quantized so (engine.quantization: int8, w8a8, fp8), the baselines unquantized")
     ap.add_argument("--kv-cache-dtype", default=None, help="as --quantization, for the engine's KV cache (fp8)")
+    ap.add_argument("--running", type=int, nargs="+", default=None,
+                    help="the decode rows' running counts (default 256 1024; --small 8 32)")
     ap.add_argument("--torch-compile", action="store_true",
                     help="also rows with torch_compile: embedding per dtype and rerank per shape (prefill steps "
                          "through the compiled model), decode per size and end to end (the CUDA graphs capture the "
@@ -635,6 +637,7 @@ def main() -> None:
     device = torch.device(args.device)
     args.limits = Limits(device, args.card_peaks)
     sizes = Sizes(args.small)
+    sizes.running = tuple(args.running or sizes.running)
     cpu = device.type == "cpu"
     dtype = args.dtype or ("float32" if cpu else "bfloat16")
     from engine.config import bf16_is_fast

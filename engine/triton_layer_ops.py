@@ -85,15 +85,17 @@ def _kernels():
             if FP8_CACHE:  # each head's row scaled by its absmax / 448, its values rounded exactly (triton_fp8)
                 k1, k2 = k1.to(tl.float32), k2.to(tl.float32)
                 k_scale = tl.maximum(tl.maximum(tl.max(tl.abs(k1), axis=1), tl.max(tl.abs(k2), axis=1)), 1e-12)
-                k_scale = k_scale / 448.0
-                k1, k2 = round_to_e4m3(k1 / k_scale[:, None]), round_to_e4m3(k2 / k_scale[:, None])
+                k_scale = tl.math.div_rn(k_scale, 448.0)  # as quantization._row_scales
+                k1 = round_to_e4m3(tl.math.div_rn(k1, k_scale[:, None]))
+                k2 = round_to_e4m3(tl.math.div_rn(k2, k_scale[:, None]))
                 rows = tl.arange(0, HEADS_P2)  # the tile's heads, as a vector
                 tl.store(ks_ptr + slot * stride_ss + tl.where(rows >= NUM_Q, rows - NUM_Q, 0), k_scale,
                          mask=(rows >= NUM_Q) & (rows < NUM_QK))
                 v1, v2 = v1.to(tl.float32), v2.to(tl.float32)
                 v_scale = tl.maximum(tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1)), 1e-12)
-                v_scale = v_scale / 448.0
-                v1, v2 = round_to_e4m3(v1 / v_scale[:, None]), round_to_e4m3(v2 / v_scale[:, None])
+                v_scale = tl.math.div_rn(v_scale, 448.0)
+                v1 = round_to_e4m3(tl.math.div_rn(v1, v_scale[:, None]))
+                v2 = round_to_e4m3(tl.math.div_rn(v2, v_scale[:, None]))
                 v_rows = tl.arange(0, KV_P2)
                 tl.store(vs_ptr + slot * stride_ss + v_rows, v_scale, mask=v_rows < NUM_QK - NUM_Q)
             k_dst = k_cache_ptr + slot * stride_cs + kv_head * stride_ch + d

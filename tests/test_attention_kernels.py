@@ -203,7 +203,7 @@ def test_cuda_varlen_prefill_matches_per_sequence_attention(case, dtype):
     ctx.slot_mapping = ctx.slot_mapping.cuda()
     prefill = VarlenPrefill(torch.device("cuda"), attend)
     ctx.prefill_meta = prefill.prepare(ctx)
-    got = prefill(*(t.cuda().to(dtype) for t in (q, k, v)), attn.k_cache, attn.v_cache, attn.scale, ctx)
+    got = prefill(*(t.cuda().to(dtype) for t in (q, k, v)), pool_of(attn), attn.scale, ctx)
     tol = dict(atol=3e-2, rtol=3e-2) if dtype == torch.bfloat16 else dict(atol=1e-4, rtol=1e-4)
     torch.testing.assert_close(got.float().cpu(), want, **tol)
 

@@ -46,6 +46,8 @@ def fp8_reference(x: torch.Tensor, layer: Q.QuantizedLinear) -> torch.Tensor:
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("rows", [1, 5, 200])
 def test_fp8_linear_takes_scaled_mm_and_matches_its_quantized_numbers(rows, dtype, monkeypatch):
+    if Q.scaled_mm_out_dtype(torch.device("cpu"), dtype) is None:  # seen on a GPU box's host CPU
+        pytest.skip("this CPU's torch._scaled_mm is missing or differs from the float reference")
     torch.manual_seed(rows)
     w, b = torch.randn(48, 64).to(dtype), torch.randn(48).to(dtype)
     x = (torch.randn(rows, 64) * torch.logspace(-2, 2, rows)[:, None]).to(dtype)  # tokens of very different ranges
@@ -90,6 +92,17 @@ def triton_device() -> str:
     return "cuda" if torch.cuda.is_available() else "cpu"
 
 
+@pytest.mark.parametrize("device", ["cpu"] + (["cuda"] if torch.cuda.is_available() else []))
+@pytest.mark.parametrize("quantize, largest", [(Q.quantize_fp8, 448.0), (Q.quantize_int8, 127.0)])
+def test_scales_are_correctly_rounded_quotients_on_every_device(quantize, largest, device):
+    """absmax / largest rounded once, as the Triton kernels divide: not CUDA's multiplication by a scalar's
+    reciprocal (on an H200 the kernel's scales differed from such a reference in the last bit)."""
+    x = torch.rand(4000, 8, generator=torch.Generator().manual_seed(0)) * torch.logspace(-6, 6, 4000)[:, None]
+    _, scale = quantize(x.to(device))
+    want = (x.double().abs().amax(-1, keepdim=True) / largest).float()
+    assert torch.equal(scale.cpu(), want)
+
+
 @pytest.mark.parametrize("method", ["fp8", "w8a8"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("n", [64, 576, 4096 + 576])
@@ -111,12 +124,7 @@ def test_quantization_kernel_gives_the_pytorch_quantizers_numbers(n, dtype, meth
     (q, scale), (want_q, want_scale) = kernel(x), reference(x)
     assert q.dtype == qdtype and scale.shape == (9, 1)
     assert torch.equal(scale, want_scale)
-    if dev == "cpu":  # one division in both
-        assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
-    else:  # the GPU's float32 division may round a quotient at a boundary the other way: one step
-        want = Q.dequantize(want_q, want_scale, torch.float32)
-        step = want_scale if method == "w8a8" else want.abs() / 8 + want_scale * 2.0 ** -9
-        assert torch.all((Q.dequantize(q, scale, torch.float32) - want).abs() <= step)
+    assert torch.equal(q.view(torch.uint8), want_q.view(torch.uint8))
     assert kernel(x[:0])[0].shape == (0, n)
     assert triton_quant.checks_out(torch.device(dev), qdtype)
 
@@ -124,13 +132,14 @@ def test_quantization_kernel_gives_the_pytorch_quantizers_numbers(n, dtype, meth
 @pytest.mark.parametrize("method", ["fp8", "w8a8"])
 def test_layer_on_the_quantization_kernel_computes_the_same_numbers(method):
     from engine import triton_quant
-    triton_device()
+    dev = triton_device()
     torch.manual_seed(4)
-    layer = Q.QuantizedLinear(torch.randn(48, 64), torch.randn(48), method)
-    x = torch.randn(5, 64) * torch.logspace(-2, 2, 5)[:, None]
-    want = layer(x)
-    if method == "w8a8":  # the GPU's path: torch._int_mm padded past 16 rows, the kernel's int8 activations
+    layer = Q.QuantizedLinear(torch.randn(48, 64, device=dev), torch.randn(48, device=dev), method)
+    x = torch.randn(5, 64, device=dev) * torch.logspace(-2, 2, 5, device=dev)[:, None]
+    if method == "w8a8":  # the GPU's path: torch._int_mm padded past 16 rows
         layer.matmul = Q._gpu_w8a8_matmul
+    layer.quantize_activations = Q.quantize_int8 if method == "w8a8" else Q.quantize_fp8
+    want = layer(x)
     layer.quantize_activations = triton_quant.quantize_int8_rows if method == "w8a8" else triton_quant.quantize_fp8_rows
     assert torch.equal(layer(x), want)
 
@@ -272,13 +281,14 @@ def test_quantized_generation_follows_hf_on_the_dequantized_weights(arch, method
     hf = dequantized_reference(model_dir, method)
     prompts = [sentence(500 + i, n) for i, n in enumerate((5, 30))]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, logprobs=1, ignore_eos=True))
+    # int8 (the CPU's int8 x bf16 kernel) and fp8 on CUDA (its row-wise _scaled_mm writes only bf16) carry bf16
+    # activations (logprob errors seen up to 0.09 and 0.12, logits of std ~1.6), so a token may differ from
+    # HF's only at a near-tie. w8a8 is the same integer arithmetic as its reference, fp8 elsewhere the same
+    # float8 products: only float rounding differs (seen 2e-6).
+    bf16_rows = method == "int8" or (method == "fp8" and llm.engine.runner.device.type == "cuda")
+    tol = 0.15 if bf16_rows else 1e-4
     for out in outs:
         for k, (tok, logprob, row) in enumerate(beside_hf(hf, out)):
-            # int8: rows through the int8 x bf16 kernel carry bf16 activations (logprob errors seen up to
-            # 0.09 here, logits of std ~1.6), so a token may differ from HF's only at a near-tie. w8a8 is
-            # the same integer arithmetic as its reference, fp8 the same float8 products: only float rounding
-            # differs (seen 2e-6).
-            tol = 0.1 if method == "int8" else 1e-4
             assert row.max() - row[tok] < tol, f"step {k}: token {tok} is not HF's near-top"
             assert abs(logprob - row.log_softmax(-1)[tok].item()) < tol
     assert_pool_free(llm)
@@ -320,7 +330,10 @@ def test_memory_a_quantized_model_frees_goes_to_the_kv_pool(monkeypatch):
 
 @pytest.mark.parametrize("method, warns", [("int8", False), ("w8a8", False), ("fp8", True)])
 def test_an_emulated_quantization_is_announced(method, warns, tiny_model, caplog):
-    """On this CPU int8 and w8a8 have their kernels; fp8 has none (no fp8 units): the engine says so."""
+    """On a CPU int8 and w8a8 have their kernels; fp8 has none (no fp8 units): the engine says so. On a GPU int8
+    has none (fp8 has on Ada / Hopper, w8a8 from Ampere on)."""
     with caplog.at_level("WARNING", logger="engine.quantization"):
-        LLM(tiny_model("llama"), dtype="float32", quantization=method)
+        llm = LLM(tiny_model("llama"), dtype="float32", quantization=method)
+    if llm.engine.runner.device.type == "cuda":
+        warns = method == "int8" or torch.cuda.get_device_capability() < {"w8a8": (8, 0), "fp8": (8, 9)}[method]
     assert ("runs emulated" in caplog.text) == warns
