@@ -20,7 +20,7 @@ Needs only torch, transformers, sentence-transformers and this repository's engi
     the host's waiting share as above;
   - greedy parity: engine vs HF `generate`, fp32, identical token sequences out of N.
 
-With --quantization (e.g. fp8) or --kv-cache-dtype fp8 only the decode-step and rerank rows run, the engine's
+With --quantization (e.g. fp8) or --kv-cache-dtype fp8 only the decode-step, long-context and rerank rows run, the engine's
 decoders quantized that way and the baselines as they are (the same dtype's HF, so the ratio includes what
 quantizing gives up: the quality column says how much for the rerank scores); their physical-limit column is
 not computed.
@@ -321,19 +321,21 @@ def long_context_rows(args, sizes: Sizes, device: torch.device, dtype: str, path
     prompts = [random_ids(rng, context, hf.config.vocab_size) for _ in range(n)]
     hf_ms = hf_decode_step_ms(hf.to(getattr(torch, dtype)), prompts, sizes.decode_steps, device)
     free(device)
-    split_ms = engine_decode_step_ms(long, device, dtype, path, prompts, async_scheduling=True)
+    split_ms = engine_decode_step_ms(long, device, dtype, path, prompts, async_scheduling=True, **args.engine_options)
     default = triton_decode.TritonPagedDecode
     triton_decode.TritonPagedDecode = lambda *a, **kw: default()  # every engine built meanwhile: never split
     try:
-        whole_ms = engine_decode_step_ms(long, device, dtype, path, prompts, async_scheduling=True)
+        whole_ms = engine_decode_step_ms(long, device, dtype, path, prompts, async_scheduling=True,
+                                         **args.engine_options)
     finally:
         triton_decode.TritonPagedDecode = default
     at = context + 3 + sizes.decode_steps // 2
-    return [[f"decode step, {n} running at {context:,} tokens of context, random {args.decoder_shape}, {dtype}, "
-             "contexts split (async scheduling)", "ms (tok/s)", f"{split_ms:.2f} ({n / split_ms * 1e3:,.0f})",
-             f"{hf_ms:.2f} ({n / hf_ms * 1e3:,.0f})", ratio(hf_ms, split_ms),
-             f"contexts not split: {whole_ms:.2f} ms", "HF forward step, DynamicCache",
-             args.limits.cell([DecoderCost(hf.config, dtype).decode([at] * n)], dtype, n, "tok/s", n / split_ms * 1e3)]]
+    limit = "-" if args.engine_options else args.limits.cell([DecoderCost(hf.config, dtype).decode([at] * n)], dtype,
+                                                             n, "tok/s", n / split_ms * 1e3)
+    return [[f"decode step, {n} running at {context:,} tokens of context, random {args.decoder_shape}, "
+             f"{weights_label(dtype, args.engine_options)}, contexts split (async scheduling)", "ms (tok/s)",
+             f"{split_ms:.2f} ({n / split_ms * 1e3:,.0f})", f"{hf_ms:.2f} ({n / hf_ms * 1e3:,.0f})",
+             ratio(hf_ms, split_ms), f"contexts not split: {whole_ms:.2f} ms", "HF forward step, DynamicCache", limit]]
 
 
 def weights_label(dtype: str, options: dict) -> str:
@@ -619,7 +621,7 @@ def main() -> None:
     ap.add_argument("--card-peaks", type=lambda v: tuple(map(float, v.split(","))), default=None,
                     metavar="BF16,FP32,TBPS", help="the card's dense bf16 and fp32 TFLOP/s and memory TB/s, for the "
                     f"physical-limit column on a card not in {', '.join(CARD_PEAKS)} (e.g. A100 SXM: 312,19.5,2.0)")
-    ap.add_argument("--quantization", default=None, help="run only the decode and rerank rows, the engine's decoders "
+    ap.add_argument("--quantization", default=None, help="run only the decode, long-context and rerank rows, the engine's decoders "
                     "quantized so (engine.quantization: int8, w8a8, fp8), the baselines unquantized")
     ap.add_argument("--kv-cache-dtype", default=None, help="as --quantization, for the engine's KV cache (fp8)")
     ap.add_argument("--running", type=int, nargs="+", default=None,
@@ -632,7 +634,7 @@ def main() -> None:
     args.engine_options = {name: value for name, value in
                            (("quantization", args.quantization), ("kv_cache_dtype", args.kv_cache_dtype)) if value}
     if args.engine_options:
-        args.skip = sorted(set(args.skip) | {"embed", "long", "e2e", "streams", "parity"})
+        args.skip = sorted(set(args.skip) | {"embed", "e2e", "streams", "parity"})
     args.decoder_shape = "llama-1b" if not args.small else "tiny llama"
     device = torch.device(args.device)
     args.limits = Limits(device, args.card_peaks)

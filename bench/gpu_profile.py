@@ -2,11 +2,11 @@
 
 torch.profiler over three of its workloads, each after a warm-up: decode steps at 256 running on the random
 1B-shape Llama (eager, every kernel launched by itself, and replayed from the CUDA graphs), the SmolLM2-shape
-yes/no rerank of 4 x 100 pairs, and the fp32 MiniLM embedding of 1,000 SciFact documents. For each: the wall
-time, the device's busy time (its kernels' time summed: the rest of the wall time the device waited on the
-host) and the kernels that took most of it, grouped by name.
+yes/no rerank of 4 x 100 pairs and the fp32 MiniLM embedding of 1,000 SciFact documents, each eager and with
+torch_compile. For each: the wall time, the device's busy time (its kernels' time summed: the rest of the wall
+time the device waited on the host) and the kernels that took most of it, grouped by name.
 
-    python bench/gpu_profile.py --model .gpu/minilm --data .gpu/scifact    # on one GPU, ~1-2 min
+    python bench/gpu_profile.py --model .gpu/minilm --data .gpu/scifact    # on one GPU, ~2-3 min
     python bench/gpu_profile.py --small                                      # CPU smoke run (CPU ops)"""
 import os
 import random
@@ -23,6 +23,7 @@ from gpu import (Sizes, arguments, decoding_engine, embedding_corpus, engine_llm
                  random_ids, rerank_texts, sync)
 
 TOP = 12
+MODES = {False: "eager", True: "torch_compile"}  # on the card torch_compile lost on these two rows (README)
 
 
 def profiled(device: torch.device, label: str, fn) -> None:
@@ -71,27 +72,29 @@ def rerank(sizes: Sizes, device: torch.device, dtype: str, small: bool) -> None:
         queries, documents = rerank_texts(sizes, random_decoder("smollm2-135m", small, device, path).config.vocab_size)
         free(device)
         flat_q = [q for q in queries for _ in range(sizes.docs)]
-        llm = engine_llm(path, dtype, task="score", score_tokens=("no", "yes"), max_model_len=1024,
-                         max_num_batched_tokens=16384, max_num_seqs=256, device=str(device))
-        llm.score(flat_q, [d for ds in documents() for d in ds])
-        docs = [d for ds in documents() for d in ds]
-        profiled(device, f"yes/no rerank {len(docs)} pairs, SmolLM2-135M shape, {dtype}, eager",
-                 lambda: llm.score(flat_q, docs))
-        del llm
-        free(device)
+        for compiled in (False, True):
+            llm = engine_llm(path, dtype, task="score", score_tokens=("no", "yes"), max_model_len=1024,
+                             max_num_batched_tokens=16384, max_num_seqs=256, device=str(device), torch_compile=compiled)
+            llm.score(flat_q, [d for ds in documents() for d in ds])
+            docs = [d for ds in documents() for d in ds]
+            profiled(device, f"yes/no rerank {len(docs)} pairs, SmolLM2-135M shape, {dtype}, {MODES[compiled]}",
+                     lambda: llm.score(flat_q, docs))
+            del llm
+            free(device)
 
 
 def embed(args, sizes: Sizes, device: torch.device) -> None:
     from engine.loader import resolve_model
     corpus, _, _, source = embedding_corpus(args.data)
     docs = list(corpus.values())[:sizes.embed_docs or 1000]
-    llm = engine_llm(resolve_model(args.model), "float32", task="embed", max_model_len=256,
-                     max_num_batched_tokens=32768, device=str(device))
-    llm.embed(docs[:64], truncate_prompt_tokens=-1)
-    profiled(device, f"embed {len(docs)} docs ({source}), MiniLM-L6, float32",
-             lambda: llm.embed(docs, truncate_prompt_tokens=-1))
-    del llm
-    free(device)
+    for compiled in (False, True):
+        llm = engine_llm(resolve_model(args.model), "float32", task="embed", max_model_len=256,
+                         max_num_batched_tokens=32768, device=str(device), torch_compile=compiled)
+        llm.embed(docs[:64], truncate_prompt_tokens=-1)
+        profiled(device, f"embed {len(docs)} docs ({source}), MiniLM-L6, float32, {MODES[compiled]}",
+                 lambda: llm.embed(docs, truncate_prompt_tokens=-1))
+        del llm
+        free(device)
 
 
 def main() -> None:

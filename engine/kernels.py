@@ -1,6 +1,7 @@
 """The one place where CUDA-only kernels are chosen; every other device gets the portable PyTorch ones, so
 the engine stays device-agnostic: attention (engine.attention_backends), a decoder layer's elementwise
 passes (engine.layer_ops) and fp8 / w8a8 layers' quantization of their inputs (engine.triton_quant)."""
+import functools
 import logging
 
 import torch
@@ -42,6 +43,7 @@ def select_layer_ops(device: torch.device, dtype: torch.dtype, spec, kv_dtype: t
     return LayerOps()
 
 
+@functools.cache  # one choice (and at most one warning) per device and method, not one per layer
 def select_activation_quantizer(device: torch.device, method: str):
     """Per-token quantization of a layer's input for the fp8 or w8a8 method: one Triton kernel on CUDA where it
     matches the PyTorch quantizer on the device, else that quantizer's ops."""
