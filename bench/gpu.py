@@ -12,8 +12,8 @@ Needs only torch, transformers, sentence-transformers and this repository's engi
   - 256 prompts x 128 tokens -> 128 tokens end to end, engine LLM.generate vs HF `generate`, one batch, and
     the share of the run the engine's host spent waiting for the device (which of the two bounds it), with
     --torch-compile also compiled;
-  - the same requests as DELTA streams through AsyncLLM, the engine on a thread and in its own process,
-    vs LLM.generate's final-only outputs;
+  - the same requests as DELTA streams through AsyncLLM, read as the server reads them (every 50 ms) with the
+    engine on a thread and in its own process, and read every step, vs LLM.generate's final-only outputs;
   - yes/no reranking, 4 queries x 100 documents of ~280 tokens a pair, on random SmolLM2-135M and
     Qwen3-Reranker-0.6B shapes, engine LLM.score vs HF, one left-padded batch per query, both from text
     (the same prompt template and tokenizer; with --torch-compile also the engine with torch_compile), and
@@ -65,6 +65,8 @@ SHAPES = {
                                                 num_key_value_heads=8, head_dim=128, intermediate_size=3072,
                                                 vocab_size=151669, tie_word_embeddings=True)),
 }
+# How often the server hands a stream its tokens (deployments.limits: stream_batching_interval_ms's default).
+SERVER_STREAM_INTERVAL_S = 0.05
 SMALL_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                    intermediate_size=128, vocab_size=512)
 
@@ -467,9 +469,11 @@ def generation_limit(args, sizes: Sizes, dtype: str, cfg, tokens_per_s: float) -
 
 
 def streams_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str, cfg) -> list[list]:
-    """The end-to-end requests as DELTA streams through AsyncLLM, read as a server reads them, the engine on
-    a thread of the caller's process or in a process of its own (engine_process), against LLM.generate's
-    final-only outputs of the same requests in the same run."""
+    """The end-to-end requests as DELTA streams through AsyncLLM, read as the server reads them (one output per
+    limits.stream_batching_interval_ms, its default 50 ms, the steps between merged), the engine on a thread of
+    the caller's process or in a process of its own (engine_process, the CUDA default), and in its own process
+    read every step (a stream's worst case: every reader woken and every token handed over each step), against
+    LLM.generate's final-only outputs of the same requests in the same run."""
     import asyncio
 
     from engine import EngineConfig, SamplingParams
@@ -487,12 +491,13 @@ def streams_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str
     free(device)
     stream = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
     rows = []
-    for process in (False, True):
+    for process, interval_s in ((False, SERVER_STREAM_INTERVAL_S), (True, SERVER_STREAM_INTERVAL_S), (True, 0.0)):
         async def run() -> float:
             engine = AsyncLLM(EngineConfig(model=path, dtype=dtype, engine_process=process, **kw))
 
             async def read(ids: list[int]) -> int:
-                return sum([len(out.outputs[0].token_ids) async for out in engine.generate(ids, stream)])
+                return sum([len(out.outputs[0].token_ids)
+                            async for out in engine.generate(ids, stream, interval_s=interval_s)])
             try:
                 await asyncio.gather(*[read(p) for p in prompts[:4]])  # warm-up
                 t = time.perf_counter()
@@ -504,8 +509,10 @@ def streams_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str
             return secs
         secs = asyncio.run(run())
         free(device)
+        read_as = f"read every {interval_s * 1e3:.0f} ms" if interval_s else "read every step"
         rows.append([f"{sizes.e2e} DELTA streams x {sizes.prompt} -> {n_out} tokens through AsyncLLM, engine "
-                     + ("in its own process" if process else "on a thread") + f", random {args.decoder_shape}, {dtype}",
+                     + ("in its own process" if process else "on a thread")
+                     + f", {read_as}, random {args.decoder_shape}, {dtype}",
                      "out tok/s", f"{total / secs:,.0f}", f"{total / base_secs:,.0f}", ratio(base_secs, secs), "",
                      "engine LLM.generate, final-only", generation_limit(args, sizes, dtype, cfg, total / secs)])
     return rows
