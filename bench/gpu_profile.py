@@ -4,15 +4,18 @@ torch.profiler over three of its workloads, each after a warm-up: decode steps a
 1B-shape Llama (eager, every kernel launched by itself, and replayed from the CUDA graphs), the SmolLM2-shape
 yes/no rerank of 4 x 100 pairs and the fp32 MiniLM embedding of 1,000 SciFact documents, each eager and with
 torch_compile. For each: the wall time, the device's busy time (its kernels' time summed: the rest of the wall
-time the device waited on the host) and the kernels that took most of it, grouped by name.
+time the device waited on the host) and the kernels that took most of it, grouped by name; for the rerank and
+embedding rows also a second run's host phases (host_phases), which say where a host-bound row's time goes.
 
     python bench/gpu_profile.py --model .gpu/minilm --data .gpu/scifact    # on one GPU, ~2-3 min
     python bench/gpu_profile.py --small                                      # CPU smoke run (CPU ops)"""
+import collections
 import os
 import random
 import sys
 import tempfile
 import time
+from contextlib import contextmanager
 
 import torch
 from torch.profiler import ProfilerActivity, profile
@@ -52,6 +55,52 @@ def profiled(device: torch.device, label: str, fn) -> None:
                 [[name[:90], calls, f"{us / 1e3:.2f}", f"{100 * us / 1e3 / busy:.1f}"] for name, (calls, us) in top]))
 
 
+@contextmanager
+def host_phases(llm):
+    """Seconds of an LLM pooling call's host phases, as a Counter: encoding its inputs (input processor),
+    scheduling, preparing and launching each step (ModelRunner.execute: on a GPU the Python and launch overhead
+    of the step's kernels, on a CPU their work too), waiting for each step's results (StepResult.get: the
+    device's share where the host waits) and building outputs; the wall time's remainder is the rest of the
+    engine's and LLM's Python."""
+    from engine.model_runner import StepResult
+    eng, spent = llm.engine, collections.Counter()
+
+    def timed(fn, label):
+        def wrapper(*args, **kwargs):
+            t = time.perf_counter()
+            try:
+                return fn(*args, **kwargs)
+            finally:
+                spent[label] += time.perf_counter() - t
+        return wrapper
+    patched = [(eng.input_processor, name, "encode inputs") for name in ("embed", "score", "classify")] + [
+        (eng.scheduler, "schedule", "schedule"), (eng.runner, "execute", "prepare and launch steps"),
+        (eng.output_processor, "process_pooled", "build outputs")]
+    for obj, name, label in patched:  # instance attributes shadow the methods until deleted
+        setattr(obj, name, timed(getattr(obj, name), label))
+    get = StepResult.get
+    StepResult.get = timed(get, "wait for results")
+    try:
+        yield spent
+    finally:
+        StepResult.get = get
+        for obj, name, _ in patched:
+            delattr(obj, name)
+
+
+def phases_table(device: torch.device, label: str, llm, fn) -> None:
+    """One more (unprofiled) run of fn, its wall time split into host_phases."""
+    sync(device)
+    with host_phases(llm) as spent:
+        t = time.perf_counter()
+        fn()
+        sync(device)
+        wall = time.perf_counter() - t
+    spent["other host work"] = wall - sum(spent.values())
+    print(f"\n{label}, host phases (wall {wall * 1e3:.1f} ms):\n")
+    print(table(["phase", "ms", "% of wall"], [[k, f"{v * 1e3:.1f}", f"{100 * v / wall:.0f}"] for k, v in spent.items()]))
+
+
 def decode(sizes: Sizes, device: torch.device, dtype: str, path: str, vocab: int, n: int) -> None:
     rng = random.Random(n)
     prompts = [random_ids(rng, sizes.prompt, vocab) for _ in range(n)]
@@ -77,8 +126,10 @@ def rerank(sizes: Sizes, device: torch.device, dtype: str, small: bool) -> None:
                              max_num_batched_tokens=16384, max_num_seqs=256, device=str(device), torch_compile=compiled)
             llm.score(flat_q, [d for ds in documents() for d in ds])
             docs = [d for ds in documents() for d in ds]
-            profiled(device, f"yes/no rerank {len(docs)} pairs, SmolLM2-135M shape, {dtype}, {MODES[compiled]}",
-                     lambda: llm.score(flat_q, docs))
+            label = f"yes/no rerank {len(docs)} pairs, SmolLM2-135M shape, {dtype}, {MODES[compiled]}"
+            profiled(device, label, lambda: llm.score(flat_q, docs))
+            docs = [d for ds in documents() for d in ds]  # fresh documents: no prefix-cache hits on them
+            phases_table(device, label, llm, lambda: llm.score(flat_q, docs))
             del llm
             free(device)
 
@@ -91,8 +142,9 @@ def embed(args, sizes: Sizes, device: torch.device) -> None:
         llm = engine_llm(resolve_model(args.model), "float32", task="embed", max_model_len=256,
                          max_num_batched_tokens=32768, device=str(device), torch_compile=compiled)
         llm.embed(docs[:64], truncate_prompt_tokens=-1)
-        profiled(device, f"embed {len(docs)} docs ({source}), MiniLM-L6, float32, {MODES[compiled]}",
-                 lambda: llm.embed(docs, truncate_prompt_tokens=-1))
+        label = f"embed {len(docs)} docs ({source}), MiniLM-L6, float32, {MODES[compiled]}"
+        profiled(device, label, lambda: llm.embed(docs, truncate_prompt_tokens=-1))
+        phases_table(device, label, llm, lambda: llm.embed(docs, truncate_prompt_tokens=-1))
         del llm
         free(device)
 
