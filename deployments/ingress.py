@@ -19,7 +19,7 @@ from ray import serve
 from ray.serve.handle import DeploymentHandle
 from starlette.exceptions import HTTPException
 from starlette.requests import Request
-from starlette.responses import JSONResponse, PlainTextResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, PlainTextResponse, Response
 
 from cluster import replica_stats
 from deployments.errors import APIError, error_body, to_error
@@ -30,7 +30,7 @@ from deployments.protocol import (
     EmbeddingRequest, ModelInfo, ModelList, RerankRequest, ScoreRequest, TokenizeRequest)
 from deployments.retry import RetryPolicy, call_with_retry, unless_disconnected
 from deployments.security import ApiKeyMiddleware, BodyLimitMiddleware
-from deployments.sse import data_events
+from deployments.sse import EventStream, data_events
 
 # (HTTP method, path, OpenAIIngress method). Paths are vLLM's; rerank also answers Cohere's /v2.
 ROUTES = [
@@ -140,7 +140,7 @@ class OpenAIIngress:
         except Exception as exc:
             return error_response(exc)
         chunks, first = answer
-        return StreamingResponse(data_events(first, chunks), media_type="text/event-stream")
+        return EventStream(data_events(first, chunks), chunks)
 
     # ---- routes ---------------------------------------------------------------------------------
     async def list_models(self) -> Response:

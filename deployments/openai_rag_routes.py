@@ -16,7 +16,6 @@ by handle and answers its dict as JSON, errors in the API's one shape (deploymen
 The OpenAI-Beta header and unknown body fields are ignored. Store files and batches that are
 still in_progress carry `openai-poll-after-ms`, so the SDK's *_and_poll helpers poll quickly.
 """
-import asyncio
 import json
 import mimetypes
 from collections.abc import AsyncIterator
@@ -24,14 +23,14 @@ from typing import Literal
 
 from fastapi import APIRouter, File, Form, Query, UploadFile
 from ray.serve.handle import DeploymentHandle, DeploymentResponseGenerator
-from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.responses import JSONResponse, Response
 
 from deployments.errors import to_error
 from deployments.protocol import ChatCompletionRequest
 from deployments.rag_protocol import (
     POLL_AFTER_MS, FileBatchCreateRequest, ResponsesRequest, VectorStoreCreateRequest, VectorStoreFileCreateRequest,
     VectorStoreFileUpdateRequest, VectorStoreSearchRequest, VectorStoreUpdateRequest)
-from deployments.sse import data_events
+from deployments.sse import EventStream, data_events
 
 Order = Literal["asc", "desc"]
 Status = Literal["in_progress", "completed", "failed", "cancelled"]
@@ -61,7 +60,7 @@ async def rag_chat(rag: DeploymentHandle, body: ChatCompletionRequest) -> Respon
         first = await anext(chunks)  # before the headers: a rejected request keeps its status
     except Exception as exc:
         return error_json(exc)
-    return StreamingResponse(data_events(first, chunks), media_type="text/event-stream")
+    return EventStream(data_events(first, chunks), chunks)
 
 
 def rag_router(rag: DeploymentHandle) -> APIRouter:
@@ -175,7 +174,7 @@ def rag_router(rag: DeploymentHandle) -> APIRouter:
             first = await anext(events)  # before the headers: a rejected request keeps its status
         except Exception as exc:
             return error_json(exc)
-        return StreamingResponse(sse(first, events), media_type="text/event-stream")
+        return EventStream(sse(first, events), events)
 
     @router.get("/v1/responses/{response_id}")
     async def get_response(response_id: str) -> Response:
@@ -200,9 +199,6 @@ async def sse(first: dict, rest: DeploymentResponseGenerator) -> AsyncIterator[s
         async for event in rest:
             seq = event["sequence_number"]
             yield frame(event)
-    except asyncio.CancelledError:  # the client went away: stop generating
-        rest.cancel()
-        raise
     except Exception as exc:
         error = to_error(exc)[0].error
         yield frame({"type": "error", "sequence_number": seq + 1, "code": str(error.code), "message": error.message,

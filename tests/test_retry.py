@@ -1,13 +1,16 @@
 """Units of the ingress's retry layer (deployments.retry) on stand-ins for Serve's handle calls: a call
 whose replica dies is re-run only within its bounds, and a call no replica can take ends in a 503
-instead of waiting forever. The multi-node tests (tests/test_cluster.py) do the same through Ray."""
+instead of waiting forever, and a client that leaves a stream cancels the deployment's stream. The
+multi-node tests (tests/test_cluster.py) do the same through Ray."""
 import asyncio
 
 import pytest
 from ray.exceptions import ActorDiedError
+from starlette.requests import ClientDisconnect
 
 from deployments.errors import APIError, to_error
 from deployments.retry import RetryPolicy, call_with_retry
+from deployments.sse import EventStream, data_events
 
 
 class Call:
@@ -116,3 +119,64 @@ def test_a_replacement_replica_takes_the_call(replicas):
         return call
     answer, made = run([taken_later], RetryPolicy(retry_budget_s=0.5), replicas=replicas)
     assert answer == "answer" and not made[0].cancelled
+
+
+# ---- a client that leaves a stream --------------------------------------------------------------
+class Stream:
+    """A deployment stream: `chunks` chunks at once, then (if `more`) waits forever for the next."""
+
+    def __init__(self, chunks: int, more: bool):
+        self.chunks, self.more, self.cancelled = chunks, more, False
+
+    def cancel(self) -> None:
+        self.cancelled = True
+
+    async def __aiter__(self):
+        for i in range(self.chunks):
+            yield {"n": i}
+        if self.more:
+            await asyncio.Event().wait()
+
+
+def relay(upstream: Stream, leaves: str, asgi: str = "2.0") -> list[bytes]:
+    """Serve an EventStream of upstream; the client leaves `while-sending` a chunk (its send never
+    completes), `while-waiting` for the next chunk, or `never`. Returns the bodies sent."""
+    sent, first_body = [], asyncio.Event()
+
+    async def send(message):
+        if message["type"] == "http.response.body":
+            if leaves == "while-sending" and sent:
+                if asgi == "2.4":
+                    raise OSError("connection reset")
+                await asyncio.Event().wait()
+            sent.append(message["body"])
+            first_body.set()
+
+    async def receive():
+        if leaves == "never":
+            await asyncio.Event().wait()
+        await first_body.wait()
+        return {"type": "http.disconnect"}
+
+    async def main():
+        response = EventStream(data_events(None, upstream), upstream)
+        await asyncio.wait_for(response({"type": "http", "asgi": {"spec_version": asgi}}, receive, send), 10)
+
+    try:
+        asyncio.run(main())
+    except ClientDisconnect:
+        pass
+    return sent
+
+
+@pytest.mark.parametrize("leaves,asgi", [("while-sending", "2.0"), ("while-sending", "2.4"), ("while-waiting", "2.0")])
+def test_a_client_that_leaves_mid_stream_cancels_the_deployment_stream(leaves, asgi):
+    upstream = Stream(chunks=3 if leaves == "while-sending" else 1, more=True)
+    sent = relay(upstream, leaves, asgi)
+    assert upstream.cancelled and sent[0] == b'data: {"n": 0}\n\n'
+
+
+def test_a_stream_that_ends_is_not_cancelled():
+    upstream = Stream(chunks=2, more=False)
+    assert relay(upstream, "never") == [b'data: {"n": 0}\n\n', b'data: {"n": 1}\n\n', b"data: [DONE]\n\n", b""]
+    assert not upstream.cancelled
