@@ -31,32 +31,40 @@ class CompiledModel:
             return self._forward(input_ids, positions, token_type_ids)
 
     @torch.inference_mode()
-    def warm_up(self, runner, decode: bool) -> None:
-        """Compile now, not on the first request: a two-token prefill and, for a model that decodes, one
-        token decoded, into the pool's scratch block where there is a pool."""
+    def warm_up(self, runner, decode: bool, prefill_tokens: int, decode_rows: int) -> None:
+        """Compile now, not on the first request: a prefill step of prefill_tokens tokens and, for a model that
+        decodes, a decode step of decode_rows rows, into the pool's scratch block where there is a pool. The
+        largest steps the engine runs, as vLLM's compile run: Inductor generates (and on a GPU autotunes once)
+        each kernel's launch configuration for the sizes of the first inputs it sees, so a tiny warm-up step
+        leaves every later large step with a tiny step's block sizes and reduction splits."""
         dev = runner.device
-        contexts = [Context(causal=runner.is_decoder, prefills=[PrefillSpan(0, 2, 2)], num_prefill_tokens=2)]
+        span = min(prefill_tokens, runner.max_model_len)  # positions stay inside the model's table
+        bounds = [(start, min(start + span, prefill_tokens)) for start in range(0, prefill_tokens, span)]
+        contexts = [Context(causal=runner.is_decoder, prefills=[PrefillSpan(s, e, e - s) for s, e in bounds],
+                            num_prefill_tokens=prefill_tokens)]
+        positions = [torch.arange(prefill_tokens, device=dev) % span]
         if runner.prunes_output_rows:  # prefill steps name their output rows (engine.model_runner)
-            contexts[0].output_rows = torch.arange(2, device=dev)
+            contexts[0].output_rows = torch.tensor([e - 1 for _, e in bounds], device=dev)
         if runner.num_blocks:
             bs, scratch = runner.block_size, runner.scratch_block
-            contexts[0].slot_mapping = torch.arange(2, device=dev) + scratch * bs
+            contexts[0].slot_mapping = torch.arange(prefill_tokens, device=dev) % bs + scratch * bs
             if decode:
-                contexts.append(Context(causal=True, slot_mapping=torch.tensor([scratch * bs], device=dev),
-                                        decode_block_table=torch.tensor([[scratch]], device=dev),
-                                        decode_context_lens=torch.ones(1, dtype=torch.int32, device=dev)))
-        for ctx in contexts:
+                contexts.append(Context(
+                    causal=True, slot_mapping=torch.full((decode_rows,), scratch * bs, device=dev),
+                    decode_block_table=torch.full((decode_rows, 1), scratch, device=dev),
+                    decode_context_lens=torch.ones(decode_rows, dtype=torch.int32, device=dev)))
+                positions.append(torch.zeros(decode_rows, dtype=torch.long, device=dev))
+        for ctx, pos in zip(contexts, positions):
             runner.attention_backend.prepare(ctx, runner.block_size)
-            n = ctx.num_prefill_tokens or 1
-            input_ids, positions = (torch.arange(n, device=dev) for _ in range(2))
+            input_ids = torch.zeros_like(pos)
             # Every dimension of every step input the graph sees is symbolic; weights and the pool keep
             # static shapes.
-            for t in (input_ids, positions, ctx.slot_mapping, ctx.decode_block_table, ctx.decode_context_lens,
+            for t in (input_ids, pos, ctx.slot_mapping, ctx.decode_block_table, ctx.decode_context_lens,
                       ctx.decode_meta, ctx.output_rows):
                 if isinstance(t, torch.Tensor):
                     torch._dynamo.mark_dynamic(t, list(range(t.dim())))
             set_context(ctx)
             try:
-                self(input_ids, positions)
+                self(input_ids, pos)
             finally:
                 set_context(Context())

@@ -89,7 +89,7 @@ class LLMEngine:
                                        self.max_model_len, device)
             self.runner.allocate_kv_cache(num_blocks, config.block_size)
         if config.torch_compile:  # before the capture: the graphs then replay the compiled model
-            self.runner.compile(decode=self.task == "generate")
+            self.runner.compile(self.task == "generate", config.max_num_batched_tokens, config.max_num_seqs)
         if self.is_decoder:
             if self.task == "generate" and not config.enforce_eager:  # pooling models never decode
                 self.runner.capture_decode_graphs(config.max_num_seqs)

@@ -108,14 +108,14 @@ class ModelRunner:
                 return
         self.decode_graphs = DecodeGraphs(self, max_num_seqs, capture)
 
-    def compile(self, decode: bool) -> None:
+    def compile(self, decode: bool, prefill_tokens: int, decode_rows: int) -> None:
         """Engine option torch_compile, compiled here rather than on the first request: quantized layers take
         their fused kernels for prefill-sized inputs, and prefill steps and (where the model generates)
         decode steps each run one compiled graph of the whole model (decode replayed from CUDA graphs where
         they are captured afterwards)."""
         compile_quantized_layers(self.model)
         self.compiled = CompiledModel(self.model)
-        self.compiled.warm_up(self, decode)
+        self.compiled.warm_up(self, decode, prefill_tokens, decode_rows)
 
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:

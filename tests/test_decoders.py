@@ -12,6 +12,7 @@ import transformers as T
 
 from conftest import assert_pool_free, sentence
 from engine import LLM, PoolingParams, SamplingParams
+from engine.compiled_model import CompiledModel
 from engine.context import get_context
 from engine.loader import resolve_model
 from engine.params import RequestOutputKind
@@ -541,6 +542,25 @@ def test_compiled_decode_generates_as_eager_from_one_graph(tiny_model):
         assert ca.token_ids == cb.token_ids
         for tok, ea, eb in zip(ca.token_ids, ca.logprobs, cb.logprobs):
             assert abs(ea[tok].logprob - eb[tok].logprob) < 1e-4
+    assert_pool_free(llm)
+
+
+def test_compile_warms_up_with_the_largest_steps(tiny_model, monkeypatch):
+    """Inductor sizes each kernel's launch configuration (block sizes, reduction splits; autotuned once on a
+    GPU) for the first inputs it sees: the warm-up runs the engine's largest prefill step, in spans the
+    model's positions hold, and its largest decode batch, not a token or two."""
+    seen, call = [], CompiledModel.__call__
+
+    def spy(self, input_ids, positions, token_type_ids=None):
+        ctx = get_context()
+        seen.append((len(input_ids), int(positions.max()), len(ctx.prefills), ctx.decode_block_table is not None))
+        return call(self, input_ids, positions, token_type_ids)
+    monkeypatch.setattr(CompiledModel, "__call__", spy)
+    llm = LLM(tiny_model("llama"), dtype="float32", block_size=8, max_model_len=64, max_num_batched_tokens=160,
+              max_num_seqs=5, torch_compile=True)
+    assert seen == [(160, 63, 3, False), (5, 0, 0, True)]
+    out = llm.generate([sentence(720, 9)], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3
     assert_pool_free(llm)
 
 
