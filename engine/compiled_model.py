@@ -16,7 +16,7 @@ restarts."""
 import torch
 import torch.fx.experimental._config as fx_config
 
-from engine.context import Context, PrefillSpan, set_context
+from engine.context import Context, set_context
 
 _SHAPES = fx_config.patch(backed_size_oblivious=True, use_duck_shape=False)
 _FLOATS = torch._dynamo.config.patch(specialize_float=True)
@@ -38,24 +38,17 @@ class CompiledModel:
         each kernel's launch configuration for the sizes of the first inputs it sees, so a tiny warm-up step
         leaves every later large step with a tiny step's block sizes and reduction splits."""
         dev = runner.device
-        span = min(prefill_tokens, runner.max_model_len)  # positions stay inside the model's table
-        bounds = [(start, min(start + span, prefill_tokens)) for start in range(0, prefill_tokens, span)]
-        contexts = [Context(causal=runner.is_decoder, prefills=[PrefillSpan(s, e, e - s) for s, e in bounds],
-                            num_prefill_tokens=prefill_tokens)]
-        positions = [torch.arange(prefill_tokens, device=dev) % span]
-        if runner.prunes_output_rows:  # prefill steps name their output rows (engine.model_runner)
-            contexts[0].output_rows = torch.tensor([e - 1 for _, e in bounds], device=dev)
-        if runner.num_blocks:
+        prefill, pos = runner.largest_prefill(prefill_tokens)
+        contexts, positions = [prefill], [pos]
+        if runner.num_blocks and decode:
             bs, scratch = runner.block_size, runner.scratch_block
-            contexts[0].slot_mapping = torch.arange(prefill_tokens, device=dev) % bs + scratch * bs
-            if decode:
-                contexts.append(Context(
-                    causal=True, slot_mapping=torch.full((decode_rows,), scratch * bs, device=dev),
-                    decode_block_table=torch.full((decode_rows, 1), scratch, device=dev),
-                    decode_context_lens=torch.ones(decode_rows, dtype=torch.int32, device=dev)))
-                positions.append(torch.zeros(decode_rows, dtype=torch.long, device=dev))
+            contexts.append(Context(
+                causal=True, slot_mapping=torch.full((decode_rows,), scratch * bs, device=dev),
+                decode_block_table=torch.full((decode_rows, 1), scratch, device=dev),
+                decode_context_lens=torch.ones(decode_rows, dtype=torch.int32, device=dev)))
+            positions.append(torch.zeros(decode_rows, dtype=torch.long, device=dev))
+            runner.attention_backend.prepare(contexts[1], bs)
         for ctx, pos in zip(contexts, positions):
-            runner.attention_backend.prepare(ctx, runner.block_size)
             input_ids = torch.zeros_like(pos)
             # Every dimension of every step input the graph sees is symbolic; weights and the pool keep
             # static shapes.

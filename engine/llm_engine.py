@@ -85,8 +85,10 @@ class LLMEngine:
         kv = None
         eos = self._eos_token_ids()
         if self.is_decoder:
-            num_blocks = num_kv_blocks(config, self.runner.kv_bytes_per_block(config.block_size),
-                                       self.max_model_len, device)
+            sampled_rows = min(config.max_num_seqs, config.max_num_batched_tokens) if self.task == "generate" else 0
+            num_blocks = num_kv_blocks(config, self.runner.kv_bytes_per_block(config.block_size), self.max_model_len,
+                                       device, lambda: self.runner.run_largest_step(config.max_num_batched_tokens,
+                                                                                    sampled_rows))
             self.runner.allocate_kv_cache(num_blocks, config.block_size)
         if config.torch_compile:  # before the capture: the graphs then replay the compiled model
             self.runner.compile(self.task == "generate", config.max_num_batched_tokens, config.max_num_seqs)

@@ -117,6 +117,37 @@ class ModelRunner:
         self.compiled = CompiledModel(self.model)
         self.compiled.warm_up(self, decode, prefill_tokens, decode_rows)
 
+    def largest_prefill(self, tokens: int) -> tuple[Context, torch.Tensor]:
+        """A prefill step of `tokens` tokens for warm-ups and memory profiling, and its positions: spans of at most
+        max_model_len (positions stay inside the model's tables), each one's last row an output row where the
+        model prunes rows, keys and values written to the pool's scratch block where there is a pool."""
+        dev = self.device
+        span = min(tokens, self.max_model_len)
+        bounds = [(start, min(start + span, tokens)) for start in range(0, tokens, span)]
+        ctx = Context(causal=self.is_decoder, prefills=[PrefillSpan(s, e, e - s) for s, e in bounds],
+                      num_prefill_tokens=tokens)
+        if self.prunes_output_rows:
+            ctx.output_rows = torch.tensor([e - 1 for _, e in bounds], device=dev)
+        if self.num_blocks:
+            ctx.slot_mapping = torch.arange(tokens, device=dev) % self.block_size + self.scratch_block * self.block_size
+        self.attention_backend.prepare(ctx, self.block_size)
+        return ctx, torch.arange(tokens, device=dev) % span
+
+    @torch.inference_mode()
+    def run_largest_step(self, tokens: int, sampled_rows: int) -> None:
+        """The eager forward of the largest prefill step, before the KV pool exists, and where the model
+        generates the logits of sampled_rows rows with a sort of them (the sampler's top-p on an accelerator):
+        what the device holds at most while it runs is what the pool must leave room for (vLLM's profile run)."""
+        ctx, positions = self.largest_prefill(tokens)
+        ctx.output_rows = None  # every row: the most a step's last layer can carry
+        set_context(ctx)
+        try:
+            hidden = self.model(torch.zeros_like(positions), positions)
+        finally:
+            set_context(Context())
+        if sampled_rows:
+            self.model.compute_logits(hidden[:sampled_rows]).float().sort(-1)
+
     @torch.inference_mode()
     def execute(self, sched: SchedulerOutput) -> StepResult:
         """Launches the step; the device may still be running it when this returns."""

@@ -315,19 +315,6 @@ def test_quantized_yes_no_reranker_matches_hf_on_the_dequantized_weights(method,
     assert_pool_free(llm)
 
 
-def test_memory_a_quantized_model_frees_goes_to_the_kv_pool(monkeypatch):
-    """On CUDA a quantized layer's float weights, freed after loading, stay in PyTorch's allocator cache, which
-    the driver reports as used: the pool is sized after that cache is given back."""
-    from engine.kv_sizing import num_kv_blocks
-    gib = 1 << 30
-    cache = {"held": 4 * gib}
-    monkeypatch.setattr(torch.cuda, "empty_cache", lambda: cache.update(held=0))
-    monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (10 * gib - cache["held"], 20 * gib))
-    config = EngineConfig(model="m", gpu_memory_utilization=0.9, max_num_seqs=10_000)
-    # free 10 GiB - (1 - 0.9) x 20 GiB = 8 GiB for blocks of 1 MiB
-    assert num_kv_blocks(config, 1 << 20, 4096, torch.device("cuda")) == 8 * 1024
-
-
 @pytest.mark.parametrize("method, warns", [("int8", False), ("w8a8", False), ("fp8", True)])
 def test_an_emulated_quantization_is_announced(method, warns, tiny_model, caplog):
     """On a CPU int8 and w8a8 have their kernels; fp8 has none (no fp8 units): the engine says so. On a GPU int8
