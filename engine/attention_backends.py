@@ -83,11 +83,9 @@ class GatherDecode:
         """Whole blocks of the pool [len(blocks), block_size * kv_heads * head_dim] in dtype (a float8 pool's
         dequantized)."""
         per_block = layer.block_size * layer.num_kv_heads
-        x = pool.view(-1, per_block * layer.head_dim).index_select(0, blocks)
-        if scales is None:
-            return x.to(dtype)
-        s = scales.view(-1, per_block).index_select(0, blocks)
-        return dequantized_kv(x.view(-1, per_block, layer.head_dim), s, dtype).flatten(1)
+        x = pool.view(-1, per_block, layer.head_dim).index_select(0, blocks)
+        s = None if scales is None else scales.view(-1, per_block).index_select(0, blocks)
+        return dequantized_kv(x, s, dtype).flatten(1)
 
 
 @dataclass(slots=True)

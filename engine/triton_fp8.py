@@ -9,7 +9,7 @@ try:
 except ImportError:  # no Triton: the kernels that call it are never built
     triton = None
 
-round_to_e4m3 = None
+round_to_e4m3 = quantize_row_halves = None
 if triton is not None:
     @triton.jit
     def round_to_e4m3(x):
@@ -21,3 +21,13 @@ if triton is not None:
         subnormal = (mag + 24576.0) - 24576.0
         mag = tl.minimum(tl.where(mag < 0.015625, subnormal, normal), 448.0)
         return tl.where(x < 0, -mag, mag)
+
+    @triton.jit
+    def quantize_row_halves(x1, x2):
+        # Rows held as two halves [rows, half]: each row's scale absmax / 448, divided with correct rounding as
+        # engine.quantization._row_scales (Triton's `/` is approximate on a GPU), and its values as e4m3.
+        x1, x2 = x1.to(tl.float32), x2.to(tl.float32)
+        amax = tl.maximum(tl.maximum(tl.max(tl.abs(x1), axis=1), tl.max(tl.abs(x2), axis=1)), 1e-12)
+        scale = tl.math.div_rn(amax, 448.0)
+        return (round_to_e4m3(tl.math.div_rn(x1, scale[:, None])), round_to_e4m3(tl.math.div_rn(x2, scale[:, None])),
+                scale)

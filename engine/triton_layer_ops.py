@@ -7,7 +7,7 @@ import functools
 import torch
 
 from engine.attention import CacheWrite
-from engine.triton_fp8 import round_to_e4m3
+from engine.triton_fp8 import quantize_row_halves
 
 MAX_ROW = 16384  # widest normalized row one program holds (Llama 3.1 405B's hidden size)
 ACTIVATION_BLOCK = 1024  # columns of the gated activation per program
@@ -83,19 +83,11 @@ def _kernels():
             v1, v2 = tl.load(v_src, mask=v_ok, other=0.0), tl.load(v_src + HALF, mask=v_ok, other=0.0)
             kv_head = tl.where(h >= NUM_Q, h - NUM_Q, 0)
             if FP8_CACHE:  # each head's row scaled by its absmax / 448, its values rounded exactly (triton_fp8)
-                k1, k2 = k1.to(tl.float32), k2.to(tl.float32)
-                k_scale = tl.maximum(tl.maximum(tl.max(tl.abs(k1), axis=1), tl.max(tl.abs(k2), axis=1)), 1e-12)
-                k_scale = tl.math.div_rn(k_scale, 448.0)  # as quantization._row_scales
-                k1 = round_to_e4m3(tl.math.div_rn(k1, k_scale[:, None]))
-                k2 = round_to_e4m3(tl.math.div_rn(k2, k_scale[:, None]))
+                k1, k2, k_scale = quantize_row_halves(k1, k2)
                 rows = tl.arange(0, HEADS_P2)  # the tile's heads, as a vector
                 tl.store(ks_ptr + slot * stride_ss + tl.where(rows >= NUM_Q, rows - NUM_Q, 0), k_scale,
                          mask=(rows >= NUM_Q) & (rows < NUM_QK))
-                v1, v2 = v1.to(tl.float32), v2.to(tl.float32)
-                v_scale = tl.maximum(tl.maximum(tl.max(tl.abs(v1), axis=1), tl.max(tl.abs(v2), axis=1)), 1e-12)
-                v_scale = tl.math.div_rn(v_scale, 448.0)
-                v1 = round_to_e4m3(tl.math.div_rn(v1, v_scale[:, None]))
-                v2 = round_to_e4m3(tl.math.div_rn(v2, v_scale[:, None]))
+                v1, v2, v_scale = quantize_row_halves(v1, v2)
                 v_rows = tl.arange(0, KV_P2)
                 tl.store(vs_ptr + slot * stride_ss + v_rows, v_scale, mask=v_rows < NUM_QK - NUM_Q)
             k_dst = k_cache_ptr + slot * stride_cs + kv_head * stride_ch + d
