@@ -116,6 +116,9 @@ class EngineThread:
     def close(self) -> None:
         self._inbox.put(("shutdown",))
         self._thread.join(timeout=10)
+        # The engine reports to its caller (on_batch_start), which holds this host: a cycle, and the start-up
+        # heap it was built in is frozen (engine.heap), so only dropping the engine here frees it.
+        self.engine = None
 
 
 class EngineProcess:

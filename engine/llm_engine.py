@@ -1,6 +1,4 @@
 """The engine: requests in, one scheduled step at a time, outputs out."""
-import atexit
-import gc
 import itertools
 from collections import deque
 from collections.abc import Callable
@@ -11,6 +9,7 @@ import torch
 
 from engine.checkpoint_quantization import checkpoint_weights
 from engine.config import EngineConfig, keep_freed_memory, set_num_threads
+from engine.heap import freeze_heap
 from engine.input_processor import InputProcessor, InputSpec, PoolingJob
 from engine.kv_cache_manager import KVCacheManager
 from engine.kv_sizing import num_kv_blocks
@@ -28,24 +27,6 @@ from engine.sampler import Sampler
 from engine.scheduler import Scheduler
 from engine.task import resolve_max_model_len, resolve_task
 from engine.tokenizer import RerankTemplate, load_tokenizer, rerank_template
-
-# A young-generation collection every this many net allocations, not Python's 700: a step's outputs die
-# young, so collections then (almost) never run mid-decode (CPU, 1,024 DELTA streams: ~1 ms a step -> 0).
-YOUNG_GC_THRESHOLD = 10_000
-
-
-def _freeze_heap() -> None:
-    """The model, tokenizer, compiled graphs and everything imported live as long as the engine: moved out of
-    the collector's reach, the full collections that steps' garbage triggers no longer walk them (CPU, 1,024
-    running: one took ~230 ms, ~6 ms a step over 40 steps). vLLM freezes its heap too."""
-    gc.collect()
-    gc.freeze()
-    gc.set_threshold(YOUNG_GC_THRESHOLD, *gc.get_threshold()[1:])
-
-
-# Frozen objects are not collected even at exit, where extension modules (Triton's) would then report them
-# as leaked.
-atexit.register(gc.unfreeze)
 
 
 class LLMEngine:
@@ -116,7 +97,7 @@ class LLMEngine:
         # Called with a stats snapshot when a step's batch starts (AsyncLLM publishes it to /metrics).
         self.on_batch_start: Callable[[dict], None] | None = None
         self._ids = itertools.count()
-        _freeze_heap()
+        freeze_heap()
 
     # ---- set-up -------------------------------------------------------------------------------
     def _setup_pooling(self) -> None:

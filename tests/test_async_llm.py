@@ -5,15 +5,18 @@ engine, and a paced or lagging reader gets the steps it did not read merged into
 OutputCollector); with and without async scheduling, the loop on a thread or in a process of its own.
 In a process of its own, errors keep their type across the pipe and a dead engine fails what waits."""
 import asyncio
+import gc
 import os
 import signal
 import threading
 import time
+import weakref
 
 import pytest
 
 from conftest import assert_pool_free, sentence
 from engine import LLM, AsyncLLM, EngineConfig, LLMEngine, SamplingParams
+from engine.heap import YOUNG_GC_THRESHOLD
 from engine.output_collector import OutputCollector
 from engine.outputs import CompletionOutput, Logprob, RequestOutput
 from engine.params import RequestOutputKind
@@ -330,3 +333,22 @@ def test_calls_become_requests_where_the_caller_runs(engine_process, tiny_model)
     want_scores = [o.outputs.score for o in LLM(tiny_model("llama"), dtype="float32", block_size=4, **score)
                    .score(PROMPTS[0], PROMPTS[1:4])]
     assert [o.outputs.score for o in got["score"]] == pytest.approx(want_scores, abs=1e-6)
+
+
+@pytest.mark.parametrize("engine_process", [False, True], ids=["thread", "engine-process"])
+def test_the_callers_start_up_heap_is_frozen_and_a_shut_down_engine_is_freed(engine_process, tiny_model):
+    """The server's process freezes what it built, as the engine's does: with the engine in a process of its own
+    nothing froze it, and its full collections walked ~500k start-up objects (~250 ms each here) while every
+    stream waited. Frozen objects are never collected, so nothing of an AsyncLLM may sit in a reference cycle:
+    shut down and dropped, it goes at once."""
+    llm = AsyncLLM(EngineConfig(tiny_model("llama"), dtype="float32", block_size=8, engine_process=engine_process))
+    try:
+        assert asyncio.run(stream(llm, PROMPTS[0]))[2] == "length"
+        tracked = {id(o) for o in gc.get_objects()}
+        assert id(llm.tokenizer) not in tracked and id(llm._inputs) not in tracked
+        assert gc.get_threshold()[0] == YOUNG_GC_THRESHOLD
+    finally:
+        llm.shutdown()
+    freed = weakref.ref(llm)
+    del llm
+    assert freed() is None
