@@ -20,7 +20,8 @@ each `limits.stream_batching_interval_ms` in `--intervals`, on the tests' 2-laye
 steps are nearly free, as a GPU's are next to Ray's cost per streamed chunk, so what is measured is
 the serving path (`--model` runs a real one, e.g. SmolLM2 with `--threads 2`; `--hosts thread process`
 runs the engine on a thread of the replica and in a process of its own). Baseline: the same streams
-read from the in-process AsyncLLM, its engine hosted the same way.
+read from the in-process AsyncLLM, its engine hosted the same way. Each row also gives the client's time
+between a stream's consecutive chunks (p99 and the longest): a stalled stream shows there.
 """
 import argparse
 import asyncio
@@ -155,27 +156,34 @@ async def scifact_over_http(port: int, concurrency: int, batch: int) -> list[lis
 STREAM_TOKENS = 128
 
 
-async def http_streams(port: int, model: str, concurrency: int) -> tuple[float, int]:
-    """(tokens/s, SSE chunks) of `concurrency` streams at once, after one warm-up stream."""
+async def http_streams(port: int, model: str, concurrency: int) -> tuple[float, int, list[float]]:
+    """(tokens/s, SSE chunks, the seconds between a stream's consecutive chunks) of `concurrency` streams at
+    once, after one warm-up stream."""
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    gaps: list[float] = []
     async with httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}", timeout=600, limits=limits) as client:
         async def one(i: int) -> tuple[int, int]:
-            chunks, tokens = 0, 0
+            chunks, tokens, last = 0, 0, None
             body = {"model": model, "prompt": f"Story {i}: once upon a time", "max_tokens": STREAM_TOKENS,
                     "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
             async with client.stream("POST", "/v1/completions", json=body) as r:
                 r.raise_for_status()
                 async for line in r.aiter_lines():
                     if line.startswith("data: {"):
+                        now = time.perf_counter()
+                        if last is not None:
+                            gaps.append(now - last)
+                        last = now
                         chunk = json.loads(line[6:])
                         chunks += bool(chunk["choices"])
                         tokens = chunk["usage"]["completion_tokens"] if chunk.get("usage") else tokens
             return chunks, tokens
         await one(-1)
+        gaps.clear()
         start = time.perf_counter()
         done = await asyncio.gather(*(one(i) for i in range(concurrency)))
         seconds = time.perf_counter() - start
-    return sum(t for _, t in done) / seconds, sum(c for c, _ in done)
+    return sum(t for _, t in done) / seconds, sum(c for c, _ in done), gaps
 
 
 async def in_process_streams(model: str, concurrency: int, threads: int, engine_process: bool) -> float:
@@ -212,10 +220,10 @@ def streams(port: int, concurrency: int, intervals: list[float], model: str | No
             serve.run(build_app(AppArgs(models=[args], limits={"stream_batching_interval_ms": interval},
                                         ingress_deployment_config={"ray_actor_options": {"num_cpus": 0.1}})),
                       name="bench", route_prefix="/", blocking=False)
-            tok_s, chunks = asyncio.run(http_streams(port, model, concurrency))
+            tok_s, chunks, gaps = asyncio.run(http_streams(port, model, concurrency))
             serve.delete("bench")
             rows.append([host, f"{interval:g}", tok_s, chunks / concurrency, concurrency * STREAM_TOKENS / chunks,
-                         local, ratio(tok_s, local)])
+                         f"{pct(gaps, 99) * 1e3:.0f} / {max(gaps) * 1e3:.0f}", local, ratio(tok_s, local)])
     return rows
 
 
@@ -246,7 +254,7 @@ def main() -> None:
         serve.shutdown()
         ray.shutdown()
         print(table(["engine runs in", "stream_batching_interval_ms", "HTTP tok/s", "chunks a stream",
-                     "tokens a chunk", "in-process tok/s", "HTTP / in-process"], rows))
+                     "tokens a chunk", "chunk gap p99 / max ms", "in-process tok/s", "HTTP / in-process"], rows))
         return
     if args.scifact:
         print_machine("SciFact through /v1/embeddings", extra={

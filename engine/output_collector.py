@@ -17,18 +17,18 @@ from engine.params import RequestOutputKind
 
 
 class OutputCollector:
-    __slots__ = ("_merge", "_pending", "_waiter", "_not_before")
+    __slots__ = ("_merge", "_pending", "_waiter", "_due")
 
     def __init__(self, kind: RequestOutputKind):
         self._merge = kind is RequestOutputKind.DELTA
         self._pending: RequestOutput | Exception | None = None
         self._waiter: asyncio.Future | None = None  # the waiting reader's
-        self._not_before = 0.0  # the waiting reader's time (event loop clock); its timer wakes it then
+        self._due = True  # the waiting reader's time has come: what is put may be taken
 
     def put(self, out: RequestOutput | Exception) -> None:
         """On the reader's event loop. An error replaces whatever is pending and stays. The reader is
-        woken only when it can take what is pending: an error, the last output, or the first output
-        since its last read once its time has come."""
+        woken only when it can take what is pending: an error, the last output, or any output once its
+        time has come."""
         pending = self._pending
         if isinstance(pending, Exception):
             return
@@ -37,30 +37,42 @@ class OutputCollector:
         else:
             self._pending = out
         waiter = self._waiter
-        if waiter is not None and (isinstance(out, Exception) or out.finished or pending is None
-                                   and waiter.get_loop().time() >= self._not_before):
+        if waiter is not None and (self._due or isinstance(out, Exception) or out.finished):
             _wake(waiter)
 
     async def get(self, not_before: float = 0.0) -> RequestOutput:
         """Everything put since the last get, as one output. Waits for one, and then, unless it ends
-        the request, until the event loop's clock reaches not_before."""
+        the request, until the event loop's clock reaches not_before.
+
+        The clock is read once: the loop's timer decides when not_before has come. uvloop (Ray Serve's
+        loop) keeps its time in whole milliseconds, fires a timer within the millisecond it is due (a
+        hair before not_before, which carries the float noise of time + interval) and may tick between
+        two reads; comparing the clock again after each wake-up left a reader waiting with its tokens
+        pending and no timer, until its request ended (streams stalled 0.7-2.3 s through Serve)."""
         loop = asyncio.get_running_loop()
-        while True:
-            out = self._pending
-            if out is not None and (isinstance(out, Exception) or out.finished or loop.time() >= not_before):
-                self._pending = None
-                if isinstance(out, Exception):
-                    raise out
-                return out
-            self._waiter = waiter = loop.create_future()
-            self._not_before = not_before
-            timer = loop.call_at(not_before, _wake, waiter) if not_before > loop.time() else None
-            try:
-                await waiter
-            finally:
-                self._waiter = None
-                if timer is not None:
-                    timer.cancel()
+        self._due = loop.time() >= not_before
+        timer = None if self._due else loop.call_at(not_before, self._come_due)
+        try:
+            while True:
+                out = self._pending
+                if out is not None and (self._due or isinstance(out, Exception) or out.finished):
+                    self._pending = None
+                    if isinstance(out, Exception):
+                        raise out
+                    return out
+                self._waiter = loop.create_future()
+                try:
+                    await self._waiter
+                finally:
+                    self._waiter = None
+        finally:
+            if timer is not None:
+                timer.cancel()
+
+    def _come_due(self) -> None:
+        self._due = True
+        if self._pending is not None and self._waiter is not None:
+            _wake(self._waiter)
 
 
 def _wake(waiter: asyncio.Future) -> None:
