@@ -48,7 +48,7 @@ class OutputCollector:
         loop) keeps its time in whole milliseconds, fires a timer within the millisecond it is due (a
         hair before not_before, which carries the float noise of time + interval) and may tick between
         two reads; comparing the clock again after each wake-up left a reader waiting with its tokens
-        pending and no timer, until its request ended (streams stalled 0.7-2.3 s through Serve)."""
+        pending and no timer, until its request ended (streams stalled 0.7-3.0 s through Serve)."""
         loop = asyncio.get_running_loop()
         self._due = loop.time() >= not_before
         timer = None if self._due else loop.call_at(not_before, self._come_due)

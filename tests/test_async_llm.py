@@ -171,7 +171,7 @@ def test_paced_readers_are_woken_when_their_time_comes_on_uvloop():
     and whose timers fire in the millisecond they are due, before a not_before a hair past it (time + interval
     often is, by float noise). The collector compared the clock again after each wake-up, and a tick between
     its two reads left a reader waiting with tokens pending and no timer until its request ended (streams
-    stalled 0.7-2.3 s through Serve, 64 at once; here ~8 of 64 readers in a run). 64 paced readers fed every
+    stalled 0.7-3.0 s through Serve, 64 at once; here ~8 of 64 readers in a run). 64 paced readers fed every
     ~0.5 ms: none may wait much longer than the others (a pause of the whole loop delays them all)."""
     uvloop = pytest.importorskip("uvloop")  # installed with ray[serve]
     interval, steps = 0.002, 2000
