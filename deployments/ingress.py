@@ -72,8 +72,9 @@ class OpenAIIngress:
         self.streams = {name: h.options(stream=True) for name, h in servers.items()}
         infos = await asyncio.gather(*(h.describe.remote() for h in servers.values()))
         self.models: dict[str, ModelInfo] = dict(zip(servers, infos))
-        # Ray, FastAPI and pydantic: ~115k objects a full collection would walk (~70 ms here) while every
-        # request and stream through this replica waits; streamed chunks' garbage triggers one now and then.
+        # Ray, FastAPI and pydantic: ~115k objects (imported outside a Ray worker) that a full collection would
+        # walk (~70 ms here) while every request and stream through this replica waits; streamed chunks'
+        # garbage triggers one now and then.
         freeze_heap()
 
     def __serve_build_asgi_app__(self) -> FastAPI:
