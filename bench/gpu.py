@@ -492,28 +492,34 @@ def streams_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: str
     stream = SamplingParams(temperature=0.0, max_tokens=n_out, ignore_eos=True, output_kind=RequestOutputKind.DELTA)
     rows = []
     for process, interval_s in ((False, SERVER_STREAM_INTERVAL_S), (True, SERVER_STREAM_INTERVAL_S), (True, 0.0)):
-        async def run() -> float:
+        async def run() -> tuple[float, float]:
             engine = AsyncLLM(EngineConfig(model=path, dtype=dtype, engine_process=process, **kw))
 
-            async def read(ids: list[int]) -> int:
-                return sum([len(out.outputs[0].token_ids)
-                            async for out in engine.generate(ids, stream, interval_s=interval_s)])
+            async def read(ids: list[int]) -> tuple[int, float]:
+                """(tokens, the longest wait between two of its outputs): a pause or a stalled stream shows there."""
+                tokens, longest, last = 0, 0.0, None
+                async for out in engine.generate(ids, stream, interval_s=interval_s):
+                    now = time.perf_counter()
+                    tokens += len(out.outputs[0].token_ids)
+                    longest, last = max(longest, now - (last or now)), now
+                return tokens, longest
             try:
                 await asyncio.gather(*[read(p) for p in prompts[:4]])  # warm-up
                 t = time.perf_counter()
-                counts = await asyncio.gather(*[read(p) for p in prompts])
+                reads = await asyncio.gather(*[read(p) for p in prompts])
                 secs = time.perf_counter() - t
             finally:
                 engine.shutdown()
-            assert sum(counts) == total
-            return secs
-        secs = asyncio.run(run())
+            assert sum(n for n, _ in reads) == total
+            return secs, max(gap for _, gap in reads)
+        secs, longest_gap = asyncio.run(run())
         free(device)
         read_as = f"read every {interval_s * 1e3:.0f} ms" if interval_s else "read every step"
         rows.append([f"{sizes.e2e} DELTA streams x {sizes.prompt} -> {n_out} tokens through AsyncLLM, engine "
                      + ("in its own process" if process else "on a thread")
                      + f", {read_as}, random {args.decoder_shape}, {dtype}",
-                     "out tok/s", f"{total / secs:,.0f}", f"{total / base_secs:,.0f}", ratio(base_secs, secs), "",
+                     "out tok/s", f"{total / secs:,.0f}", f"{total / base_secs:,.0f}", ratio(base_secs, secs),
+                     f"longest wait between a stream's outputs {longest_gap * 1e3:.0f} ms",
                      "engine LLM.generate, final-only", generation_limit(args, sizes, dtype, cfg, total / secs)])
     return rows
 
