@@ -64,7 +64,7 @@ class AsyncLLM:
         self._inputs = InputProcessor(self.tokenizer, info["input_spec"])
         # The engine froze the heap of the process it runs in; with the engine in a process of its own, this
         # one (the server's) was not: its full collections walked ~500k start-up objects, ~250 ms each on
-        # this project's CPU (2-3 in 300 steps of 256 streams), every stream stalled meanwhile.
+        # this project's CPU (one or more in 300 steps of 256 streams), every stream stalled meanwhile.
         freeze_heap()
 
     @classmethod

@@ -7,7 +7,7 @@ clients then sends one chunk per interval with the tokens of every step since th
 fixed cost (a Ray object, an SSE event, its JSON) is paid once per interval, not once per token, and
 the reader is woken once per interval, not once per step.
 
-A waiting reader is one bare future, resolved by the put that can wake it: with a thousand streams the
+A waiting reader is one bare future, resolved by the put (or its pacing timer) that can wake it: with a thousand streams the
 readers' wake-ups are a large share of a step's host time, and an asyncio.Event costs several times more
 (its waiter list, a clear and a set per output)."""
 import asyncio
@@ -44,11 +44,10 @@ class OutputCollector:
         """Everything put since the last get, as one output. Waits for one, and then, unless it ends
         the request, until the event loop's clock reaches not_before.
 
-        The clock is read once: the loop's timer decides when not_before has come. uvloop (Ray Serve's
-        loop) keeps its time in whole milliseconds, fires a timer within the millisecond it is due (a
-        hair before not_before, which carries the float noise of time + interval) and may tick between
-        two reads; comparing the clock again after each wake-up left a reader waiting with its tokens
-        pending and no timer, until its request ended (streams stalled 0.7-3.0 s through Serve)."""
+        The clock is read once, then the loop's own timer says when not_before has come: uvloop (Ray Serve's
+        loop) keeps whole milliseconds, fires a timer a hair before a not_before with float noise and may
+        tick between two reads, and a second comparison could leave a reader with tokens pending and no
+        timer until its request ended (streams stalled 0.7-3.0 s through Serve)."""
         loop = asyncio.get_running_loop()
         self._due = loop.time() >= not_before
         timer = None if self._due else loop.call_at(not_before, self._come_due)
