@@ -1,6 +1,7 @@
 """The pooling routes of a model server: embeddings, score, rerank, classify."""
 import base64
-import struct
+
+import numpy as np
 
 from deployments.protocol import (ClassificationData, ClassificationRequest, ClassificationResponse,
                                   EmbeddingRequest, EmbeddingResponse, EmbeddingResponseData, RerankDocument,
@@ -20,7 +21,7 @@ class PoolingServing:
         prompts = req.prompts()
         await self.admission.admit(prompts, "input")
         outs = await self.admission.pool(lambda chunk: self.engine.embed(chunk, params), prompts)
-        data = [EmbeddingResponseData(index=i, embedding=encode_embedding(o.outputs.embedding, req.encoding_format))
+        data = [EmbeddingResponseData(index=i, embedding=encode_embedding(o.outputs.data, req.encoding_format))
                 for i, o in enumerate(outs)]
         return EmbeddingResponse(model=self.name, data=data, usage=pooling_usage(outs))
 
@@ -62,8 +63,8 @@ def pooling_usage(outs) -> UsageInfo:
     return UsageInfo(prompt_tokens=n, total_tokens=n)
 
 
-def encode_embedding(vector: list[float], encoding_format: str) -> list[float] | str:
+def encode_embedding(vector: np.ndarray, encoding_format: str) -> list[float] | str:
     """base64 is little-endian float32 bytes, what the openai client decodes."""
     if encoding_format == "base64":
-        return base64.b64encode(struct.pack(f"<{len(vector)}f", *vector)).decode()
-    return vector
+        return base64.b64encode(vector.astype("<f4", copy=False).tobytes()).decode()
+    return vector.tolist()

@@ -10,6 +10,7 @@ import time
 from collections import Counter
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from engine.detokenizer import CallerDetokenizer, FinalDetokenizer, IncrementalDetokenizer, make_detokenizer
@@ -280,13 +281,13 @@ class OutputProcessor:
                                              num_cached_tokens=a.num_cached_tokens + b.num_cached_tokens))
         return outs
 
-    def _embeddings(self, data: list[torch.Tensor], params) -> list[list[float]]:
-        v = torch.stack(data).float()  # the call's vectors at once: one normalize, one conversion to lists
+    def _embeddings(self, data: list[torch.Tensor], params) -> list[np.ndarray]:
+        v = torch.stack(data).float()  # the call's vectors at once: one normalize, rows of one array
         if params.dimensions is not None:
             v = v[:, :params.dimensions]
         if self.normalize if params.normalize is None else params.normalize:
             v = torch.nn.functional.normalize(v, dim=1)
-        return v.tolist()
+        return list(v.numpy())
 
 
 def _pooling_output(req: Request, outputs) -> PoolingRequestOutput:

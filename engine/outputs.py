@@ -1,6 +1,8 @@
 """Output objects shaped like vLLM's, so code moves between the two with an import change."""
 from dataclasses import dataclass
 
+import numpy as np
+
 
 @dataclass(slots=True)
 class Logprob:
@@ -58,11 +60,18 @@ class RequestOutput:
 
 @dataclass(slots=True)
 class EmbeddingOutput:
-    embedding: list[float]
+    """data: the vector, float32 (vLLM's PoolingOutput.data); `embedding` is it as a list, made on access: a
+    corpus' vectors as Python floats cost more host time than a GPU spends embedding them, and a server encodes
+    base64 straight from the array."""
+    data: np.ndarray
+
+    @property
+    def embedding(self) -> list[float]:
+        return self.data.tolist()
 
     @property
     def hidden_size(self) -> int:
-        return len(self.embedding)
+        return self.data.shape[0]
 
 
 @dataclass(slots=True)

@@ -50,6 +50,7 @@ def test_base_model_embeddings_match_hf(family, pooling, tiny_model):
         want = h[0] if pooling == "cls" else h.mean(0)
         assert_close(r.outputs.embedding, want)
         assert_close(n.outputs.embedding, F.normalize(want, dim=0))
+        assert r.outputs.data.dtype == np.float32 and r.outputs.hidden_size == len(r.outputs.embedding)
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -3,6 +3,8 @@ text, middlewares, the builder's options and the CLI's parsing."""
 import base64
 import struct
 
+import numpy as np
+
 import pytest
 from fastapi import FastAPI
 from fastapi.exceptions import RequestValidationError
@@ -147,10 +149,11 @@ def test_tokenize_needs_prompt_or_messages():
 
 
 def test_base64_embedding_is_little_endian_float32():
-    vector = [0.5, -1.25, 3.0]
+    vector = np.array([0.5, -1.25, 3.0], dtype=np.float32)  # EmbeddingOutput.data
     raw = base64.b64decode(encode_embedding(vector, "base64"))
-    assert list(struct.unpack("<3f", raw)) == vector
-    assert encode_embedding(vector, "float") == vector
+    assert list(struct.unpack("<3f", raw)) == [0.5, -1.25, 3.0]
+    assert encode_embedding(vector, "float") == [0.5, -1.25, 3.0]
+    assert base64.b64decode(encode_embedding(vector.astype(">f4"), "base64")) == raw  # big-endian in, still little
 
 
 # ---- errors -------------------------------------------------------------------------------------
