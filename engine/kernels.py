@@ -1,6 +1,7 @@
-"""The one place where CUDA-only kernels are chosen; every other device gets the portable PyTorch ones, so
+"""The one place where device-specific kernels are chosen; any other device gets the portable PyTorch ones, so
 the engine stays device-agnostic: attention (engine.attention_backends), a decoder layer's elementwise
-passes (engine.layer_ops) and fp8 / w8a8 layers' quantization of their inputs (engine.triton_quant)."""
+passes (engine.layer_ops), fp8 / w8a8 layers' quantization of their inputs (engine.triton_quant), all CUDA,
+and the CPU's linear layers (engine.packed_linear)."""
 import functools
 import logging
 
@@ -8,6 +9,7 @@ import torch
 
 from engine.attention_backends import AttentionBackend, GatherDecode, PerSequencePrefill
 from engine.layer_ops import FusedLayerOps, LayerOps, fused_ops_check_out
+from engine.packed_linear import packing_checks_out
 from engine.quantization import FP8, quantize_fp8, quantize_int8
 
 log = logging.getLogger(__name__)
@@ -41,6 +43,11 @@ def select_layer_ops(device: torch.device, dtype: torch.dtype, spec, kv_dtype: t
             return FusedLayerOps()
         log.warning("the fused layer ops differ from PyTorch's on this device; decoder layers run op by op")
     return LayerOps()
+
+
+def packs_linears(device: torch.device, dtype: torch.dtype) -> bool:
+    """Linear layers on the CPU take oneDNN's packed weights where its product checks out; CUDA keeps cuBLAS."""
+    return device.type == "cpu" and packing_checks_out(dtype)
 
 
 @functools.cache  # one choice (and at most one warning) per device and method, not one per layer

@@ -8,8 +8,9 @@ from engine.block_table import BlockTable
 from engine.compiled_model import CompiledModel
 from engine.context import Context, PrefillSpan, set_context
 from engine.cuda_graphs import DecodeGraphs
-from engine.kernels import select_attention_backend, select_layer_ops
+from engine.kernels import packs_linears, select_attention_backend, select_layer_ops
 from engine.models import model_class
+from engine.packed_linear import pack_linears
 from engine.pooling import pool_segments
 from engine.quantization import compile_quantized_layers, quantize_decoder
 from engine.request import Request
@@ -50,6 +51,8 @@ class ModelRunner:
         self.model = model.to(device).eval()
         if quantization is not None:
             quantize_decoder(self.model, quantization, logits_head=generates)  # config checked the method
+        elif packs_linears(device, dtype):
+            pack_linears(self.model, logits_head=generates)
         self.is_decoder = model.is_decoder
         layers = self.model.attention_layers
         self.attention_backend = select_attention_backend(device, dtype, layers[0].head_dim if layers else None)

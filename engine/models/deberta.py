@@ -167,7 +167,9 @@ class DebertaLayer(nn.Module):
         def heads(p: torch.Tensor) -> torch.Tensor:  # [U, inner] -> [heads, dim, U]
             return p.view(-1, s.num_heads, s.head_dim).permute(1, 2, 0)
         if s.share_att_key:
-            pq, pk = F.linear(rel, proj.qkv_proj.weight[:2 * inner], proj.qkv_proj.bias[:2 * inner]).split(inner, -1)
+            # Through the layer (its values' columns too: rel has a few hundred rows), not its weight: a packed
+            # layer's (engine.packed_linear) would be unpacked every step.
+            pq, pk = proj.qkv_proj(rel)[..., :2 * inner].split(inner, -1)
         else:
             pq = proj.pos_query_proj(rel) if s.p2c else None
             pk = proj.pos_key_proj(rel) if s.c2p else None
