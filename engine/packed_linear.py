@@ -11,6 +11,7 @@ This is inductor's own CPU weight prepacking (its freezing pass), done here for 
 The packed weight is an opaque mkldnn tensor: a compiled model (torch_compile) calls the product as one
 opaque op, and the few readers of a weight (the yes/no head's rows, taken once at start-up) get it
 unpacked."""
+import ctypes
 import functools
 from typing import Optional
 
@@ -57,6 +58,16 @@ def pack_linears(model: nn.Module, logits_head: bool) -> None:
                 setattr(parent, name, PackedLinear(child.weight.data, child.bias))
     if logits_head and getattr(model, "is_decoder", False) and getattr(model, "lm_head", None) is None:
         model.lm_head = PackedLinear(model.output_embeddings().data, None)
+    _return_freed_memory()
+
+
+def _return_freed_memory() -> None:
+    """The unpacked weights are freed, but glibc keeps freed heap pages in the process until trimmed (SmolLM2 in
+    float32: resident memory +520 MB over the unpacked model, +119 MB trimmed: its packed logits head)."""
+    try:
+        ctypes.CDLL(None).malloc_trim(0)
+    except (AttributeError, OSError):  # not glibc: nothing to trim this way
+        pass
 
 
 @functools.cache
