@@ -16,14 +16,16 @@ TEXTS = [sentence(i, 6 + 5 * i) for i in range(4)]
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias", [False, True])
-@pytest.mark.parametrize("rows", [1, 3, 64])
-def test_packed_product_is_f_linear(dtype, bias, rows):
+@pytest.mark.parametrize("rows", [0, 1, 3, 64])  # 0: a compiled last layer's output rows for a chunk ending nothing
+@pytest.mark.parametrize("layout", ["rows", "strided", "3-d"])
+def test_packed_product_is_f_linear(dtype, bias, rows, layout):
     if not packing_checks_out(dtype):
         pytest.skip(f"oneDNN's packed product does not check out in {dtype} here")
     gen = torch.Generator().manual_seed(rows)
     weight = torch.randn(96, 80, generator=gen).to(dtype)
     b = torch.randn(96, generator=gen).to(dtype) if bias else None
-    x = torch.randn(rows, 80, generator=gen).to(dtype)
+    x = torch.randn(rows, 160 if layout == "strided" else 80, generator=gen).to(dtype)
+    x = x[:, ::2] if layout == "strided" else x.view(1, rows, 80) if layout == "3-d" else x
     layer = PackedLinear(weight, b)
     tol = 1e-5 if dtype == torch.float32 else 1e-2
     torch.testing.assert_close(layer(x), F.linear(x, weight, b), atol=tol, rtol=tol)
