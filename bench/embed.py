@@ -122,16 +122,16 @@ def main() -> None:
             with Section() as s:
                 outs = llm.embed(docs[a:b], truncate_prompt_tokens=-1)
             s_eng.add(s)
-            eng_d += [o.outputs.embedding for o in outs]
+            eng_d += [o.outputs.data for o in outs]
             eng_tokens += sum(len(o.prompt_token_ids) for o in outs)
             for dt, model in baselines.items():
                 with Section() as s:
                     st_d[dt].append(model.encode(docs[a:b], batch_size=args.st_batch_size, convert_to_numpy=True))
                 s_st[dt].add(s)
-        eng_d = np.array(eng_d, dtype=np.float32)
+        eng_d = np.stack(eng_d)
         st_d = {dt: np.concatenate(v).astype(np.float32) for dt, v in st_d.items()}
 
-        eng_q = np.array([o.outputs.embedding for o in llm.embed(qtexts, truncate_prompt_tokens=-1)], dtype=np.float32)
+        eng_q = np.stack([o.outputs.data for o in llm.embed(qtexts, truncate_prompt_tokens=-1)])
         st_q = {dt: model.encode(qtexts, batch_size=args.st_batch_size, convert_to_numpy=True).astype(np.float32)
                 for dt, model in baselines.items()}
 

@@ -267,10 +267,9 @@ def embedding_rows(args, sizes: Sizes, device: torch.device, dtypes: list[str],
             llm.embed(docs[:64], truncate_prompt_tokens=-1)  # warm-up (and FlexAttention's compile, where used)
             with host_waits() as waited:
                 secs, outs = timed(device, lambda: llm.embed(docs, truncate_prompt_tokens=-1))
-            e_docs = np.array([o.outputs.embedding for o in outs], dtype=np.float32)
+            e_docs = np.stack([o.outputs.data for o in outs])
             flops = bert_flops([len(o.prompt_token_ids) for o in outs], bert)
-            e_q = np.array([o.outputs.embedding for o in llm.embed(qtexts, truncate_prompt_tokens=-1)],
-                           dtype=np.float32)
+            e_q = np.stack([o.outputs.data for o in llm.embed(qtexts, truncate_prompt_tokens=-1)])
             del llm
             free(device)
             nd_e = ndcg_at_10(e_q, qids, e_docs, dids, qrels)
