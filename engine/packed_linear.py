@@ -32,6 +32,8 @@ _packed_product_op.register_fake(lambda x, packed, bias, out_features: x.new_emp
 
 
 class PackedLinear(nn.Module):
+    """nn.Linear's product with the weight held packed (the unpacked one is not kept)."""
+
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
