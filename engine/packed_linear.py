@@ -9,8 +9,8 @@ results are bit for bit `F.linear`'s; in float32 they differ by the order of the
 This is inductor's own CPU weight prepacking (its freezing pass), done here for eager steps too.
 
 The packed weight is an opaque mkldnn tensor: a compiled model (torch_compile) calls the product as one
-opaque op, and the few readers of a weight (the yes/no head's rows, taken once at start-up) get it
-unpacked."""
+opaque op, and the few readers of a weight (the yes/no head's rows, taken once at start-up, a state_dict)
+get it unpacked."""
 import ctypes
 import functools
 from typing import Optional
@@ -45,6 +45,11 @@ class PackedLinear(nn.Module):
         """The weight, unpacked: a copy, for readers at start-up (not a parameter any more)."""
         return self.packed.to_dense()
 
+    def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
+        # nn.Linear's keys, so a packed model's state_dict() still holds every weight.
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        destination[prefix + "weight"] = self.weight
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         product = _packed_product_op if torch.compiler.is_compiling() else _packed_product
         return product(x, self.packed, self.bias, self.out_features)
@@ -57,7 +62,10 @@ def pack_linears(model: nn.Module, logits_head: bool) -> None:
     for parent in list(model.modules()):
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear):
-                setattr(parent, name, PackedLinear(child.weight.data, child.bias))
+                packed = PackedLinear(child.weight.data, child.bias)
+                if hasattr(child, "shard_sizes"):  # a fused q/k/v or gate/up layer's parts, as the loader stacked them
+                    packed.shard_sizes = child.shard_sizes
+                setattr(parent, name, packed)
     if logits_head and getattr(model, "is_decoder", False) and getattr(model, "lm_head", None) is None:
         model.lm_head = PackedLinear(model.output_embeddings().data, None)
     _return_freed_memory()

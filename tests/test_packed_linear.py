@@ -91,6 +91,22 @@ def test_yes_no_reranker_packed_scores_as_unpacked(family, tiny_model, monkeypat
     assert got == pytest.approx(want, abs=1e-5)
 
 
+@pytest.mark.parametrize("family", ["bert", "qwen2"])
+def test_packed_state_dict_is_the_unpacked_one(family, tiny_model, monkeypatch):
+    """Every weight is still in state_dict(), under nn.Linear's keys (what a caller copying the engine's weights,
+    such as bench/rerank.py's references, reads)."""
+    path = tiny_model(family)
+    kwargs = dict(task="embed" if family == "bert" else "generate", dtype="bfloat16")
+    packed_model = LLM(path, **kwargs).engine.runner.model
+    got = packed_model.state_dict()
+    want = unpacked(path, monkeypatch, **kwargs).engine.runner.model.state_dict()
+    assert want.keys() <= got.keys()
+    assert all(torch.equal(got[k], want[k]) for k in want)
+    m = packed_model
+    layer = m.layers[0].self_attn.qkv_proj if family == "qwen2" else m.encoder.layer[0].attention.self.qkv
+    assert isinstance(layer, PackedLinear) and sum(layer.shard_sizes) == layer.out_features  # the fused parts
+
+
 def test_quantized_layers_are_not_packed(tiny_model):
     llm = LLM(tiny_model("llama"), dtype="float32", quantization="int8")
     assert linears(llm)[0] == 0
