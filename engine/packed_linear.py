@@ -42,7 +42,7 @@ class PackedLinear(nn.Module):
 
     @property
     def weight(self) -> torch.Tensor:
-        """The weight, unpacked: a copy, for readers at start-up (not a parameter any more)."""
+        """The weight, unpacked: a copy, for the rare reader (the yes/no head's rows at start-up, state_dict())."""
         return self.packed.to_dense()
 
     def _save_to_state_dict(self, destination, prefix, keep_vars) -> None:
