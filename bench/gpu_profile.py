@@ -8,7 +8,8 @@ time the device waited on the host) and the kernels that took most of it, groupe
 embedding rows also a second run's host phases (host_phases), which say where a host-bound row's time goes.
 
     python bench/gpu_profile.py --model .gpu/minilm --data .gpu/scifact    # on one GPU, ~2-3 min
-    python bench/gpu_profile.py --small                                      # CPU smoke run (CPU ops)"""
+    python bench/gpu_profile.py --small                                      # CPU smoke run (CPU ops)
+    python bench/gpu_profile.py --skip decode embed                          # the rerank rows only"""
 import collections
 import os
 import random
@@ -150,18 +151,23 @@ def embed(args, sizes: Sizes, device: torch.device) -> None:
 
 
 def main() -> None:
-    args = arguments(__doc__).parse_args()
+    ap = arguments(__doc__)
+    ap.add_argument("--skip", nargs="*", default=[], choices=["decode", "rerank", "embed"])
+    args = ap.parse_args()
     device = torch.device(args.device)
     sizes = Sizes(args.small)
     dtype = "float32" if device.type == "cpu" else "bfloat16"
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"CPU, {os.cpu_count()} cores"
     print(f"## bench/gpu_profile.py on {name}, torch {torch.__version__}")
-    with tempfile.TemporaryDirectory() as path:
-        vocab = random_decoder("llama-1b", args.small, device, path).config.vocab_size
-        free(device)
-        decode(sizes, device, dtype, path, vocab, sizes.running[0])
-    rerank(sizes, device, dtype, args.small)
-    embed(args, sizes, device)
+    if "decode" not in args.skip:
+        with tempfile.TemporaryDirectory() as path:
+            vocab = random_decoder("llama-1b", args.small, device, path).config.vocab_size
+            free(device)
+            decode(sizes, device, dtype, path, vocab, sizes.running[0])
+    if "rerank" not in args.skip:
+        rerank(sizes, device, dtype, args.small)
+    if "embed" not in args.skip:
+        embed(args, sizes, device)
 
 
 if __name__ == "__main__":

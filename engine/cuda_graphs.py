@@ -16,6 +16,10 @@ def capture_sizes(max_num_seqs: int) -> list[int]:
 
 
 class DecodeGraphs:
+    # Inference tensors, as every step's inputs: a buffer made outside inference mode carries another dispatch
+    # key, and the compiled model (torch_compile) recompiled for it at every captured size until dynamo's
+    # recompile limit left the rest eager (an H200's log: the compiled decode no faster than eager).
+    @torch.inference_mode()
     def __init__(self, runner, max_num_seqs: int, capture: bool = True):
         self.runner, self.sizes, self.max_batch = runner, capture_sizes(max_num_seqs), max_num_seqs
         dev, n = runner.device, max_num_seqs

@@ -20,7 +20,10 @@ if triton is not None:
         normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & 0x7FF00000).to(tl.float32, bitcast=True)
         subnormal = (mag + 24576.0) - 24576.0
         mag = tl.minimum(tl.where(mag < 0.015625, subnormal, normal), 448.0)
-        return tl.where(x < 0, -mag, mag)
+        # The sign bit copied as a bit: a negative that rounds to zero stays -0 as the cast keeps it (on an H200
+        # `where(x < 0, -mag, mag)` gave +0 there).
+        sign = x.to(tl.int32, bitcast=True) & -2147483648
+        return (mag.to(tl.int32, bitcast=True) | sign).to(tl.float32, bitcast=True)
 
     @triton.jit
     def quantize_row_halves(x1, x2):

@@ -524,16 +524,20 @@ def test_logprobs_match_hf(llama, ref):
                         abs_tol=1e-5)
 
 
-def test_compiled_decode_generates_as_eager_from_one_graph(tiny_model):
+@pytest.mark.parametrize("graph_buffers", [False, True])
+def test_compiled_decode_generates_as_eager_from_one_graph(tiny_model, graph_buffers):
     """torch_compile runs decode steps as one compiled graph: fused float arithmetic may round
     differently, so greedy tokens must match eager and logprobs agree closely, across prefill, decode,
     batch sizes 1..3 and contexts inside one block and across several. The graph compiled at start
-    serves all of them: a recompile would stall a server for as long as the first compile."""
+    serves all of them: a recompile would stall a server for as long as the first compile. graph_buffers:
+    decode steps through the CUDA graphs' padded static buffers (run eagerly here), as on a GPU."""
     model_dir = tiny_model("llama")
     prompts = [sentence(700 + i, n) for i, n in enumerate((4, 17, 9))]
     params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=1, ignore_eos=True)
     eager = LLM(model_dir, dtype="float32", block_size=8).generate(prompts, params)
     llm = LLM(model_dir, dtype="float32", block_size=8, torch_compile=True)
+    if graph_buffers:
+        llm.engine.runner.capture_decode_graphs(4, capture=False)
     graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
     compiled = llm.generate(prompts[:1], params) + llm.generate(prompts[1:], params)
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs

@@ -95,7 +95,9 @@ def test_fused_rotary_writes_keys_and_values_into_the_cache_as_op_by_op(heads, q
 @pytest.mark.parametrize("heads", [(4, 4, 16), (8, 2, 32), (9, 3, 64)])
 def test_fused_rotary_writes_a_float8_pool_as_op_by_op(heads):
     """kv_cache_dtype fp8: the kernel scales each kv head of each token by its absmax / 448 and rounds its
-    values to float8 itself, storing exactly what the op-by-op write stores, bit for bit, scales included."""
+    values to float8 itself, storing what the op-by-op write stores: values and their scales bit for bit; keys
+    as their rotation is rounded (a GPU fuses its multiply-adds: scales a few float32 ulps apart on an H200),
+    codes at most one float8 step apart."""
     h, kv, dim = heads
     t, num_slots = 11, 40
     qkv = randn(t, h + 2 * kv, dim, seed=11) * torch.logspace(-3, 3, t, device=DEVICE)[:, None, None]
@@ -108,8 +110,11 @@ def test_fused_rotary_writes_a_float8_pool_as_op_by_op(heads):
                              for _ in range(2)), slots, *(torch.zeros(num_slots, kv, device=DEVICE) for _ in range(2)))
         ops.attention_inputs(qkv, h, kv, tables, cache=cache)
         written.append((torch.stack(cache[:2]).view(torch.uint8), torch.stack(cache[3:])))
-    assert torch.equal(written[0][0], written[1][0]) and torch.equal(written[0][1], written[1][1])
-    assert written[0][1].amax() > 0
+    (want_codes, want_scales), (got_codes, got_scales) = written
+    assert torch.equal(got_codes[1], want_codes[1]) and torch.equal(got_scales[1], want_scales[1])
+    torch.testing.assert_close(got_scales[0], want_scales[0], atol=0, rtol=1e-6)
+    assert (got_codes[0].int() - want_codes[0].int()).abs().max() <= 1
+    assert want_scales.amax() > 0
 
 
 @pytest.mark.parametrize("width", [40, 1536, 2100])  # one program's block of columns, and more than one

@@ -282,11 +282,12 @@ def test_quantized_generation_follows_hf_on_the_dequantized_weights(arch, method
     prompts = [sentence(500 + i, n) for i, n in enumerate((5, 30))]
     outs = llm.generate(prompts, SamplingParams(temperature=0.0, max_tokens=10, logprobs=1, ignore_eos=True))
     # int8 (the CPU's int8 x bf16 kernel) and fp8 on CUDA (its row-wise _scaled_mm writes only bf16) carry bf16
-    # activations (logprob errors seen up to 0.09 and 0.12, logits of std ~1.6), so a token may differ from
-    # HF's only at a near-tie. w8a8 is the same integer arithmetic as its reference, fp8 elsewhere the same
-    # float8 products: only float rounding differs (seen 2e-6).
-    bf16_rows = method == "int8" or (method == "fp8" and llm.engine.runner.device.type == "cuda")
-    tol = 0.15 if bf16_rows else 1e-4
+    # activations (logprob errors seen up to 0.09 and 0.16 (H200), logits of std ~1.6: a bf16-rounded input
+    # may take the next float8 code), so a token may differ from HF's only at a near-tie. w8a8 is the same
+    # integer arithmetic as its reference, fp8 elsewhere the same float8 products: only float rounding differs
+    # (seen 2e-6).
+    fp8_bf16_rows = method == "fp8" and llm.engine.runner.device.type == "cuda"
+    tol = 0.25 if fp8_bf16_rows else 0.15 if method == "int8" else 1e-4
     for out in outs:
         for k, (tok, logprob, row) in enumerate(beside_hf(hf, out)):
             assert row.max() - row[tok] < tol, f"step {k}: token {tok} is not HF's near-top"
