@@ -5,13 +5,17 @@ torch.profiler over three of its workloads, each after a warm-up: decode steps a
 yes/no rerank of 4 x 100 pairs and the fp32 MiniLM embedding of 1,000 SciFact documents, each eager and with
 torch_compile. For each: the wall time, the device's busy time (its kernels' time summed: the rest of the wall
 time the device waited on the host) and the kernels that took most of it, grouped by name; for the rerank and
-embedding rows also a second run's host phases (host_phases), which say where a host-bound row's time goes.
+embedding rows also a second run's host phases (host_phases), which say where a host-bound row's time goes,
+and a third run's Python functions (cProfile).
 
     python bench/gpu_profile.py --model .gpu/minilm --data .gpu/scifact    # on one GPU, ~2-3 min
     python bench/gpu_profile.py --small                                      # CPU smoke run (CPU ops)
     python bench/gpu_profile.py --skip decode embed                          # the rerank rows only"""
 import collections
+import cProfile
+import io
 import os
+import pstats
 import random
 import sys
 import tempfile
@@ -102,6 +106,22 @@ def phases_table(device: torch.device, label: str, llm, fn) -> None:
     print(table(["phase", "ms", "% of wall"], [[k, f"{v * 1e3:.1f}", f"{100 * v / wall:.0f}"] for k, v in spent.items()]))
 
 
+def python_profile(device: torch.device, label: str, fn) -> None:
+    """One more run of fn under cProfile: the host's Python functions that took most of it, by own time and
+    by time with what they call (cProfile slows Python calls, so shares, not milliseconds, are the point)."""
+    sync(device)
+    prof = cProfile.Profile()
+    prof.enable()
+    fn()
+    sync(device)
+    prof.disable()
+    for key, title in (("tottime", "own time"), ("cumulative", "with callees")):
+        out = io.StringIO()
+        pstats.Stats(prof, stream=out).sort_stats(key).print_stats(TOP + 8)
+        print(f"\n{label}, cProfile by {title}:\n")
+        print("\n".join(line for line in out.getvalue().splitlines()[4:] if line.strip()))
+
+
 def decode(sizes: Sizes, device: torch.device, dtype: str, path: str, vocab: int, n: int) -> None:
     rng = random.Random(n)
     prompts = [random_ids(rng, sizes.prompt, vocab) for _ in range(n)]
@@ -131,6 +151,8 @@ def rerank(sizes: Sizes, device: torch.device, dtype: str, small: bool) -> None:
             profiled(device, label, lambda: llm.score(flat_q, docs))
             docs = [d for ds in documents() for d in ds]  # fresh documents: no prefix-cache hits on them
             phases_table(device, label, llm, lambda: llm.score(flat_q, docs))
+            docs = [d for ds in documents() for d in ds]
+            python_profile(device, label, lambda: llm.score(flat_q, docs))
             del llm
             free(device)
 
@@ -146,6 +168,7 @@ def embed(args, sizes: Sizes, device: torch.device) -> None:
         label = f"embed {len(docs)} docs ({source}), MiniLM-L6, float32, {MODES[compiled]}"
         profiled(device, label, lambda: llm.embed(docs, truncate_prompt_tokens=-1))
         phases_table(device, label, llm, lambda: llm.embed(docs, truncate_prompt_tokens=-1))
+        python_profile(device, label, lambda: llm.embed(docs, truncate_prompt_tokens=-1))
         del llm
         free(device)
 

@@ -20,6 +20,10 @@ from engine.context import Context, set_context
 
 _SHAPES = fx_config.patch(backed_size_oblivious=True, use_duck_shape=False)
 _FLOATS = torch._dynamo.config.patch(specialize_float=True)
+# Dynamo keeps the graphs of one forward function (DecoderModel.forward) for every model class instance in the
+# process, two for each distinct model (prefill and decode): at its default limit of 8 a process's fifth
+# compiled decoder ran eager without failing (bench/gpu.py, several decoders in one process, hit it on an H200).
+_GRAPHS = torch._dynamo.config.patch(recompile_limit=64)
 
 
 class CompiledModel:
@@ -27,7 +31,7 @@ class CompiledModel:
         self._forward = torch.compile(model.forward)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids=None) -> torch.Tensor:
-        with _SHAPES, _FLOATS:
+        with _SHAPES, _FLOATS, _GRAPHS:
             return self._forward(input_ids, positions, token_type_ids)
 
     @torch.inference_mode()

@@ -10,7 +10,7 @@ import pytest
 import torch
 import transformers as T
 
-from conftest import assert_pool_free, sentence
+from conftest import assert_pool_free, sentence, update_config
 from engine import LLM, PoolingParams, SamplingParams
 from engine.compiled_model import CompiledModel
 from engine.context import get_context
@@ -546,6 +546,23 @@ def test_compiled_decode_generates_as_eager_from_one_graph(tiny_model, graph_buf
         assert ca.token_ids == cb.token_ids
         for tok, ea, eb in zip(ca.token_ids, ca.logprobs, cb.logprobs):
             assert abs(ea[tok].logprob - eb[tok].logprob) < 1e-4
+    assert_pool_free(llm)
+
+
+def test_each_decoder_in_a_process_gets_its_own_graphs(tiny_model, tmp_path):
+    """Dynamo keeps one forward function's graphs for every decoder in the process, two a distinct model; at its
+    limit it runs a new model eager without failing. A model only this test builds (its own norm eps, a
+    constant of the graph) compiles both its graphs even where the process' limit is already spent."""
+    import shutil
+    model_dir = shutil.copytree(tiny_model("llama"), tmp_path / "llama", dirs_exist_ok=True)
+    update_config(str(model_dir), rms_norm_eps=1.25e-5)
+    graphs = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    with torch._dynamo.config.patch(recompile_limit=1):
+        llm = LLM(str(model_dir), dtype="float32", block_size=8, torch_compile=True)
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2  # prefill and decode
+    out = llm.generate([sentence(730, 5)], SamplingParams(temperature=0.0, max_tokens=3, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 3
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == graphs + 2
     assert_pool_free(llm)
 
 
