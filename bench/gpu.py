@@ -213,7 +213,8 @@ def engine_llm(path: str, dtype: str, **kw):
     runner = llm.engine.runner
     layer_ops = getattr(runner.model, "layer_ops", None)
     KERNELS.add(f"{dtype} {llm.engine.task}: {runner.attention_backend.name}"
-                + (f", layer ops {layer_ops.name}" if layer_ops is not None else ""))
+                + (f", layer ops {layer_ops.name}" if layer_ops is not None else "")
+                + (", prefill from piecewise CUDA graphs" if runner.prefill_graphs is not None else ""))
     return llm
 
 

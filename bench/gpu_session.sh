@@ -22,14 +22,14 @@ case "${1:-}" in
     left=$((585 - SECONDS))
     if [ "$left" -gt 30 ] && $PY -c "import pytest" 2>/dev/null; then
       timeout "$left" $PY -m pytest -q -rf -p no:cacheprovider tests/test_layer_ops.py tests/test_attention_kernels.py \
-        tests/test_kv_cache_dtype.py tests/test_quantization.py 2>&1 | tee "$OUT/tests.txt" | tail -25
+        tests/test_prefill_graphs.py tests/test_kv_cache_dtype.py tests/test_quantization.py 2>&1 | tee "$OUT/tests.txt" | tail -25
     fi ;;
   checks)
     timeout 240 $PY bench/gpu_profile.py --model .gpu/minilm --data .gpu/scifact 2>&1 | tee "$OUT/profile.txt" \
       | grep -v "^USDT\|^STAGE" | tail -100
     timeout 120 $PY bench/host.py --running 256 --steps 40 2>&1 | tee "$OUT/host.txt" | tail -30
     if $PY -c "import pytest" 2>/dev/null; then
-      timeout 210 $PY -m pytest -q -x tests/test_attention_kernels.py tests/test_layer_ops.py tests/test_async_scheduling.py 2>&1 | tee "$OUT/tests.txt" | tail -15
+      timeout 210 $PY -m pytest -q -x tests/test_prefill_graphs.py tests/test_attention_kernels.py tests/test_layer_ops.py tests/test_async_scheduling.py 2>&1 | tee "$OUT/tests.txt" | tail -15
     else
       echo "no pytest on this machine: tests not run" | tee "$OUT/tests.txt"
     fi ;;

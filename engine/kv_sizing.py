@@ -13,7 +13,10 @@ def num_kv_blocks(config: EngineConfig, bytes_per_block: int, max_model_len: int
     if config.num_blocks:
         return config.num_blocks
     if device.type == "cuda":
-        budget = gpu_kv_budget(config.gpu_memory_utilization, *cuda_memory_use(device, run_largest_step))
+        total, free, held, peak = cuda_memory_use(device, run_largest_step)
+        if config.captures_prefill_graphs(device):  # the graphs' pool keeps a step's activations beside the allocator's
+            peak += peak - held
+        budget = gpu_kv_budget(config.gpu_memory_utilization, total, free, held, peak)
     else:
         budget = config.kv_cache_memory_bytes
     # No use in a pool larger than every sequence at full length.

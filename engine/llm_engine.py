@@ -76,6 +76,8 @@ class LLMEngine:
         if self.is_decoder:
             if self.task == "generate" and not config.enforce_eager:  # pooling models never decode
                 self.runner.capture_decode_graphs(config.max_num_seqs)
+            if config.captures_prefill_graphs(device):
+                self.runner.capture_prefill_graphs(config.max_num_batched_tokens)
             kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
             self.runner.sampler = Sampler(eos, decide_on_host=device.type == "cpu")
         self.kv = kv

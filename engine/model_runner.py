@@ -1,5 +1,6 @@
 """Packs a scheduled step into flat tensors, runs the model, pools or samples the results."""
 import itertools
+import logging
 from dataclasses import dataclass
 
 import torch
@@ -12,11 +13,14 @@ from engine.kernels import packs_linears, select_attention_backend, select_layer
 from engine.models import model_class
 from engine.packed_linear import pack_linears
 from engine.pooling import pool_segments
+from engine.prefill_graphs import PrefillGraphs, matches_eager
 from engine.quantization import compile_quantized_layers, quantize_decoder
 from engine.request import Request
 from engine.sampler import Sampler, SamplerOutput, TokenLogprobs
 from engine.scheduler import SchedulerOutput
 from engine.transfer import to_device, to_host
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(slots=True)
@@ -66,6 +70,7 @@ class ModelRunner:
         self.score_weight: torch.Tensor | None = None  # [1, hidden] for yes/no rerankers
         self.sampler: Sampler | None = None
         self.decode_graphs: DecodeGraphs | None = None
+        self.prefill_graphs: PrefillGraphs | None = None
         self.compiled: CompiledModel | None = None
         # The latest step's sampled tokens, still on the device, and the requests of its rows: with async
         # scheduling the next step takes its inputs from there before the host has them.
@@ -110,6 +115,20 @@ class ModelRunner:
             if not capture:
                 return
         self.decode_graphs = DecodeGraphs(self, max_num_seqs, capture)
+
+    def capture_prefill_graphs(self, max_tokens: int, capture: bool = True) -> None:
+        """Piecewise CUDA graphs for all-prefill steps of a decoder (engine.prefill_graphs), kept only where they
+        capture and a step replayed from them gives the eager forward's hidden states; capture=False keeps the
+        padded buffers and runs the pieces eagerly (how tests check them on CPU)."""
+        try:
+            graphs = PrefillGraphs(self, max_tokens, capture)
+            why = None if matches_eager(self, graphs) else "differ from the eager forward"
+        except Exception as e:  # noqa: BLE001 (an op this device cannot capture: eager is still correct)
+            why = f"failed to capture: {type(e).__name__}: {e}"
+        if why is None:
+            self.prefill_graphs = graphs
+        else:
+            log.warning("prefill steps replayed from CUDA graphs %s: prefill stays eager", why)
 
     def compile(self, decode: bool, prefill_tokens: int, decode_rows: int) -> None:
         """Engine option torch_compile, compiled here rather than on the first request: quantized layers take
@@ -180,12 +199,15 @@ class ModelRunner:
         if self.decode_graphs is not None and all_decode and len(reqs) <= self.decode_graphs.max_batch:
             hidden = self.decode_graphs.run(input_ids, pos, *self._decode_inputs(reqs, rows, pos))
         else:
-            # Compiled graphs for all-decode and all-prefill steps; a mixed step runs eagerly.
+            # Compiled or captured graphs for all-decode and all-prefill steps; a mixed step runs eagerly.
             one_kind = all_decode or not any(decodes)
-            forward = self.compiled if one_kind and self.compiled is not None else self.model
+            if self.prefill_graphs is not None and not any(decodes) and ends[-1] <= self.prefill_graphs.max_tokens:
+                forward = self.prefill_graphs
+            else:
+                forward = self.compiled if one_kind and self.compiled is not None else self.model
             ctx = self._context(reqs, counts, decodes, rows, pos)
             # A compiled graph's step kind always takes the rows or never does (its warm-up's), so no recompile.
-            compiled = forward is not self.model
+            compiled = forward is self.compiled
             if finished is not None and self.prunes_output_rows and not (compiled and all_decode):
                 ctx.output_rows = output_rows = self._output_rows(finished, ends[-1], every_row_too=compiled)
             set_context(ctx)

@@ -44,8 +44,11 @@ class Card:
         return run
 
 
-def blocks(utilization: float, card: Card, activations: int, max_model_len: int = 4096) -> int:
-    config = EngineConfig(model="m", gpu_memory_utilization=utilization, max_num_seqs=10_000)
+def blocks(utilization: float, card: Card, activations: int, max_model_len: int = 4096,
+           prefill_graphs: bool = False) -> int:
+    """enforce_eager unless prefill_graphs: no piecewise prefill graphs to leave room for."""
+    config = EngineConfig(model="m", gpu_memory_utilization=utilization, max_num_seqs=10_000,
+                          enforce_eager=not prefill_graphs)
     return num_kv_blocks(config, MIB, max_model_len, torch.device("cuda"), card.step(activations))
 
 
@@ -72,6 +75,13 @@ def test_the_pool_leaves_room_for_the_largest_step_where_others_hold_the_card(mo
     """Other processes hold 9 of 20 GiB: the share allows 14 GiB, but only 10 are free and the step needs 3."""
     card = Card(monkeypatch, total=20 * GIB, others=9 * GIB, held=GIB)
     assert blocks(0.9, card, activations=3 * GIB) == 7 * 1024
+
+
+def test_captured_prefill_graphs_get_a_largest_steps_room_too(monkeypatch):
+    """The piecewise prefill graphs' memory pool keeps a largest step's activations for good, beside the
+    allocator's room for eager steps: 20 GiB x 0.9 less 2 GiB of weights and twice 1 GiB."""
+    card = Card(monkeypatch, total=20 * GIB, held=2 * GIB)
+    assert blocks(0.9, card, activations=GIB, prefill_graphs=True) == 14 * 1024
 
 
 def test_a_card_without_room_for_one_sequence_is_refused(monkeypatch):

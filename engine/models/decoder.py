@@ -91,11 +91,12 @@ class DecoderLayer(nn.Module):
         self.mlp.gate_up_proj.shard_sizes = (s.intermediate_size, s.intermediate_size)
         self.mlp.down_proj = nn.Linear(s.intermediate_size, s.hidden_size, bias=False)
 
-    def forward(self, rotary: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor, residual: torch.Tensor | None,
-                ops: LayerOps, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def attention_inputs(self, rotary: tuple[torch.Tensor, torch.Tensor], x: torch.Tensor,
+                         residual: torch.Tensor | None, ops: LayerOps
+                         ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
         """x: the previous layer's MLP output (the embeddings for the first), not yet added to the residual
-        stream; returns this layer's, and the stream: each add is fused with the norm after it. rows: only
-        those go past attention (Context.output_rows)."""
+        stream -> this layer's queries, keys and values (keys and values written to the cache) and the stream:
+        each add is fused with the norm after it."""
         s, attn = self.s, self.self_attn
         h, residual = ops.add_rms_norm(x, residual, self.input_layernorm)
         # Heads first, then split: no reshape of split columns, which a compiled graph would specialise
@@ -103,11 +104,13 @@ class DecoderLayer(nn.Module):
         qkv = attn.qkv_proj(h).view(-1, s.num_heads + 2 * s.num_kv_heads, s.head_dim)
         norms = (attn.q_norm, attn.k_norm) if s.qk_norm else ()
         q, k, v = ops.attention_inputs(qkv, s.num_heads, s.num_kv_heads, rotary, *norms, cache=self.attn.cache_write())
-        out = self.attn(q, k, v)
-        if rows is not None:  # the last layer: only the rows the step's outputs read go on
-            out, residual = out[rows], residual[rows]
-        h, residual = ops.add_rms_norm(attn.o_proj(out), residual, self.post_attention_layernorm)
-        return self.mlp.down_proj(ops.gated_activation(self.mlp.gate_up_proj(h), s.gelu)), residual
+        return q, k, v, residual
+
+    def feed_forward(self, out: torch.Tensor, residual: torch.Tensor,
+                     ops: LayerOps) -> tuple[torch.Tensor, torch.Tensor]:
+        """The attention's output [tokens, heads * dim] -> this layer's MLP output and the residual stream."""
+        h, residual = ops.add_rms_norm(self.self_attn.o_proj(out), residual, self.post_attention_layernorm)
+        return self.mlp.down_proj(ops.gated_activation(self.mlp.gate_up_proj(h), self.s.gelu)), residual
 
 
 class DecoderModel(nn.Module):
@@ -132,14 +135,27 @@ class DecoderModel(nn.Module):
         return [layer.attn for layer in self.layers]
 
     def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids=None) -> torch.Tensor:
+        x, rotary = self.embed(input_ids, positions)
+        ops, residual = self.layer_ops, None
+        rows, last = get_context().output_rows, len(self.layers) - 1
+        for i, layer in enumerate(self.layers):
+            q, k, v, residual = layer.attention_inputs(rotary, x, residual, ops)
+            out = layer.attn(q, k, v)
+            if i == last and rows is not None:  # only the rows the step's outputs read go on
+                out, residual = out[rows], residual[rows]
+            x, residual = layer.feed_forward(out, residual, ops)
+        return self.final_norm(x, residual)
+
+    # The forward's pieces, which engine.prefill_graphs also replays one by one around the attention.
+    def embed(self, input_ids: torch.Tensor, positions: torch.Tensor) -> tuple[torch.Tensor, tuple]:
+        """The first layer's input and the rotary tables every layer takes."""
         x = self.embed_tokens(input_ids)
         if self.spec.gemma:
             x = x * torch.tensor(self.spec.hidden_size ** 0.5, dtype=x.dtype)
-        rotary, ops, residual = self.rotary.tables(positions, x.dtype), self.layer_ops, None
-        rows, last = get_context().output_rows, len(self.layers) - 1
-        for i, layer in enumerate(self.layers):
-            x, residual = layer(rotary, x, residual, ops, rows if i == last else None)
-        return ops.add_rms_norm(x, residual, self.norm)[0]
+        return x, self.rotary.tables(positions, x.dtype)
+
+    def final_norm(self, x: torch.Tensor, residual: torch.Tensor) -> torch.Tensor:
+        return self.layer_ops.add_rms_norm(x, residual, self.norm)[0]
 
     def output_embeddings(self) -> torch.Tensor:
         return self.embed_tokens.weight if self.spec.tie_word_embeddings else self.lm_head.weight

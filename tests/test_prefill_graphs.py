@@ -1,0 +1,122 @@
+"""Prefill steps through the piecewise CUDA graphs' padded buffers (engine.prefill_graphs), run eagerly here
+as on a GPU they are replayed: the same scores, tokens and logprobs as the eager forward, padding that
+never touches a real sequence's K/V, and graphs dropped where they differ from the eager forward."""
+import logging
+
+import pytest
+import torch
+
+from conftest import assert_pool_free, sentence
+from engine import LLM, SamplingParams
+from engine.context import get_context
+from engine import prefill_graphs as PG
+from engine.prefill_graphs import PrefillGraphs, capture_sizes
+from test_decoders import assert_same_generations
+
+TEMPLATE = "question : {query} document : {document} answer :"
+QUERY = "is the cat on the mat"
+
+
+def test_capture_sizes_pad_a_step_by_at_most_half_from_2048_tokens():
+    sizes = capture_sizes(16384)
+    assert sizes[0] == 64 and sizes[-1] == 16384 and sizes == sorted(set(sizes))
+    assert all(b <= 2 * a for a, b in zip(sizes, sizes[1:]))
+    assert all(b <= a + a // 2 for a, b in zip(sizes, sizes[1:]) if a >= 2048)
+    assert capture_sizes(100) == [64, 100] and capture_sizes(64) == [64] and capture_sizes(8) == [8]
+
+
+def through_graph_buffers(llm: LLM) -> list[torch.Tensor]:
+    """Captures the buffers (run eagerly) on the engine; returns the slot mappings of the steps they take."""
+    runner = llm.engine.runner
+    runner.capture_prefill_graphs(llm.engine.config.max_num_batched_tokens, capture=False)
+    graphs, steps = runner.prefill_graphs, []
+    assert graphs is not None, "the buffers' forward differs from the eager one"
+
+    def counted(input_ids, positions, token_type_ids=None):
+        steps.append(get_context().slot_mapping.clone())
+        return PrefillGraphs.__call__(graphs, input_ids, positions, token_type_ids)
+    runner.prefill_graphs = counted
+    counted.max_tokens, counted.graphs = graphs.max_tokens, graphs
+    return steps
+
+
+@pytest.mark.parametrize("arch", ["qwen3", "llama3-gqa", "gemma"])
+def test_yes_no_scores_through_the_buffers_are_eager_ones(arch, tiny_model):
+    """Several pairs a step, the query's prefix found in the cache (keys read from the pool), a long pair in
+    chunks; then a shorter step after a longer one, whose padding must not write the slots the longer step's
+    tokens took (every slot but the step's own and the scratch block's keeps its K/V), and the last pairs (the
+    long one's chunks in that longer step) again from the cache."""
+    docs = [sentence(300 + i, 4 + 9 * i) for i in range(5)] + [sentence(320, 70)]
+    kw = dict(task="score", dtype="float32", block_size=4, score_tokens=("no", "yes"), score_template=TEMPLATE,
+              max_num_batched_tokens=96)
+    eager = LLM(tiny_model(arch), **kw)
+    want = [o.outputs.score for o in eager.score(QUERY, docs)]
+    llm = LLM(tiny_model(arch), **kw)
+    steps = through_graph_buffers(llm)
+    got = [o.outputs.score for o in llm.score(QUERY, docs)]
+    runner, before = llm.engine.runner, llm.engine.runner.kv_cache.clone()
+    short = llm.score(QUERY, docs[:1])[0]
+    kept = torch.ones(before.shape[2], dtype=torch.bool)
+    kept[steps[-1]] = False
+    kept[runner.scratch_block * runner.block_size:] = False
+    assert torch.equal(runner.kv_cache[:, :, kept], before[:, :, kept])
+    # (A two-layer model's padding rows recompute the K/V a stale slot held; the buffer says where they went.)
+    assert (runner.prefill_graphs.graphs.slot_mapping[len(steps[-1]):64] == runner.scratch_block * 4).all()
+    again = [o.outputs.score for o in llm.score(QUERY, docs[4:])]  # their blocks from the cache
+    assert got == pytest.approx(want, abs=1e-5)
+    assert short.outputs.score == pytest.approx(want[0], abs=1e-5) and short.num_cached_tokens > 0
+    assert again == pytest.approx(want[4:], abs=1e-5)
+    sizes = [len(slots) for slots in steps]
+    assert len(sizes) >= 4 and max(sizes) == 96 and min(sizes) < 64  # full, chunked and padded steps
+    assert_pool_free(llm)
+
+
+def test_generation_prefills_through_the_buffers_as_eager(tiny_model):
+    """Prompts prefilled together and in chunks through the buffers, decoded eagerly: eager's tokens and
+    logprobs."""
+    prompts = [sentence(340 + i, n) for i, n in enumerate((3, 20, 45))]
+    params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=1, ignore_eos=True)
+    kw = dict(dtype="float32", block_size=8, max_num_batched_tokens=48)
+    want = LLM(tiny_model("llama"), **kw).generate(prompts, params)
+    llm = LLM(tiny_model("llama"), **kw)
+    steps = through_graph_buffers(llm)
+    got = llm.generate(prompts, params)
+    assert steps
+    assert_same_generations(want, got)
+    assert_pool_free(llm)
+
+
+def test_graphs_that_differ_from_the_eager_forward_are_dropped(tiny_model, monkeypatch, caplog):
+    llm = LLM(tiny_model("llama"), dtype="float32", block_size=8)
+    runner = llm.engine.runner
+    call = PrefillGraphs.__call__
+    monkeypatch.setattr(PrefillGraphs, "__call__", lambda self, *args: call(self, *args) * 1.01)
+    with caplog.at_level(logging.WARNING, logger="engine.model_runner"):
+        runner.capture_prefill_graphs(64, capture=False)
+    assert runner.prefill_graphs is None and "prefill stays eager" in caplog.text
+    monkeypatch.setattr(PrefillGraphs, "__call__", call)
+    monkeypatch.setattr(PrefillGraphs, "_stretch", lambda *args: 1 / 0)  # as an op a device cannot capture
+    with caplog.at_level(logging.WARNING, logger="engine.model_runner"):
+        runner.capture_prefill_graphs(64, capture=False)
+    assert runner.prefill_graphs is None and "failed to capture: ZeroDivisionError" in caplog.text
+    monkeypatch.undo()
+    runner.capture_prefill_graphs(64, capture=False)
+    assert runner.prefill_graphs is not None and PG.matches_eager(runner, runner.prefill_graphs)
+    out = llm.generate([sentence(380, 9)], SamplingParams(temperature=0.0, max_tokens=2, ignore_eos=True))
+    assert len(out[0].outputs[0].token_ids) == 2
+    assert_pool_free(llm)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: a GPU")
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_captured_prefill_graphs_score_as_eager(dtype, tiny_model):
+    """On a GPU the engine captures the graphs by default: replayed, they give enforce_eager's scores."""
+    docs = [sentence(360 + i, 4 + 9 * i) for i in range(5)] + [sentence(370, 70)]
+    kw = dict(task="score", dtype=dtype, block_size=16, score_tokens=("no", "yes"), score_template=TEMPLATE,
+              max_num_batched_tokens=256)
+    want = [o.outputs.score for o in LLM(tiny_model("qwen3"), enforce_eager=True, **kw).score(QUERY, docs)]
+    llm = LLM(tiny_model("qwen3"), **kw)
+    assert llm.engine.runner.prefill_graphs is not None
+    got = [o.outputs.score for o in llm.score(QUERY, docs) + llm.score(QUERY, docs[:2])]
+    assert got == pytest.approx(want + want[:2], abs=1e-5 if dtype == "float32" else 2e-2)
+    assert_pool_free(llm)
