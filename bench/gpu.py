@@ -16,8 +16,9 @@ Needs only torch, transformers, sentence-transformers and this repository's engi
     engine on a thread and in its own process, and read every step, vs LLM.generate's final-only outputs;
   - yes/no reranking, 4 queries x 100 documents of ~280 tokens a pair, on random SmolLM2-135M and
     Qwen3-Reranker-0.6B shapes, engine LLM.score vs HF, one left-padded batch per query, both from text
-    (the same prompt template and tokenizer; with --torch-compile also the engine with torch_compile), and
-    the host's waiting share as above;
+    (the same prompt template and tokenizer; on CUDA also the engine with enforce_eager, without the piecewise
+    prefill graphs; with --torch-compile also the engine with torch_compile), and the host's waiting share as
+    above;
   - greedy parity: engine vs HF `generate`, fp32, identical token sequences out of N.
 
 With --quantization (e.g. fp8) or --kv-cache-dtype fp8 only the decode-step, long-context and rerank rows run, the engine's
@@ -456,7 +457,7 @@ def end_to_end_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: 
     hf_secs, _ = timed(device, hf_generate)
     total = sizes.e2e * n_out
     return [[f"{sizes.e2e} x {sizes.prompt} -> {n_out} tokens, random {args.decoder_shape}, {dtype}"
-             + (", torch_compile" if compiled else ""), "out tok/s",
+             + ("" if mode == "default" else f", {mode}"), "out tok/s",
              f"{total / secs:,.0f}", f"{total / hf_secs:,.0f}", ratio(hf_secs, secs),
              f"host waited on the device {100 * waited / secs:.0f}% of the run", "HF generate, one batch",
              generation_limit(args, sizes, dtype, hf.config, total / secs)] for compiled, (secs, waited) in runs.items()]
@@ -556,8 +557,13 @@ def rerank_texts(sizes: Sizes, vocab: int):
     return queries, documents
 
 
+# How a rerank row's engine runs its prefill steps: as configured (on CUDA replayed from the piecewise prefill
+# graphs), without any CUDA graph (enforce_eager), or through one torch.compile graph.
+RERANK_MODES = {"default": {}, "enforce_eager": {"enforce_eager": True}, "torch_compile": {"torch_compile": True}}
+
+
 def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, small: bool,
-                compile_modes: tuple[bool, ...], limits: Limits, options: dict) -> list[list]:
+                modes: tuple[str, ...], limits: Limits, options: dict) -> list[list]:
     with tempfile.TemporaryDirectory() as path:
         hf = random_decoder(shape, small, device, path).to(getattr(torch, dtype))
         queries, documents = rerank_texts(sizes, hf.config.vocab_size)
@@ -567,15 +573,15 @@ def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, smal
         warm_up, docs = documents(), documents()
         flat_q = [q for q, ds in zip(queries, docs) for _ in ds]
         flat_d = [d for ds in docs for d in ds]
-        runs = {}  # torch_compile -> (seconds, scores, seconds the host waited on the device)
-        for compiled in compile_modes:
+        runs = {}  # mode -> (seconds, scores, seconds the host waited on the device)
+        for mode in modes:
             llm = engine_llm(path, dtype, task="score", score_tokens=("no", "yes"), max_model_len=1024,
-                             max_num_batched_tokens=16384, max_num_seqs=256, device=str(device), torch_compile=compiled,
-                             **options)
+                             max_num_batched_tokens=16384, max_num_seqs=256, device=str(device),
+                             **RERANK_MODES[mode], **options)
             llm.score(flat_q, [d for ds in warm_up for d in ds])
             with host_waits() as waited:
                 secs, outs = timed(device, lambda: llm.score(flat_q, flat_d))
-            runs[compiled] = secs, np.array([o.outputs.score for o in outs]), waited[0]
+            runs[mode] = secs, np.array([o.outputs.score for o in outs]), waited[0]
             prompt = llm.engine.input_processor.yes_no
             del llm
             free(device)
@@ -608,12 +614,12 @@ def rerank_rows(shape: str, sizes: Sizes, device: torch.device, dtype: str, smal
     n = len(flat_q)
     return [[f"yes/no rerank {sizes.queries} x {sizes.docs} pairs (~{tok_per_pair:.0f} tok), random {shape}, "
              f"{weights_label(dtype, options)}"
-             + (", torch_compile" if compiled else ""),
+             + ("" if mode == "default" else f", {mode}"),
              "pairs/s", f"{n / secs:,.1f}", f"{n / hf_secs:,.1f}", ratio(hf_secs, secs),
              f"max |score - HF| {np.abs(scores - want).max():.4f}; host waited {100 * waited / secs:.0f}%",
              f"HF from text ({tokenize_secs * 1e3:.0f} ms of it tokenizing), left-padded batch per query, {dtype}",
              "-" if options else limits.cell(phases, dtype, n, "pairs/s", n / secs)]
-            for compiled, (secs, scores, waited) in runs.items()]
+            for mode, (secs, scores, waited) in runs.items()]
 
 
 # ---- main -------------------------------------------------------------------------------------
@@ -694,8 +700,9 @@ def main() -> None:
             free(device)
     if "rerank" not in args.skip:
         for shape in ("smollm2-135m", "qwen3-reranker-0.6b"):
-            compile_modes = (False, True) if args.torch_compile else (False,)
-            run_rows(f"rerank {shape}", lambda: rerank_rows(shape, sizes, device, dtype, args.small, compile_modes,
+            modes = (("default",) + (("enforce_eager",) if device.type == "cuda" else ())
+                     + (("torch_compile",) if args.torch_compile else ()))
+            run_rows(f"rerank {shape}", lambda: rerank_rows(shape, sizes, device, dtype, args.small, modes,
                                                             args.limits, args.engine_options))
     print(table(["workload", "unit", "engine", "baseline", "engine / baseline", "quality", "baseline is",
                  "physical limit (roofline)"], rows))

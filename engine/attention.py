@@ -9,6 +9,7 @@ import torch
 from torch import nn
 
 from engine.context import get_context
+from engine.opaque_op import opaque_op
 from engine.quantization import quantize_fp8
 
 
@@ -107,5 +108,5 @@ def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Optiona
 
 
 # The pool's views are arguments, so the op is ordered after the step's writes into them.
-_prefill_op = torch.library.custom_op("servecluster::prefill_attention", _prefill, mutates_args=())
-_prefill_op.register_fake(lambda q, k, v, k_cache, v_cache, k_scale, v_scale, scale: q.new_empty(q.shape))
+_prefill_op = opaque_op("prefill_attention", _prefill,
+                        lambda q, k, v, k_cache, v_cache, k_scale, v_scale, scale: q.new_empty(q.shape))

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.opaque_op import opaque_op
+
 
 def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.Tensor],
                     out_features: int) -> torch.Tensor:
@@ -27,8 +29,8 @@ def _packed_product(x: torch.Tensor, packed: torch.Tensor, bias: Optional[torch.
 
 # Inductor has no lowering for an mkldnn weight as a graph input: inside a compiled graph the product is one
 # opaque op, which inductor calls as it is.
-_packed_product_op = torch.library.custom_op("servecluster::packed_linear", _packed_product, mutates_args=())
-_packed_product_op.register_fake(lambda x, packed, bias, out_features: x.new_empty(*x.shape[:-1], out_features))
+_packed_product_op = opaque_op("packed_linear", _packed_product,
+                               lambda x, packed, bias, out_features: x.new_empty(*x.shape[:-1], out_features))
 
 
 class PackedLinear(nn.Module):

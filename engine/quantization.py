@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.opaque_op import opaque_op
+
 log = logging.getLogger(__name__)
 
 QUANTIZATION_METHODS = ("int8", "w8a8", "fp8")
@@ -173,9 +175,8 @@ def _scaled_mm(xq: torch.Tensor, qweight: torch.Tensor, xscale: torch.Tensor, sc
 
 # In a compiled model the product is one opaque op: _scaled_mm's own shape checks would otherwise guard the
 # graph on a single row (a decode of one, a prefill with one output row) and compile it again for more.
-_scaled_mm_op = torch.library.custom_op("servecluster::fp8_scaled_mm", _scaled_mm, mutates_args=())
-_scaled_mm_op.register_fake(lambda xq, qweight, xscale, scale, out_dtype:
-                            xq.new_empty((xq.shape[0], qweight.shape[0]), dtype=out_dtype))
+_scaled_mm_op = opaque_op("fp8_scaled_mm", _scaled_mm, lambda xq, qweight, xscale, scale, out_dtype:
+                          xq.new_empty((xq.shape[0], qweight.shape[0]), dtype=out_dtype))
 
 
 def _fp8_scaled_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:

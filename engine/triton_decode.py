@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from engine.context import Context
+from engine.opaque_op import opaque_op
 
 TILE = 64  # context slots per loop iteration
 MIN_DOT = 16  # tl.dot's smallest M, N and K
@@ -178,6 +179,6 @@ def _paged_decode(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_scale: Op
     return out
 
 
-_paged_decode_op = torch.library.custom_op("servecluster::paged_decode", _paged_decode, mutates_args=())
-_paged_decode_op.register_fake(lambda q, k, v, k_scale, v_scale, table, lens, scale, num_kv_heads, block_size,
-                               min_programs, partition: q.new_empty(q.shape))
+_paged_decode_op = opaque_op("paged_decode", _paged_decode,
+                             lambda q, k, v, k_scale, v_scale, table, lens, scale, num_kv_heads, block_size,
+                             min_programs, partition: q.new_empty(q.shape))

@@ -71,12 +71,14 @@ def test_yes_no_scores_through_the_buffers_are_eager_ones(arch, tiny_model):
     assert_pool_free(llm)
 
 
-def test_generation_prefills_through_the_buffers_as_eager(tiny_model):
+@pytest.mark.parametrize("options", [{}, {"kv_cache_dtype": "fp8"}, {"quantization": "w8a8"}])
+def test_generation_prefills_through_the_buffers_as_eager(tiny_model, options):
     """Prompts prefilled together and in chunks through the buffers, decoded eagerly: eager's tokens and
-    logprobs."""
+    logprobs, with a float8 KV cache (the stretches write keys and values quantized) and with w8a8 layers
+    (their activations quantized inside the stretches) too."""
     prompts = [sentence(340 + i, n) for i, n in enumerate((3, 20, 45))]
     params = SamplingParams(temperature=0.0, max_tokens=6, logprobs=1, ignore_eos=True)
-    kw = dict(dtype="float32", block_size=8, max_num_batched_tokens=48)
+    kw = dict(dtype="float32", block_size=8, max_num_batched_tokens=48, **options)
     want = LLM(tiny_model("llama"), **kw).generate(prompts, params)
     llm = LLM(tiny_model("llama"), **kw)
     steps = through_graph_buffers(llm)
