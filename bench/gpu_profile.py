@@ -2,8 +2,8 @@
 
 torch.profiler over three of its workloads, each after a warm-up: decode steps at 256 running on the random
 1B-shape Llama (eager, every kernel launched by itself, and replayed from the CUDA graphs), the SmolLM2-shape
-yes/no rerank of 4 x 100 pairs and the fp32 MiniLM embedding of 1,000 SciFact documents, each eager and with
-torch_compile. For each: the wall time, the device's busy time (its kernels' time summed: the rest of the wall
+yes/no rerank of 4 x 100 pairs and the fp32 MiniLM embedding of 1,000 SciFact documents, each not compiled and
+with torch_compile. For each: the wall time, the device's busy time (its kernels' time summed: the rest of the wall
 time the device waited on the host) and the kernels that took most of it, grouped by name; for the rerank and
 embedding rows also a second run's host phases (host_phases), which say where a host-bound row's time goes,
 and a third run's Python functions (cProfile).
@@ -31,7 +31,8 @@ from gpu import (Sizes, arguments, decoding_engine, embedding_corpus, engine_llm
                  random_ids, rerank_texts, sync)
 
 TOP = 12
-MODES = {False: "eager", True: "torch_compile"}  # on the card torch_compile lost on these two rows (README)
+# Not compiled: eager, but on CUDA a decoder's prefill steps replay the piecewise graphs (engine.prefill_graphs).
+MODES = {False: "not compiled", True: "torch_compile"}
 
 
 def profiled(device: torch.device, label: str, fn) -> None:

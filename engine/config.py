@@ -38,8 +38,8 @@ class EngineConfig:
     # token and kv head: ~1.8x bf16's tokens in the same memory at head_dim 128; vLLM's kv_cache_dtype values).
     # Decoders only.
     kv_cache_dtype: str = "auto"
-    # Steps run eagerly instead of from captured CUDA graphs: decode steps' whole-model graphs and all-prefill
-    # steps' piecewise ones (vLLM's option; CPU never captures).
+    # Steps run eagerly instead of from captured CUDA graphs: decode steps' whole-model graphs and the piecewise
+    # ones of steps with prefills (vLLM's option; CPU never captures).
     enforce_eager: bool = False
     # Prefill steps and decode steps each run as one torch.compile graph of the whole model (engine.compiled_model),
     # every task; CUDA graphs capture the decode one where they are on, and w8a8 layers fuse their quantizing and
@@ -105,7 +105,7 @@ class EngineConfig:
         return device.type == "cuda" if self.async_scheduling is None else self.async_scheduling
 
     def captures_prefill_graphs(self, device: torch.device) -> bool:
-        """Decoders' all-prefill steps from piecewise CUDA graphs (engine.prefill_graphs); a compiled model's
+        """Decoders' steps with prefills from piecewise CUDA graphs (engine.prefill_graphs); a compiled model's
         prefill is one graph already."""
         return device.type == "cuda" and not self.enforce_eager and not self.torch_compile
 

@@ -117,7 +117,7 @@ class ModelRunner:
         self.decode_graphs = DecodeGraphs(self, max_num_seqs, capture)
 
     def capture_prefill_graphs(self, max_tokens: int, capture: bool = True) -> None:
-        """Piecewise CUDA graphs for all-prefill steps of a decoder (engine.prefill_graphs), kept only where they
+        """Piecewise CUDA graphs for a decoder's steps with prefills (engine.prefill_graphs), kept only where they
         capture and a step replayed from them gives the eager forward's hidden states; capture=False keeps the
         padded buffers and runs the pieces eagerly (how tests check them on CPU)."""
         try:
@@ -199,9 +199,10 @@ class ModelRunner:
         if self.decode_graphs is not None and all_decode and len(reqs) <= self.decode_graphs.max_batch:
             hidden = self.decode_graphs.run(input_ids, pos, *self._decode_inputs(reqs, rows, pos))
         else:
-            # Compiled or captured graphs for all-decode and all-prefill steps; a mixed step runs eagerly.
+            # Piecewise graphs take any step (its attention runs eagerly between them, prefills and decodes alike);
+            # compiled graphs all-decode and all-prefill steps; a mixed step otherwise runs eagerly.
             one_kind = all_decode or not any(decodes)
-            if self.prefill_graphs is not None and not any(decodes) and ends[-1] <= self.prefill_graphs.max_tokens:
+            if self.prefill_graphs is not None and ends[-1] <= self.prefill_graphs.max_tokens:
                 forward = self.prefill_graphs
             else:
                 forward = self.compiled if one_kind and self.compiled is not None else self.model

@@ -1,4 +1,4 @@
-"""Prefill steps replayed from CUDA graphs, piece by piece around the attention (vLLM's piecewise graphs).
+"""Steps with prefills replayed from CUDA graphs, piece by piece around the attention (vLLM's piecewise graphs).
 
 A prefill step of a small decoder is bound by the host on a GPU: ~10 kernels a layer launched from Python
 (an H200 ran a SmolLM2-shape rerank's kernels for a quarter of its wall time, README). All but the
@@ -7,8 +7,10 @@ between two attentions: the embedding and layer 0 up to its attention, then a la
 and MLP with the next layer up to its attention. A step copies its inputs into static buffers, pads its
 tokens up to the next size (padding tokens write their K/V into the pool's scratch block) and replays the
 stretches, running each layer's attention eagerly on the real tokens in between, as their span lengths
-differ every step. Rows never mix outside attention, so padding rows change nothing in the real ones. The
-last layer's MLP and the final norm run eagerly too: they take only the step's output rows."""
+differ every step; a step that mixes prefill chunks with decodes goes the same way, its attention taking
+both. (All-decode steps replay whole-model graphs, engine.cuda_graphs.) Rows never mix outside attention,
+so padding rows change nothing in the real ones. The last layer's MLP and the final norm run eagerly too:
+they take only the step's output rows."""
 import torch
 
 from engine.context import Context, get_context, set_context
@@ -80,7 +82,7 @@ class PrefillGraphs:
         torch.cuda.synchronize()
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids=None) -> torch.Tensor:
-        """The model's forward for an all-prefill step of at most max_tokens tokens, its Context set."""
+        """The model's forward for a step of at most max_tokens tokens, its Context set."""
         ctx, t = get_context(), input_ids.shape[0]
         size = next(s for s in self.sizes if s >= t)
         self.input_ids[:t], self.positions[:t], self.slot_mapping[:t] = input_ids, positions, ctx.slot_mapping

@@ -8,10 +8,10 @@ import torch
 
 from conftest import assert_pool_free, sentence
 from engine import LLM, SamplingParams
-from engine.context import get_context
+from engine.context import Context, get_context
 from engine import prefill_graphs as PG
 from engine.prefill_graphs import PrefillGraphs, capture_sizes
-from test_decoders import assert_same_generations
+from test_decoders import assert_same_generations, run_staggered
 
 TEMPLATE = "question : {query} document : {document} answer :"
 QUERY = "is the cat on the mat"
@@ -25,15 +25,15 @@ def test_capture_sizes_pad_a_step_by_at_most_half_from_2048_tokens():
     assert capture_sizes(100) == [64, 100] and capture_sizes(64) == [64] and capture_sizes(8) == [8]
 
 
-def through_graph_buffers(llm: LLM) -> list[torch.Tensor]:
-    """Captures the buffers (run eagerly) on the engine; returns the slot mappings of the steps they take."""
+def through_graph_buffers(llm: LLM) -> list[Context]:
+    """Captures the buffers (run eagerly) on the engine; returns the contexts of the steps they take."""
     runner = llm.engine.runner
     runner.capture_prefill_graphs(llm.engine.config.max_num_batched_tokens, capture=False)
     graphs, steps = runner.prefill_graphs, []
     assert graphs is not None, "the buffers' forward differs from the eager one"
 
     def counted(input_ids, positions, token_type_ids=None):
-        steps.append(get_context().slot_mapping.clone())
+        steps.append(get_context())
         return PrefillGraphs.__call__(graphs, input_ids, positions, token_type_ids)
     runner.prefill_graphs = counted
     counted.max_tokens, counted.graphs = graphs.max_tokens, graphs
@@ -57,16 +57,17 @@ def test_yes_no_scores_through_the_buffers_are_eager_ones(arch, tiny_model):
     runner, before = llm.engine.runner, llm.engine.runner.kv_cache.clone()
     short = llm.score(QUERY, docs[:1])[0]
     kept = torch.ones(before.shape[2], dtype=torch.bool)
-    kept[steps[-1]] = False
+    kept[steps[-1].slot_mapping] = False
     kept[runner.scratch_block * runner.block_size:] = False
     assert torch.equal(runner.kv_cache[:, :, kept], before[:, :, kept])
     # (A two-layer model's padding rows recompute the K/V a stale slot held; the buffer says where they went.)
-    assert (runner.prefill_graphs.graphs.slot_mapping[len(steps[-1]):64] == runner.scratch_block * 4).all()
+    padding = runner.prefill_graphs.graphs.slot_mapping[steps[-1].num_prefill_tokens:64]
+    assert (padding == runner.scratch_block * 4).all()
     again = [o.outputs.score for o in llm.score(QUERY, docs[4:])]  # their blocks from the cache
     assert got == pytest.approx(want, abs=1e-5)
     assert short.outputs.score == pytest.approx(want[0], abs=1e-5) and short.num_cached_tokens > 0
     assert again == pytest.approx(want[4:], abs=1e-5)
-    sizes = [len(slots) for slots in steps]
+    sizes = [ctx.num_prefill_tokens for ctx in steps]
     assert len(sizes) >= 4 and max(sizes) == 96 and min(sizes) < 64  # full, chunked and padded steps
     assert_pool_free(llm)
 
@@ -85,6 +86,20 @@ def test_generation_prefills_through_the_buffers_as_eager(tiny_model, options):
     got = llm.generate(prompts, params)
     assert steps
     assert_same_generations(want, got)
+    assert_pool_free(llm)
+
+
+def test_steps_mixing_prefills_with_decodes_go_through_the_buffers_as_eager(tiny_model):
+    """Continuous batching: requests arriving while others decode make steps of prefill chunks and decodes,
+    which go through the buffers too (the eager attention takes both); eager's tokens and logprobs."""
+    prompts = [sentence(390 + i, 4 + 9 * i) for i in range(4)]
+    params = [SamplingParams(temperature=0.0, max_tokens=8, logprobs=1, ignore_eos=True)] * len(prompts)
+    kw = dict(dtype="float32", block_size=8, max_num_batched_tokens=32)
+    want = run_staggered(LLM(tiny_model("llama"), **kw), prompts, params)
+    llm = LLM(tiny_model("llama"), **kw)
+    steps = through_graph_buffers(llm)
+    assert_same_generations(want, run_staggered(llm, prompts, params))
+    assert any(ctx.prefills and ctx.decode_block_table is not None for ctx in steps)
     assert_pool_free(llm)
 
 
@@ -121,4 +136,17 @@ def test_captured_prefill_graphs_score_as_eager(dtype, tiny_model):
     assert llm.engine.runner.prefill_graphs is not None
     got = [o.outputs.score for o in llm.score(QUERY, docs) + llm.score(QUERY, docs[:2])]
     assert got == pytest.approx(want + want[:2], abs=1e-5 if dtype == "float32" else 2e-2)
+    assert_pool_free(llm)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs: a GPU")
+def test_captured_graphs_generate_as_eager_under_continuous_batching(tiny_model):
+    """Replayed around the attention of steps that mix prefill chunks with decodes: enforce_eager's tokens."""
+    prompts = [sentence(395 + i, 4 + 9 * i) for i in range(4)]
+    params = [SamplingParams(temperature=0.0, max_tokens=8, logprobs=1, ignore_eos=True)] * len(prompts)
+    kw = dict(dtype="float32", block_size=16, max_num_batched_tokens=32)
+    want = run_staggered(LLM(tiny_model("llama"), enforce_eager=True, **kw), prompts, params)
+    llm = LLM(tiny_model("llama"), **kw)
+    assert llm.engine.runner.prefill_graphs is not None
+    assert_same_generations(want, run_staggered(llm, prompts, params))
     assert_pool_free(llm)
