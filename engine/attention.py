@@ -95,8 +95,7 @@ class Attention(nn.Module):
     def _prefill(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
         # Inside a compiled model (torch_compile) the kernel is one opaque op: the step's span lengths stay
         # out of the graph (one graph serves every step) and inductor fuses the ops around it.
-        attend = _prefill_op if torch.compiler.is_compiling() else _prefill
-        return attend(q, k, v, self.k_cache, self.v_cache, self.k_scale, self.v_scale, self.scale)
+        return _prefill_op(q, k, v, self.k_cache, self.v_cache, self.k_scale, self.v_scale, self.scale)
 
 
 def _prefill(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, k_cache: Optional[torch.Tensor],

@@ -14,8 +14,13 @@ _LIBRARY = torch.library.Library("servecluster", "FRAGMENT")
 
 def opaque_op(name: str, fn: Callable, fake: Callable) -> Callable:
     """fn registered for every device as torch.ops.servecluster.<name>; fake gives its output's shape and dtype
-    from its inputs' while a graph is traced."""
+    from its inputs' while a graph is traced. Returns the call: the op inside a compiled graph, fn itself in eager
+    steps (no dispatch)."""
     _LIBRARY.define(name + torch.library.infer_schema(fn, mutates_args=()))
     _LIBRARY.impl(name, fn, "CompositeExplicitAutograd")
     torch.library.register_fake(f"servecluster::{name}", fake, lib=_LIBRARY)
-    return getattr(torch.ops.servecluster, name)
+    op = getattr(torch.ops.servecluster, name)
+
+    def call(*args):
+        return op(*args) if torch.compiler.is_compiling() else fn(*args)
+    return call

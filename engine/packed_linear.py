@@ -53,8 +53,7 @@ class PackedLinear(nn.Module):
         destination[prefix + "weight"] = self.weight
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        product = _packed_product_op if torch.compiler.is_compiling() else _packed_product
-        return product(x, self.packed, self.bias, self.out_features)
+        return _packed_product_op(x, self.packed, self.bias, self.out_features)
 
 
 def pack_linears(model: nn.Module, logits_head: bool) -> None:

@@ -29,21 +29,21 @@ def capture_sizes(max_tokens: int) -> list[int]:
 
 
 class PrefillGraphs:
+    @torch.inference_mode()  # buffers as every step's tensors (engine.cuda_graphs)
     def __init__(self, runner, max_tokens: int, capture: bool = True):
         model, dev, dtype = runner.model, runner.device, runner.dtype
         s = model.spec
         self.model, self.sizes, self.max_tokens = model, capture_sizes(max_tokens), max_tokens
         self.scratch_slot = runner.scratch_block * runner.block_size
-        with torch.inference_mode():  # as every step's tensors (engine.cuda_graphs)
-            self.input_ids = torch.zeros(max_tokens, dtype=torch.long, device=dev)
-            self.positions = torch.zeros(max_tokens, dtype=torch.long, device=dev)
-            self.slot_mapping = torch.full((max_tokens,), self.scratch_slot, dtype=torch.long, device=dev)
-            # What one stretch hands the attention and the next stretch, shared by every layer and size.
-            self.q = torch.zeros(max_tokens, s.num_heads, s.head_dim, dtype=dtype, device=dev)
-            self.k = torch.zeros(max_tokens, s.num_kv_heads, s.head_dim, dtype=dtype, device=dev)
-            self.v = torch.zeros_like(self.k)
-            self.residual = torch.zeros(max_tokens, s.hidden_size, dtype=dtype, device=dev)
-            self.attn_out = torch.zeros(max_tokens, s.num_heads * s.head_dim, dtype=dtype, device=dev)
+        self.input_ids = torch.zeros(max_tokens, dtype=torch.long, device=dev)
+        self.positions = torch.zeros(max_tokens, dtype=torch.long, device=dev)
+        self.slot_mapping = torch.full((max_tokens,), self.scratch_slot, dtype=torch.long, device=dev)
+        # What one stretch hands the attention and the next stretch, shared by every layer and size.
+        self.q = torch.zeros(max_tokens, s.num_heads, s.head_dim, dtype=dtype, device=dev)
+        self.k = torch.zeros(max_tokens, s.num_kv_heads, s.head_dim, dtype=dtype, device=dev)
+        self.v = torch.zeros_like(self.k)
+        self.residual = torch.zeros(max_tokens, s.hidden_size, dtype=dtype, device=dev)
+        self.attn_out = torch.zeros(max_tokens, s.num_heads * s.head_dim, dtype=dtype, device=dev)
         self._rotary: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # each size's tables, made by its first stretch
         self.graphs: dict[int, list[torch.cuda.CUDAGraph]] = {}
         if capture:

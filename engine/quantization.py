@@ -183,8 +183,7 @@ def _fp8_scaled_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tenso
     # A compiled model fuses quantize_fp8's ops itself.
     quantize = quantize_fp8 if torch.compiler.is_compiling() else layer.quantize_activations
     xq, xscale = quantize(x.reshape(-1, x.shape[-1]))
-    mm = _scaled_mm_op if torch.compiler.is_compiling() else _scaled_mm
-    out = mm(xq, layer.qweight, xscale, layer.scale, layer.scaled_mm_out_dtype)
+    out = _scaled_mm_op(xq, layer.qweight, xscale, layer.scale, layer.scaled_mm_out_dtype)
     return out.to(x.dtype).view(*x.shape[:-1], -1)
 
 

@@ -131,9 +131,8 @@ class TritonPagedDecode:
                 ctx.decode_context_lens, layer.scale, layer.num_kv_heads, layer.block_size, self.min_programs,
                 self.partition)
         # Inside a compiled model (torch_compile) the launch is one opaque op, so inductor fuses the ops around
-        # it, a CUDA graph captures both, and the split is decided from the op's concrete shapes, never traced;
-        # eager, the direct launch skips the op's dispatch.
-        return _paged_decode_op(*args) if torch.compiler.is_compiling() else _paged_decode(*args)
+        # it, a CUDA graph captures both, and the split is decided from the op's concrete shapes, never traced.
+        return _paged_decode_op(*args)
 
 
 def num_partitions(programs: int, max_context: int, min_programs: int, partition: int = PARTITION) -> int:
