@@ -227,7 +227,8 @@ def main() -> None:
     ap.add_argument("--skip", nargs="*", default=[], choices=["hf", "hf-batch", "llama"])
     ap.add_argument("--profile", action="store_true", help="torch.profiler breakdown of engine decode steps")
     ap.add_argument("--quantization", nargs="+", default=["none"], choices=["none", *QUANTIZATION_METHODS],
-                    help="engine weight modes to run, each at every concurrency (int8: weight-only; w8a8: int8 activations too)")
+                    help="engine weight modes to run, each at every concurrency (int8, int4: weight-only; w8a8: int8 "
+                         "activations too)")
     ap.add_argument("--torch-compile", action="store_true",
                     help="also run each weight mode with torch_compile=True (decode steps as one torch.compile "
                          "graph, fused w8a8 prefill layers; compiled at start): eager and compiled rows, same run")
@@ -243,6 +244,7 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from engine import AsyncLLM, EngineConfig
+    from engine.int4_linear import Int4Linear
     from engine.quantization import QuantizedLinear
 
     def make_engine(quantization: str | None, compiled: bool) -> AsyncLLM:
@@ -266,7 +268,7 @@ def main() -> None:
                     f"{args.waves} x C requests, closed loop (C in flight)",
         "engine": f"AsyncLLM, max_num_batched_tokens={args.max_num_batched_tokens}, max_num_seqs={args.max_num_seqs}, "
                   f"prefix caching on, block_size 16, weights: {', '.join(args.quantization)} "
-                  f"(int8: weight-only; w8a8: int8 weights and per-token int8 activations; engine.quantization)",
+                  f"(int8, int4: weight-only; w8a8: int8 weights and per-token int8 activations; engine.quantization)",
         "baselines": f"HF transformers generate ({dname}, the engine's dtype; sdpa, DynamicCache) on the engine's "
                      f"converted checkpoint; "
                      f"llama.cpp {llama_cpp_version()} on {GGUF}, n_threads=2, n_ctx=2048, "
@@ -335,9 +337,8 @@ def main() -> None:
 
     # Roofline: the model's matmul FLOPs per level at the mm peak of the engine's dtype (attention excluded).
     model = sync_engine.runner.model
-    dense = 2 * sum((m.qweight if isinstance(m, QuantizedLinear) else m.weight).numel()
-                    for n, m in model.named_modules()
-                    if n.startswith("layers.") and isinstance(m, (torch.nn.Linear, QuantizedLinear)))
+    dense = 2 * sum(m.weight.numel() for n, m in model.named_modules()  # quantized layers dequantized once
+                    if n.startswith("layers.") and isinstance(m, (torch.nn.Linear, QuantizedLinear, Int4Linear)))
     head = 2 * model.spec.vocab_size * model.spec.hidden_size
     peak = matmul_gflops(dtype, 2048)
     print(f"\nroofline: {dense / 1e6:.0f} MFLOP per token + {head / 1e6:.0f} MFLOP LM head per output token; "

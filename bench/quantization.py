@@ -1,6 +1,6 @@
 """What each quantization method costs in accuracy: SmolLM2-135M-Instruct on SciFact abstracts.
 
-Each method's layers are the engine's own (`engine.quantization.QuantizedLinear`, its CPU kernels) put into
+Each method's layers are the engine's own (`engine.quantization.quantized_linear`, its CPU kernels) put into
 Hugging Face's SmolLM2 in place of every projection and the logits head, as the engine quantizes them
 (tests/test_quantization.py checks the engine against exactly this reference). Every abstract is
 scored teacher-forced: perplexity, top-1 agreement with float32's next-token prediction, and the mean
@@ -11,8 +11,8 @@ stores them (engine.attention.quantize_kv: float8, one scale per token and head)
 a token-by-token decode over the cache computes (a prompt's own keys, computed in the same step, are read
 unquantized there).
 
-Note on int8 (weight-only): its CPU kernel takes bf16 activations only for up to 64 rows (decode
-steps); a whole abstract goes through the dequantized fp32 matmul, so its rows here show the
+Note on int8 and int4 (weight-only): their CPU kernels take bf16 activations only for up to 64 rows (decode
+steps); a whole abstract goes through the dequantized fp32 matmul, so their rows here show the
 weight error alone.
 
     python bench/quantization.py             # 48 abstracts of up to 256 tokens"""
@@ -30,11 +30,12 @@ GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 
 def quantize_hf(model, method: str) -> None:
-    from engine.quantization import QuantizedLinear
+    from engine.quantization import quantized_linear
     for name, mod in list(model.named_modules()):
         for child_name, child in list(mod.named_children()):
             if isinstance(child, torch.nn.Linear) and (".layers." in f"{name}." or child_name == "lm_head"):
-                setattr(mod, child_name, QuantizedLinear(child.weight.data, child.bias, method))
+                head = child_name == "lm_head"
+                setattr(mod, child_name, quantized_linear(child.weight.data, child.bias, method, head))
 
 
 FP8_KV_ATTENTION = "fp8_kv_cache"

@@ -34,7 +34,7 @@ class ModelArgs(BaseModel):
     task: str = "auto"
     served_model_name: str | None = None
     dtype: str = "auto"
-    quantization: str | None = None  # decoders: "int8" (weight-only), "w8a8" or "fp8"; engine.quantization
+    quantization: str | None = None  # decoders: "int8" / "int4" (weight-only), "w8a8" or "fp8"; engine.quantization
     max_model_len: int | None = None
     max_num_batched_tokens: int | None = None
     max_num_seqs: int | None = None

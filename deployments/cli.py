@@ -36,9 +36,10 @@ def parser() -> argparse.ArgumentParser:
                    help="name(s) in the API; as in vLLM, the first one is used in responses")
     s.add_argument("--dtype", default="auto")
     s.add_argument("--quantization", "-q", default=None, choices=QUANTIZATION_METHODS,
-                   help="decoders: int8 = weight-only int8 (faster small-batch decode on CPU); w8a8 = int8 weights "
-                        "and per-token int8 activations (faster at every batch size on CPU, less accurate); fp8 = "
-                        "float8 weights and per-token float8 activations (fp8 tensor cores on Hopper / Ada GPUs)")
+                   help="decoders: int8 = weight-only int8 (faster small-batch decode on CPU); int4 = weight-only "
+                        "4-bit per group of 32 (llama.cpp's Q4_1; the fastest batch-1 decode on CPU); w8a8 = int8 "
+                        "weights and per-token int8 activations (faster at every batch size on CPU, less accurate); "
+                        "fp8 = float8 weights and per-token float8 activations (fp8 tensor cores on Hopper / Ada GPUs)")
     s.add_argument("--kv-cache-dtype", default=None, choices=list(KV_CACHE_DTYPES),
                    help="decoders: fp8 = a float8 KV cache, twice bf16's tokens in the same memory "
                         "(default auto: the dtype)")

@@ -31,8 +31,9 @@ class EngineConfig:
     kv_cache_memory_bytes: int = 1 << 30  # CPU pool size when num_blocks is not given
     gpu_memory_utilization: float = 0.9
     enable_prefix_caching: bool = True
-    # Decoders only (engine.quantization): "int8" weight-only int8; "w8a8" int8 weights and per-token int8
-    # activations; "fp8" float8 weights and per-token float8 activations. None serves the weights as loaded.
+    # Decoders only (engine.quantization): "int8" weight-only int8; "int4" weight-only 4-bit with a scale and zero
+    # point per 32 input channels (engine.int4_linear); "w8a8" int8 weights and per-token int8 activations; "fp8"
+    # float8 weights and per-token float8 activations. None serves the weights as loaded.
     quantization: str | None = None
     # The paged KV cache's dtype: "auto" (the serving dtype) or "fp8" (float8 e4m3 with a float32 scale per
     # token and kv head: ~1.8x bf16's tokens in the same memory at head_dim 128; vLLM's kv_cache_dtype values).

@@ -1,8 +1,11 @@
-"""Quantization of a decoder's linear layers: one symmetric scale per output channel.
+"""Quantization of a decoder's linear layers: one symmetric scale per output channel, or per group for int4.
 
-Three methods:
+Four methods:
 - "int8" (weight-only, W8A16): activations stay in the serving dtype. At small batches a decode step is
   bound by reading the weights, and int8 reads a quarter of fp32's bytes.
+- "int4" (weight-only, W4A16, engine.int4_linear): 4-bit codes with a scale and zero point per 32 input
+  channels (llama.cpp's Q4_1), a quarter of bf16's bytes: the fastest small-batch decode on a CPU. The logits
+  head takes int8.
 - "w8a8": int8 weights and int8 activations with one dynamic scale per token (vLLM's W8A8-INT8 scheme;
   llama.cpp quantizes activations to 8 bits for its quantized dot products too). Every matmul is
   int8 x int8 with int32 accumulation, which CPUs with VNNI run several times faster than fp32 at
@@ -11,7 +14,7 @@ Three methods:
   FP8 W8A8): torch._scaled_mm with row-wise scales, float32 accumulation. Hopper and Ada GPUs run it on
   their fp8 tensor cores at twice the bf16 rate, with half the weight bytes; CPUs have the same op (oneDNN),
   slower than bf16 there.
-Attention and norms keep the serving dtype in all three (the KV cache too, unless kv_cache_dtype says
+Attention and norms keep the serving dtype in all four (the KV cache too, unless kv_cache_dtype says
 otherwise). The matmul kernel is picked here, once per device and method: on CPU, torch's int8 kernels;
 w8a8 on a GPU, torch._int_mm (cuBLASLt's int8 GEMM, the int8 tensor cores of Ampere and later); for fp8,
 torch._scaled_mm; each where one call on the device matched its reference at start-up; elsewhere (and
@@ -23,11 +26,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine.int4_linear import Int4Linear
 from engine.opaque_op import opaque_op
 
 log = logging.getLogger(__name__)
 
-QUANTIZATION_METHODS = ("int8", "w8a8", "fp8")
+QUANTIZATION_METHODS = ("int8", "int4", "w8a8", "fp8")
 FP8 = torch.float8_e4m3fn
 FP8_MAX = torch.finfo(FP8).max  # 448
 # torch._scaled_mm takes inner and output dimensions in multiples of 16 (cuBLASLt's fp8 alignment); a layer of
@@ -259,6 +263,11 @@ class QuantizedLinear(nn.Module):
         self.matmul = select_matmul(self)
 
     @property
+    def emulated(self) -> bool:
+        """The portable matmul: the quantized values converted back to floats every call."""
+        return self.matmul in EMULATED
+
+    @property
     def weight(self) -> torch.Tensor:
         """The dequantized weights: keeps DecoderModel.output_embeddings() meaning the same for a
         quantized untied head."""
@@ -267,6 +276,16 @@ class QuantizedLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         out = self.matmul(x, self)
         return out if self.bias is None else out + self.bias
+
+
+def quantized_linear(weight: torch.Tensor, bias: torch.Tensor | None, method: str,
+                     logits_head: bool = False) -> nn.Module:
+    """A linear layer's weights quantized by `method` (QUANTIZATION_METHODS). int4 keeps a logits head in int8,
+    as llama.cpp's 4-bit files keep it (SmolLM2's Q4_1 file: Q8_0); in 4 bits the head cost SmolLM2 +8% perplexity
+    (README)."""
+    if method == "int4":
+        return QuantizedLinear(weight, bias, "int8") if logits_head else Int4Linear(weight, bias)
+    return QuantizedLinear(weight, bias, method)
 
 
 def quantize_decoder(model: nn.Module, method: str, logits_head: bool) -> None:
@@ -279,14 +298,14 @@ def quantize_decoder(model: nn.Module, method: str, logits_head: bool) -> None:
         for parent, name in ((layer.self_attn, "qkv_proj"), (layer.self_attn, "o_proj"),
                              (layer.mlp, "gate_up_proj"), (layer.mlp, "down_proj")):
             linear = getattr(parent, name)
-            setattr(parent, name, QuantizedLinear(linear.weight.data, linear.bias, method))
+            setattr(parent, name, quantized_linear(linear.weight.data, linear.bias, method))
     if logits_head:
-        model.lm_head = QuantizedLinear(model.output_embeddings().data, None, method)
-    layers = [m for m in model.modules() if isinstance(m, QuantizedLinear)]
-    device = layers[0].qweight.device
-    if any(layer.matmul in EMULATED for layer in layers) or (method == "fp8" and device.type == "cpu"):
+        model.lm_head = quantized_linear(model.output_embeddings().data, None, method, logits_head=True)
+    layers = [m for m in model.modules() if isinstance(m, (QuantizedLinear, Int4Linear))]
+    device = next(iter(layers[0].buffers())).device
+    if any(layer.emulated for layer in layers) or (method == "fp8" and device.type == "cpu"):
         log.warning("quantization %s on %s runs emulated (the quantized values converted back to floats every "
-                    "call), slower than the unquantized model; fast: int8 and w8a8 on CPU, fp8 on Ada / Hopper "
+                    "call), slower than the unquantized model; fast: int8, int4 and w8a8 on CPU, fp8 on Ada / Hopper "
                     "GPUs, w8a8 on Ampere and later", method, device)
 
 

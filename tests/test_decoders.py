@@ -590,7 +590,7 @@ def test_compile_warms_up_with_the_largest_steps(tiny_model, monkeypatch):
     assert_pool_free(llm)
 
 
-@pytest.mark.parametrize("method", ["int8", "w8a8", "fp8"])
+@pytest.mark.parametrize("method", ["int8", "int4", "w8a8", "fp8"])
 def test_compiled_quantized_steps_run_one_graph_each(tiny_model, method):
     """With quantized activations the steps are not compared token for token: a ~1e-7 difference of the fused
     float ops can move an activation across a rounding boundary (README), as any perturbation that

@@ -1,7 +1,7 @@
-"""Quantization: weight-only int8 (int8), int8 weights + per-token int8 activations (w8a8), float8 weights +
-per-token float8 activations (fp8). Each layer against its own dequantized weights (and quantized
-activations), the kernel choice, and the engine end to end against Hugging Face running the same
-dequantized weights and activations."""
+"""Quantization: weight-only int8 (int8), weight-only 4-bit per group (int4), int8 weights + per-token int8
+activations (w8a8), float8 weights + per-token float8 activations (fp8). Each layer against its own dequantized
+weights (and quantized activations), the kernel choice, and the engine end to end against Hugging Face running the
+same dequantized weights and activations."""
 import os
 
 import pytest
@@ -10,6 +10,7 @@ import torch.nn.functional as F
 import transformers as T
 from conftest import assert_pool_free, sentence
 from engine import LLM, EngineConfig, SamplingParams
+from engine import int4_linear as I4
 from engine import quantization as Q
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -185,6 +186,72 @@ def test_portable_int8_matmul_matches_dequantized_weights():
     assert torch.allclose(Q._portable_matmul(x, layer), F.linear(x, layer.weight), atol=1e-5)
 
 
+def test_quantize_int4_is_within_half_a_step_per_group():
+    w = torch.randn(16, 4 * I4.GROUP_SIZE) * torch.linspace(0.01, 3.0, 4 * I4.GROUP_SIZE)  # groups of different ranges
+    w[3, :I4.GROUP_SIZE] = 0.5  # a constant group
+    q, scales = I4.quantize_int4(w)
+    assert q.dtype == torch.uint8 and q.max() <= 15 and scales.shape == (16, 4, 2)
+    back = I4.dequantize_int4(I4.pack_codes(q), scales, torch.float32)
+    groups = lambda t: t.view(16, 4, I4.GROUP_SIZE)  # noqa: E731
+    assert torch.all(groups(w - back).abs() <= scales[..., :1] / 2 + 1e-6)
+    varied = groups(w).amax(-1) > groups(w).amin(-1)
+    # Each varied group spans its whole range: its minimum and maximum come back (to float rounding).
+    assert groups(q).amin(-1)[varied].eq(0).all() and groups(q).amax(-1)[varied].eq(15).all()
+    assert torch.equal(back[3, :I4.GROUP_SIZE], w[3, :I4.GROUP_SIZE])
+
+
+def test_int4_gives_a_q4_1_grid_back():
+    """Weights dequantized from a Q4_1 GGUF (d * q + m per block of 32, both ends used) quantize to their own
+    codes and scales: the engine serves llama.cpp's own 4-bit weights."""
+    torch.manual_seed(0)
+    codes = torch.randint(0, 16, (8, 2, I4.GROUP_SIZE))
+    codes[..., 0], codes[..., 1] = 0, 15
+    d, m = torch.rand(8, 2, 1) * 0.1 + 1e-3, torch.randn(8, 2, 1)
+    w = (d * codes + m).view(8, -1)
+    q, scales = I4.quantize_int4(w)
+    assert torch.equal(q.view(8, 2, -1), codes.to(torch.uint8))
+    assert torch.allclose(scales[..., :1], d, rtol=1e-5) and torch.allclose(scales[..., 1:], m + 8 * d, rtol=1e-5)
+
+
+def test_int4_refuses_inputs_outside_its_groups():
+    with pytest.raises(ValueError, match="int4 needs input sizes in multiples of 32, got a layer of 40"):
+        I4.Int4Linear(torch.randn(16, 40), None)
+
+
+@pytest.mark.parametrize("rows", [1, 3, I4.CPU_INT4_KERNEL_MAX_ROWS, I4.CPU_INT4_KERNEL_MAX_ROWS + 1, 200])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_int4_linear_matches_its_dequantized_weights_on_cpu(rows, dtype, monkeypatch):
+    """Up to the row limit torch's int4 kernel (bf16 activations), above it one matmul on the dequantized
+    weights; 40 outputs, padded to the kernel's multiple of 16 and cut back."""
+    assert I4.cpu_kernel_checks_out()
+    torch.manual_seed(rows)
+    w, b, x = torch.randn(40, 96).to(dtype), torch.randn(40).to(dtype), torch.randn(rows, 96).to(dtype)
+    layer = I4.Int4Linear(w, b)
+    assert layer.on_kernel and not layer.emulated and layer.packed.shape[0] == 48
+    kernel_calls = []
+    real = torch.ops.aten._weight_int4pack_mm_for_cpu
+    monkeypatch.setattr(torch.ops.aten, "_weight_int4pack_mm_for_cpu", lambda *a: kernel_calls.append(1) or real(*a))
+    got = layer(x)
+    want = F.linear(x.float(), layer.weight.float(), b.float())
+    assert got.dtype == dtype and got.shape == (rows, 40)
+    if rows <= I4.CPU_INT4_KERNEL_MAX_ROWS or dtype == torch.bfloat16:  # bf16 activations or products
+        assert bool(kernel_calls) == (rows <= I4.CPU_INT4_KERNEL_MAX_ROWS)
+        assert torch.allclose(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+    else:
+        assert not kernel_calls and torch.allclose(got, want, atol=1e-4)
+    # Within a step of each group's scale of the unquantized product.
+    assert torch.allclose(got.float(), F.linear(x.float(), w.float(), b.float()), rtol=0.1,
+                          atol=0.1 * want.abs().max().item())
+
+
+def test_int4_without_the_cpu_kernel_dequantizes_every_call(monkeypatch):
+    monkeypatch.setattr(I4, "cpu_kernel_checks_out", lambda: False)
+    torch.manual_seed(0)
+    layer, x = I4.Int4Linear(torch.randn(24, 64), None), torch.randn(3, 64)
+    assert layer.emulated and not hasattr(layer, "packed")
+    assert torch.allclose(layer(x), F.linear(x, layer.weight), atol=1e-5)
+
+
 def w8a8_reference(x: torch.Tensor, layer: Q.QuantizedLinear) -> torch.Tensor:
     """Exact integer arithmetic in float64: per-token int8 activations times int8 weights, then both scales."""
     xq, xscale = Q.quantize_int8(x)
@@ -227,9 +294,9 @@ def test_compiled_quantized_layers_compute_the_same_numbers(method):
     """torch_compile compiles these layers inside the decode graph, and w8a8's alone for prefill-sized
     inputs: the activations' scales and quantized values, and the rescaled product, stay bit for bit eager's."""
     torch.manual_seed(2)
-    layer = Q.QuantizedLinear(torch.randn(48, 64), torch.randn(48), method)
+    layer = Q.quantized_linear(torch.randn(48, 64), torch.randn(48), method)
     inputs = [torch.randn(rows, 64) * torch.logspace(-2, 2, rows)[:, None]
-              for rows in (1, 5, 3 * Q.CPU_INT8_KERNEL_MAX_ROWS)]
+              for rows in (1, 5, 3 * max(Q.CPU_INT8_KERNEL_MAX_ROWS, I4.CPU_INT4_KERNEL_MAX_ROWS))]
     eager = [layer(x) for x in inputs]
     in_a_graph = torch.compile(layer.forward, dynamic=True)
     assert all(torch.equal(in_a_graph(x), want) for x, want in zip(inputs[:2], eager))
@@ -239,8 +306,8 @@ def test_compiled_quantized_layers_compute_the_same_numbers(method):
 
 
 def test_quantization_is_checked():
-    with pytest.raises(ValueError, match="quantization must be one of int8, w8a8, fp8"):
-        EngineConfig(model="m", quantization="int4")
+    with pytest.raises(ValueError, match="quantization must be one of int8, int4, w8a8, fp8"):
+        EngineConfig(model="m", quantization="nf4")
 
 
 def test_quantization_of_an_encoder_is_refused(tiny_model):
@@ -257,8 +324,10 @@ def dequantized_reference(model_dir: str, method: str):
     with torch.no_grad():
         for name, mod in hf.named_modules():
             if isinstance(mod, torch.nn.Linear) and (".layers." in name or name == "lm_head"):
-                mod.weight = torch.nn.Parameter(Q.dequantize(*quantize(mod.weight), torch.float32))
-                if method != "int8":
+                # The layer's own dequantized weights (int4: its scales rounded as its kernel takes them).
+                dequantized = Q.quantized_linear(mod.weight, None, method, name == "lm_head").weight.float()
+                mod.weight = torch.nn.Parameter(dequantized)
+                if method in ("w8a8", "fp8"):
                     mod.register_forward_pre_hook(lambda _, args: (Q.dequantize(*quantize(args[0]), torch.float32),))
     return hf
 
@@ -287,7 +356,7 @@ def test_quantized_generation_follows_hf_on_the_dequantized_weights(arch, method
     # integer arithmetic as its reference, fp8 elsewhere the same float8 products: only float rounding differs
     # (seen 2e-6).
     fp8_bf16_rows = method == "fp8" and llm.engine.runner.device.type == "cuda"
-    tol = 0.25 if fp8_bf16_rows else 0.15 if method == "int8" else 1e-4
+    tol = 0.25 if fp8_bf16_rows else 0.15 if method in ("int8", "int4") else 1e-4
     for out in outs:
         for k, (tok, logprob, row) in enumerate(beside_hf(hf, out)):
             assert row.max() - row[tok] < tol, f"step {k}: token {tok} is not HF's near-top"
@@ -311,17 +380,21 @@ def test_quantized_yes_no_reranker_matches_hf_on_the_dequantized_weights(method,
         want = row[[no, yes]].softmax(-1)[1].item()
         assert abs(out.outputs.score - want) <= 1e-3
     down_proj = llm.engine.runner.model.layers[0].mlp.down_proj
-    assert down_proj.qweight.dtype == (torch.float8_e4m3fn if method == "fp8" else torch.int8)
-    assert down_proj.matmul is Q.select_matmul(down_proj)
+    if method == "int4":
+        assert isinstance(down_proj, I4.Int4Linear) and down_proj.codes.dtype == torch.uint8
+    else:
+        assert down_proj.qweight.dtype == (torch.float8_e4m3fn if method == "fp8" else torch.int8)
+        assert down_proj.matmul is Q.select_matmul(down_proj)
     assert_pool_free(llm)
 
 
-@pytest.mark.parametrize("method, warns", [("int8", False), ("w8a8", False), ("fp8", True)])
+@pytest.mark.parametrize("method, warns", [("int8", False), ("int4", False), ("w8a8", False), ("fp8", True)])
 def test_an_emulated_quantization_is_announced(method, warns, tiny_model, caplog):
-    """On a CPU int8 and w8a8 have their kernels; fp8 has none (no fp8 units): the engine says so. On a GPU int8
-    has none (fp8 has on Ada / Hopper, w8a8 from Ampere on)."""
+    """On a CPU int8, int4 and w8a8 have their kernels; fp8 has none (no fp8 units): the engine says so. On a GPU
+    int8 and int4 have none (fp8 has on Ada / Hopper, w8a8 from Ampere on)."""
     with caplog.at_level("WARNING", logger="engine.quantization"):
         llm = LLM(tiny_model("llama"), dtype="float32", quantization=method)
     if llm.engine.runner.device.type == "cuda":
-        warns = method == "int8" or torch.cuda.get_device_capability() < {"w8a8": (8, 0), "fp8": (8, 9)}[method]
+        fast_from = {"w8a8": (8, 0), "fp8": (8, 9)}
+        warns = method in ("int8", "int4") or torch.cuda.get_device_capability() < fast_from[method]
     assert ("runs emulated" in caplog.text) == warns
