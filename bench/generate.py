@@ -244,8 +244,6 @@ def main() -> None:
     from transformers import AutoModelForCausalLM
 
     from engine import AsyncLLM, EngineConfig
-    from engine.int4_linear import Int4Linear
-    from engine.quantization import QuantizedLinear
 
     def make_engine(quantization: str | None, compiled: bool) -> AsyncLLM:
         return AsyncLLM(EngineConfig(model=MODEL, max_model_len=2048, quantization=quantization,
@@ -337,9 +335,10 @@ def main() -> None:
 
     # Roofline: the model's matmul FLOPs per level at the mm peak of the engine's dtype (attention excluded).
     model = sync_engine.runner.model
-    dense = 2 * sum(m.weight.numel() for n, m in model.named_modules()  # quantized layers dequantized once
-                    if n.startswith("layers.") and isinstance(m, (torch.nn.Linear, QuantizedLinear, Int4Linear)))
-    head = 2 * model.spec.vocab_size * model.spec.hidden_size
+    s = model.spec  # from the shapes, whatever class holds each projection (packed, quantized)
+    dense = 2 * s.num_layers * (s.hidden_size * (s.num_heads + 2 * s.num_kv_heads) * s.head_dim
+                                + s.num_heads * s.head_dim * s.hidden_size + 3 * s.hidden_size * s.intermediate_size)
+    head = 2 * s.vocab_size * s.hidden_size
     peak = matmul_gflops(dtype, 2048)
     print(f"\nroofline: {dense / 1e6:.0f} MFLOP per token + {head / 1e6:.0f} MFLOP LM head per output token; "
           f"torch.mm {dname} peak {peak:.0f} GFLOP/s (n=2048).")
