@@ -16,6 +16,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from engine.opaque_op import opaque_op
+from engine.row_count_branch import by_row_count
 
 GROUP_SIZE = 32  # input channels a scale and zero point cover (Q4_0 / Q4_1's block)
 KERNEL_ROW_MULTIPLE = 16  # the CPU kernel takes output sizes in multiples of 16: the layer pads its rows
@@ -73,20 +74,14 @@ _int4_product_op = opaque_op("int4_linear", _int4_product, lambda rows, packed, 
                              rows.new_empty(rows.shape[0], out_features))
 
 
-def _kernel_mm(rows: torch.Tensor, layer: "Int4Linear") -> torch.Tensor:
-    return _int4_product_op(rows, layer.packed, layer.kernel_scales, layer.out_features)
+# Both paths take the same tensors (engine.row_count_branch): the codes and scales, and the kernel's copies.
+def _kernel_mm(rows: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, packed: torch.Tensor,
+               kernel_scales: torch.Tensor) -> torch.Tensor:
+    return _int4_product_op(rows, packed, kernel_scales, codes.shape[0])
 
 
-def _dequantized_mm(rows: torch.Tensor, layer: "Int4Linear") -> torch.Tensor:
-    return F.linear(rows, dequantize_int4(layer.codes, layer.scales, rows.dtype))
-
-
-def _cpu_matmul(rows: torch.Tensor, layer: "Int4Linear") -> torch.Tensor:
-    if torch.compiler.is_compiling():
-        # Both sides in the graph: a Python branch on the symbolic row count would guard it (engine.quantization).
-        return torch.cond(rows.shape[0] > CPU_INT4_KERNEL_MAX_ROWS, lambda r: _dequantized_mm(r, layer),
-                          lambda r: _kernel_mm(r, layer), (rows,))
-    return (_dequantized_mm if rows.shape[0] > CPU_INT4_KERNEL_MAX_ROWS else _kernel_mm)(rows, layer)
+def _dequantized_mm(rows: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *kernel_operands) -> torch.Tensor:
+    return F.linear(rows, dequantize_int4(codes, scales, rows.dtype))
 
 
 @functools.cache
@@ -115,7 +110,7 @@ class Int4Linear(nn.Module):
     def __init__(self, weight: torch.Tensor, bias: torch.Tensor | None):
         super().__init__()
         q, scales = quantize_int4(weight)
-        self.out_features, self.dtype, self.bias = weight.shape[0], weight.dtype, bias
+        self.dtype, self.bias = weight.dtype, bias
         self.register_buffer("codes", pack_codes(q))
         self.register_buffer("scales", scales)
         self.on_kernel = weight.device.type == "cpu" and cpu_kernel_checks_out()
@@ -124,7 +119,7 @@ class Int4Linear(nn.Module):
             self.register_buffer("packed", packed)
             self.register_buffer("kernel_scales", kernel_scales)
             # Both paths compute the same weights: the kernel's bf16 scales.
-            self.scales = kernel_scales[:, :self.out_features].transpose(0, 1).float().contiguous()
+            self.scales = kernel_scales[:, :weight.shape[0]].transpose(0, 1).float().contiguous()
 
     @property
     def emulated(self) -> bool:
@@ -138,5 +133,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        out = (_cpu_matmul if self.on_kernel else _dequantized_mm)(rows, self).view(*x.shape[:-1], -1)
+        if self.on_kernel:
+            out = by_row_count(CPU_INT4_KERNEL_MAX_ROWS, _kernel_mm, _dequantized_mm, rows, self.codes, self.scales,
+                               self.packed, self.kernel_scales)
+        else:
+            out = _dequantized_mm(rows, self.codes, self.scales)
+        out = out.view(*x.shape[:-1], -1)
         return out if self.bias is None else out + self.bias

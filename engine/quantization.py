@@ -28,6 +28,7 @@ from torch import nn
 
 from engine.int4_linear import Int4Linear
 from engine.opaque_op import opaque_op
+from engine.row_count_branch import by_row_count
 
 log = logging.getLogger(__name__)
 
@@ -93,15 +94,8 @@ def _int8_kernel_mm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
 
 
 def _cpu_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
-    rows = x.reshape(-1, x.shape[-1])
-    args = (rows, layer.qweight, layer.scale, layer.scale_bf16)
-    if torch.compiler.is_compiling():
-        # In a graph a Python branch on the symbolic row count would guard it to the warm-up's side, and the
-        # first step on the other side would compile again mid-serving (SmolLM2: a 26 s first token for a
-        # prompt over 64 tokens); cond compiles both sides into the one graph.
-        out = torch.cond(rows.shape[0] > CPU_INT8_KERNEL_MAX_ROWS, _dequantized_mm, _int8_kernel_mm, args)
-    else:
-        out = (_dequantized_mm if rows.shape[0] > CPU_INT8_KERNEL_MAX_ROWS else _int8_kernel_mm)(*args)
+    out = by_row_count(CPU_INT8_KERNEL_MAX_ROWS, _int8_kernel_mm, _dequantized_mm, x.reshape(-1, x.shape[-1]),
+                       layer.qweight, layer.scale, layer.scale_bf16)
     return out.view(*x.shape[:-1], -1)
 
 
