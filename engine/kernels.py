@@ -1,13 +1,14 @@
 """The one place where device-specific kernels are chosen; any other device gets the portable PyTorch ones, so
 the engine stays device-agnostic: attention (engine.attention_backends), a decoder layer's elementwise
 passes (engine.layer_ops), fp8 / w8a8 layers' quantization of their inputs (engine.triton_quant), all CUDA,
-and the CPU's linear layers (engine.packed_linear)."""
+and the CPU's linear layers (engine.packed_linear) and paged decode attention (engine.cpu_paged_decode)."""
 import functools
 import logging
 
 import torch
 
 from engine.attention_backends import AttentionBackend, GatherDecode, PerSequencePrefill
+from engine.cpu_paged_decode import CPUPagedDecode, checks_out as cpu_decode_checks_out
 from engine.layer_ops import FusedLayerOps, LayerOps, fused_ops_check_out
 from engine.packed_linear import packing_checks_out
 from engine.quantization import FP8, quantize_fp8, quantize_int8
@@ -15,11 +16,16 @@ from engine.quantization import FP8, quantize_fp8, quantize_int8
 log = logging.getLogger(__name__)
 
 
-def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int | None) -> AttentionBackend:
+def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int | None,
+                             kv_dtype: torch.dtype | None = None) -> AttentionBackend:
     """Prefill on CUDA: a variable-length kernel where one checks out (flash attention in fp16 / bf16, the
-    memory-efficient one in float32), else FlexAttention; decode: the paged Triton kernel."""
+    memory-efficient one in float32), else FlexAttention; decode: the paged Triton kernel. On the CPU: one SDPA
+    call per span, and decode in place by the compiled C kernel where it checks out for a pool in the serving
+    dtype (engine.cpu_paged_decode)."""
     if device.type != "cuda":
-        return AttentionBackend(PerSequencePrefill(), GatherDecode(dtype))
+        in_place = device.type == "cpu" and (kv_dtype or dtype) == dtype \
+            and cpu_decode_checks_out(dtype, head_dim or 64)
+        return AttentionBackend(PerSequencePrefill(), CPUPagedDecode() if in_place else GatherDecode(dtype))
     from engine.flex_prefill import FlexPrefill, flex_available
     from engine.triton_decode import TritonPagedDecode, triton_available
     from engine.varlen_prefill import VarlenPrefill, varlen_kernel

@@ -59,7 +59,8 @@ class ModelRunner:
             pack_linears(self.model, logits_head=generates)
         self.is_decoder = model.is_decoder
         layers = self.model.attention_layers
-        self.attention_backend = select_attention_backend(device, dtype, layers[0].head_dim if layers else None)
+        self.attention_backend = select_attention_backend(device, dtype, layers[0].head_dim if layers else None,
+                                                          self.kv_dtype)
         for attn in layers:
             attn.backend = self.attention_backend
         if hasattr(self.model, "layer_ops"):  # decoders

@@ -1,9 +1,10 @@
 """Every attention, pooling and decode-graph path against a reference on CPU: the one-call
 variable-length prefill (FlexAttention, as CUDA runs it, here eager) and the per-sequence SDPA
-against plain per-sequence attention; paged decode (block gather, and the Triton kernel where
-Triton is installed, in its interpreter) against dense attention over each context; segment
+against plain per-sequence attention; paged decode (block gather, the CPU's compiled C kernel, and the
+Triton kernel where Triton is installed, in its interpreter) against dense attention over each context; segment
 pooling against a loop; and whole engines on those paths against Hugging Face."""
 import os
+import shutil
 
 import pytest
 import torch
@@ -11,7 +12,9 @@ import torch.nn.functional as F
 
 from engine import LLM
 from engine.attention import Attention, dequantized_kv, quantize_kv
+from engine import cpu_paged_decode
 from engine.attention_backends import AttentionBackend, GatherDecode, PerSequencePrefill
+from engine.cpu_paged_decode import CPUPagedDecode
 from engine.context import Context, PrefillSpan
 from engine.cuda_graphs import capture_sizes
 from engine.flex_prefill import FlexPrefill
@@ -402,3 +405,37 @@ def test_compiled_model_in_the_decode_graph_buffers_with_the_paged_kernel_matche
         ref(arch).check(out)
     prefill, decodes = steps[0], steps[1:]  # the three prompts' prefill: compiled too, not padded
     assert prefill > 4 and decodes and set(decodes) <= {1, 2, 4}  # every decode step: the compiled model on padded buffers
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("per_sequence", [True, False])
+@pytest.mark.parametrize("shape", [(4, 4, 8), (6, 2, 12), (9, 3, 64), (16, 8, 128), (4, 1, 96)])
+def test_cpu_paged_decode_matches_dense_attention(shape, dtype, per_sequence):
+    """The compiled C kernel in both task layouts (a task per sequence, per kv head), head sizes on its unrolled
+    (64, 128), AVX512-BF16 (multiples of 32, where the CPU has it) and generic paths, against dense attention."""
+    if cpu_paged_decode.library() is None:
+        pytest.skip("no C compiler on this machine")
+    attn, q, ctx, want = paged_decode_case(*shape, lengths=[1, 4, 5, 37, 16, 70, 300], seed=sum(shape))
+    attn.k_cache, attn.v_cache, q = attn.k_cache.to(dtype), attn.v_cache.to(dtype), q.to(dtype)
+    got = cpu_paged_decode.launch(q, attn.k_cache, attn.v_cache, ctx.decode_block_table, ctx.decode_context_lens,
+                                  attn.scale, BLOCK, per_sequence, threads=2)
+    tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
+    torch.testing.assert_close(got.float(), want, **tol)
+    torch.testing.assert_close(CPUPagedDecode()(attn, q, ctx), got, atol=0, rtol=0)  # the engine's call, 1 thread
+
+
+def test_cpu_engines_decode_in_place_where_the_kernel_builds(tiny_model, ref, tmp_path, monkeypatch):  # noqa: F811
+    """With a C compiler, CPU decoders decode through the kernel (greedy tokens as Hugging Face's); a float8 pool
+    keeps the block gather; without a compiler the kernel is not built and the gather serves."""
+    if shutil.which(os.environ.get("CC", "cc")) is None:
+        pytest.skip("no C compiler on this machine")
+    assert cpu_paged_decode.library() is not None
+    arch = "llama3-gqa"
+    llm = LLM(tiny_model(arch), dtype="float32", block_size=8, max_model_len=64, enforce_eager=True)
+    assert isinstance(llm.engine.runner.attention_backend.decode, CPUPagedDecode)
+    for out in llm.generate(PROMPTS[:3], greedy()):
+        ref(arch).check(out)
+    fp8 = LLM(tiny_model(arch), dtype="float32", block_size=8, max_model_len=64, kv_cache_dtype="fp8")
+    assert isinstance(fp8.engine.runner.attention_backend.decode, GatherDecode)
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    assert cpu_paged_decode.library.__wrapped__() is None

@@ -1,0 +1,354 @@
+"""Decode attention read in place from the paged pool on the CPU: a small C kernel, compiled on the machine.
+
+PyTorch has no CPU kernel that reads keys through a block table, so the portable decode (GatherDecode) copies
+every decode's whole blocks into a dense batch and runs one masked SDPA over it: at 32 SmolLM2 decodes of ~140
+tokens the copies and the padded attention were ~30% of a bf16 step on a 2-core EPYC. Here one OpenMP task
+per (sequence, kv head) walks its context through the block table: each key row is read once from the pool
+and multiplied with the kv head's query rows (GQA without copies), then the softmax, then the value rows are
+read once: no copy, no padding. float32 and bfloat16 pools (the CPU's serving dtypes), products and softmax in
+float32, the output rounded once.
+
+The C source is compiled with the system's C compiler (as inductor compiles its CPU kernels) for this machine
+(-march=native) into a cache directory keyed by the source, the flags and the CPU, once per machine; where no
+compiler runs or the kernel does not match the dense attention at start-up, the engine keeps GatherDecode."""
+import ctypes
+import functools
+import hashlib
+import itertools
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+
+import torch
+
+from engine.context import Context
+from engine.opaque_op import opaque_op
+
+log = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#if defined(__AVX512BF16__)
+#include <immintrin.h>
+#endif
+
+#define INLINE static inline __attribute__((always_inline))
+
+/* Rows of the serving dtype to float32 and back: bf16 (is_bf16, 16-bit words) or float32. */
+INLINE void load_row(const void *src, int64_t i, float *dst, int64_t n, int is_bf16) {
+    if (is_bf16) {
+        const uint16_t *s = (const uint16_t *)src + i;
+        #pragma omp simd
+        for (int64_t x = 0; x < n; x++) { uint32_t u = (uint32_t)s[x] << 16; memcpy(dst + x, &u, 4); }
+    } else {
+        memcpy(dst, (const float *)src + i, sizeof(float) * n);
+    }
+}
+
+INLINE void store_row(void *dst, int64_t i, const float *src, int64_t n, float times, int is_bf16) {
+    for (int64_t x = 0; x < n; x++) {
+        float f = src[x] * times;
+        if (!is_bf16) { ((float *)dst)[i + x] = f; continue; }
+        uint32_t u; memcpy(&u, &f, 4);  /* to nearest even, as torch rounds; NaN stays NaN */
+        u = (u & 0x7fffffffu) > 0x7f800000u ? u | 0x400000u : u + 0x7fffu + ((u >> 16) & 1u);
+        ((uint16_t *)dst)[i + x] = (uint16_t)(u >> 16);
+    }
+}
+
+INLINE void prefetch_block(const void *start, int64_t bytes) {
+    for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)start + b);
+}
+
+/* A task: one sequence's kv heads [head / dim, + kv_count) and their query heads (group each), rows of them;
+   p [rows, len] the scores, then the softmax weights; acc [rows, dim] the weighted values. Each slot's kv_count
+   heads are one contiguous run of the pool. */
+typedef struct {
+    const void *q, *k, *v;
+    const int64_t *blocks;
+    int64_t q_row, q_h, head, len, block_size, slot_stride, kv_count, group, rows, bytes;
+    float scale, *p, *acc;
+} Task;
+
+/* The pool element (at the task's first kv head) of the block holding context slot start, and how many of its
+   slots hold context (n); the next block's lines prefetched: blocks are scattered through the pool, so the
+   hardware's stride prefetchers lose the stream at each block's end. */
+INLINE int64_t block_at(const Task *t, const void *pool, int64_t start, int64_t *n) {
+    const int64_t block = start / t->block_size, elements = t->block_size * t->slot_stride;
+    *n = t->len - start < t->block_size ? t->len - start : t->block_size;
+    if (start + t->block_size < t->len)
+        prefetch_block((const char *)pool + t->blocks[block + 1] * elements * t->bytes, elements * t->bytes);
+    return t->blocks[block] * elements + t->head;
+}
+
+#define FOR_EACH_BLOCK(pool)                                                                                    \
+    for (int64_t start = 0, n, base; start < len && (base = block_at(t, pool, start, &n), 1); start += block_size)
+
+#define TASK_FIELDS(t)                                                                                          \
+    const int64_t len = t->len, block_size = t->block_size, slot_stride = t->slot_stride, rows = t->rows;      \
+    const int64_t group = t->group;                                                                             \
+    float *p = t->p, *acc = t->acc
+
+/* Portable: rows converted to float32 (slot: kv_count * dim scratch), then products. */
+INLINE void scores(const Task *t, const int64_t dim, int is_bf16, float *qf, float *slot) {
+    TASK_FIELDS(t);
+    for (int64_t r = 0; r < rows; r++) {
+        load_row(t->q, t->q_row + r * t->q_h, qf + r * dim, dim, is_bf16);
+        for (int64_t d = 0; d < dim; d++) qf[r * dim + d] *= t->scale;
+    }
+    FOR_EACH_BLOCK(t->k)
+        for (int64_t i = 0; i < n; i++) {
+            load_row(t->k, base + i * slot_stride, slot, t->kv_count * dim, is_bf16);
+            for (int64_t r = 0; r < rows; r++) {
+                const float *key = slot + r / group * dim, *qr = qf + r * dim;
+                float dot = 0.0f;
+                #pragma omp simd reduction(+:dot)
+                for (int64_t d = 0; d < dim; d++) dot += qr[d] * key[d];
+                p[r * len + start + i] = dot;
+            }
+        }
+}
+
+INLINE void weighted_values(const Task *t, const int64_t dim, int is_bf16, float *slot) {
+    TASK_FIELDS(t);
+    memset(acc, 0, sizeof(float) * rows * dim);
+    FOR_EACH_BLOCK(t->v)
+        for (int64_t i = 0; i < n; i++) {
+            load_row(t->v, base + i * slot_stride, slot, t->kv_count * dim, is_bf16);
+            for (int64_t r = 0; r < rows; r++) {
+                const float w = p[r * len + start + i], *value = slot + r / group * dim;
+                float *ar = acc + r * dim;
+                #pragma omp simd
+                for (int64_t d = 0; d < dim; d++) ar[d] += w * value[d];
+            }
+        }
+}
+
+#if defined(__AVX512BF16__)
+/* bf16 with AVX512-BF16, dim a multiple of 32: products of bf16 pairs summed in float32 (keys never converted),
+   and each 32 columns of a kv head's query rows summed in registers over the whole context. */
+INLINE void scores_bf16(const Task *t, const int64_t dim) {
+    TASK_FIELDS(t);
+    FOR_EACH_BLOCK(t->k)
+        for (int64_t i = 0; i < n; i++) {
+            const uint16_t *key = (const uint16_t *)t->k + base + i * slot_stride;
+            for (int64_t r = 0; r < rows; r++) {
+                const uint16_t *qr = (const uint16_t *)t->q + t->q_row + r * t->q_h, *kr = key + r / group * dim;
+                __m512 sum = _mm512_setzero_ps();
+                for (int64_t d = 0; d < dim; d += 32)
+                    sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(qr + d),
+                                           (__m512bh)_mm512_loadu_si512(kr + d));
+                p[r * len + start + i] = _mm512_reduce_add_ps(sum) * t->scale;
+            }
+        }
+}
+
+INLINE __m512 bf16_to_f32(__m256i words) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16));
+}
+
+INLINE void weighted_values_bf16(const Task *t, const int64_t dim) {
+    TASK_FIELDS(t);
+    for (int64_t r0 = 0, nr; r0 < rows; r0 += nr) {  /* up to 4 query rows of one kv head at a time */
+        const int64_t kv = r0 / group;
+        nr = (kv + 1) * group - r0 < 4 ? (kv + 1) * group - r0 : 4;
+        for (int64_t c = 0; c < dim; c += 32) {
+            __m512 lo[4], hi[4];
+            for (int64_t j = 0; j < 4; j++) lo[j] = hi[j] = _mm512_setzero_ps();
+            FOR_EACH_BLOCK(t->v)
+                for (int64_t i = 0; i < n; i++) {
+                    const __m512i words = _mm512_loadu_si512((const uint16_t *)t->v + base + i * slot_stride
+                                                             + kv * dim + c);
+                    const __m512 a = bf16_to_f32(_mm512_castsi512_si256(words));
+                    const __m512 b = bf16_to_f32(_mm512_extracti64x4_epi64(words, 1));
+                    for (int64_t j = 0; j < nr; j++) {
+                        const __m512 w = _mm512_set1_ps(p[(r0 + j) * len + start + i]);
+                        lo[j] = _mm512_fmadd_ps(w, a, lo[j]);
+                        hi[j] = _mm512_fmadd_ps(w, b, hi[j]);
+                    }
+                }
+            for (int64_t j = 0; j < nr; j++) {
+                _mm512_storeu_ps(acc + (r0 + j) * dim + c, lo[j]);
+                _mm512_storeu_ps(acc + (r0 + j) * dim + c + 16, hi[j]);
+            }
+        }
+    }
+}
+#endif
+
+/* dim is a constant where the caller names one, so the head loops unroll into whole vectors. work: scratch,
+   rows * (2 * dim + len) + kv_count * dim floats. */
+INLINE void attend(Task *t, const int64_t dim, int is_bf16, float *work, void *out, int64_t out_row) {
+    const int64_t rows = t->rows, len = t->len;
+    float *qf = work, *slot = qf + rows * dim;
+    t->acc = slot + t->kv_count * dim;
+    t->p = t->acc + rows * dim;
+#if defined(__AVX512BF16__)
+    const int fast = is_bf16 && dim % 32 == 0;
+#else
+    const int fast = 0;
+#endif
+    if (fast) scores_bf16(t, dim); else scores(t, dim, is_bf16, qf, slot);
+    for (int64_t r = 0; r < rows; r++) {  /* softmax, normalized at the end */
+        float *pr = t->p + r * len, top = -INFINITY;
+        for (int64_t i = 0; i < len; i++) top = fmaxf(top, pr[i]);
+        for (int64_t i = 0; i < len; i++) pr[i] = expf(pr[i] - top);
+    }
+    if (fast) weighted_values_bf16(t, dim); else weighted_values(t, dim, is_bf16, slot);
+    for (int64_t r = 0; r < rows; r++) {
+        float total = 0.0f;
+        for (int64_t i = 0; i < len; i++) total += t->p[r * len + i];
+        store_row(out, out_row + r * dim, t->acc + r * dim, dim, 1.0f / total, is_bf16);
+    }
+}
+
+/* q [batch, heads, dim] (strides q_b, q_h; dim contiguous); k, v: the pool [slots, kv_heads, dim] contiguous;
+   table [batch, table_stride] int64 blocks; lens [batch] int32 context lengths; out [batch, heads, dim]
+   contiguous. One task per sequence (per_sequence), else per (sequence, kv head) where sequences are too few to
+   keep the threads busy. */
+INLINE void paged_decode(const void *q, const void *k, const void *v, const int64_t *table, const int32_t *lens,
+                         void *out, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
+                         int64_t q_b, int64_t q_h, int64_t table_stride, float scale, int per_sequence, int threads,
+                         int is_bf16) {
+    const int64_t group = heads / kv_heads, kv_count = per_sequence ? kv_heads : 1, splits = kv_heads / kv_count;
+    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
+    for (int64_t task = 0; task < batch * splits; task++) {
+        const int64_t s = task / splits, h = task % splits * kv_count, len = lens[s];
+        float *work = malloc(sizeof(float) * (kv_count * group * (2 * dim + len) + kv_count * dim));
+        Task t = {q, k, v, table + s * table_stride, s * q_b + h * group * q_h, q_h, h * dim, len, block_size,
+                  kv_heads * dim, kv_count, group, kv_count * group, is_bf16 ? 2 : 4, scale, NULL, NULL};
+        const int64_t out_row = (s * heads + h * group) * dim;
+        if (dim == 64) attend(&t, 64, is_bf16, work, out, out_row);
+        else if (dim == 128) attend(&t, 128, is_bf16, work, out, out_row);
+        else attend(&t, dim, is_bf16, work, out, out_row);
+        free(work);
+    }
+}
+
+#define ENTRY(NAME, IS_BF16)                                                                                    \
+    void NAME(const void *q, const void *k, const void *v, const int64_t *table, const int32_t *lens, void *out, \
+              int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size, int64_t q_b,     \
+              int64_t q_h, int64_t table_stride, float scale, int per_sequence, int threads) {                 \
+        paged_decode(q, k, v, table, lens, out, batch, heads, kv_heads, dim, block_size, q_b, q_h, table_stride, \
+                     scale, per_sequence, threads, IS_BF16);                                                    \
+    }
+ENTRY(paged_decode_f32, 0)
+ENTRY(paged_decode_bf16, 1)
+"""
+_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
+_ENTRY = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
+_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+
+
+def _cpu_identity() -> str:
+    """What -march=native compiles for: the CPU's model and flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(line for line in f if line.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "servecluster", "kernels")
+
+
+@functools.cache  # compiled and loaded once per process
+def library() -> ctypes.CDLL | None:
+    """The compiled kernels, built once per machine; None where no C compiler builds them."""
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256("\n".join([_SOURCE, compiler, *_FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
+    path = os.path.join(_cache_dir(), f"cpu_paged_decode_{key}.so")
+    if not os.path.exists(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+                src, lib = os.path.join(tmp, "kernel.c"), os.path.join(tmp, "kernel.so")
+                with open(src, "w") as f:
+                    f.write(_SOURCE)
+                subprocess.run([compiler, *_FLAGS, src, "-o", lib, "-lm"], check=True, capture_output=True,
+                               timeout=120)
+                os.replace(lib, path)  # atomic: replicas compiling at once each install a whole file
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            log.info("no CPU paged decode kernel (%s %s): decode copies the context's blocks", e,
+                     detail.decode(errors="replace")[-500:])
+            return None
+    lib = ctypes.CDLL(path)
+    for name in _ENTRY.values():
+        getattr(lib, name).argtypes = [_PTR] * 6 + [_I64] * 8 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
+        getattr(lib, name).restype = None
+    return lib
+
+
+def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
+                  lens: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
+    """q [batch, heads, dim]; the pool's views [slots, kv_heads, dim]; table [batch, width] int64 blocks; lens
+    [batch] int32 -> [batch, heads, dim]. A task per sequence reads each slot's kv heads as one run; with fewer
+    sequences than two per thread, a task per (sequence, kv head) keeps the threads busy."""
+    threads = torch.get_num_threads()
+    return launch(q, k_cache, v_cache, table, lens, scale, block_size, q.shape[0] >= 2 * threads, threads)
+
+
+def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
+           scale: float, block_size: int, per_sequence: bool, threads: int) -> torch.Tensor:
+    """The kernel with its task layout and thread count named."""
+    if q.stride(-1) != 1:
+        q = q.contiguous()
+    table, lens = table.contiguous(), lens.contiguous()
+    b, heads, dim = q.shape
+    out = q.new_empty(q.shape)
+    getattr(library(), _ENTRY[q.dtype])(
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(), lens.data_ptr(), out.data_ptr(),
+        b, heads, k_cache.shape[1], dim, block_size, q.stride(0), q.stride(1), table.stride(0), scale,
+        per_sequence, threads)
+    return out
+
+
+# An opaque op inside a compiled decode graph; the pool's views are arguments, so it runs after the step's writes.
+_paged_decode_op = opaque_op("cpu_paged_decode", _paged_decode,
+                             lambda q, k_cache, v_cache, table, lens, scale, block_size: q.new_empty(q.shape))
+
+
+class CPUPagedDecode:
+    """The decode half of the CPU's attention backend where the kernel checks out (engine.kernels)."""
+
+    def prepare(self, ctx: Context, block_size: int) -> None:
+        return None
+
+    def __call__(self, layer, q: torch.Tensor, ctx: Context) -> torch.Tensor:
+        return _paged_decode_op(q, layer.k_cache, layer.v_cache, ctx.decode_block_table, ctx.decode_context_lens,
+                                layer.scale, layer.block_size)
+
+
+@functools.cache  # once per dtype, head size and process
+def checks_out(dtype: torch.dtype, head_dim: int) -> bool:
+    """The kernel compiles and, on a small ragged batch over shuffled blocks with grouped query heads, in both task
+    layouts, matches attention computed densely in float64: to float32's accuracy, or within one bfloat16 step
+    of the output."""
+    if dtype not in _ENTRY or library() is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    block_size, kv_heads, group, dim, lens = 4, 2, 3, head_dim, [1, 7, 12, 5]
+    width = max(-(-n // block_size) for n in lens)
+    blocks = torch.randperm(len(lens) * width + 3, generator=gen)
+    table = blocks[:len(lens) * width].view(len(lens), width)
+    k, v = (torch.randn((len(blocks) * block_size, kv_heads, dim), generator=gen).to(dtype) for _ in range(2))
+    q = torch.randn((len(lens), kv_heads * group, dim), generator=gen).to(dtype)
+    lengths = torch.tensor(lens, dtype=torch.int32)
+    runs = [launch(q, k, v, table, lengths, dim ** -0.5, block_size, per_sequence, 2) for per_sequence in (True, False)]
+    for (s, n), got in itertools.product(enumerate(lens), runs):
+        slots = (table[s, :, None] * block_size + torch.arange(block_size)).flatten()[:n]
+        keys, values = (x[slots].double().repeat_interleave(group, 1).transpose(0, 1) for x in (k, v))
+        want = (torch.softmax(q[s].double()[:, None] @ keys.transpose(1, 2) * dim ** -0.5, -1) @ values)[:, 0]
+        tolerance = 1e-5 + (2 ** -7 if dtype == torch.bfloat16 else 1e-5) * want.abs()  # one bf16 step
+        if not ((got[s].double() - want).abs() <= tolerance).all():
+            log.warning("the CPU paged decode kernel differs from dense attention in %s at head size %d; decode "
+                        "copies the context's blocks", dtype, head_dim)
+            return False
+    return True
