@@ -2,11 +2,11 @@
 
 PyTorch has no CPU kernel that reads keys through a block table, so the portable decode (GatherDecode) copies
 every decode's whole blocks into a dense batch and runs one masked SDPA over it: at 32 SmolLM2 decodes of ~140
-tokens the copies and the padded attention were ~30% of a bf16 step on a 2-core EPYC. Here one OpenMP task
-per (sequence, kv head) walks its context through the block table: each key row is read once from the pool
-and multiplied with the kv head's query rows (GQA without copies), then the softmax, then the value rows are
-read once: no copy, no padding. float32 and bfloat16 pools (the CPU's serving dtypes), products and softmax in
-float32, the output rounded once.
+tokens the copies and the padded attention were ~30% of a bf16 step on a 2-core Xeon (README). Here one OpenMP task per
+sequence (per sequence and kv head where sequences are few) walks its context through the block table: each
+slot's keys are read once from the pool and multiplied with their kv head's query rows (GQA without copies),
+then the softmax, then the values are read: no copy, no padding. float32 and bfloat16 pools (the CPU's serving
+dtypes), products and softmax in float32, the output rounded once.
 
 The C source is compiled with the system's C compiler (as inductor compiles its CPU kernels) for this machine
 (-march=native) into a cache directory keyed by the source, the flags and the CPU, once per machine; where no
@@ -300,7 +300,10 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table:
     """The kernel with its task layout and thread count named."""
     if q.stride(-1) != 1:
         q = q.contiguous()
-    table, lens = table.contiguous(), lens.contiguous()
+    # The C code reads raw memory: indices in the widths it declares, the pool as whole rows.
+    table, lens = table.to(torch.int64).contiguous(), lens.to(torch.int32).contiguous()
+    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype == q.dtype):
+        raise ValueError("the paged decode kernel takes contiguous pools in the queries' dtype")
     b, heads, dim = q.shape
     out = q.new_empty(q.shape)
     getattr(library(), _ENTRY[q.dtype])(
