@@ -276,8 +276,9 @@ def library() -> ctypes.CDLL | None:
                 os.replace(lib, path)  # atomic: replicas compiling at once each install a whole file
         except (OSError, subprocess.SubprocessError) as e:
             detail = getattr(e, "stderr", b"") or b""
-            log.info("no CPU paged decode kernel (%s %s): decode copies the context's blocks", e,
-                     detail.decode(errors="replace")[-500:])
+            log.warning("the CPU paged decode kernel did not build (%s %s): decode copies each context's blocks, "
+                        "slower; a C compiler with OpenMP (gcc; CC names another) builds it", e,
+                        detail.decode(errors="replace")[-500:])
             return None
     lib = ctypes.CDLL(path)
     for name in _ENTRY.values():

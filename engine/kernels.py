@@ -17,13 +17,13 @@ log = logging.getLogger(__name__)
 
 
 def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int | None,
-                             kv_dtype: torch.dtype | None = None) -> AttentionBackend:
+                             kv_dtype: torch.dtype | None = None, decodes: bool = True) -> AttentionBackend:
     """Prefill on CUDA: a variable-length kernel where one checks out (flash attention in fp16 / bf16, the
     memory-efficient one in float32), else FlexAttention; decode: the paged Triton kernel. On the CPU: one SDPA
-    call per span, and decode in place by the compiled C kernel where it checks out for a pool in the serving
-    dtype (engine.cpu_paged_decode)."""
+    call per span, and for a model that decodes (generates), decode in place by the compiled C kernel where it
+    checks out for a pool in the serving dtype (engine.cpu_paged_decode)."""
     if device.type != "cuda":
-        in_place = device.type == "cpu" and (kv_dtype or dtype) == dtype \
+        in_place = device.type == "cpu" and decodes and (kv_dtype or dtype) == dtype \
             and cpu_decode_checks_out(dtype, head_dim or 64)
         return AttentionBackend(PerSequencePrefill(), CPUPagedDecode() if in_place else GatherDecode(dtype))
     from engine.flex_prefill import FlexPrefill, flex_available

@@ -60,7 +60,7 @@ class ModelRunner:
         self.is_decoder = model.is_decoder
         layers = self.model.attention_layers
         self.attention_backend = select_attention_backend(device, dtype, layers[0].head_dim if layers else None,
-                                                          self.kv_dtype)
+                                                          self.kv_dtype, decodes=generates and self.is_decoder)
         for attn in layers:
             attn.backend = self.attention_backend
         if hasattr(self.model, "layer_ops"):  # decoders
