@@ -8,43 +8,34 @@ slot's keys are read once from the pool and multiplied with their kv head's quer
 then the softmax, then the values are read: no copy, no padding. float32 and bfloat16 pools (the CPU's serving
 dtypes), products and softmax in float32, the output rounded once.
 
-The C source is compiled with the system's C compiler (as inductor compiles its CPU kernels) for this machine
-(-march=native) into a cache directory keyed by the source, the flags and the CPU, once per machine; where no
-compiler runs or the kernel does not match the dense attention at start-up, the engine keeps GatherDecode."""
+The C source is compiled on the machine (engine.c_kernels); where no compiler builds it or the kernel does not
+match dense attention at start-up, the engine keeps GatherDecode."""
 import ctypes
 import functools
-import hashlib
 import itertools
 import logging
-import os
-import platform
-import subprocess
-import tempfile
 
 import torch
 
+from engine.c_kernels import BF16, F32, I64, INT, PTR, build
 from engine.context import Context
 from engine.opaque_op import opaque_op
 
 log = logging.getLogger(__name__)
 
-_SOURCE = r"""
+_SOURCE = BF16 + r"""
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
 #if defined(__AVX512BF16__)
 #include <immintrin.h>
 #endif
-
-#define INLINE static inline __attribute__((always_inline))
 
 /* Rows of the serving dtype to float32 and back: bf16 (is_bf16, 16-bit words) or float32. */
 INLINE void load_row(const void *src, int64_t i, float *dst, int64_t n, int is_bf16) {
     if (is_bf16) {
         const uint16_t *s = (const uint16_t *)src + i;
         #pragma omp simd
-        for (int64_t x = 0; x < n; x++) { uint32_t u = (uint32_t)s[x] << 16; memcpy(dst + x, &u, 4); }
+        for (int64_t x = 0; x < n; x++) dst[x] = bf16_load(s[x]);
     } else {
         memcpy(dst, (const float *)src + i, sizeof(float) * n);
     }
@@ -52,11 +43,8 @@ INLINE void load_row(const void *src, int64_t i, float *dst, int64_t n, int is_b
 
 INLINE void store_row(void *dst, int64_t i, const float *src, int64_t n, float times, int is_bf16) {
     for (int64_t x = 0; x < n; x++) {
-        float f = src[x] * times;
-        if (!is_bf16) { ((float *)dst)[i + x] = f; continue; }
-        uint32_t u; memcpy(&u, &f, 4);  /* to nearest even, as torch rounds; NaN stays NaN */
-        u = (u & 0x7fffffffu) > 0x7f800000u ? u | 0x400000u : u + 0x7fffu + ((u >> 16) & 1u);
-        ((uint16_t *)dst)[i + x] = (uint16_t)(u >> 16);
+        if (is_bf16) ((uint16_t *)dst)[i + x] = bf16_round(src[x] * times);
+        else ((float *)dst)[i + x] = src[x] * times;
     }
 }
 
@@ -239,52 +227,13 @@ INLINE void paged_decode(const void *q, const void *k, const void *v, const int6
 ENTRY(paged_decode_f32, 0)
 ENTRY(paged_decode_bf16, 1)
 """
-_FLAGS = ["-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC"]
 _ENTRY = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
-_I64, _PTR = ctypes.c_int64, ctypes.c_void_p
+_SIGNATURE = (PTR,) * 6 + (I64,) * 8 + (F32, INT, INT)
 
 
-def _cpu_identity() -> str:
-    """What -march=native compiles for: the CPU's model and flags."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            return "".join(line for line in f if line.startswith(("model name", "flags")))[:4096]
-    except OSError:
-        return platform.processor()
-
-
-def _cache_dir() -> str:
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "servecluster", "kernels")
-
-
-@functools.cache  # compiled and loaded once per process
 def library() -> ctypes.CDLL | None:
-    """The compiled kernels, built once per machine; None where no C compiler builds them."""
-    compiler = os.environ.get("CC", "cc")
-    key = hashlib.sha256("\n".join([_SOURCE, compiler, *_FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"cpu_paged_decode_{key}.so")
-    if not os.path.exists(path):
-        try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
-                src, lib = os.path.join(tmp, "kernel.c"), os.path.join(tmp, "kernel.so")
-                with open(src, "w") as f:
-                    f.write(_SOURCE)
-                subprocess.run([compiler, *_FLAGS, src, "-o", lib, "-lm"], check=True, capture_output=True,
-                               timeout=120)
-                os.replace(lib, path)  # atomic: replicas compiling at once each install a whole file
-        except (OSError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", b"") or b""
-            log.warning("the CPU paged decode kernel did not build (%s %s): decode copies each context's blocks, "
-                        "slower; a C compiler with OpenMP (gcc; CC names another) builds it", e,
-                        detail.decode(errors="replace")[-500:])
-            return None
-    lib = ctypes.CDLL(path)
-    for name in _ENTRY.values():
-        getattr(lib, name).argtypes = [_PTR] * 6 + [_I64] * 8 + [ctypes.c_float, ctypes.c_int, ctypes.c_int]
-        getattr(lib, name).restype = None
-    return lib
+    """The compiled kernel (engine.c_kernels); None where it does not build."""
+    return build("cpu_paged_decode", _SOURCE, tuple((name, _SIGNATURE) for name in _ENTRY.values()))
 
 
 def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,

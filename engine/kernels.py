@@ -9,7 +9,8 @@ import torch
 
 from engine.attention_backends import AttentionBackend, GatherDecode, PerSequencePrefill
 from engine.cpu_paged_decode import CPUPagedDecode, checks_out as cpu_decode_checks_out
-from engine.layer_ops import FusedLayerOps, LayerOps, fused_ops_check_out
+from engine import cpu_layer_ops
+from engine.layer_ops import CPUFusedLayerOps, FusedLayerOps, LayerOps, fused_ops_check_out
 from engine.packed_linear import packing_checks_out
 from engine.quantization import FP8, quantize_fp8, quantize_int8
 
@@ -41,13 +42,18 @@ def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim:
 
 
 def select_layer_ops(device: torch.device, dtype: torch.dtype, spec, kv_dtype: torch.dtype | None = None) -> LayerOps:
-    """Fused Triton kernels on CUDA in fp16 / bf16 where they check out for the model's shapes (spec: its
-    DecoderSpec) and KV cache dtype; float32 keeps Hugging Face's roundings, op by op."""
+    """Fused Triton kernels on CUDA in fp16 / bf16, fused C kernels on the CPU in bf16 (a pool in bf16 too), where
+    they check out for the model's shapes (spec: its DecoderSpec) and KV cache dtype; float32 keeps Hugging Face's
+    roundings, op by op."""
     from engine.triton_decode import triton_available
     if device.type == "cuda" and dtype in (torch.float16, torch.bfloat16) and triton_available():
         if fused_ops_check_out(device, dtype, spec, kv_dtype):
             return FusedLayerOps()
         log.warning("the fused layer ops differ from PyTorch's on this device; decoder layers run op by op")
+    if device.type == "cpu" and dtype == torch.bfloat16 == (kv_dtype or dtype) and cpu_layer_ops.library() is not None:
+        if fused_ops_check_out(device, dtype, spec, kv_dtype, CPUFusedLayerOps()):
+            return CPUFusedLayerOps()
+        log.warning("the fused C layer ops differ from PyTorch's on this CPU; decoder layers run op by op")
     return LayerOps()
 
 

@@ -1,4 +1,4 @@
-"""A decoder layer's elementwise passes: op by op in PyTorch, or fused (CUDA, Triton).
+"""A decoder layer's elementwise passes: op by op in PyTorch, or fused (Triton on CUDA, C on the CPU).
 
 Between its matmuls a decoder layer adds each branch to the residual stream and normalizes the sum (twice),
 rotates queries and keys (after Qwen3's per-head norm), writes keys and values into the KV cache and gates
@@ -6,13 +6,13 @@ its MLP. Op by op that is over a dozen kernels a layer, each a pass over the ste
 most of a decode step's launches and much of a prefill step's memory traffic. The fused ops run each group
 as one kernel that reads its inputs once, computes in float32 and rounds once (what vLLM's
 fused_add_rms_norm, rotary, reshape_and_cache and silu_and_mul kernels do).
-engine.kernels picks them for CUDA in fp16 / bf16 where they match the PyTorch ops on the device at start-up
-(fused_ops_check_out); float32 keeps Hugging Face's roundings op by op (token for token parity), and a compiled
+engine.kernels picks them for CUDA in fp16 / bf16 and the CPU in bf16 where they match the PyTorch ops on the
+device at start-up (fused_ops_check_out); float32 keeps Hugging Face's roundings op by op (token for token parity), and a compiled
 model traces the PyTorch ops and fuses them itself."""
 import torch
 import torch.nn.functional as F
 
-from engine import triton_layer_ops
+from engine import cpu_layer_ops, triton_layer_ops
 from engine.attention import CacheWrite, dequantized_kv, write_kv
 
 
@@ -57,31 +57,42 @@ class LayerOps:
 
 
 class FusedLayerOps(LayerOps):
-    """One Triton kernel per group (engine.triton_layer_ops); PyTorch where a compiled model traces them."""
+    """One kernel per group: Triton's on CUDA (engine.triton_layer_ops); PyTorch where a compiled model traces them."""
     name = "fused (Triton)"
+    kernels = triton_layer_ops
+    max_row = triton_layer_ops.MAX_ROW  # widest row add_rms_norm's kernel holds
 
     def add_rms_norm(self, x, residual, norm):
-        if torch.compiler.is_compiling() or x.shape[-1] > triton_layer_ops.MAX_ROW:
+        if torch.compiler.is_compiling() or x.shape[-1] > self.max_row:
             return super().add_rms_norm(x, residual, norm)
-        return triton_layer_ops.add_rms_norm(x, residual, norm.weight, norm.eps, norm.gemma)
+        return self.kernels.add_rms_norm(x, residual, norm.weight, norm.eps, norm.gemma)
 
     def attention_inputs(self, qkv, num_heads, num_kv_heads, rotary, q_norm=None, k_norm=None, *, cache=None):
         if torch.compiler.is_compiling():
             return super().attention_inputs(qkv, num_heads, num_kv_heads, rotary, q_norm, k_norm, cache=cache)
         norms = (None, None, 0.0) if q_norm is None else (q_norm.weight, k_norm.weight, q_norm.eps)
-        qk = triton_layer_ops.rotate_qk(qkv, num_heads, num_kv_heads, *rotary, *norms, cache)
+        qk = self.kernels.rotate_qk(qkv, num_heads, num_kv_heads, *rotary, *norms, cache)
         return *qk.split((num_heads, num_kv_heads), dim=1), qkv[:, num_heads + num_kv_heads:]
 
     def gated_activation(self, gate_up, gelu):
         if torch.compiler.is_compiling():
             return super().gated_activation(gate_up, gelu)
-        return triton_layer_ops.gated_activation(gate_up, gelu)
+        return self.kernels.gated_activation(gate_up, gelu)
 
 
-def fused_ops_check_out(device: torch.device, dtype: torch.dtype, spec, kv_dtype: torch.dtype | None = None) -> bool:
-    """The fused ops give the PyTorch ops' results (to the dtype's rounding) for the model's shapes (spec: a
-    DecoderSpec) and KV cache dtype (None: dtype) on the device: a Triton that fails to build or answers
-    differently leaves the PyTorch ops in place. Also builds the kernels before a CUDA graph captures them."""
+class CPUFusedLayerOps(FusedLayerOps):
+    """The same groups as C kernels on the CPU, bf16 (engine.cpu_layer_ops)."""
+    name = "fused (C)"
+    kernels = cpu_layer_ops
+    max_row = 1 << 62
+
+
+def fused_ops_check_out(device: torch.device, dtype: torch.dtype, spec, kv_dtype: torch.dtype | None = None,
+                        fused: FusedLayerOps | None = None) -> bool:
+    """The fused ops (default: Triton's) give the PyTorch ops' results (to the dtype's rounding) for the model's
+    shapes (spec: a DecoderSpec) and KV cache dtype (None: dtype) on the device: kernels that fail to build or
+    answer differently leave the PyTorch ops in place. Also builds the kernels before a CUDA graph captures them."""
+    fused = fused or FusedLayerOps()
     from engine.models.decoder import RMSNorm
     gen = torch.Generator(device=device).manual_seed(0)
 
@@ -116,7 +127,7 @@ def fused_ops_check_out(device: torch.device, dtype: torch.dtype, spec, kv_dtype
              (lambda ops: (ops.gated_activation(gate_up, spec.gelu),), 2e-2)]
     try:
         for case, tol in cases:
-            for got, want in zip(case(FusedLayerOps()), case(LayerOps()), strict=True):
+            for got, want in zip(case(fused), case(LayerOps()), strict=True):
                 if not torch.allclose(got.float(), want.float(), atol=tol, rtol=tol):
                     return False
     except Exception:  # noqa: BLE001 (any failure to build or run: the PyTorch ops stay)

@@ -11,9 +11,10 @@ import torch
 import transformers as T
 
 from conftest import assert_pool_free, sentence, update_config
-from engine import LLM, PoolingParams, SamplingParams
+from engine import LLM, PoolingParams, SamplingParams, cpu_layer_ops
 from engine.compiled_model import CompiledModel
 from engine.context import get_context
+from engine.layer_ops import CPUFusedLayerOps, LayerOps
 from engine.loader import resolve_model
 from engine.params import RequestOutputKind
 
@@ -401,23 +402,30 @@ def test_decoder_last_token_embeddings_match_hf(chunk, tiny_model):
     assert_pool_free(llm)
 
 
+@pytest.mark.parametrize("ops", ["op by op", "fused C"])
 @pytest.mark.parametrize("arch", ["gemma", "llama3-gqa", "qwen3"])
-def test_bfloat16_hidden_states_as_close_to_float32_as_hf_bfloat16(arch, tiny_model):
-    """bf16: rotary in the activations' dtype as Hugging Face casts it, fused RMSNorm. Gemma's norm runs in
-    float32 in both, so its hidden states are Hugging Face's bit for bit; the others round the norm once
-    where Hugging Face rounds twice, which may move them by an ulp but no further from float32."""
+def test_bfloat16_hidden_states_as_close_to_float32_as_hf_bfloat16(arch, ops, tiny_model):
+    """bf16 op by op: rotary in the activations' dtype as Hugging Face casts it, fused RMSNorm. Gemma's norm runs
+    in float32 in both, so its hidden states are Hugging Face's bit for bit; the others round the norm once
+    where Hugging Face rounds twice, which may move them by an ulp but no further from float32. The CPU's fused C
+    ops (engine.cpu_layer_ops, the default in bf16 where they build) round each group once: no further either."""
     path = tiny_model(arch)
     hf = {dt: T.AutoModel.from_pretrained(path, dtype=dt).eval() for dt in (torch.bfloat16, torch.float32)}
     llm = LLM(path, task="embed", dtype="bfloat16", block_size=8)
+    if ops == "op by op":
+        llm.engine.runner.model.layer_ops = LayerOps()
+    elif not isinstance(llm.engine.runner.model.layer_ops, CPUFusedLayerOps):
+        assert cpu_layer_ops.library() is None, "the C ops build but were not chosen"
+        pytest.skip("no C compiler on this machine")
     for out in llm.embed(PROMPTS, pooling_params=PoolingParams(normalize=False)):
         with torch.no_grad():
             h16, h32 = (hf[dt](torch.tensor([out.prompt_token_ids])).last_hidden_state[0, -1].float()
                         for dt in (torch.bfloat16, torch.float32))
         got = torch.tensor(out.outputs.embedding)
-        if arch == "gemma":
+        if arch == "gemma" and ops == "op by op":
             assert torch.equal(got, h16)
         distance = [1 - torch.nn.functional.cosine_similarity(a, h32, dim=0).item() for a in (got, h16)]
-        assert distance[0] <= 2 * distance[1] + 1e-6, distance
+        assert distance[0] <= 2 * distance[1] + 1e-5, distance
 
 
 # ---------------------------------------------------------------- sampling

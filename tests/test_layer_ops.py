@@ -11,7 +11,7 @@ import transformers as T
 from engine import LLM, PoolingParams, SamplingParams
 from engine.attention import CacheWrite
 from engine.kernels import select_layer_ops
-from engine.layer_ops import FusedLayerOps, LayerOps, fused_ops_check_out
+from engine.layer_ops import CPUFusedLayerOps, FusedLayerOps, LayerOps, fused_ops_check_out
 from engine.models.decoder import DecoderSpec, RMSNorm
 
 from test_decoders import PROMPTS
@@ -162,9 +162,10 @@ def decoder_spec(arch: str, tiny_model) -> DecoderSpec:
     return DecoderSpec.from_hf(T.AutoConfig.from_pretrained(tiny_model(arch)))
 
 
-def test_fused_ops_are_chosen_for_cuda_half_precision_only(tiny_model):
+def test_the_triton_ops_are_chosen_for_cuda_half_precision_only(tiny_model):
     spec = decoder_spec("llama3-gqa", tiny_model)
-    assert type(select_layer_ops(torch.device("cpu"), torch.bfloat16, spec)) is LayerOps
+    # The CPU's own fused ops are the C ones (tests/test_cpu_kernels.py), never Triton's.
+    assert type(select_layer_ops(torch.device("cpu"), torch.bfloat16, spec)) in (LayerOps, CPUFusedLayerOps)
     if CUDA:
         assert type(select_layer_ops(torch.device("cuda"), torch.float32, spec)) is LayerOps
         assert type(select_layer_ops(torch.device("cuda"), torch.bfloat16, spec)) is FusedLayerOps

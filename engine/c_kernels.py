@@ -1,0 +1,75 @@
+"""C kernels for the CPU, compiled on the machine that runs them (as inductor compiles its CPU kernels).
+
+Each source is compiled once per machine with the system's C compiler for that CPU (-march=native, OpenMP from
+the same libgomp torch loads) into a cache directory keyed by the source, the compiler, the flags and the CPU,
+and loaded through ctypes. Where no compiler builds it, build() gives None and the caller keeps its PyTorch ops.
+Every kernel is also checked against its reference at start-up by its module before the engine uses it."""
+import ctypes
+import functools
+import hashlib
+import logging
+import os
+import platform
+import subprocess
+import tempfile
+
+log = logging.getLogger(__name__)
+
+FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
+I64, PTR, F32, INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
+
+# Shared by the sources: bf16 words to float32 and back (to nearest even, as torch rounds; NaN stays NaN).
+BF16 = r"""
+#include <stdint.h>
+#include <string.h>
+#define INLINE static inline __attribute__((always_inline))
+INLINE float bf16_load(uint16_t x) { uint32_t u = (uint32_t)x << 16; float f; memcpy(&f, &u, 4); return f; }
+INLINE uint16_t bf16_round(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    u = (u & 0x7fffffffu) > 0x7f800000u ? u | 0x400000u : u + 0x7fffu + ((u >> 16) & 1u);
+    return (uint16_t)(u >> 16);
+}
+"""
+
+
+def _cpu_identity() -> str:
+    """What -march=native compiles for: the CPU's model and flags."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return "".join(line for line in f if line.startswith(("model name", "flags")))[:4096]
+    except OSError:
+        return platform.processor()
+
+
+def _cache_dir() -> str:
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "servecluster", "kernels")
+
+
+@functools.cache  # compiled and loaded once per process
+def build(stem: str, source: str, signatures: tuple[tuple[str, tuple], ...]) -> ctypes.CDLL | None:
+    """The library of source (its functions' argument types set from signatures: (name, ctypes types)); None
+    where it does not build, with a warning naming what it costs."""
+    compiler = os.environ.get("CC", "cc")
+    key = hashlib.sha256("\n".join([source, compiler, *FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
+    path = os.path.join(_cache_dir(), f"{stem}_{key}.so")
+    if not os.path.exists(path):
+        try:
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+                src, lib = os.path.join(tmp, f"{stem}.c"), os.path.join(tmp, f"{stem}.so")
+                with open(src, "w") as f:
+                    f.write(source)
+                subprocess.run([compiler, *FLAGS, src, "-o", lib, "-lm"], check=True, capture_output=True,
+                               timeout=120)
+                os.replace(lib, path)  # atomic: replicas compiling at once each install a whole file
+        except (OSError, subprocess.SubprocessError) as e:
+            detail = getattr(e, "stderr", b"") or b""
+            log.warning("the CPU kernels %s did not build (%s %s): the slower PyTorch ops run instead; a C compiler "
+                        "with OpenMP (gcc; CC names another) builds them", stem, e,
+                        detail.decode(errors="replace")[-500:])
+            return None
+    lib = ctypes.CDLL(path)
+    for name, argtypes in signatures:
+        getattr(lib, name).argtypes, getattr(lib, name).restype = list(argtypes), None
+    return lib

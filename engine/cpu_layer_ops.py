@@ -1,0 +1,150 @@
+"""A decoder layer's elementwise passes as fused C kernels on the CPU, in bf16 (engine.layer_ops' fused ops).
+
+Op by op, a bf16 layer's norms, rotary, KV writes and gated activation are ~40 PyTorch ops on the CPU, most of
+them on a decode step's few rows, where each op's dispatch costs more than its arithmetic (torch.profiler,
+SmolLM2 at 32 decodes: RMSNorm alone ~110 us a call, 61 calls a step). Here each group is one call, as the Triton
+kernels are on CUDA (engine.triton_layer_ops, the same semantics): residual add + RMSNorm, per-head norm + rotary
+of queries and keys with the write of keys and values into the paged pool, SiLU (GELU) times up; each reads its
+inputs once, computes in float32 and rounds once; rows split over OpenMP threads. Compiled on the machine
+(engine.c_kernels); engine.kernels uses them where they match the PyTorch ops at start-up."""
+import ctypes
+
+import torch
+
+from engine.attention import CacheWrite
+from engine.c_kernels import BF16, F32, I64, INT, PTR, build
+
+_SOURCE = BF16 + r"""
+#include <math.h>
+
+/* rows x n: res_out = bf16(x + residual) (no residual: x itself), out = bf16(res_out * rstd * (w or 1 + w)). */
+void add_rms_norm(const uint16_t *x, const uint16_t *res, const uint16_t *w, uint16_t *out, uint16_t *res_out,
+                  int64_t rows, int64_t n, int64_t sx, int64_t sr, int64_t so, int64_t sro, float eps, int plus_one,
+                  int threads) {
+    #pragma omp parallel for num_threads(threads) if (rows > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        float sum = 0.0f;
+        for (int64_t c = 0; c < n; c++) {
+            float v = bf16_load(x[r * sx + c]);
+            if (res) {
+                const uint16_t rounded = bf16_round(v + bf16_load(res[r * sr + c]));  /* as an add kernel stores it */
+                res_out[r * sro + c] = rounded;
+                v = bf16_load(rounded);
+            }
+            sum += v * v;
+        }
+        const float rstd = 1.0f / sqrtf(sum / n + eps);
+        const uint16_t *src = res ? res_out + r * sro : x + r * sx;
+        for (int64_t c = 0; c < n; c++)
+            out[r * so + c] = bf16_round(bf16_load(src[c]) * rstd * (bf16_load(w[c]) + (plus_one ? 1.0f : 0.0f)));
+    }
+}
+
+/* One token's heads [num_qk, dim] of qkv (strides st, sh): Qwen3's per-head norm where qw (query heads) / kw (key
+   heads) are given, rounded as its output is, then rotated with the token's tables (sin signed for the rotated
+   halves: x1 cos - x2 sin, x2 cos + x1 sin) into out [tokens, num_qk, dim]; with slots, the rotated keys and the
+   values (heads num_qk.. of qkv) also go to the token's slot of the pool [slots, kv heads, dim]. */
+void rotate_qk(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const uint16_t *qw, const uint16_t *kw,
+               uint16_t *out, const int64_t *slots, uint16_t *k_cache, uint16_t *v_cache, int64_t tokens,
+               int64_t num_q, int64_t num_qk, int64_t dim, int64_t st, int64_t sh, int64_t sc, float eps,
+               int threads) {
+    const int64_t half = dim / 2, kv = num_qk - num_q;
+    #pragma omp parallel for num_threads(threads) if (tokens > 1)
+    for (int64_t t = 0; t < tokens; t++) {
+        const uint16_t *c = cos + t * sc, *s = sin + t * sc;
+        for (int64_t h = 0; h < num_qk; h++) {
+            const uint16_t *src = qkv + t * st + h * sh;
+            float x[dim], rstd = 1.0f;
+            for (int64_t d = 0; d < dim; d++) x[d] = bf16_load(src[d]);
+            if (qw) {
+                const uint16_t *w = h < num_q ? qw : kw;
+                float sum = 0.0f;
+                for (int64_t d = 0; d < dim; d++) sum += x[d] * x[d];
+                rstd = 1.0f / sqrtf(sum / dim + eps);
+                for (int64_t d = 0; d < dim; d++) x[d] = bf16_load(bf16_round(x[d] * rstd * bf16_load(w[d])));
+            }
+            uint16_t *dst = out + (t * num_qk + h) * dim;
+            for (int64_t d = 0; d < half; d++) {
+                dst[d] = bf16_round(x[d] * bf16_load(c[d]) + x[d + half] * bf16_load(s[d]));
+                dst[d + half] = bf16_round(x[d + half] * bf16_load(c[d + half]) + x[d] * bf16_load(s[d + half]));
+            }
+            if (slots && h >= num_q) {
+                const int64_t at = (slots[t] * kv + h - num_q) * dim;
+                memcpy(k_cache + at, dst, dim * 2);
+                memcpy(v_cache + at, qkv + t * st + (num_qk + h - num_q) * sh, dim * 2);
+            }
+        }
+    }
+}
+
+/* rows x [gate | up] (n each, row stride sg) -> bf16(act(gate) * up): SiLU, or tanh-approximated GELU. */
+void gated_activation(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t n, int64_t sg, int64_t so,
+                      int gelu, int threads) {
+    #pragma omp parallel for num_threads(threads) if (rows * n > 32768)
+    for (int64_t r = 0; r < rows; r++) {
+        const uint16_t *g = gate_up + r * sg, *u = g + n;
+        #pragma omp simd
+        for (int64_t c = 0; c < n; c++) {
+            const float x = bf16_load(g[c]);
+            const float z = gelu ? 2.0f * 0.7978845608028654f * (x + 0.044715f * x * x * x) : x;
+            out[r * so + c] = bf16_round(x / (1.0f + expf(-z)) * bf16_load(u[c]));
+        }
+    }
+}
+"""
+_SIGNATURES = (("add_rms_norm", (PTR,) * 5 + (I64,) * 6 + (F32, INT, INT)),
+               ("rotate_qk", (PTR,) * 9 + (I64,) * 7 + (F32, INT)),
+               ("gated_activation", (PTR,) * 2 + (I64,) * 4 + (INT, INT)))
+
+
+def library() -> ctypes.CDLL | None:
+    return build("cpu_layer_ops", _SOURCE, _SIGNATURES)
+
+
+def _ptr(t: torch.Tensor | None) -> int | None:
+    return None if t is None else t.data_ptr()
+
+
+def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 plus_one: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(RMSNorm(x + residual), x + residual) over bf16 rows [tokens, hidden]; without a residual, x is the sum."""
+    out = torch.empty_like(x)
+    res_out = torch.empty_like(x) if residual is not None else x
+    rows, n = x.shape
+    if x.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
+        raise ValueError("add_rms_norm takes rows with contiguous columns")
+    library().add_rms_norm(x.data_ptr(), _ptr(residual), weight.contiguous().data_ptr(), out.data_ptr(),
+                           res_out.data_ptr(), rows, n, x.stride(0), residual.stride(0) if residual is not None else 0,
+                           out.stride(0), res_out.stride(0), eps, plus_one, torch.get_num_threads())
+    return out, res_out
+
+
+def rotate_qk(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.Tensor, sin: torch.Tensor,
+              q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
+              cache: CacheWrite | None) -> torch.Tensor:
+    """qkv [tokens, heads + 2 kv heads, dim] -> rotated queries and keys [tokens, heads + kv heads, dim]; cos, sin
+    [tokens, 1, dim]; with a cache (a bf16 pool), keys and values written to its slots too."""
+    t, _, dim = qkv.shape
+    num_qk = num_heads + num_kv_heads
+    out = torch.empty((t, num_qk, dim), dtype=qkv.dtype)
+    if qkv.stride(2) != 1 or cos.stride() != sin.stride() or cos.stride(2) != 1:
+        raise ValueError("rotate_qk takes heads and tables with contiguous dims")
+    if cache is not None and not (cache.k_cache.is_contiguous() and cache.v_cache.is_contiguous()):
+        raise ValueError("rotate_qk writes whole rows of a contiguous pool")
+    slots = cache.slots.to(torch.int64).contiguous() if cache is not None else None
+    library().rotate_qk(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), _ptr(q_weight), _ptr(k_weight),
+                        out.data_ptr(), _ptr(slots), _ptr(cache and cache.k_cache), _ptr(cache and cache.v_cache), t,
+                        num_heads, num_qk, dim, qkv.stride(0), qkv.stride(1), cos.stride(0), eps,
+                        torch.get_num_threads())
+    return out
+
+
+def gated_activation(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
+    """[tokens, 2 n] bf16 (gate, up) -> act(gate) * up [tokens, n]."""
+    rows, n = gate_up.shape[0], gate_up.shape[1] // 2
+    if gate_up.stride(1) != 1:
+        raise ValueError("gated_activation takes rows with contiguous columns")
+    out = torch.empty((rows, n), dtype=gate_up.dtype)
+    library().gated_activation(gate_up.data_ptr(), out.data_ptr(), rows, n, gate_up.stride(0), out.stride(0), gelu,
+                               torch.get_num_threads())
+    return out

@@ -1,0 +1,144 @@
+"""The CPU's C kernels (engine.c_kernels): a decoder layer's fused bf16 ops (engine.cpu_layer_ops) against the
+op-by-op PyTorch ones they replace, the start-up check that decides, and an engine generating on them (their
+hidden states against Hugging Face's: test_decoders.py); the build's fallback where no compiler runs. (The paged
+decode kernel is in test_attention_kernels.py.)"""
+import shutil
+
+import pytest
+import torch
+import transformers as T
+
+from engine import LLM, SamplingParams, c_kernels, cpu_layer_ops
+from engine.attention import CacheWrite
+from engine.kernels import select_layer_ops
+from engine.layer_ops import CPUFusedLayerOps, LayerOps, fused_ops_check_out
+from engine.models.decoder import DecoderSpec, RMSNorm
+
+from test_decoders import PROMPTS
+
+pytestmark = pytest.mark.usefixtures("one_thread")
+BF16 = torch.bfloat16
+# Rounding once in float32 where PyTorch rounds each op to bf16: a step or two of bf16 apart (2^-8 relative each).
+CLOSE = dict(atol=2e-2, rtol=2e-2)
+
+
+@pytest.fixture(autouse=True)
+def needs_the_library():
+    if cpu_layer_ops.library() is None:
+        assert shutil.which("cc") is None, "a C compiler is there but the kernels did not build"
+        pytest.skip("no C compiler on this machine")
+
+
+def norm(dim: int, gemma: bool, seed: int) -> RMSNorm:
+    n = RMSNorm(dim, 1e-6, gemma)
+    with torch.no_grad():
+        n.weight.copy_(torch.randn(dim, generator=torch.Generator().manual_seed(seed)) * 0.3 + (0 if gemma else 1))
+    return n.to(BF16)
+
+
+def randn(*shape, seed: int) -> torch.Tensor:
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).to(BF16)
+
+
+@pytest.mark.parametrize("hidden", [48, 576])
+@pytest.mark.parametrize("gemma", [False, True])
+@pytest.mark.parametrize("with_residual", [False, True])
+def test_add_rms_norm_matches_op_by_op(hidden, gemma, with_residual):
+    x, residual = randn(7, hidden, seed=1), randn(7, hidden, seed=2) if with_residual else None
+    n = norm(hidden, gemma, seed=hidden)
+    want, want_stream = LayerOps().add_rms_norm(x, residual, n)
+    got, got_stream = CPUFusedLayerOps().add_rms_norm(x, residual, n)
+    torch.testing.assert_close(got_stream, want_stream, atol=0, rtol=0)  # the same sum, rounded once
+    torch.testing.assert_close(got, want, **CLOSE)
+
+
+@pytest.mark.parametrize("heads", [(4, 4, 16), (6, 2, 12), (9, 3, 64), (16, 8, 128)])
+@pytest.mark.parametrize("qk_norm", [False, True])
+def test_rotary_and_cache_write_match_op_by_op(heads, qk_norm):
+    """Queries and keys rotated (after Qwen3's head norms); keys and values land in their scattered slots, every
+    other slot keeping what it held."""
+    h, kv, dim = heads
+    t, num_slots = 11, 40
+    qkv = randn(t, h + 2 * kv, dim, seed=6)
+    freqs = torch.outer(torch.arange(t, dtype=torch.float32) * 3, 1.0 / 10000 ** (torch.arange(dim // 2) * 2 / dim))
+    tables = (torch.cat((freqs.cos(), freqs.cos()), dim=-1)[:, None].to(BF16),
+              torch.cat((-freqs.sin(), freqs.sin()), dim=-1)[:, None].to(BF16))
+    norms = (norm(dim, False, seed=4), norm(dim, False, seed=5)) if qk_norm else ()
+    slots = torch.randperm(num_slots, generator=torch.Generator().manual_seed(9))[:t]
+    pools = randn(2, num_slots, kv, dim, seed=10)
+    out = {}
+    for ops in (LayerOps(), CPUFusedLayerOps()):
+        cache = CacheWrite(pools[0].clone(), pools[1].clone(), slots)
+        out[type(ops)] = *ops.attention_inputs(qkv, h, kv, tables, *norms, cache=cache), *cache[:2]
+    (*want, want_k, want_v), (*got, got_k, got_v) = out[LayerOps], out[CPUFusedLayerOps]
+    for g, w in zip(got, want, strict=True):
+        torch.testing.assert_close(g, w, **CLOSE)
+    assert torch.equal(got_k[slots], got[1]) and torch.equal(got_v[slots], qkv[:, h + kv:])
+    untouched = torch.ones(num_slots, dtype=torch.bool).index_fill_(0, slots, False)
+    assert torch.equal(got_k[untouched], pools[0][untouched]) and torch.equal(got_v[untouched], pools[1][untouched])
+    torch.testing.assert_close(got_k, want_k, **CLOSE)
+
+
+@pytest.mark.parametrize("width", [40, 1536])
+@pytest.mark.parametrize("gelu", [False, True])
+def test_gated_activation_matches_op_by_op(width, gelu):
+    gate_up = randn(5, 2 * width, seed=width) * 3
+    torch.testing.assert_close(CPUFusedLayerOps().gated_activation(gate_up, gelu),
+                               LayerOps().gated_activation(gate_up, gelu), **CLOSE)
+
+
+def test_no_rows():
+    ops, n = CPUFusedLayerOps(), norm(16, False, seed=0)
+    empty = torch.empty(0, 16, dtype=BF16)
+    assert ops.add_rms_norm(empty, empty, n)[0].shape == (0, 16)
+    q, k, v = ops.attention_inputs(torch.empty(0, 4, 16, dtype=BF16), 2, 1, (empty[:, None], empty[:, None]))
+    assert q.shape == (0, 2, 16) and k.shape == v.shape == (0, 1, 16)
+    assert ops.gated_activation(torch.empty(0, 32, dtype=BF16), False).shape == (0, 16)
+
+
+def decoder_spec(arch: str, tiny_model) -> DecoderSpec:
+    return DecoderSpec.from_hf(T.AutoConfig.from_pretrained(tiny_model(arch)))
+
+
+@pytest.mark.parametrize("arch", ["llama3-gqa", "qwen3", "gemma"])
+def test_the_start_up_check_passes_them_and_refuses_wrong_ones(arch, tiny_model, monkeypatch):
+    """What decides: bf16 with a bf16 pool takes them where they check out; float32 and a float8 pool do not."""
+    cpu, spec = torch.device("cpu"), decoder_spec(arch, tiny_model)
+    assert type(select_layer_ops(cpu, BF16, spec)) is CPUFusedLayerOps
+    assert type(select_layer_ops(cpu, torch.float32, spec)) is LayerOps
+    assert type(select_layer_ops(cpu, BF16, spec, torch.float8_e4m3fn)) is LayerOps
+    gated = cpu_layer_ops.gated_activation
+    monkeypatch.setattr(cpu_layer_ops, "gated_activation", lambda gate_up, gelu: gated(gate_up, not gelu))
+    assert not fused_ops_check_out(cpu, BF16, spec, None, CPUFusedLayerOps())
+    assert type(select_layer_ops(cpu, BF16, spec)) is LayerOps
+
+
+@pytest.mark.parametrize("arch", ["llama3-gqa", "qwen3"])
+def test_an_engine_generating_on_them_matches_op_by_op_up_to_near_ties(arch, tiny_model):
+    """bf16 decodes read the keys and values the fused rotary wrote into the pool, from prefill and every step:
+    greedy tokens as the op-by-op engine's until a near tie (random tiny models have many), where the op-by-op
+    choice is the fused run's runner-up within a few rounding steps of bf16 logits."""
+    llm = LLM(tiny_model(arch), dtype="bfloat16", block_size=8)
+    params = SamplingParams(temperature=0.0, max_tokens=12, ignore_eos=True, logprobs=2)
+    assert isinstance(llm.engine.runner.model.layer_ops, CPUFusedLayerOps)
+    got = llm.generate(PROMPTS[:3], params)
+    llm.engine.runner.model.layer_ops = LayerOps()
+    llm.engine.kv.pool.cached.clear()  # nothing from the fused run: every key and value written again
+    want = llm.generate(PROMPTS[:3], params)
+    agreeing = 0
+    for g, w in zip((o.outputs[0] for o in got), (o.outputs[0] for o in want), strict=True):
+        if g.token_ids == w.token_ids:
+            agreeing += 1
+            continue
+        i = next(i for i, (a, b) in enumerate(zip(g.token_ids, w.token_ids)) if a != b)
+        top = g.logprobs[i]
+        assert w.token_ids[i] in top and top[g.token_ids[i]].logprob - top[w.token_ids[i]].logprob < 0.05, (i, top)
+    assert agreeing >= 2
+
+
+def test_no_compiler_builds_nothing(tmp_path, monkeypatch):
+    monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    assert c_kernels.build.__wrapped__("probe", c_kernels.BF16 + "void f(void) {}\n", (("f", ()),)) is None
+    monkeypatch.delenv("CC")
+    assert c_kernels.build.__wrapped__("probe", c_kernels.BF16 + "void f(void) {}\n", (("f", ()),)) is not None
