@@ -113,7 +113,8 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     rows, n = x.shape
     if x.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
         raise ValueError("add_rms_norm takes rows with contiguous columns")
-    library().add_rms_norm(x.data_ptr(), _ptr(residual), weight.contiguous().data_ptr(), out.data_ptr(),
+    weight = weight.to(x.dtype).contiguous()  # the C code reads bf16 words
+    library().add_rms_norm(x.data_ptr(), _ptr(residual), weight.data_ptr(), out.data_ptr(),
                            res_out.data_ptr(), rows, n, x.stride(0), residual.stride(0) if residual is not None else 0,
                            out.stride(0), res_out.stride(0), eps, plus_one, torch.get_num_threads())
     return out, res_out
@@ -127,10 +128,14 @@ def rotate_qk(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.T
     t, _, dim = qkv.shape
     num_qk = num_heads + num_kv_heads
     out = torch.empty((t, num_qk, dim), dtype=qkv.dtype)
+    # The C code reads bf16 words: tables and head norms in the activations' dtype (a no-op as the model passes them).
+    cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
+    q_weight, k_weight = (None if w is None else w.to(qkv.dtype).contiguous() for w in (q_weight, k_weight))
     if qkv.stride(2) != 1 or cos.stride() != sin.stride() or cos.stride(2) != 1:
         raise ValueError("rotate_qk takes heads and tables with contiguous dims")
-    if cache is not None and not (cache.k_cache.is_contiguous() and cache.v_cache.is_contiguous()):
-        raise ValueError("rotate_qk writes whole rows of a contiguous pool")
+    if cache is not None and not (cache.k_cache.is_contiguous() and cache.v_cache.is_contiguous()
+                                  and cache.k_cache.dtype == qkv.dtype and cache.k_scale is None):
+        raise ValueError("rotate_qk writes whole rows of a contiguous pool in the activations' dtype")
     slots = cache.slots.to(torch.int64).contiguous() if cache is not None else None
     library().rotate_qk(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), _ptr(q_weight), _ptr(k_weight),
                         out.data_ptr(), _ptr(slots), _ptr(cache and cache.k_cache), _ptr(cache and cache.v_cache), t,

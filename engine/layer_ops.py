@@ -7,8 +7,8 @@ most of a decode step's launches and much of a prefill step's memory traffic. Th
 as one kernel that reads its inputs once, computes in float32 and rounds once (what vLLM's
 fused_add_rms_norm, rotary, reshape_and_cache and silu_and_mul kernels do).
 engine.kernels picks them for CUDA in fp16 / bf16 and the CPU in bf16 where they match the PyTorch ops on the
-device at start-up (fused_ops_check_out); float32 keeps Hugging Face's roundings op by op (token for token parity), and a compiled
-model traces the PyTorch ops and fuses them itself."""
+device at start-up (fused_ops_check_out); float32 keeps Hugging Face's roundings op by op (token for token
+parity), and a compiled model traces the PyTorch ops and fuses them itself."""
 import torch
 import torch.nn.functional as F
 
