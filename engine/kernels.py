@@ -1,15 +1,16 @@
 """The one place where device-specific kernels are chosen; any other device gets the portable PyTorch ones, so
 the engine stays device-agnostic: attention (engine.attention_backends), a decoder layer's elementwise
 passes (engine.layer_ops), fp8 / w8a8 layers' quantization of their inputs (engine.triton_quant), all CUDA,
-and the CPU's linear layers (engine.packed_linear) and paged decode attention (engine.cpu_paged_decode)."""
+and the CPU's linear layers (engine.packed_linear) and C kernels (engine.c_kernels: paged decode attention in
+engine.cpu_paged_decode, a decoder layer's fused bf16 ops in engine.cpu_layer_ops)."""
 import functools
 import logging
 
 import torch
 
+from engine import cpu_layer_ops
 from engine.attention_backends import AttentionBackend, GatherDecode, PerSequencePrefill
 from engine.cpu_paged_decode import CPUPagedDecode, checks_out as cpu_decode_checks_out
-from engine import cpu_layer_ops
 from engine.layer_ops import CPUFusedLayerOps, FusedLayerOps, LayerOps, fused_ops_check_out
 from engine.packed_linear import packing_checks_out
 from engine.quantization import FP8, quantize_fp8, quantize_int8

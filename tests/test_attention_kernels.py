@@ -4,7 +4,6 @@ against plain per-sequence attention; paged decode (block gather, the CPU's comp
 Triton kernel where Triton is installed, in its interpreter) against dense attention over each context; segment
 pooling against a loop; and whole engines on those paths against Hugging Face."""
 import os
-import shutil
 
 import pytest
 import torch
@@ -22,6 +21,7 @@ from engine.varlen_prefill import (GQA_MODES, VarlenPrefill, checked_attend, eff
                                    flash_candidates, reference_attend, varlen_kernel)
 from engine.pooling import pool_segments
 
+from conftest import require_c_kernels
 from test_decoders import PROMPTS, SHARED, greedy, ref, run_staggered  # noqa: F401  (ref is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -413,8 +413,7 @@ def test_compiled_model_in_the_decode_graph_buffers_with_the_paged_kernel_matche
 def test_cpu_paged_decode_matches_dense_attention(shape, dtype, per_sequence):
     """The compiled C kernel in both task layouts (a task per sequence, per kv head), head sizes on its unrolled
     (64, 128), AVX512-BF16 (multiples of 32, where the CPU has it) and generic paths, against dense attention."""
-    if cpu_paged_decode.library() is None:
-        pytest.skip("no C compiler on this machine")
+    require_c_kernels(cpu_paged_decode.library())
     attn, q, ctx, want = paged_decode_case(*shape, lengths=[1, 4, 5, 37, 16, 70, 300], seed=sum(shape))
     attn.k_cache, attn.v_cache, q = attn.k_cache.to(dtype), attn.v_cache.to(dtype), q.to(dtype)
     got = cpu_paged_decode.launch(q, attn.k_cache, attn.v_cache, ctx.decode_block_table, ctx.decode_context_lens,
@@ -428,9 +427,7 @@ def test_cpu_engines_decode_in_place_where_the_kernel_builds(tiny_model, ref):  
     """With a C compiler, CPU decoders decode through the kernel (greedy tokens as Hugging Face's); a float8 pool
     keeps the block gather, and so does a reranker, which never decodes (without a compiler nothing is built:
     test_cpu_kernels.py)."""
-    if shutil.which(os.environ.get("CC", "cc")) is None:
-        pytest.skip("no C compiler on this machine")
-    assert cpu_paged_decode.library() is not None
+    require_c_kernels(cpu_paged_decode.library())
     arch = "llama3-gqa"
     llm = LLM(tiny_model(arch), dtype="float32", block_size=8, max_model_len=64, enforce_eager=True)
     assert isinstance(llm.engine.runner.attention_backend.decode, CPUPagedDecode)

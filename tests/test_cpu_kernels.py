@@ -2,8 +2,6 @@
 op-by-op PyTorch ones they replace, the start-up check that decides, and an engine generating on them (their
 hidden states against Hugging Face's: test_decoders.py); the build's fallback where no compiler runs. (The paged
 decode kernel is in test_attention_kernels.py.)"""
-import shutil
-
 import pytest
 import torch
 import transformers as T
@@ -14,6 +12,7 @@ from engine.kernels import select_layer_ops
 from engine.layer_ops import CPUFusedLayerOps, LayerOps, fused_ops_check_out
 from engine.models.decoder import DecoderSpec, RMSNorm
 
+from conftest import require_c_kernels
 from test_decoders import PROMPTS
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -24,9 +23,7 @@ CLOSE = dict(atol=2e-2, rtol=2e-2)
 
 @pytest.fixture(autouse=True)
 def needs_the_library():
-    if cpu_layer_ops.library() is None:
-        assert shutil.which("cc") is None, "a C compiler is there but the kernels did not build"
-        pytest.skip("no C compiler on this machine")
+    require_c_kernels(cpu_layer_ops.library())
 
 
 def norm(dim: int, gemma: bool, seed: int) -> RMSNorm:
