@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as T
-from conftest import assert_pool_free, sentence
-from engine import LLM, EngineConfig, SamplingParams
+from conftest import assert_pool_free, require_c_kernels, sentence
+from engine import LLM, EngineConfig, SamplingParams, cpu_int4
 from engine import int4_linear as I4
 from engine import quantization as Q
 
@@ -184,6 +184,21 @@ def test_portable_int8_matmul_matches_dequantized_weights():
     w, x = torch.randn(32, 40), torch.randn(5, 40)
     layer = Q.QuantizedLinear(w, None)
     assert torch.allclose(Q._portable_matmul(x, layer), F.linear(x, layer.weight), atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_the_c_dequantizing_pass_gives_the_ops_weights(dtype):
+    """engine.cpu_int4 (every prefill step of an int4 model on the CPU): bf16 bit for bit PyTorch's two roundings,
+    float32 to an ulp; rows of several groups, scales given in bf16 as the kernel's are."""
+    require_c_kernels(cpu_int4.library())
+    assert cpu_int4.checks_out(I4.GROUP_SIZE)
+    q, scales = I4.quantize_int4(torch.randn(48, 6 * I4.GROUP_SIZE, generator=torch.Generator().manual_seed(1)) * 3)
+    codes, scales = I4.pack_codes(q), scales.to(torch.bfloat16)
+    got = cpu_int4.dequantize(codes, scales, dtype)
+    want = I4.dequantize_int4_by_ops(codes, scales, dtype)
+    tol = 0.0 if dtype == torch.bfloat16 else 1e-6
+    torch.testing.assert_close(got, want, atol=tol, rtol=tol)
+    torch.testing.assert_close(I4.dequantize_int4(codes, scales, dtype), got, atol=0, rtol=0)  # the path taken
 
 
 def test_quantize_int4_is_within_half_a_step_per_group():
