@@ -41,35 +41,44 @@ def _cpu_identity() -> str:
         return platform.processor()
 
 
-def _cache_dir() -> str:
+def _cache_dirs() -> list[str]:
+    """Where built libraries are kept: the user's cache, else (a read-only home) a directory of the temp dir."""
     root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "servecluster", "kernels")
+    user = getattr(os, "getuid", lambda: "user")()
+    return [os.path.join(root, "servecluster", "kernels"),
+            os.path.join(tempfile.gettempdir(), f"servecluster-kernels-{user}")]
+
+
+def _compile(source: str, compiler: str, path: str) -> None:
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
+        src, lib = os.path.join(tmp, "kernel.c"), os.path.join(tmp, "kernel.so")
+        with open(src, "w") as f:
+            f.write(source)
+        subprocess.run([compiler, *FLAGS, src, "-o", lib, "-lm"], check=True, capture_output=True, timeout=120)
+        os.replace(lib, path)  # atomic: replicas compiling at once each install a whole file
 
 
 @functools.cache  # compiled and loaded once per process
 def build(stem: str, source: str, signatures: tuple[tuple[str, tuple], ...]) -> ctypes.CDLL | None:
     """The library of source (its functions' argument types set from signatures: (name, ctypes types)); None
-    where it does not build, with a warning naming what it costs."""
+    where it does not build or load, with a warning naming what it costs."""
     compiler = os.environ.get("CC", "cc")
     key = hashlib.sha256("\n".join([source, compiler, *FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
-    path = os.path.join(_cache_dir(), f"{stem}_{key}.so")
-    if not os.path.exists(path):
+    errors = []
+    for directory in _cache_dirs():
+        path = os.path.join(directory, f"{stem}_{key}.so")
         try:
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            with tempfile.TemporaryDirectory(dir=os.path.dirname(path)) as tmp:
-                src, lib = os.path.join(tmp, f"{stem}.c"), os.path.join(tmp, f"{stem}.so")
-                with open(src, "w") as f:
-                    f.write(source)
-                subprocess.run([compiler, *FLAGS, src, "-o", lib, "-lm"], check=True, capture_output=True,
-                               timeout=120)
-                os.replace(lib, path)  # atomic: replicas compiling at once each install a whole file
+            if not os.path.exists(path):
+                _compile(source, compiler, path)
+            lib = ctypes.CDLL(path)
         except (OSError, subprocess.SubprocessError) as e:
-            detail = getattr(e, "stderr", b"") or b""
-            log.warning("the CPU kernels %s did not build (%s %s): the slower PyTorch ops run instead; a C compiler "
-                        "with OpenMP (gcc; CC names another) builds them", stem, e,
-                        detail.decode(errors="replace")[-500:])
-            return None
-    lib = ctypes.CDLL(path)
-    for name, argtypes in signatures:
-        getattr(lib, name).argtypes, getattr(lib, name).restype = list(argtypes), None
-    return lib
+            detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace")[-500:]
+            errors.append(f"{path}: {e} {detail}".strip())
+            continue
+        for name, argtypes in signatures:
+            getattr(lib, name).argtypes, getattr(lib, name).restype = list(argtypes), None
+        return lib
+    log.warning("the CPU kernels %s did not build (%s): the slower PyTorch ops run instead; a C compiler with "
+                "OpenMP (gcc; CC names another) builds them", stem, "; ".join(errors))
+    return None

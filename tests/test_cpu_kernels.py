@@ -133,9 +133,13 @@ def test_an_engine_generating_on_them_matches_op_by_op_up_to_near_ties(arch, tin
     assert agreeing >= 2
 
 
-def test_no_compiler_builds_nothing(tmp_path, monkeypatch):
+def test_no_compiler_builds_nothing_and_an_unusable_cache_falls_back_to_the_temp_dir(tmp_path, monkeypatch):
+    probe = ("probe", c_kernels.BF16 + "void f(void) {}\n", (("f", ()),))
     monkeypatch.setenv("CC", str(tmp_path / "no-such-compiler"))
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
-    assert c_kernels.build.__wrapped__("probe", c_kernels.BF16 + "void f(void) {}\n", (("f", ()),)) is None
+    assert c_kernels.build.__wrapped__(*probe) is None
     monkeypatch.delenv("CC")
-    assert c_kernels.build.__wrapped__("probe", c_kernels.BF16 + "void f(void) {}\n", (("f", ()),)) is not None
+    assert c_kernels.build.__wrapped__(*probe)._name.startswith(str(tmp_path))
+    (tmp_path / "a-file").write_text("")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))  # no directory can be made under it
+    assert c_kernels.build.__wrapped__(*probe)._name.startswith(c_kernels._cache_dirs()[1])
