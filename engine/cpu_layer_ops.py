@@ -8,11 +8,14 @@ of queries and keys with the write of keys and values into the paged pool, SiLU 
 inputs once, computes in float32 and rounds once; rows split over OpenMP threads. Compiled on the machine
 (engine.c_kernels); engine.kernels uses them where they match the PyTorch ops at start-up."""
 import ctypes
+import sys
 
 import torch
 
 from engine.attention import CacheWrite
 from engine.c_kernels import BF16, F32, I64, INT, PTR, build
+
+MAX_ROW = sys.maxsize  # rows of any width: add_rms_norm loops over a row, holding none of it
 
 _SOURCE = BF16 + r"""
 #include <math.h>

@@ -59,11 +59,10 @@ class LayerOps:
 class FusedLayerOps(LayerOps):
     """One kernel per group: Triton's on CUDA (engine.triton_layer_ops); PyTorch where a compiled model traces them."""
     name = "fused (Triton)"
-    kernels = triton_layer_ops
-    max_row = triton_layer_ops.MAX_ROW  # widest row add_rms_norm's kernel holds
+    kernels = triton_layer_ops  # a module of the three ops, and MAX_ROW: the widest row its add_rms_norm holds
 
     def add_rms_norm(self, x, residual, norm):
-        if torch.compiler.is_compiling() or x.shape[-1] > self.max_row:
+        if torch.compiler.is_compiling() or x.shape[-1] > self.kernels.MAX_ROW:
             return super().add_rms_norm(x, residual, norm)
         return self.kernels.add_rms_norm(x, residual, norm.weight, norm.eps, norm.gemma)
 
@@ -84,7 +83,6 @@ class CPUFusedLayerOps(FusedLayerOps):
     """The same groups as C kernels on the CPU, bf16 (engine.cpu_layer_ops)."""
     name = "fused (C)"
     kernels = cpu_layer_ops
-    max_row = 1 << 62
 
 
 def fused_ops_check_out(device: torch.device, dtype: torch.dtype, spec, kv_dtype: torch.dtype | None = None,
