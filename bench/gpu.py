@@ -457,7 +457,7 @@ def end_to_end_rows(args, sizes: Sizes, device: torch.device, dtype: str, path: 
     hf_secs, _ = timed(device, hf_generate)
     total = sizes.e2e * n_out
     return [[f"{sizes.e2e} x {sizes.prompt} -> {n_out} tokens, random {args.decoder_shape}, {dtype}"
-             + ("" if mode == "default" else f", {mode}"), "out tok/s",
+             + (", torch_compile" if compiled else ""), "out tok/s",
              f"{total / secs:,.0f}", f"{total / hf_secs:,.0f}", ratio(hf_secs, secs),
              f"host waited on the device {100 * waited / secs:.0f}% of the run", "HF generate, one batch",
              generation_limit(args, sizes, dtype, hf.config, total / secs)] for compiled, (secs, waited) in runs.items()]
