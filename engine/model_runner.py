@@ -126,9 +126,8 @@ class ModelRunner:
             why = None if matches_eager(self, graphs) else "differ from the eager forward"
         except Exception as e:  # noqa: BLE001 (an op this device cannot capture: eager is still correct)
             why = f"failed to capture: {type(e).__name__}: {e}"
-        if why is None:
-            self.prefill_graphs = graphs
-        else:
+        self.prefill_graphs = graphs if why is None else None  # a failed recapture keeps no earlier graphs
+        if why is not None:
             log.warning("prefill steps replayed from CUDA graphs %s: prefill stays eager", why)
 
     def compile(self, decode: bool, prefill_tokens: int, decode_rows: int) -> None:

@@ -292,7 +292,8 @@ def test_an_engine_decoding_with_split_contexts_matches_hf(tiny_model, ref):  # 
         pytest.skip("no GPU: run with TRITON_INTERPRET=1 to check the kernel in Triton's interpreter")
     from engine.triton_decode import TritonPagedDecode
     arch = "llama3-gqa"
-    llm = LLM(tiny_model(arch), dtype="float32", block_size=8, max_model_len=64, enforce_eager=True)
+    cpu = dict(dtype="float32", block_size=8, max_model_len=64, device="cpu")  # CPU engines on a GPU machine too
+    llm = LLM(tiny_model(arch), enforce_eager=True, **cpu)
     runner = llm.engine.runner
     runner.attention_backend = AttentionBackend(PerSequencePrefill(), TritonPagedDecode(10 ** 6, partition=16))
     for attn in runner.model.attention_layers:
@@ -429,11 +430,12 @@ def test_cpu_engines_decode_in_place_where_the_kernel_builds(tiny_model, ref):  
     test_cpu_kernels.py)."""
     require_c_kernels(cpu_paged_decode.library())
     arch = "llama3-gqa"
-    llm = LLM(tiny_model(arch), dtype="float32", block_size=8, max_model_len=64, enforce_eager=True)
+    cpu = dict(dtype="float32", block_size=8, max_model_len=64, device="cpu")  # CPU engines on a GPU machine too
+    llm = LLM(tiny_model(arch), enforce_eager=True, **cpu)
     assert isinstance(llm.engine.runner.attention_backend.decode, CPUPagedDecode)
     for out in llm.generate(PROMPTS[:3], greedy()):
         ref(arch).check(out)
-    fp8 = LLM(tiny_model(arch), dtype="float32", block_size=8, max_model_len=64, kv_cache_dtype="fp8")
+    fp8 = LLM(tiny_model(arch), kv_cache_dtype="fp8", **cpu)
     assert isinstance(fp8.engine.runner.attention_backend.decode, GatherDecode)
-    scorer = LLM(tiny_model(arch), task="score", dtype="float32", block_size=8, max_model_len=64)
+    scorer = LLM(tiny_model(arch), task="score", **cpu)
     assert isinstance(scorer.engine.runner.attention_backend.decode, GatherDecode)  # it never decodes
