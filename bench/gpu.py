@@ -215,7 +215,8 @@ def engine_llm(path: str, dtype: str, **kw):
     layer_ops = getattr(runner.model, "layer_ops", None)
     KERNELS.add(f"{dtype} {llm.engine.task}: {runner.attention_backend.name}"
                 + (f", layer ops {layer_ops.name}" if layer_ops is not None else "")
-                + (", prefill from piecewise CUDA graphs" if runner.prefill_graphs is not None else ""))
+                + (f", prefill steps of up to {runner.prefill_graphs.max_tokens:,} tokens from piecewise CUDA graphs"
+                   if runner.prefill_graphs is not None else ""))
     return llm
 
 

@@ -13,7 +13,7 @@ from engine.kernels import packs_linears, select_attention_backend, select_layer
 from engine.models import model_class
 from engine.packed_linear import pack_linears
 from engine.pooling import pool_segments
-from engine.prefill_graphs import PrefillGraphs, matches_eager
+from engine.prefill_graphs import PrefillGraphs, fastest_seconds, largest_faster_size, matches_eager
 from engine.quantization import compile_quantized_layers, quantize_decoder
 from engine.request import Request
 from engine.sampler import Sampler, SamplerOutput, TokenLogprobs
@@ -119,16 +119,26 @@ class ModelRunner:
 
     def capture_prefill_graphs(self, max_tokens: int, capture: bool = True) -> None:
         """Piecewise CUDA graphs for a decoder's steps with prefills (engine.prefill_graphs), kept only where they
-        capture and a step replayed from them gives the eager forward's hidden states; capture=False keeps the
-        padded buffers and runs the pieces eagerly (how tests check them on CPU)."""
+        capture, a padded step replayed from them gives what its stretches give run eagerly, and up to the
+        largest step size where they are faster than the eager forward (timed here where captured); capture=False
+        keeps the padded buffers and runs the pieces eagerly (how tests check them on CPU)."""
+        size = max_tokens
         try:
             graphs = PrefillGraphs(self, max_tokens, capture)
-            why = None if matches_eager(self, graphs) else "differ from the eager forward"
+            if not matches_eager(self, graphs):
+                why = "differ from their stretches run eagerly"
+            else:
+                if capture:  # timed only where replayed
+                    size = largest_faster_size(self, graphs, fastest_seconds(torch.cuda.synchronize))
+                why = None if size else "are no faster than the eager forward at any size"
         except Exception as e:  # noqa: BLE001 (an op this device cannot capture: eager is still correct)
             why = f"failed to capture: {type(e).__name__}: {e}"
         self.prefill_graphs = graphs if why is None else None  # a failed recapture keeps no earlier graphs
         if why is not None:
             log.warning("prefill steps replayed from CUDA graphs %s: prefill stays eager", why)
+        elif size < max_tokens:
+            graphs.keep_up_to(size)
+            log.info("prefill steps of up to %d tokens replay CUDA graphs; longer ones run eagerly, faster there", size)
 
     def compile(self, decode: bool, prefill_tokens: int, decode_rows: int) -> None:
         """Engine option torch_compile, compiled here rather than on the first request: quantized layers take

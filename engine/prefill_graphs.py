@@ -11,6 +11,9 @@ differ every step; a step that mixes prefill chunks with decodes goes the same w
 both. (All-decode steps replay whole-model graphs, engine.cuda_graphs.) Rows never mix outside attention,
 so padding rows change nothing in the real ones. The last layer's MLP and the final norm run eagerly too:
 they take only the step's output rows."""
+import math
+import time
+
 import torch
 
 from engine.context import Context, get_context, set_context
@@ -81,17 +84,27 @@ class PrefillGraphs:
             self.graphs[size] = graphs
         torch.cuda.synchronize()
 
+    def keep_up_to(self, size: int) -> None:
+        """Steps of more than `size` tokens run eagerly (the model runner asks max_tokens); their graphs go."""
+        self.sizes = [s for s in self.sizes if s <= size]
+        self.graphs = {s: g for s, g in self.graphs.items() if s <= size}
+        self.max_tokens = size
+
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor, token_type_ids=None) -> torch.Tensor:
         """The model's forward for a step of at most max_tokens tokens, its Context set."""
+        return self.forward(input_ids, positions, replay=True)
+
+    def forward(self, input_ids: torch.Tensor, positions: torch.Tensor, replay: bool) -> torch.Tensor:
+        """The step padded to its capture size, its stretches replayed (where captured) or run eagerly."""
         ctx, t = get_context(), input_ids.shape[0]
         size = next(s for s in self.sizes if s >= t)
         self.input_ids[:t], self.positions[:t], self.slot_mapping[:t] = input_ids, positions, ctx.slot_mapping
         self.slot_mapping[t:size] = self.scratch_slot  # a longer step's slots must not be written again
-        layers, graphs = self.model.layers, self.graphs.get(size)
+        layers, graphs = self.model.layers, self.graphs.get(size) if replay else None
         for i, layer in enumerate(layers):
             if graphs is not None:
                 graphs[i].replay()
-            else:  # buffers without a capture (tests on CPU): the same stretches, run eagerly
+            else:  # the same stretches run eagerly (buffers without a capture: tests on CPU)
                 self._stretch(size, i)
             out = layer.attn(self.q[:t], self.k[:t], self.v[:t])
             if i < len(layers) - 1:
@@ -102,18 +115,64 @@ class PrefillGraphs:
         return self.model.final_norm(*layers[-1].feed_forward(out, residual, self.model.layer_ops))
 
 
-@torch.inference_mode()
-def matches_eager(runner, graphs: PrefillGraphs) -> bool:
-    """A step of random tokens between two capture sizes (so padded), replayed and eager, gives the same hidden
-    states to the dtype's rounding (a padded matmul may take another kernel); its K/V go to the scratch block."""
-    tokens = min(graphs.sizes[0] + 7, graphs.max_tokens)
+def random_step(runner, tokens: int) -> tuple[Context, torch.Tensor, torch.Tensor]:
+    """A prefill step of `tokens` random tokens (runner.largest_prefill's spans, K/V to the scratch block): its
+    context, ids and positions."""
     ctx, positions = runner.largest_prefill(tokens)
     gen = torch.Generator(device=runner.device).manual_seed(0)
     ids = torch.randint(0, runner.model.spec.vocab_size, (tokens,), generator=gen, device=runner.device)
+    return ctx, ids, positions
+
+
+@torch.inference_mode()
+def matches_eager(runner, graphs: PrefillGraphs) -> bool:
+    """A step of random tokens between two capture sizes (so padded), replayed, gives the hidden states of the same
+    padded stretches run eagerly, to the dtype's rounding: the capture holds the step's work. Not checked against
+    the unpadded forward: a padded matmul may take another GEMM kernel, and a deep bf16 model drifts past a fixed
+    tolerance from that alone (an H200 refused a 16-layer random-weight 1B Llama's graphs so); that padding
+    changes nothing else is tests/test_prefill_graphs.py's to show."""
+    ctx, ids, positions = random_step(runner, min(graphs.sizes[0] + 7, graphs.max_tokens))
     set_context(ctx)
     try:
-        want, got = runner.model(ids, positions), graphs(ids, positions)
+        want, got = graphs.forward(ids, positions, replay=False), graphs(ids, positions)
     finally:
         set_context(Context())
     tol = 1e-4 if runner.dtype == torch.float32 else 2e-2
     return got.shape == want.shape and bool((got - want).abs().max() <= tol * want.abs().max())
+
+
+def fastest_seconds(sync, repeats: int = 3):
+    """largest_faster_size's clock: a call's fastest time of `repeats` after a warm-up, `sync` waiting for the
+    device around each."""
+    def seconds(fn) -> float:
+        fn()
+        sync()
+        best = math.inf
+        for _ in range(repeats):
+            start = time.perf_counter()
+            fn()
+            sync()
+            best = min(best, time.perf_counter() - start)
+        return best
+    return seconds
+
+
+@torch.inference_mode()
+def largest_faster_size(runner, graphs: PrefillGraphs, seconds) -> int | None:
+    """The largest capture size whose steps replay faster than the eager forward runs them (None: none), timed
+    from the largest size down at a step midway between a size and the one below (padded as a typical step).
+    A small model's steps are bound by launching ~10 kernels a layer from Python, so the graphs win at every
+    size; a larger model's long steps are bound by the device, where the stretches' copies into the static
+    buffers cost more than the launches saved (an H200, 16,384-token steps: SmolLM2-135M's shape 1.30x faster
+    replayed, Qwen3-Reranker-0.6B's 14% slower). Shorter steps only make launches weigh more, so the search
+    stops at the first size that wins."""
+    for low, size in reversed(list(zip([0] + graphs.sizes[:-1], graphs.sizes))):
+        ctx, ids, positions = random_step(runner, (low + size) // 2 + 1)
+        set_context(ctx)
+        try:
+            won = seconds(lambda: graphs(ids, positions)) < seconds(lambda: runner.model(ids, positions))
+        finally:
+            set_context(Context())
+        if won:
+            return size
+    return None

@@ -150,3 +150,61 @@ def test_captured_graphs_generate_as_eager_under_continuous_batching(tiny_model)
     assert llm.engine.runner.prefill_graphs is not None
     assert_same_generations(want, run_staggered(llm, prompts, params))
     assert_pool_free(llm)
+
+
+def test_graphs_are_kept_up_to_the_largest_step_size_they_replay_faster(tiny_model):
+    """The start-up timing's search, on a clock where replaying costs less than the eager forward for short steps
+    and more for long ones (a larger model's long steps): timed from the largest size down, midway between
+    sizes, it stops at the first size that wins; a clock where the graphs never win keeps none."""
+    llm = LLM(tiny_model("llama"), dtype="float32", block_size=8, max_num_batched_tokens=1024)
+    runner = llm.engine.runner
+    graphs = PrefillGraphs(runner, 1024, capture=False)
+    timed = []
+
+    def clock(replay_per_token: float):
+        def seconds(fn) -> float:
+            calls = []
+            graphs.forward = lambda ids, positions, replay: calls.append(ids.shape[0]) or ids.new_zeros(1)
+            runner_model, runner.model = runner.model, lambda ids, positions: ids.new_zeros(1)
+            try:
+                fn()
+            finally:
+                runner.model = runner_model
+                del graphs.forward
+            tokens = get_context().num_prefill_tokens
+            timed.append((tokens, bool(calls)))
+            return 0.5 + replay_per_token * tokens if calls else 2.0 + 0.01 * tokens
+        return seconds
+
+    assert graphs.sizes == [64, 128, 256, 512, 1024]
+    assert PG.largest_faster_size(runner, graphs, clock(0.02)) == 128  # replay wins below 150 tokens
+    assert [t for t, replayed in timed if replayed] == [769, 385, 193, 97]
+    assert PG.largest_faster_size(runner, graphs, clock(1.0)) is None
+
+
+def test_steps_above_the_kept_size_run_eagerly(tiny_model, monkeypatch, caplog):
+    """Where the timing keeps the graphs up to a size (the capture stubbed out: a CPU), steps up to it go through
+    the buffers and longer ones through the eager forward, with eager's tokens; where it keeps none, none."""
+    prompts = [sentence(400 + i, n) for i, n in enumerate((3, 20, 45, 70))]
+    params = SamplingParams(temperature=0.0, max_tokens=4, logprobs=1, ignore_eos=True)
+    kw = dict(dtype="float32", block_size=8, max_num_batched_tokens=256)
+    want = LLM(tiny_model("llama"), **kw).generate(prompts, params)
+    llm = LLM(tiny_model("llama"), **kw)
+    runner = llm.engine.runner
+    monkeypatch.setattr(PrefillGraphs, "_capture", lambda self: None)  # buffers run eagerly, as uncaptured
+    monkeypatch.setattr("engine.model_runner.largest_faster_size", lambda *args: 64)
+    with caplog.at_level(logging.INFO, logger="engine.model_runner"):
+        runner.capture_prefill_graphs(256)
+    graphs = runner.prefill_graphs
+    assert graphs.max_tokens == 64 and graphs.sizes == [64] and "up to 64 tokens" in caplog.text
+    through = []
+    monkeypatch.setattr(PrefillGraphs, "__call__", lambda self, ids, pos, tt=None: through.append(ids.shape[0])
+                        or self.forward(ids, pos, replay=True))
+    got = llm.generate(prompts[:1], params) + llm.generate(prompts[1:], params)
+    assert_same_generations(want, got)
+    long_prefill = sum(len(o.prompt_token_ids) for o in got[1:])  # the second call's first step
+    assert long_prefill > 64 and through and max(through) <= 64  # it ran eagerly; the short steps did not
+    monkeypatch.setattr("engine.model_runner.largest_faster_size", lambda *args: None)
+    runner.capture_prefill_graphs(256)
+    assert runner.prefill_graphs is None and "no faster than the eager forward" in caplog.text
+    assert_pool_free(llm)
