@@ -2,7 +2,8 @@
 the engine stays device-agnostic: attention (engine.attention_backends), a decoder layer's elementwise
 passes (engine.layer_ops), fp8 / w8a8 layers' quantization of their inputs (engine.triton_quant), all CUDA,
 and the CPU's linear layers (engine.packed_linear) and C kernels (engine.c_kernels: paged decode attention in
-engine.cpu_paged_decode, a decoder layer's fused bf16 ops in engine.cpu_layer_ops)."""
+engine.cpu_paged_decode, a step's prefill spans in one AMX call in engine.cpu_span_attention, a decoder layer's
+fused bf16 ops in engine.cpu_layer_ops)."""
 import functools
 import logging
 
@@ -11,6 +12,7 @@ import torch
 from engine import cpu_layer_ops
 from engine.attention_backends import AttentionBackend, GatherDecode, PerSequencePrefill
 from engine.cpu_paged_decode import CPUPagedDecode, checks_out as cpu_decode_checks_out
+from engine.cpu_span_attention import CPUSpanPrefill, checks_out as cpu_span_checks_out
 from engine.layer_ops import CPUFusedLayerOps, FusedLayerOps, LayerOps, fused_ops_check_out
 from engine.packed_linear import packing_checks_out
 from engine.quantization import FP8, quantize_fp8, quantize_int8
@@ -21,13 +23,16 @@ log = logging.getLogger(__name__)
 def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim: int | None,
                              kv_dtype: torch.dtype | None = None, decodes: bool = True) -> AttentionBackend:
     """Prefill on CUDA: a variable-length kernel where one checks out (flash attention in fp16 / bf16, the
-    memory-efficient one in float32), else FlexAttention; decode: the paged Triton kernel. On the CPU: one SDPA
-    call per span, and for a model that decodes (generates), decode in place by the compiled C kernel where it
-    checks out for a pool in the serving dtype (engine.cpu_paged_decode)."""
+    memory-efficient one in float32), else FlexAttention; decode: the paged Triton kernel. On the CPU: in bf16
+    with AMX every span of a step in one call of the compiled C kernel where it checks out for the head size
+    (engine.cpu_span_attention), else one SDPA call per span; and for a model that decodes (generates), decode in
+    place by the compiled C kernel where it checks out for a pool in the serving dtype (engine.cpu_paged_decode)."""
     if device.type != "cuda":
-        in_place = device.type == "cpu" and decodes and (kv_dtype or dtype) == dtype \
-            and cpu_decode_checks_out(dtype, head_dim or 64)
-        return AttentionBackend(PerSequencePrefill(), CPUPagedDecode() if in_place else GatherDecode(dtype))
+        cpu = device.type == "cpu"
+        in_place = cpu and decodes and (kv_dtype or dtype) == dtype and cpu_decode_checks_out(dtype, head_dim or 64)
+        spans = cpu and dtype == torch.bfloat16 and head_dim is not None and cpu_span_checks_out(head_dim)
+        return AttentionBackend(CPUSpanPrefill() if spans else PerSequencePrefill(),
+                                CPUPagedDecode() if in_place else GatherDecode(dtype))
     from engine.flex_prefill import FlexPrefill, flex_available
     from engine.triton_decode import TritonPagedDecode, triton_available
     from engine.varlen_prefill import VarlenPrefill, varlen_kernel

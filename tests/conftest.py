@@ -122,6 +122,8 @@ DECODERS = {
                    dict(num_key_value_heads=2, tie_word_embeddings=True, rope_scaling=LLAMA3_ROPE)),
     "qwen2": (T.Qwen2Config, T.Qwen2ForCausalLM, dict(num_key_value_heads=2, tie_word_embeddings=True)),
     "qwen3": (T.Qwen3Config, T.Qwen3ForCausalLM, dict(num_key_value_heads=2, head_dim=16, tie_word_embeddings=False)),
+    "qwen3-hd32": (T.Qwen3Config, T.Qwen3ForCausalLM,
+                   dict(num_key_value_heads=2, head_dim=32, tie_word_embeddings=False)),
     "gemma": (T.GemmaConfig, T.GemmaForCausalLM, dict(num_key_value_heads=1, head_dim=16, tie_word_embeddings=True)),
     "mistral": (T.MistralConfig, T.MistralForCausalLM,
                 dict(num_key_value_heads=2, tie_word_embeddings=False, sliding_window=4096)),
@@ -375,6 +377,18 @@ def require_c_kernels(library) -> None:
     if library is None:
         assert not (sys.platform == "linux" and shutil.which("gcc")), "gcc is there but the C kernels did not build"
         pytest.skip("no C compiler with OpenMP on this machine")
+
+
+def require_amx_kernel(library) -> None:
+    """Skip where a C kernel for AMX-BF16 (engine.cpu_span_attention) did not build because the CPU lacks AMX; on
+    Linux with gcc and an AMX CPU it must have."""
+    if library is None:
+        amx = False
+        if sys.platform == "linux":
+            with open("/proc/cpuinfo") as f:
+                amx = "amx_bf16" in f.read()
+        assert not (amx and shutil.which("gcc")), "gcc and AMX are there but the AMX kernel did not build"
+        pytest.skip("no AMX-BF16 on this CPU (or no C compiler)")
 
 
 @pytest.fixture(scope="module")

@@ -11,9 +11,10 @@ import torch.nn.functional as F
 
 from engine import LLM
 from engine.attention import Attention, dequantized_kv, quantize_kv
-from engine import cpu_paged_decode
+from engine import cpu_paged_decode, cpu_span_attention
 from engine.attention_backends import AttentionBackend, GatherDecode, PerSequencePrefill
 from engine.cpu_paged_decode import CPUPagedDecode
+from engine.cpu_span_attention import CPUSpanPrefill
 from engine.context import Context, PrefillSpan
 from engine.cuda_graphs import capture_sizes
 from engine.flex_prefill import FlexPrefill
@@ -21,7 +22,7 @@ from engine.varlen_prefill import (GQA_MODES, VarlenPrefill, checked_attend, eff
                                    flash_candidates, reference_attend, varlen_kernel)
 from engine.pooling import pool_segments
 
-from conftest import require_c_kernels
+from conftest import assert_pool_free, require_amx_kernel, require_c_kernels, sentence
 from test_decoders import PROMPTS, SHARED, greedy, ref, run_staggered  # noqa: F401  (ref is a fixture)
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -439,3 +440,85 @@ def test_cpu_engines_decode_in_place_where_the_kernel_builds(tiny_model, ref):  
     assert isinstance(fp8.engine.runner.attention_backend.decode, GatherDecode)
     scorer = LLM(tiny_model(arch), task="score", **cpu)
     assert isinstance(scorer.engine.runner.attention_backend.decode, GatherDecode)  # it never decodes
+
+
+def span_case(heads: int, kv_heads: int, dim: int, lengths: list[int], seed: int):
+    """q, k, v [tokens, heads, dim] bf16 as views of one projection's output (strided token rows, as the models
+    split it), and the spans' starts."""
+    g = torch.Generator().manual_seed(seed)
+    tokens = sum(lengths)
+    qkv = torch.randn(tokens, (heads + 2 * kv_heads) * dim, generator=g).bfloat16()
+    q, k, v = qkv.split([heads * dim, kv_heads * dim, kv_heads * dim], 1)
+    return q.view(tokens, heads, dim), k.view(tokens, kv_heads, dim), v.view(tokens, kv_heads, dim), \
+        torch.tensor([0] + lengths).cumsum(0)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("shape", [(12, 12, 32), (9, 3, 64), (16, 8, 128), (4, 1, 32)])
+def test_cpu_span_attention_matches_dense_attention(shape, causal):
+    """The AMX kernel over ragged spans (one token; a row block's 16 rows and one off either side; a key block's
+    32 and one off either side; long ones), grouped query heads, strided views: float64 dense attention within
+    bf16's roundings, and PyTorch's SDPA per span as close."""
+    require_amx_kernel(cpu_span_attention.library())
+    heads, kv_heads, dim = shape
+    lengths = [1, 15, 16, 17, 31, 33, 70, 200]
+    q, k, v, starts = span_case(heads, kv_heads, dim, lengths, seed=sum(shape))
+    got = cpu_span_attention.launch(q, k, v, starts, dim ** -0.5, causal, threads=2)
+    ctx = Context(causal=causal, prefills=[PrefillSpan(a, b, b - a) for a, b in zip(starts[:-1].tolist(),
+                                                                                    starts[1:].tolist())])
+    ctx.prefill_meta = PerSequencePrefill().prepare(ctx)
+    sdpa = PerSequencePrefill()(q, k, v, None, dim ** -0.5, ctx)
+    for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+        keys, values = (x[a:b].double().repeat_interleave(heads // kv_heads, 1).transpose(0, 1) for x in (k, v))
+        scores = q[a:b].double().transpose(0, 1) @ keys.transpose(1, 2) * dim ** -0.5
+        if causal:
+            scores = scores.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
+        want = (torch.softmax(scores, -1) @ values).transpose(0, 1)
+        tolerance = 1e-2 + 2 ** -7 * want.abs()
+        assert ((got[a:b].double() - want).abs() <= tolerance).all()
+        assert ((sdpa[a:b].double() - want).abs() <= tolerance).all()
+    ctx.prefill_meta = CPUSpanPrefill().prepare(ctx)  # the spans' starts: the kernel's call
+    assert torch.equal(CPUSpanPrefill()(q, k, v, None, dim ** -0.5, ctx), got)
+
+
+def test_cpu_bf16_encoders_attend_in_one_call_per_layer():
+    """all-MiniLM-L6-v2 (32-wide heads) in bf16 takes the kernel; its embeddings are the per-span SDPA's to
+    bf16's rounding (cosine >= 0.9999); float32 keeps the SDPA."""
+    require_amx_kernel(cpu_span_attention.library())
+    llm = LLM("sentence-transformers/all-MiniLM-L6-v2", dtype="bfloat16")
+    backend = llm.engine.runner.attention_backend
+    assert isinstance(backend.prefill, CPUSpanPrefill)
+    docs = PROMPTS + [" ".join(PROMPTS * 2)]
+    got = torch.tensor([o.outputs.embedding for o in llm.embed(docs)])
+    backend.prefill = PerSequencePrefill()  # every layer's Attention holds this backend
+    want = torch.tensor([o.outputs.embedding for o in llm.embed(docs)])
+    assert F.cosine_similarity(got, want).min() >= 0.9999
+    fp32 = LLM("sentence-transformers/all-MiniLM-L6-v2", dtype="float32")
+    assert isinstance(fp32.engine.runner.attention_backend.prefill, PerSequencePrefill)
+
+
+def test_cpu_bf16_decoders_prefill_through_the_kernel_and_chunks_through_sdpa(tiny_model, monkeypatch):
+    """A bf16 decoder with 32-wide heads: whole prompts' spans go through the kernel in one call (causal), a
+    chunk after cached context through the per-span SDPA (the kernel reads no pool); the last-token hidden
+    states are the SDPA's to bf16's rounding, and chunked generation ends with no block left."""
+    require_amx_kernel(cpu_span_attention.library())
+    path = tiny_model("qwen3-hd32")
+    calls = []
+    launch = cpu_span_attention.launch
+    monkeypatch.setattr(cpu_span_attention, "launch",
+                        lambda *a, **kw: calls.append(a[3].numel() - 1) or launch(*a, **kw))
+    llm = LLM(path, task="embed", dtype="bfloat16", block_size=8)
+    backend = llm.engine.runner.attention_backend
+    got = torch.tensor([o.outputs.embedding for o in llm.embed(PROMPTS)])
+    assert calls and max(calls) > 1  # several prompts' spans in one call
+    backend.prefill = PerSequencePrefill()
+    want = torch.tensor([o.outputs.embedding for o in llm.embed(PROMPTS)])
+    assert F.cosine_similarity(got, want).min() >= 0.999
+    gen = LLM(path, dtype="bfloat16", block_size=8, max_num_batched_tokens=16)
+    sdpa_calls = []
+    per_span = PerSequencePrefill.__call__
+    monkeypatch.setattr(PerSequencePrefill, "__call__", lambda self, *a: sdpa_calls.append(1) or per_span(self, *a))
+    calls.clear()
+    outs = gen.generate([sentence(410, 40)], greedy(4))
+    assert len(outs[0].outputs[0].token_ids) == 4 and calls and sdpa_calls  # first chunk, then later ones
+    assert_pool_free(gen)

@@ -1,0 +1,270 @@
+"""A step's prefill attention over all its spans in one call on the CPU, with AMX: a C kernel compiled on the
+machine (engine.c_kernels).
+
+The portable prefill runs one SDPA call per span (engine.attention_backends.PerSequencePrefill): for an
+all-MiniLM-L6-v2 embedding step on a 2-core AMX Xeon those calls were ~30% of the step in bf16 (README). Here one
+OpenMP task per (span, kv head) lays the span's keys out as the products' B tiles (pairs of dimensions) and its
+values as pairs of keys, once, then takes each of its query heads 16 rows at a time: the scores are AMX tile
+products (bf16 in, float32 sums), the softmax in float32 with a vector exp2, the weights rounded to bf16 once (as
+flash attention's bf16 kernels do) and multiplied with the values as tiles again, the output normalized and
+rounded once. bf16 queries, keys and values with head sizes of 32s; spans without cached context (encoders
+always; a decoder's prefill where it reads no prefix from the pool), causal or not. Elsewhere (no AMX-BF16, no
+compiler, float32, a chunk after cached context) and where the start-up check against float64 attention fails,
+the per-span SDPA runs."""
+import ctypes
+import functools
+import logging
+
+import torch
+
+from engine.attention_backends import PerSequencePrefill
+from engine.c_kernels import F32, I64, INT, PTR, build
+from engine.context import Context
+
+log = logging.getLogger(__name__)
+
+_SOURCE = r"""
+#include <math.h>
+#include <stdint.h>
+#include <stdlib.h>
+#include <string.h>
+#define INLINE static inline __attribute__((always_inline))
+
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#include <immintrin.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#define ROWS 16  /* a tile's rows: the query rows a task takes at a time */
+
+/* Linux lends the AMX tile registers to a process that asks (torch's oneDNN asks too; asking again is free). */
+int span_attention_built(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) == 0; }
+
+/* Every tile 16 rows of 64 bytes: 16 x 32 bf16, 16 x 16 bf16 pairs or 16 x 16 float32. */
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileConfig;
+
+INLINE void configure_tiles(void) {
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) { c.colsb[t] = 64; c.rows[t] = 16; }
+    _tile_loadconfig(&c);
+}
+
+/* 2^y for y <= 0: 2^floor(y) by scalef times a cubic for 2^f, f in [0, 1): relative error 7.5e-5, where the
+   weights are then rounded to bf16 (3.9e-3). */
+INLINE __m512 exp2_ps(__m512 y) {
+    y = _mm512_max_ps(y, _mm512_set1_ps(-126.0f));
+    const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(y, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.0780233447f), f, _mm512_set1_ps(0.2260664223f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6958351187f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999249175f));
+    return _mm512_scalef_ps(p, n);
+}
+
+/* Lanes [0, 16) of a 16-key block from key `first` that are keys below `valid`. */
+INLINE __mmask16 below(int64_t first, int64_t valid) {
+    const int64_t n = valid - first;
+    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
+}
+
+/* A row's scores sx (unscaled, span of them) to bf16 weights exp(scale * (s - max)) over its first `valid` keys
+   in wx, the later ones 0; returns the weights' float32 sum. */
+INLINE float softmax_row(const float *sx, uint16_t *wx, int64_t span, int64_t valid, float scale) {
+    const int64_t full = valid & ~(int64_t)15;
+    __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+    for (int64_t j = 0; j < full; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(sx + j));
+    if (full < valid) top = _mm512_mask_max_ps(top, below(full, valid), top, _mm512_loadu_ps(sx + full));
+    const float log2e = 1.44269504088896341f;
+    const __m512 a = _mm512_set1_ps(scale * log2e), b = _mm512_set1_ps(_mm512_reduce_max_ps(top) * scale * log2e);
+    for (int64_t j = 0; j < span; j += 32) {
+        __m512 lo = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sx + j), a, b));
+        __m512 hi = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sx + j + 16), a, b));
+        if (j + 32 > valid) {
+            lo = _mm512_maskz_mov_ps(below(j, valid), lo);
+            hi = _mm512_maskz_mov_ps(below(j + 16, valid), hi);
+        }
+        sum = _mm512_add_ps(sum, _mm512_add_ps(lo, hi));
+        _mm512_storeu_si512(wx + j, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+    }
+    return _mm512_reduce_add_ps(sum);
+}
+
+/* c and c + 16 (float32, rows c_stride bytes apart) = the sum over `steps` of A times B and A times B': A the
+   16 x 32 bf16 tile at a + i * a_step, B and B' the 16 x 16 pair tiles at b + i * b_step and 64 bytes on. */
+INLINE void products(const char *a, int64_t a_step, int64_t a_stride, const char *b, int64_t b_step, int64_t b_stride,
+                     int64_t steps, float *c, int64_t c_stride) {
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t i = 0; i < steps; i++) {
+        _tile_loadd(0, a + i * a_step, a_stride);
+        _tile_loadd(1, b + i * b_step, b_stride);
+        _tile_dpbf16ps(2, 0, 1);
+        _tile_loadd(1, b + i * b_step + 64, b_stride);
+        _tile_dpbf16ps(3, 0, 1);
+    }
+    _tile_stored(2, c, c_stride);
+    _tile_stored(3, c + 16, c_stride);
+}
+
+/* One span (len tokens from row `first`) and one kv head (g) with its query heads, ROWS query rows at a time.
+   Scratch: kt [dim/2][padded] key pairs per dimension pair (the products' B tiles), vp [padded/2][dim] value
+   pairs per key pair, qb [ROWS][dim] the rows' queries, s [ROWS][padded] scores, w [ROWS][padded] bf16 weights,
+   o [ROWS][dim] float32 outputs; padded = len rounded up to 32. */
+static void span_head(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t first,
+                      int64_t len, int64_t g, int64_t group, int64_t heads, int64_t dim, int64_t q_t, int64_t k_t,
+                      int64_t v_t, float scale, int causal, uint32_t *kt, uint32_t *vp, uint16_t *qb, float *s,
+                      uint16_t *w, float *o) {
+    const int64_t padded = (len + 31) & ~(int64_t)31, pairs = dim / 2;
+    for (int64_t j = 0; j < len; j++) {
+        const uint32_t *row = (const uint32_t *)(k + (first + j) * k_t + g * dim);
+        for (int64_t r = 0; r < pairs; r++) kt[r * padded + j] = row[r];
+    }
+    for (int64_t r = 0; r < pairs; r++) memset(kt + r * padded + len, 0, (padded - len) * 4);
+    /* Two keys' values interleaved: (a[0], b[0], a[1], b[1], ...) for 16 columns at a time. */
+    const __m512i first16 = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
+                                             6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
+    const __m512i next16 = _mm512_add_epi16(first16, _mm512_set1_epi16(16));
+    for (int64_t j = 0; j < padded; j += 2)
+        for (int64_t c = 0; c < dim; c += 32) {
+            const uint16_t *row = v + (first + j) * v_t + g * dim + c;
+            const __m512i a = j < len ? _mm512_loadu_si512(row) : _mm512_setzero_si512();
+            const __m512i b = j + 1 < len ? _mm512_loadu_si512(row + v_t) : _mm512_setzero_si512();
+            _mm512_storeu_si512(vp + j / 2 * dim + c, _mm512_permutex2var_epi16(a, first16, b));
+            _mm512_storeu_si512(vp + j / 2 * dim + c + 16, _mm512_permutex2var_epi16(a, next16, b));
+        }
+    for (int64_t h = g * group; h < (g + 1) * group; h++)
+        for (int64_t i0 = 0; i0 < len; i0 += ROWS) {
+            const int64_t rows = len - i0 < ROWS ? len - i0 : ROWS, keys = causal ? i0 + rows : len;
+            const int64_t span = (keys + 31) & ~(int64_t)31;
+            for (int64_t x = 0; x < ROWS; x++) {  /* a short block's missing rows are zeros, their results unused */
+                if (x < rows) memcpy(qb + x * dim, q + (first + i0 + x) * q_t + h * dim, dim * 2);
+                else memset(qb + x * dim, 0, dim * 2);
+            }
+            for (int64_t j = 0; j < span; j += 32)  /* scores of keys j to j + 32 */
+                products((const char *)qb, 64, dim * 2, (const char *)(kt + j), 64 * padded, padded * 4, dim / 32,
+                         s + j, padded * 4);
+            float total[ROWS];
+            for (int64_t x = 0; x < rows; x++)
+                total[x] = softmax_row(s + x * padded, w + x * padded, span, causal ? i0 + x + 1 : len, scale);
+            for (int64_t x = rows; x < ROWS; x++) memset(w + x * padded, 0, span * 2);
+            for (int64_t c = 0; c < dim; c += 32)  /* outputs of columns c to c + 32 */
+                products((const char *)w, 64, padded * 2, (const char *)(vp + c), 64 * dim, dim * 4, span / 32, o + c,
+                         dim * 4);
+            for (int64_t x = 0; x < rows; x++) {
+                const __m512 norm = _mm512_set1_ps(1.0f / total[x]);
+                uint16_t *dst = out + ((first + i0 + x) * heads + h) * dim;
+                for (int64_t c = 0; c < dim; c += 16) {
+                    const __m512 value = _mm512_mul_ps(_mm512_loadu_ps(o + x * dim + c), norm);
+                    _mm256_storeu_si256((__m256i *)(dst + c), (__m256i)_mm512_cvtneps_pbh(value));
+                }
+            }
+        }
+}
+#else
+int span_attention_built(void) { return 0; }
+#endif
+
+/* q [tokens, heads, dim], k and v [tokens, kv_heads, dim], bf16, each token's heads contiguous (token strides
+   q_t, k_t, v_t); starts [spans + 1] the spans' first tokens and the end; out [tokens, heads, dim] contiguous.
+   A task per (span, kv head). dim: a multiple of 32. */
+void span_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out,
+                         const int64_t *starts, int64_t spans, int64_t heads, int64_t kv_heads, int64_t dim,
+                         int64_t q_t, int64_t k_t, int64_t v_t, float scale, int causal, int threads) {
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+    const int64_t group = heads / kv_heads;
+    #pragma omp parallel num_threads(threads)
+    {
+        configure_tiles();  /* per thread: the tile configuration is a thread's state */
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < spans * kv_heads; task++) {
+            const int64_t sp = task / kv_heads, g = task % kv_heads, first = starts[sp];
+            const int64_t len = starts[sp + 1] - first, padded = (len + 31) & ~(int64_t)31;
+            if (len <= 0) continue;
+            uint32_t *kt = malloc(sizeof(uint32_t) * padded * dim);  /* kt, then vp: dim / 2 * padded each */
+            uint16_t *qb = malloc(sizeof(uint16_t) * ROWS * (dim + padded));  /* qb, then w */
+            float *s = malloc(sizeof(float) * ROWS * (padded + dim));  /* s, then o */
+            span_head(q, k, v, out, first, len, g, group, heads, dim, q_t, k_t, v_t, scale, causal, kt,
+                      kt + dim / 2 * padded, qb, s, qb + ROWS * dim, s + ROWS * padded);
+            free(kt);
+            free(qb);
+            free(s);
+        }
+        _tile_release();
+    }
+#endif
+}
+"""
+_SIGNATURE = (PTR,) * 5 + (I64,) * 7 + (F32, INT, INT)
+
+
+@functools.cache  # its start asks Linux for the tile registers once
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel where this CPU has AMX-BF16 and the process may use it; None elsewhere."""
+    lib = build("cpu_span_attention", _SOURCE, (("span_attention_bf16", _SIGNATURE), ("span_attention_built", ())))
+    if lib is None:
+        return None
+    lib.span_attention_built.restype = ctypes.c_int
+    return lib if lib.span_attention_built() else None
+
+
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, scale: float, causal: bool,
+           threads: int) -> torch.Tensor:
+    """q [tokens, heads, dim], k and v [tokens, kv_heads, dim] in bf16; starts [spans + 1] int64 -> [tokens, heads,
+    dim]. Strided token rows are read in place (q, k and v as views of one projection)."""
+    q, k, v = (x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous() for x in (q, k, v))
+    if not q.dtype == k.dtype == v.dtype == torch.bfloat16:
+        raise ValueError("the span attention kernel takes bf16 queries, keys and values")
+    starts = starts.to(torch.int64).contiguous()
+    heads, dim = q.shape[1:]
+    out = q.new_empty(q.shape)
+    library().span_attention_bf16(
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), starts.data_ptr(), starts.shape[0] - 1, heads,
+        k.shape[1], dim, q.stride(0), k.stride(0), v.stride(0), scale, causal, threads)
+    return out
+
+
+class CPUSpanPrefill:
+    """The prefill half of the CPU's attention backend where the kernel checks out (engine.kernels): one call for
+    a step's spans where none reads cached context from the pool, else the per-span SDPA."""
+    name = "C span attention (AMX)"
+
+    def __init__(self):
+        self.per_span = PerSequencePrefill()
+
+    def prepare(self, ctx: Context) -> torch.Tensor | list:
+        """The spans' starts and end (the kernel's), or the per-span SDPA's masks."""
+        if any(span.context_slots is not None for span in ctx.prefills):
+            return self.per_span.prepare(ctx)
+        return torch.tensor([span.start for span in ctx.prefills] + [ctx.prefills[-1].end], dtype=torch.int64)
+
+    def __call__(self, q, k, v, pool, scale: float, ctx: Context) -> torch.Tensor:
+        if not isinstance(ctx.prefill_meta, torch.Tensor):
+            return self.per_span(q, k, v, pool, scale, ctx)
+        return launch(q, k, v, ctx.prefill_meta, scale, ctx.causal, torch.get_num_threads())
+
+
+@functools.cache  # once per head size and process
+def checks_out(head_dim: int) -> bool:
+    """The kernel builds for this CPU and, on ragged spans (one shorter than a block of rows, one longer than 32
+    keys) with grouped query heads, causal and not, matches attention computed densely in float64 within bf16's
+    rounding of the weights and the output."""
+    if head_dim % 32 or library() is None:
+        return False
+    gen = torch.Generator().manual_seed(0)
+    lens, kv_heads, group = [3, 37, 70, 1], 2, 3
+    starts = torch.tensor([0] + lens).cumsum(0)
+    q, k, v = (torch.randn((starts[-1], h, head_dim), generator=gen).bfloat16()
+               for h in (kv_heads * group, kv_heads, kv_heads))
+    for causal in (False, True):
+        got = launch(q, k, v, starts, head_dim ** -0.5, causal, 2)
+        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
+            keys, values = (x[a:b].double().repeat_interleave(group, 1).transpose(0, 1) for x in (k, v))
+            s = q[a:b].double().transpose(0, 1) @ keys.transpose(1, 2) * head_dim ** -0.5
+            if causal:
+                s = s.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
+            want = (torch.softmax(s, -1) @ values).transpose(0, 1)
+            if not ((got[a:b].double() - want).abs() <= 1e-2 + 2 ** -7 * want.abs()).all():
+                log.warning("the CPU span attention kernel differs from dense attention at head size %d; prefill "
+                            "runs an SDPA call per span", head_dim)
+                return False
+    return True
