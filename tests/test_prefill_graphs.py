@@ -180,6 +180,8 @@ def test_graphs_are_kept_up_to_the_largest_step_size_they_replay_faster(tiny_mod
     assert PG.largest_faster_size(runner, graphs, clock(0.02)) == 128  # replay wins below 150 tokens
     assert [t for t, replayed in timed if replayed] == [769, 385, 193, 97]
     assert PG.largest_faster_size(runner, graphs, clock(1.0)) is None
+    real = PG.largest_faster_size(runner, graphs, PG.fastest_seconds(lambda: None))  # the start-up's own clock
+    assert real is None or real in graphs.sizes
 
 
 def test_steps_above_the_kept_size_run_eagerly(tiny_model, monkeypatch, caplog):
