@@ -7,17 +7,17 @@ OpenMP task per (span, kv head) lays the span's keys out as the products' B tile
 values as pairs of keys, once, then takes each of its query heads 16 rows at a time: the scores are AMX tile
 products (bf16 in, float32 sums), the softmax in float32 with a vector exp2, the weights rounded to bf16 once (as
 flash attention's bf16 kernels do) and multiplied with the values as tiles again, the output normalized and
-rounded once. bf16 queries, keys and values with head sizes of 32s; spans without cached context (encoders
-always; a decoder's prefill where it reads no prefix from the pool), causal or not. Elsewhere (no AMX-BF16, no
-compiler, float32, a chunk after cached context) and where the start-up check against float64 attention fails,
-the per-span SDPA runs."""
+rounded once. bf16 queries, keys and values with head sizes of 32s, causal or not; a span after cached context (a
+chunk, a prefix-cache hit) attends to its context gathered from the pool, its own keys last. Elsewhere (no
+AMX-BF16, no compiler, float32) and where the start-up check against float64 attention fails, the per-span SDPA
+runs."""
 import ctypes
 import functools
 import logging
 
 import torch
 
-from engine.attention_backends import PerSequencePrefill
+from engine.attention import read_kv
 from engine.c_kernels import F32, I64, INT, PTR, build
 from engine.context import Context
 
@@ -106,35 +106,36 @@ INLINE void products(const char *a, int64_t a_step, int64_t a_stride, const char
     _tile_stored(3, c + 16, c_stride);
 }
 
-/* One span (len tokens from row `first`) and one kv head (g) with its query heads, ROWS query rows at a time.
-   Scratch: kt [dim/2][padded] key pairs per dimension pair (the products' B tiles), vp [padded/2][dim] value
-   pairs per key pair, qb [ROWS][dim] the rows' queries, s [ROWS][padded] scores, w [ROWS][padded] bf16 weights,
-   o [ROWS][dim] float32 outputs; padded = len rounded up to 32. */
+/* One span (len queries from row `first`, klen keys from row `kfirst`: its context, the queries' own keys last)
+   and one kv head (g) with its query heads, ROWS query rows at a time; causal: query i sees keys up to
+   klen - len + i. Scratch: kt [dim/2][padded] key pairs per dimension pair (the products' B tiles),
+   vp [padded/2][dim] value pairs per key pair, qb [ROWS][dim] the rows' queries, s [ROWS][padded] scores,
+   w [ROWS][padded] bf16 weights, o [ROWS][dim] float32 outputs; padded = klen rounded up to 32. */
 static void span_head(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out, int64_t first,
-                      int64_t len, int64_t g, int64_t group, int64_t heads, int64_t dim, int64_t q_t, int64_t k_t,
-                      int64_t v_t, float scale, int causal, uint32_t *kt, uint32_t *vp, uint16_t *qb, float *s,
-                      uint16_t *w, float *o) {
-    const int64_t padded = (len + 31) & ~(int64_t)31, pairs = dim / 2;
-    for (int64_t j = 0; j < len; j++) {
-        const uint32_t *row = (const uint32_t *)(k + (first + j) * k_t + g * dim);
+                      int64_t len, int64_t kfirst, int64_t klen, int64_t g, int64_t group, int64_t heads, int64_t dim,
+                      int64_t q_t, int64_t k_t, int64_t v_t, float scale, int causal, uint32_t *kt, uint32_t *vp,
+                      uint16_t *qb, float *s, uint16_t *w, float *o) {
+    const int64_t padded = (klen + 31) & ~(int64_t)31, pairs = dim / 2, before = klen - len;
+    for (int64_t j = 0; j < klen; j++) {
+        const uint32_t *row = (const uint32_t *)(k + (kfirst + j) * k_t + g * dim);
         for (int64_t r = 0; r < pairs; r++) kt[r * padded + j] = row[r];
     }
-    for (int64_t r = 0; r < pairs; r++) memset(kt + r * padded + len, 0, (padded - len) * 4);
+    for (int64_t r = 0; r < pairs; r++) memset(kt + r * padded + klen, 0, (padded - klen) * 4);
     /* Two keys' values interleaved: (a[0], b[0], a[1], b[1], ...) for 16 columns at a time. */
     const __m512i first16 = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
                                              6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
     const __m512i next16 = _mm512_add_epi16(first16, _mm512_set1_epi16(16));
     for (int64_t j = 0; j < padded; j += 2)
         for (int64_t c = 0; c < dim; c += 32) {
-            const uint16_t *row = v + (first + j) * v_t + g * dim + c;
-            const __m512i a = j < len ? _mm512_loadu_si512(row) : _mm512_setzero_si512();
-            const __m512i b = j + 1 < len ? _mm512_loadu_si512(row + v_t) : _mm512_setzero_si512();
+            const uint16_t *row = v + (kfirst + j) * v_t + g * dim + c;
+            const __m512i a = j < klen ? _mm512_loadu_si512(row) : _mm512_setzero_si512();
+            const __m512i b = j + 1 < klen ? _mm512_loadu_si512(row + v_t) : _mm512_setzero_si512();
             _mm512_storeu_si512(vp + j / 2 * dim + c, _mm512_permutex2var_epi16(a, first16, b));
             _mm512_storeu_si512(vp + j / 2 * dim + c + 16, _mm512_permutex2var_epi16(a, next16, b));
         }
     for (int64_t h = g * group; h < (g + 1) * group; h++)
         for (int64_t i0 = 0; i0 < len; i0 += ROWS) {
-            const int64_t rows = len - i0 < ROWS ? len - i0 : ROWS, keys = causal ? i0 + rows : len;
+            const int64_t rows = len - i0 < ROWS ? len - i0 : ROWS, keys = causal ? before + i0 + rows : klen;
             const int64_t span = (keys + 31) & ~(int64_t)31;
             for (int64_t x = 0; x < ROWS; x++) {  /* a short block's missing rows are zeros, their results unused */
                 if (x < rows) memcpy(qb + x * dim, q + (first + i0 + x) * q_t + h * dim, dim * 2);
@@ -145,7 +146,8 @@ static void span_head(const uint16_t *q, const uint16_t *k, const uint16_t *v, u
                          s + j, padded * 4);
             float total[ROWS];
             for (int64_t x = 0; x < rows; x++)
-                total[x] = softmax_row(s + x * padded, w + x * padded, span, causal ? i0 + x + 1 : len, scale);
+                total[x] = softmax_row(s + x * padded, w + x * padded, span, causal ? before + i0 + x + 1 : klen,
+                                       scale);
             for (int64_t x = rows; x < ROWS; x++) memset(w + x * padded, 0, span * 2);
             for (int64_t c = 0; c < dim; c += 32)  /* outputs of columns c to c + 32 */
                 products((const char *)w, 64, padded * 2, (const char *)(vp + c), 64 * dim, dim * 4, span / 32, o + c,
@@ -164,12 +166,13 @@ static void span_head(const uint16_t *q, const uint16_t *k, const uint16_t *v, u
 int span_attention_built(void) { return 0; }
 #endif
 
-/* q [tokens, heads, dim], k and v [tokens, kv_heads, dim], bf16, each token's heads contiguous (token strides
-   q_t, k_t, v_t); starts [spans + 1] the spans' first tokens and the end; out [tokens, heads, dim] contiguous.
-   A task per (span, kv head). dim: a multiple of 32. */
+/* q [tokens, heads, dim], k and v [keys, kv_heads, dim], bf16, each token's heads contiguous (token strides
+   q_t, k_t, v_t); starts [spans + 1] the spans' first queries and the end, key_starts the same for their keys;
+   out [tokens, heads, dim] contiguous. A task per (span, kv head). dim: a multiple of 32. */
 void span_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, uint16_t *out,
-                         const int64_t *starts, int64_t spans, int64_t heads, int64_t kv_heads, int64_t dim,
-                         int64_t q_t, int64_t k_t, int64_t v_t, float scale, int causal, int threads) {
+                         const int64_t *starts, const int64_t *key_starts, int64_t spans, int64_t heads,
+                         int64_t kv_heads, int64_t dim, int64_t q_t, int64_t k_t, int64_t v_t, float scale, int causal,
+                         int threads) {
 #if defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
     const int64_t group = heads / kv_heads;
     #pragma omp parallel num_threads(threads)
@@ -177,14 +180,15 @@ void span_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v
         configure_tiles();  /* per thread: the tile configuration is a thread's state */
         #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < spans * kv_heads; task++) {
-            const int64_t sp = task / kv_heads, g = task % kv_heads, first = starts[sp];
-            const int64_t len = starts[sp + 1] - first, padded = (len + 31) & ~(int64_t)31;
+            const int64_t sp = task / kv_heads, g = task % kv_heads, first = starts[sp], kfirst = key_starts[sp];
+            const int64_t len = starts[sp + 1] - first, klen = key_starts[sp + 1] - kfirst;
+            const int64_t padded = (klen + 31) & ~(int64_t)31;
             if (len <= 0) continue;
             uint32_t *kt = malloc(sizeof(uint32_t) * padded * dim);  /* kt, then vp: dim / 2 * padded each */
             uint16_t *qb = malloc(sizeof(uint16_t) * ROWS * (dim + padded));  /* qb, then w */
             float *s = malloc(sizeof(float) * ROWS * (padded + dim));  /* s, then o */
-            span_head(q, k, v, out, first, len, g, group, heads, dim, q_t, k_t, v_t, scale, causal, kt,
-                      kt + dim / 2 * padded, qb, s, qb + ROWS * dim, s + ROWS * padded);
+            span_head(q, k, v, out, first, len, kfirst, klen, g, group, heads, dim, q_t, k_t, v_t, scale, causal,
+                      kt, kt + dim / 2 * padded, qb, s, qb + ROWS * dim, s + ROWS * padded);
             free(kt);
             free(qb);
             free(s);
@@ -194,7 +198,7 @@ void span_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v
 #endif
 }
 """
-_SIGNATURE = (PTR,) * 5 + (I64,) * 7 + (F32, INT, INT)
+_SIGNATURE = (PTR,) * 6 + (I64,) * 7 + (F32, INT, INT)
 
 
 @functools.cache  # its start asks Linux for the tile registers once
@@ -207,62 +211,73 @@ def library() -> ctypes.CDLL | None:
     return lib if lib.span_attention_built() else None
 
 
-def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, scale: float, causal: bool,
-           threads: int) -> torch.Tensor:
-    """q [tokens, heads, dim], k and v [tokens, kv_heads, dim] in bf16; starts [spans + 1] int64 -> [tokens, heads,
-    dim]. Strided token rows are read in place (q, k and v as views of one projection)."""
+def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, key_starts: torch.Tensor,
+           scale: float, causal: bool, threads: int) -> torch.Tensor:
+    """q [tokens, heads, dim], k and v [keys, kv_heads, dim] in bf16; starts and key_starts [spans + 1] int64, where
+    each span's queries and keys begin (a span's keys: its context, its own last) -> [tokens, heads, dim]. Strided
+    token rows are read in place (q, k and v as views of one projection)."""
     q, k, v = (x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous() for x in (q, k, v))
     if not q.dtype == k.dtype == v.dtype == torch.bfloat16:
         raise ValueError("the span attention kernel takes bf16 queries, keys and values")
-    starts = starts.to(torch.int64).contiguous()
+    starts, key_starts = starts.to(torch.int64).contiguous(), key_starts.to(torch.int64).contiguous()
     heads, dim = q.shape[1:]
     out = q.new_empty(q.shape)
     library().span_attention_bf16(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), starts.data_ptr(), starts.shape[0] - 1, heads,
-        k.shape[1], dim, q.stride(0), k.stride(0), v.stride(0), scale, causal, threads)
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), out.data_ptr(), starts.data_ptr(), key_starts.data_ptr(),
+        starts.shape[0] - 1, heads, k.shape[1], dim, q.stride(0), k.stride(0), v.stride(0), scale, causal, threads)
     return out
 
 
 class CPUSpanPrefill:
-    """The prefill half of the CPU's attention backend where the kernel checks out (engine.kernels): one call for
-    a step's spans where none reads cached context from the pool, else the per-span SDPA."""
+    """The prefill half of the CPU's attention backend where the kernel checks out (engine.kernels): one call for a
+    step's spans; a span after cached context (a chunk, a prefix-cache hit) attends to its context read from the
+    pool."""
     name = "C span attention (AMX)"
 
-    def __init__(self):
-        self.per_span = PerSequencePrefill()
-
-    def prepare(self, ctx: Context) -> torch.Tensor | list:
-        """The spans' starts and end (the kernel's), or the per-span SDPA's masks."""
-        if any(span.context_slots is not None for span in ctx.prefills):
-            return self.per_span.prepare(ctx)
-        return torch.tensor([span.start for span in ctx.prefills] + [ctx.prefills[-1].end], dtype=torch.int64)
+    def prepare(self, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
+        """Where each span's queries and keys begin, and the end."""
+        keys = [span.context_len if span.context_slots is not None else span.end - span.start for span in ctx.prefills]
+        starts = torch.tensor([span.start for span in ctx.prefills] + [ctx.prefills[-1].end], dtype=torch.int64)
+        return starts, torch.tensor([0] + keys, dtype=torch.int64).cumsum(0)
 
     def __call__(self, q, k, v, pool, scale: float, ctx: Context) -> torch.Tensor:
-        if not isinstance(ctx.prefill_meta, torch.Tensor):
-            return self.per_span(q, k, v, pool, scale, ctx)
-        return launch(q, k, v, ctx.prefill_meta, scale, ctx.causal, torch.get_num_threads())
+        starts, key_starts = ctx.prefill_meta
+        if any(span.context_slots is not None for span in ctx.prefills):
+            kv = [read_kv(pool, span.context_slots, q.dtype) if span.context_slots is not None
+                  else (k[span.start:span.end], v[span.start:span.end]) for span in ctx.prefills]
+            k, v = torch.cat([keys for keys, _ in kv]), torch.cat([values for _, values in kv])
+        return launch(q, k, v, starts, key_starts, scale, ctx.causal, torch.get_num_threads())
+
+
+def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
+    """One span's attention in float64, the reference: q [n, heads, dim], k and v [keys, kv_heads, dim] (its context,
+    its own keys last)."""
+    n, group, dim = q.shape[0], q.shape[1] // k.shape[1], q.shape[2]
+    keys, values = (x.double().repeat_interleave(group, 1).transpose(0, 1) for x in (k, v))
+    scores = q.double().transpose(0, 1) @ keys.transpose(1, 2) * dim ** -0.5
+    if causal:
+        scores = scores.masked_fill(torch.ones(n, k.shape[0], dtype=torch.bool).triu(k.shape[0] - n + 1), -torch.inf)
+    return (torch.softmax(scores, -1) @ values).transpose(0, 1)
 
 
 @functools.cache  # once per head size and process
 def checks_out(head_dim: int) -> bool:
     """The kernel builds for this CPU and, on ragged spans (one shorter than a block of rows, one longer than 32
-    keys) with grouped query heads, causal and not, matches attention computed densely in float64 within bf16's
-    rounding of the weights and the output."""
+    keys) with grouped query heads, not causal on their own keys and causal after cached context, matches
+    attention computed densely in float64 within bf16's rounding of the weights and the output."""
     if head_dim % 32 or library() is None:
         return False
     gen = torch.Generator().manual_seed(0)
-    lens, kv_heads, group = [3, 37, 70, 1], 2, 3
+    lens, context, kv_heads, group = [3, 37, 70, 1], [0, 5, 0, 40], 2, 3
     starts = torch.tensor([0] + lens).cumsum(0)
-    q, k, v = (torch.randn((starts[-1], h, head_dim), generator=gen).bfloat16()
-               for h in (kv_heads * group, kv_heads, kv_heads))
-    for causal in (False, True):
-        got = launch(q, k, v, starts, head_dim ** -0.5, causal, 2)
-        for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
-            keys, values = (x[a:b].double().repeat_interleave(group, 1).transpose(0, 1) for x in (k, v))
-            s = q[a:b].double().transpose(0, 1) @ keys.transpose(1, 2) * head_dim ** -0.5
-            if causal:
-                s = s.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
-            want = (torch.softmax(s, -1) @ values).transpose(0, 1)
+    key_starts = torch.tensor([0] + [n + c for n, c in zip(lens, context)]).cumsum(0)
+    q = torch.randn((starts[-1], kv_heads * group, head_dim), generator=gen).bfloat16()
+    k, v = (torch.randn((key_starts[-1], kv_heads, head_dim), generator=gen).bfloat16() for _ in range(2))
+    for causal, keys_at in ((False, starts), (True, key_starts)):
+        got = launch(q, k, v, starts, keys_at, head_dim ** -0.5, causal, 2)
+        for i in range(len(lens)):
+            (a, b), (ka, kb) = starts[i:i + 2].tolist(), keys_at[i:i + 2].tolist()
+            want = dense_attention(q[a:b], k[ka:kb], v[ka:kb], causal)
             if not ((got[a:b].double() - want).abs() <= 1e-2 + 2 ** -7 * want.abs()).all():
                 log.warning("the CPU span attention kernel differs from dense attention at head size %d; prefill "
                             "runs an SDPA call per span", head_dim)

@@ -453,32 +453,41 @@ def span_case(heads: int, kv_heads: int, dim: int, lengths: list[int], seed: int
         torch.tensor([0] + lengths).cumsum(0)
 
 
-@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("case", ["own keys", "causal", "causal after context"])
 @pytest.mark.parametrize("shape", [(12, 12, 32), (9, 3, 64), (16, 8, 128), (4, 1, 32)])
-def test_cpu_span_attention_matches_dense_attention(shape, causal):
+def test_cpu_span_attention_matches_dense_attention(shape, case):
     """The AMX kernel over ragged spans (one token; a row block's 16 rows and one off either side; a key block's
-    32 and one off either side; long ones), grouped query heads, strided views: float64 dense attention within
-    bf16's roundings, and PyTorch's SDPA per span as close."""
+    32 and one off either side; long ones), grouped query heads, strided views, and spans after cached context
+    read from a pool (the chunk's own keys last): float64 dense attention within bf16's roundings, PyTorch's SDPA
+    per span as close, and the backend's call equal to the kernel's."""
     require_amx_kernel(cpu_span_attention.library())
     heads, kv_heads, dim = shape
-    lengths = [1, 15, 16, 17, 31, 33, 70, 200]
+    lengths, context = [1, 15, 16, 17, 31, 33, 70, 200], [0, 3, 40, 0, 1, 64, 0, 9]
     q, k, v, starts = span_case(heads, kv_heads, dim, lengths, seed=sum(shape))
-    got = cpu_span_attention.launch(q, k, v, starts, dim ** -0.5, causal, threads=2)
-    ctx = Context(causal=causal, prefills=[PrefillSpan(a, b, b - a) for a, b in zip(starts[:-1].tolist(),
-                                                                                    starts[1:].tolist())])
+    causal = case != "own keys"
+    spans = [PrefillSpan(a, b, b - a) for a, b in zip(starts[:-1].tolist(), starts[1:].tolist())]
+    keys, values, key_starts = k, v, starts
+    if case == "causal after context":  # the pool holds each span's context then its own keys, in order
+        g = torch.Generator().manual_seed(1)
+        parts = [(torch.randn(c, kv_heads, dim, generator=g).bfloat16(), torch.randn(c, kv_heads, dim, generator=g)
+                  .bfloat16()) for c in context]
+        keys = torch.cat([t for (ck, _), s in zip(parts, spans) for t in (ck, k[s.start:s.end])])
+        values = torch.cat([t for (_, cv), s in zip(parts, spans) for t in (cv, v[s.start:s.end])])
+        key_starts = torch.tensor([0] + [s.end - s.start + c for s, c in zip(spans, context)]).cumsum(0)
+        for s, a, b in zip(spans, key_starts[:-1].tolist(), key_starts[1:].tolist()):
+            s.context_len, s.context_slots = b - a, torch.arange(a, b)
+    got = cpu_span_attention.launch(q, keys, values, starts, key_starts, dim ** -0.5, causal, threads=2)
+    ctx, pool = Context(causal=causal, prefills=spans), (keys, values, None, None)
     ctx.prefill_meta = PerSequencePrefill().prepare(ctx)
-    sdpa = PerSequencePrefill()(q, k, v, None, dim ** -0.5, ctx)
-    for a, b in zip(starts[:-1].tolist(), starts[1:].tolist()):
-        keys, values = (x[a:b].double().repeat_interleave(heads // kv_heads, 1).transpose(0, 1) for x in (k, v))
-        scores = q[a:b].double().transpose(0, 1) @ keys.transpose(1, 2) * dim ** -0.5
-        if causal:
-            scores = scores.masked_fill(torch.ones(b - a, b - a, dtype=torch.bool).triu(1), float("-inf"))
-        want = (torch.softmax(scores, -1) @ values).transpose(0, 1)
+    sdpa = PerSequencePrefill()(q, k, v, pool, dim ** -0.5, ctx)
+    for i in range(len(lengths)):
+        (a, b), (ka, kb) = starts[i:i + 2].tolist(), key_starts[i:i + 2].tolist()
+        want = cpu_span_attention.dense_attention(q[a:b], keys[ka:kb], values[ka:kb], causal)
         tolerance = 1e-2 + 2 ** -7 * want.abs()
         assert ((got[a:b].double() - want).abs() <= tolerance).all()
         assert ((sdpa[a:b].double() - want).abs() <= tolerance).all()
-    ctx.prefill_meta = CPUSpanPrefill().prepare(ctx)  # the spans' starts: the kernel's call
-    assert torch.equal(CPUSpanPrefill()(q, k, v, None, dim ** -0.5, ctx), got)
+    ctx.prefill_meta = CPUSpanPrefill().prepare(ctx)  # where the spans' queries and keys begin: the kernel's call
+    assert torch.equal(CPUSpanPrefill()(q, k, v, pool, dim ** -0.5, ctx), got)
 
 
 def test_cpu_bf16_encoders_attend_in_one_call_per_layer():
@@ -497,28 +506,26 @@ def test_cpu_bf16_encoders_attend_in_one_call_per_layer():
     assert isinstance(fp32.engine.runner.attention_backend.prefill, PerSequencePrefill)
 
 
-def test_cpu_bf16_decoders_prefill_through_the_kernel_and_chunks_through_sdpa(tiny_model, monkeypatch):
-    """A bf16 decoder with 32-wide heads: whole prompts' spans go through the kernel in one call (causal), a
-    chunk after cached context through the per-span SDPA (the kernel reads no pool); the last-token hidden
-    states are the SDPA's to bf16's rounding, and chunked generation ends with no block left."""
+def test_cpu_bf16_decoders_prefill_through_the_kernel_with_chunks_and_cache_hits(tiny_model, monkeypatch):
+    """A bf16 decoder with 32-wide heads: several prompts' spans in one call, long prompts in chunks (each after
+    its earlier chunks' keys in the pool) and prefix-cache hits through the kernel too (the per-span SDPA never
+    runs); the last-token hidden states are the SDPA's to bf16's rounding, and generation ends with no block
+    left."""
     require_amx_kernel(cpu_span_attention.library())
     path = tiny_model("qwen3-hd32")
-    calls = []
-    launch = cpu_span_attention.launch
+    calls, sdpa_calls = [], []
+    launch, per_span = cpu_span_attention.launch, PerSequencePrefill.__call__
     monkeypatch.setattr(cpu_span_attention, "launch",
                         lambda *a, **kw: calls.append(a[3].numel() - 1) or launch(*a, **kw))
-    llm = LLM(path, task="embed", dtype="bfloat16", block_size=8)
-    backend = llm.engine.runner.attention_backend
-    got = torch.tensor([o.outputs.embedding for o in llm.embed(PROMPTS)])
-    assert calls and max(calls) > 1  # several prompts' spans in one call
-    backend.prefill = PerSequencePrefill()
-    want = torch.tensor([o.outputs.embedding for o in llm.embed(PROMPTS)])
-    assert F.cosine_similarity(got, want).min() >= 0.999
-    gen = LLM(path, dtype="bfloat16", block_size=8, max_num_batched_tokens=16)
-    sdpa_calls = []
-    per_span = PerSequencePrefill.__call__
     monkeypatch.setattr(PerSequencePrefill, "__call__", lambda self, *a: sdpa_calls.append(1) or per_span(self, *a))
-    calls.clear()
-    outs = gen.generate([sentence(410, 40)], greedy(4))
-    assert len(outs[0].outputs[0].token_ids) == 4 and calls and sdpa_calls  # first chunk, then later ones
+    prompts = PROMPTS + [sentence(410, 40), SHARED[0], SHARED[1]]
+    llm = LLM(path, task="embed", dtype="bfloat16", block_size=8, max_num_batched_tokens=16)
+    got = torch.tensor([o.outputs.embedding for o in llm.embed(prompts)])
+    assert calls and max(calls) > 1 and not sdpa_calls  # several spans a call; chunks and hits in the kernel
+    llm.engine.runner.attention_backend.prefill = PerSequencePrefill()  # every layer's Attention holds it
+    want = torch.tensor([o.outputs.embedding for o in llm.embed(prompts)])
+    assert sdpa_calls and F.cosine_similarity(got, want).min() >= 0.999
+    gen = LLM(path, dtype="bfloat16", block_size=8, max_num_batched_tokens=16)
+    outs = gen.generate([sentence(410, 40), SHARED[0], SHARED[1]], greedy(4))
+    assert all(len(o.outputs[0].token_ids) == 4 for o in outs) and outs[-1].num_cached_tokens > 0
     assert_pool_free(gen)
