@@ -60,8 +60,9 @@ def _compile(source: str, compiler: str, path: str) -> None:
 
 
 @functools.cache  # compiled and loaded once per process
-def build(stem: str, source: str, signatures: tuple[tuple[str, tuple], ...]) -> ctypes.CDLL | None:
-    """The library of source (its functions' argument types set from signatures: (name, ctypes types)); None
+def build(stem: str, source: str, signatures: tuple[tuple, ...]) -> ctypes.CDLL | None:
+    """The library of source (its functions' types set from signatures: (name, argument types[, result type]),
+    void where none is named); None
     where it does not build or load, with a warning naming what it costs."""
     compiler = os.environ.get("CC", "cc")
     key = hashlib.sha256("\n".join([source, compiler, *FLAGS, _cpu_identity()]).encode()).hexdigest()[:16]
@@ -76,8 +77,8 @@ def build(stem: str, source: str, signatures: tuple[tuple[str, tuple], ...]) -> 
             detail = (getattr(e, "stderr", b"") or b"").decode(errors="replace")[-500:]
             errors.append(f"{path}: {e} {detail}".strip())
             continue
-        for name, argtypes in signatures:
-            getattr(lib, name).argtypes, getattr(lib, name).restype = list(argtypes), None
+        for name, argtypes, *restype in signatures:
+            getattr(lib, name).argtypes, getattr(lib, name).restype = list(argtypes), (restype or [None])[0]
         return lib
     log.warning("the CPU kernels %s did not build (%s): the slower PyTorch ops run instead; a C compiler with "
                 "OpenMP (gcc; CC names another) builds them", stem, "; ".join(errors))

@@ -18,17 +18,14 @@ import logging
 import torch
 
 from engine.attention import read_kv
-from engine.c_kernels import F32, I64, INT, PTR, build
+from engine.c_kernels import BF16, F32, I64, INT, PTR, build
 from engine.context import Context
 
 log = logging.getLogger(__name__)
 
-_SOURCE = r"""
+_SOURCE = BF16 + r"""
 #include <math.h>
-#include <stdint.h>
 #include <stdlib.h>
-#include <string.h>
-#define INLINE static inline __attribute__((always_inline))
 
 #if defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
 #include <immintrin.h>
@@ -204,11 +201,9 @@ _SIGNATURE = (PTR,) * 6 + (I64,) * 7 + (F32, INT, INT)
 @functools.cache  # its start asks Linux for the tile registers once
 def library() -> ctypes.CDLL | None:
     """The compiled kernel where this CPU has AMX-BF16 and the process may use it; None elsewhere."""
-    lib = build("cpu_span_attention", _SOURCE, (("span_attention_bf16", _SIGNATURE), ("span_attention_built", ())))
-    if lib is None:
-        return None
-    lib.span_attention_built.restype = ctypes.c_int
-    return lib if lib.span_attention_built() else None
+    lib = build("cpu_span_attention", _SOURCE,
+                (("span_attention_bf16", _SIGNATURE), ("span_attention_built", (), ctypes.c_int)))
+    return lib if lib is not None and lib.span_attention_built() else None
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, key_starts: torch.Tensor,
@@ -234,15 +229,16 @@ class CPUSpanPrefill:
     pool."""
     name = "C span attention (AMX)"
 
-    def prepare(self, ctx: Context) -> tuple[torch.Tensor, torch.Tensor]:
-        """Where each span's queries and keys begin, and the end."""
+    def prepare(self, ctx: Context) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        """Where each span's queries and keys begin, and the end; whether any span reads context from the pool."""
         keys = [span.context_len if span.context_slots is not None else span.end - span.start for span in ctx.prefills]
         starts = torch.tensor([span.start for span in ctx.prefills] + [ctx.prefills[-1].end], dtype=torch.int64)
-        return starts, torch.tensor([0] + keys, dtype=torch.int64).cumsum(0)
+        reads_pool = any(span.context_slots is not None for span in ctx.prefills)
+        return starts, torch.tensor([0] + keys, dtype=torch.int64).cumsum(0), reads_pool
 
     def __call__(self, q, k, v, pool, scale: float, ctx: Context) -> torch.Tensor:
-        starts, key_starts = ctx.prefill_meta
-        if any(span.context_slots is not None for span in ctx.prefills):
+        starts, key_starts, reads_pool = ctx.prefill_meta
+        if reads_pool:
             kv = [read_kv(pool, span.context_slots, q.dtype) if span.context_slots is not None
                   else (k[span.start:span.end], v[span.start:span.end]) for span in ctx.prefills]
             k, v = torch.cat([keys for keys, _ in kv]), torch.cat([values for _, values in kv])
