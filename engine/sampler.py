@@ -178,9 +178,13 @@ def _mix(x: torch.Tensor) -> torch.Tensor:
 def _exponential(keys: torch.Tensor, counters: torch.Tensor) -> torch.Tensor:
     """Exp(1) numbers, each a function of its (key, counter) pair alone: a counter-based stream.
     keys and counters broadcast against each other."""
-    bits = _mix(keys + _mix(counters + 1))
-    u = (((bits >> 40) & ((1 << 24) - 1)).float() + 0.5) * (1.0 / (1 << 24))  # in (0, 1)
-    return u.log_().neg_()
+    return uniform(_mix(keys + _mix(counters + 1))).log_().neg_()
+
+
+def uniform(bits: torch.Tensor) -> torch.Tensor:
+    """int64 random bits to float32 in (0, 1), never 0 or 1. Their top 23 bits, so n + 0.5 is exact in float32:
+    with 24 the largest value rounded to 1.0, its Exp(1) to 0, and a zero-weight token's 0 / 0 (NaN) won a race."""
+    return (((bits >> 41) & ((1 << 23) - 1)).float() + 0.5) * (1.0 / (1 << 23))
 
 
 def apply_penalties(x: torch.Tensor, rows: list[int], requests: list[Request],

@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from engine.params import SamplingParams
 from engine.request import Request
-from engine.sampler import RACE_CANDIDATES, TOP_P_CANDIDATES, Sampler, apply_penalties
+from engine.sampler import RACE_CANDIDATES, TOP_P_CANDIDATES, Sampler, apply_penalties, uniform
 
 V = 64
 EOS = 3
@@ -320,3 +320,11 @@ def test_the_seeded_stream_lives_in_the_request():
     draws_a, draws_b = draws(), draws()
     assert draws_a == draws_b
     assert 70 < draws_a.count(0) < 130
+
+
+def test_uniform_draws_stay_inside_the_open_interval():
+    """The extreme bit patterns give u strictly inside (0, 1): an Exp(1) of 0 would make a zero-weight token's
+    0 / 0 a NaN that wins the race (a top_k=2 draw once returned token 39)."""
+    u = uniform(torch.tensor([-1, 0, (1 << 63) - 1, -(1 << 63)], dtype=torch.long))
+    assert ((u > 0) & (u < 1)).all() and (-u.log() > 0).all()
+
