@@ -8,6 +8,7 @@ of queries and keys with the write of keys and values into the paged pool, SiLU 
 inputs once, computes in float32 and rounds once; rows split over OpenMP threads. Compiled on the machine
 (engine.c_kernels); engine.kernels uses them where they match the PyTorch ops at start-up."""
 import ctypes
+import functools
 import sys
 
 import torch
@@ -94,10 +95,57 @@ void gated_activation(const uint16_t *gate_up, uint16_t *out, int64_t rows, int6
         }
     }
 }
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#define WIDE __attribute__((target("prefer-vector-width=512")))  /* gcc's default for this CPU: 256-bit loops */
+#else
+#define WIDE
+#endif
+
+/* rows x n: out = bf16(LayerNorm(bf16(x + residual)) * w + b), the sum rounded as an add kernel stores it. */
+WIDE void add_layer_norm(const uint16_t *x, const uint16_t *res, const uint16_t *w, const uint16_t *b, uint16_t *out,
+                    int64_t rows, int64_t n, int64_t sx, int64_t sr, int64_t so, float eps, int threads) {
+    #pragma omp parallel for num_threads(threads) if (rows > 1)
+    for (int64_t r = 0; r < rows; r++) {
+        float v[n], sum = 0.0f, squares = 0.0f;
+        #pragma omp simd reduction(+:sum)
+        for (int64_t c = 0; c < n; c++) {
+            v[c] = bf16_load(bf16_round(bf16_load(x[r * sx + c]) + bf16_load(res[r * sr + c])));
+            sum += v[c];
+        }
+        const float mean = sum / n;
+        #pragma omp simd reduction(+:squares)
+        for (int64_t c = 0; c < n; c++) squares += (v[c] - mean) * (v[c] - mean);
+        const float rstd = 1.0f / sqrtf(squares / n + eps);
+        #pragma omp simd
+        for (int64_t c = 0; c < n; c++)
+            out[r * so + c] = bf16_round((v[c] - mean) * rstd * bf16_load(w[c]) + bf16_load(b[c]));
+    }
+}
+
+/* out[i] = table[x[i]] over n bf16 words (out may be x): a function of one bf16 number as a table of its 65,536
+   results (and one word of padding, read by the 32-bit gathers). */
+void lookup_bf16(const uint16_t *x, uint16_t *out, const uint16_t *table, int64_t n, int threads) {
+    #pragma omp parallel for num_threads(threads) if (n > 32768)
+    for (int64_t i = 0; i < n; i += 16) {
+#if defined(__AVX512F__)
+        if (i + 16 <= n) {
+            const __m512i at = _mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)(x + i)));
+            const __m512i got = _mm512_i32gather_epi32(at, (const void *)table, 2);
+            _mm256_storeu_si256((__m256i *)(out + i), _mm512_cvtepi32_epi16(got));
+            continue;
+        }
+#endif
+        for (int64_t j = i; j < n && j < i + 16; j++) out[j] = table[x[j]];
+    }
+}
 """
 _SIGNATURES = (("add_rms_norm", (PTR,) * 5 + (I64,) * 6 + (F32, INT, INT)),
                ("rotate_qk", (PTR,) * 9 + (I64,) * 7 + (F32, INT)),
-               ("gated_activation", (PTR,) * 2 + (I64,) * 4 + (INT, INT)))
+               ("gated_activation", (PTR,) * 2 + (I64,) * 4 + (INT, INT)),
+               ("add_layer_norm", (PTR,) * 5 + (I64,) * 5 + (F32, INT)),
+               ("lookup_bf16", (PTR,) * 3 + (I64, INT)))
 
 
 def library() -> ctypes.CDLL | None:
@@ -156,3 +204,32 @@ def gated_activation(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:
     library().gated_activation(gate_up.data_ptr(), out.data_ptr(), rows, n, gate_up.stride(0), out.stride(0), gelu,
                                torch.get_num_threads())
     return out
+
+
+def add_layer_norm(x: torch.Tensor, residual: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor,
+                   eps: float) -> torch.Tensor:
+    """LayerNorm(x + residual) over bf16 rows [tokens, hidden], the sum rounded to bf16 first as PyTorch's add
+    stores it."""
+    rows, n = x.shape
+    if x.stride(1) != 1 or residual.stride(1) != 1:
+        raise ValueError("add_layer_norm takes rows with contiguous columns")
+    out = torch.empty_like(x)
+    weight, bias = (t.to(x.dtype).contiguous() for t in (weight, bias))  # the C code reads bf16 words
+    library().add_layer_norm(x.data_ptr(), residual.data_ptr(), weight.data_ptr(), bias.data_ptr(), out.data_ptr(),
+                             rows, n, x.stride(0), residual.stride(0), out.stride(0), eps, torch.get_num_threads())
+    return out
+
+
+@functools.cache  # once per function and process
+def bf16_table(fn) -> torch.Tensor:
+    """fn (elementwise) at every bf16 number, in bit order, as PyTorch computes it, and a word of padding."""
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(torch.bfloat16)
+    return torch.cat([fn(every), every.new_zeros(1)])
+
+
+def apply_elementwise(x: torch.Tensor, fn) -> torch.Tensor:
+    """fn(x) for a contiguous bf16 x by a table of fn's results (bf16_table): bit for bit fn's, written over x."""
+    if x.dtype != torch.bfloat16 or not x.is_contiguous():
+        raise ValueError("apply_elementwise takes a contiguous bf16 tensor")
+    library().lookup_bf16(x.data_ptr(), x.data_ptr(), bf16_table(fn).data_ptr(), x.numel(), torch.get_num_threads())
+    return x

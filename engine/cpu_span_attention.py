@@ -47,15 +47,40 @@ INLINE void configure_tiles(void) {
     _tile_loadconfig(&c);
 }
 
-/* 2^y for y <= 0: 2^floor(y) by scalef times a cubic for 2^f, f in [0, 1): relative error 7.5e-5, where the
-   weights are then rounded to bf16 (3.9e-3). */
+/* 2^y for y <= 0: 2^floor(y) by scalef (0 below the smallest float) times a cubic for 2^f, f in [0, 1):
+   relative error 7.5e-5, where the weights are then rounded to bf16 (3.9e-3). */
 INLINE __m512 exp2_ps(__m512 y) {
-    y = _mm512_max_ps(y, _mm512_set1_ps(-126.0f));
     const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEG_INF | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(y, n);
     __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(0.0780233447f), f, _mm512_set1_ps(0.2260664223f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6958351187f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999249175f));
     return _mm512_scalef_ps(p, n);
+}
+
+/* A 16 x 16 block of 32-bit words transposed in registers: 4 x 4 blocks within each 128-bit lane, then the lanes. */
+INLINE void transpose_16x16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  /* r[i + c], lane L: column 4 L + c of rows i to i + 3 */
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {  /* row 4 L + c: lane L of r[c], r[4 + c], r[8 + c], r[12 + c] */
+        const __m512i ab_lo = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44);
+        const __m512i ab_hi = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xee);
+        const __m512i cd_lo = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+        const __m512i cd_hi = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xee);
+        t[c] = _mm512_shuffle_i32x4(ab_lo, cd_lo, 0x88);
+        t[4 + c] = _mm512_shuffle_i32x4(ab_lo, cd_lo, 0xdd);
+        t[8 + c] = _mm512_shuffle_i32x4(ab_hi, cd_hi, 0x88);
+        t[12 + c] = _mm512_shuffle_i32x4(ab_hi, cd_hi, 0xdd);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
 /* Lanes [0, 16) of a 16-key block from key `first` that are keys below `valid`. */
@@ -64,24 +89,38 @@ INLINE __mmask16 below(int64_t first, int64_t valid) {
     return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
 }
 
-/* A row's scores sx (unscaled, span of them) to bf16 weights exp(scale * (s - max)) over its first `valid` keys
-   in wx, the later ones 0; returns the weights' float32 sum. */
-INLINE float softmax_row(const float *sx, uint16_t *wx, int64_t span, int64_t valid, float scale) {
+/* The largest of a row's first `valid` scores. */
+INLINE float row_max(const float *sx, int64_t valid) {
     const int64_t full = valid & ~(int64_t)15;
-    __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
-    for (int64_t j = 0; j < full; j += 16) top = _mm512_max_ps(top, _mm512_loadu_ps(sx + j));
-    if (full < valid) top = _mm512_mask_max_ps(top, below(full, valid), top, _mm512_loadu_ps(sx + full));
+    __m512 top = _mm512_set1_ps(-INFINITY), top1 = top, top2 = top, top3 = top;  /* 4 chains: a max waits 4 cycles */
+    int64_t j = 0;
+    for (; j + 64 <= full; j += 64) {
+        top = _mm512_max_ps(top, _mm512_load_ps(sx + j));
+        top1 = _mm512_max_ps(top1, _mm512_load_ps(sx + j + 16));
+        top2 = _mm512_max_ps(top2, _mm512_load_ps(sx + j + 32));
+        top3 = _mm512_max_ps(top3, _mm512_load_ps(sx + j + 48));
+    }
+    for (; j < full; j += 16) top = _mm512_max_ps(top, _mm512_load_ps(sx + j));
+    top = _mm512_max_ps(_mm512_max_ps(top, top1), _mm512_max_ps(top2, top3));
+    if (full < valid) top = _mm512_mask_max_ps(top, below(full, valid), top, _mm512_load_ps(sx + full));
+    return _mm512_reduce_max_ps(top);
+}
+
+/* A row's scores sx (unscaled, span of them) to bf16 weights exp(scale * (s - top)) over its first `valid` keys
+   in wx, the later ones 0, top their largest; returns the weights' float32 sum. */
+INLINE float softmax_row(const float *sx, uint16_t *wx, int64_t span, int64_t valid, float scale, float top) {
+    __m512 sum = _mm512_setzero_ps();
     const float log2e = 1.44269504088896341f;
-    const __m512 a = _mm512_set1_ps(scale * log2e), b = _mm512_set1_ps(_mm512_reduce_max_ps(top) * scale * log2e);
+    const __m512 a = _mm512_set1_ps(scale * log2e), b = _mm512_set1_ps(top * scale * log2e);
     for (int64_t j = 0; j < span; j += 32) {
-        __m512 lo = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sx + j), a, b));
-        __m512 hi = exp2_ps(_mm512_fmsub_ps(_mm512_loadu_ps(sx + j + 16), a, b));
+        __m512 lo = exp2_ps(_mm512_fmsub_ps(_mm512_load_ps(sx + j), a, b));
+        __m512 hi = exp2_ps(_mm512_fmsub_ps(_mm512_load_ps(sx + j + 16), a, b));
         if (j + 32 > valid) {
             lo = _mm512_maskz_mov_ps(below(j, valid), lo);
             hi = _mm512_maskz_mov_ps(below(j + 16, valid), hi);
         }
         sum = _mm512_add_ps(sum, _mm512_add_ps(lo, hi));
-        _mm512_storeu_si512(wx + j, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+        _mm512_store_si512(wx + j, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
     }
     return _mm512_reduce_add_ps(sum);
 }
@@ -113,11 +152,15 @@ static void span_head(const uint16_t *q, const uint16_t *k, const uint16_t *v, u
                       int64_t q_t, int64_t k_t, int64_t v_t, float scale, int causal, uint32_t *kt, uint32_t *vp,
                       uint16_t *qb, float *s, uint16_t *w, float *o) {
     const int64_t padded = (klen + 31) & ~(int64_t)31, pairs = dim / 2, before = klen - len;
-    for (int64_t j = 0; j < klen; j++) {
-        const uint32_t *row = (const uint32_t *)(k + (kfirst + j) * k_t + g * dim);
-        for (int64_t r = 0; r < pairs; r++) kt[r * padded + j] = row[r];
-    }
-    for (int64_t r = 0; r < pairs; r++) memset(kt + r * padded + klen, 0, (padded - klen) * 4);
+    for (int64_t j = 0; j < padded; j += 16)  /* 16 keys' 16 dimension pairs at a time, keys past klen zeros */
+        for (int64_t r = 0; r < pairs; r += 16) {
+            __m512i block[16];
+            for (int64_t x = 0; x < 16; x++)
+                block[x] = j + x < klen ? _mm512_loadu_si512(k + (kfirst + j + x) * k_t + g * dim + 2 * r)
+                                        : _mm512_setzero_si512();
+            transpose_16x16(block);
+            for (int64_t x = 0; x < 16; x++) _mm512_store_si512(kt + (r + x) * padded + j, block[x]);
+        }
     /* Two keys' values interleaved: (a[0], b[0], a[1], b[1], ...) for 16 columns at a time. */
     const __m512i first16 = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
                                              6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
@@ -141,10 +184,13 @@ static void span_head(const uint16_t *q, const uint16_t *k, const uint16_t *v, u
             for (int64_t j = 0; j < span; j += 32)  /* scores of keys j to j + 32 */
                 products((const char *)qb, 64, dim * 2, (const char *)(kt + j), 64 * padded, padded * 4, dim / 32,
                          s + j, padded * 4);
-            float total[ROWS];
+            /* All rows' maxima first: a row's weights wait on its maximum's chain of loads and reductions, and
+               taken row by row those chains were ~15% of the kernel's time (MiniLM's shape). */
+            float top[ROWS], total[ROWS];
+            for (int64_t x = 0; x < rows; x++) top[x] = row_max(s + x * padded, causal ? before + i0 + x + 1 : klen);
             for (int64_t x = 0; x < rows; x++)
                 total[x] = softmax_row(s + x * padded, w + x * padded, span, causal ? before + i0 + x + 1 : klen,
-                                       scale);
+                                       scale, top[x]);
             for (int64_t x = rows; x < ROWS; x++) memset(w + x * padded, 0, span * 2);
             for (int64_t c = 0; c < dim; c += 32)  /* outputs of columns c to c + 32 */
                 products((const char *)w, 64, padded * 2, (const char *)(vp + c), 64 * dim, dim * 4, span / 32, o + c,
@@ -181,9 +227,9 @@ void span_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v
             const int64_t len = starts[sp + 1] - first, klen = key_starts[sp + 1] - kfirst;
             const int64_t padded = (klen + 31) & ~(int64_t)31;
             if (len <= 0) continue;
-            uint32_t *kt = malloc(sizeof(uint32_t) * padded * dim);  /* kt, then vp: dim / 2 * padded each */
-            uint16_t *qb = malloc(sizeof(uint16_t) * ROWS * (dim + padded));  /* qb, then w */
-            float *s = malloc(sizeof(float) * ROWS * (padded + dim));  /* s, then o */
+            uint32_t *kt = aligned_alloc(64, sizeof(uint32_t) * padded * dim);  /* kt, then vp: dim / 2 * padded each */
+            uint16_t *qb = aligned_alloc(64, sizeof(uint16_t) * ROWS * (dim + padded));  /* qb, then w */
+            float *s = aligned_alloc(64, sizeof(float) * ROWS * (padded + dim));  /* s, then o */
             span_head(q, k, v, out, first, len, kfirst, klen, g, group, heads, dim, q_t, k_t, v_t, scale, causal,
                       kt, kt + dim / 2 * padded, qb, s, qb + ROWS * dim, s + ROWS * padded);
             free(kt);

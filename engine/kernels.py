@@ -13,7 +13,8 @@ from engine import cpu_layer_ops
 from engine.attention_backends import AttentionBackend, GatherDecode, PerSequencePrefill
 from engine.cpu_paged_decode import CPUPagedDecode, checks_out as cpu_decode_checks_out
 from engine.cpu_span_attention import CPUSpanPrefill, checks_out as cpu_span_checks_out
-from engine.layer_ops import CPUFusedLayerOps, FusedLayerOps, LayerOps, fused_ops_check_out
+from engine.layer_ops import (CPUEncoderLayerOps, CPUFusedLayerOps, EncoderLayerOps, FusedLayerOps, LayerOps,
+                              encoder_ops_check_out, fused_ops_check_out)
 from engine.packed_linear import packing_checks_out
 from engine.quantization import FP8, quantize_fp8, quantize_int8
 
@@ -61,6 +62,17 @@ def select_layer_ops(device: torch.device, dtype: torch.dtype, spec, kv_dtype: t
             return CPUFusedLayerOps()
         log.warning("the fused C layer ops differ from PyTorch's on this CPU; decoder layers run op by op")
     return LayerOps()
+
+
+def select_encoder_layer_ops(device: torch.device, dtype: torch.dtype, spec) -> EncoderLayerOps:
+    """An encoder layer's add + LayerNorm and activation as C kernels on the CPU in bf16 where they check out for
+    the model's width, activation and epsilon (spec: its EncoderSpec); PyTorch's ops elsewhere (float32 keeps
+    Hugging Face's roundings)."""
+    if device.type == "cpu" and dtype == torch.bfloat16 and cpu_layer_ops.library() is not None:
+        if encoder_ops_check_out(CPUEncoderLayerOps(), spec.hidden_size, spec.activation, spec.eps):
+            return CPUEncoderLayerOps()
+        log.warning("the fused C encoder ops differ from PyTorch's on this CPU; encoder layers run op by op")
+    return EncoderLayerOps()
 
 
 def packs_linears(device: torch.device, dtype: torch.dtype) -> bool:

@@ -9,7 +9,7 @@ from engine.block_table import BlockTable
 from engine.compiled_model import CompiledModel
 from engine.context import Context, PrefillSpan, set_context
 from engine.cuda_graphs import DecodeGraphs
-from engine.kernels import packs_linears, select_attention_backend, select_layer_ops
+from engine.kernels import packs_linears, select_attention_backend, select_encoder_layer_ops, select_layer_ops
 from engine.models import model_class
 from engine.packed_linear import pack_linears
 from engine.pooling import pool_segments
@@ -63,8 +63,9 @@ class ModelRunner:
                                                           self.kv_dtype, decodes=generates and self.is_decoder)
         for attn in layers:
             attn.backend = self.attention_backend
-        if hasattr(self.model, "layer_ops"):  # decoders
-            self.model.layer_ops = select_layer_ops(device, dtype, self.model.spec, self.kv_dtype)
+        if hasattr(self.model, "layer_ops"):  # decoders, and encoders of the BERT family
+            self.model.layer_ops = (select_layer_ops(device, dtype, self.model.spec, self.kv_dtype) if self.is_decoder
+                                    else select_encoder_layer_ops(device, dtype, self.model.spec))
         self.block_size = 0
         self.num_blocks = 0
         self.pooling: str = "last"

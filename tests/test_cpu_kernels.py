@@ -1,19 +1,21 @@
-"""The CPU's C kernels (engine.c_kernels): a decoder layer's fused bf16 ops (engine.cpu_layer_ops) against the
-op-by-op PyTorch ones they replace, the start-up check that decides, and an engine generating on them (their
-hidden states against Hugging Face's: test_decoders.py); the build's fallback where no compiler runs. (The paged
-decode kernel is in test_attention_kernels.py.)"""
+"""The CPU's C kernels (engine.c_kernels): a decoder layer's and an encoder layer's fused bf16 ops
+(engine.cpu_layer_ops) against the op-by-op PyTorch ones they replace, the start-up checks that decide, and
+engines generating and embedding on them (their hidden states against Hugging Face's: test_decoders.py); the
+build's fallback where no compiler runs. (The attention kernels are in test_attention_kernels.py.)"""
 import pytest
 import torch
 import transformers as T
 
 from engine import LLM, SamplingParams, c_kernels, cpu_layer_ops
 from engine.attention import CacheWrite
-from engine.kernels import select_layer_ops
-from engine.layer_ops import CPUFusedLayerOps, LayerOps, fused_ops_check_out
+from engine.kernels import select_encoder_layer_ops, select_layer_ops
+from engine.layer_ops import CPUEncoderLayerOps, CPUFusedLayerOps, EncoderLayerOps, LayerOps, fused_ops_check_out
+from engine.models.encoder import ACTIVATIONS, EncoderSpec
 from engine.models.decoder import DecoderSpec, RMSNorm
 
 from conftest import require_c_kernels
 from test_decoders import PROMPTS
+from test_encoders import MINILM, SENTENCES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 BF16 = torch.bfloat16
@@ -131,6 +133,59 @@ def test_an_engine_generating_on_them_matches_op_by_op_up_to_near_ties(arch, tin
         top = g.logprobs[i]
         assert w.token_ids[i] in top and top[g.token_ids[i]].logprob - top[w.token_ids[i]].logprob < 0.05, (i, top)
     assert agreeing >= 2
+
+
+@pytest.mark.parametrize("hidden", [384, 1000])
+@pytest.mark.parametrize("rows", [0, 1, 37])
+def test_add_layer_norm_matches_op_by_op(hidden, rows):
+    """LayerNorm(x + residual) with the sum rounded to bf16 first, as PyTorch's add stores it; rows of a wider
+    tensor (strided) read in place; widths that are not a multiple of the vector's."""
+    wide, residual = randn(rows, hidden + 8, seed=1), randn(rows, hidden, seed=2)
+    x = wide[:, :hidden]
+    ln = torch.nn.LayerNorm(hidden, eps=1e-12).to(BF16)
+    with torch.no_grad():
+        ln.weight.copy_(randn(hidden, seed=3))
+        ln.bias.copy_(randn(hidden, seed=4))
+    got = CPUEncoderLayerOps().add_layer_norm(x, residual, ln)
+    want = ln(x + residual)
+    assert got.shape == want.shape and got.dtype == BF16
+    torch.testing.assert_close(got.float(), want.float(), **CLOSE)
+    # The same sums and statistics in float32: most elements round to the same bf16 number.
+    assert rows == 0 or (got == want).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("act", list(ACTIVATIONS))
+def test_an_activation_by_table_is_pytorchs_bit_for_bit_at_every_bf16_number(act):
+    """Every bf16 bit pattern (NaNs, infinities, subnormals included), in a length no vector width divides, and
+    written over its input."""
+    every = torch.arange(1 << 16, dtype=torch.int32).to(torch.int16).view(BF16)
+    x = torch.cat([every, every[:13]])
+    want = ACTIVATIONS[act](x)
+    got = CPUEncoderLayerOps().activation(x, ACTIVATIONS[act])
+    assert got.data_ptr() == x.data_ptr()
+    assert torch.equal(got.isnan(), want.isnan())
+    assert torch.equal(got[~got.isnan()].view(torch.int16), want[~want.isnan()].view(torch.int16))
+
+
+def test_the_encoder_start_up_check_passes_them_and_refuses_wrong_ones(tiny_model, monkeypatch):
+    """bf16 on the CPU takes them where they check out; float32 keeps PyTorch's; a kernel answering otherwise is
+    refused."""
+    cpu, spec = torch.device("cpu"), EncoderSpec.from_hf(T.AutoConfig.from_pretrained(tiny_model("bert")))
+    assert type(select_encoder_layer_ops(cpu, BF16, spec)) is CPUEncoderLayerOps
+    assert type(select_encoder_layer_ops(cpu, torch.float32, spec)) is EncoderLayerOps
+    add_layer_norm = cpu_layer_ops.add_layer_norm
+    monkeypatch.setattr(cpu_layer_ops, "add_layer_norm", lambda x, r, w, b, eps: add_layer_norm(x, r, w, b, 1.0))
+    assert type(select_encoder_layer_ops(cpu, BF16, spec)) is EncoderLayerOps
+
+
+def test_minilm_embeds_on_them_as_op_by_op():
+    """all-MiniLM-L6-v2 in bf16: embeddings on the fused ops as the op-by-op engine's (cosine >= 0.9999)."""
+    llm = LLM(MINILM, dtype="bfloat16")
+    assert isinstance(llm.engine.runner.model.layer_ops, CPUEncoderLayerOps)
+    got = torch.tensor([o.outputs.embedding for o in llm.embed(SENTENCES)])
+    llm.engine.runner.model.layer_ops = EncoderLayerOps()
+    want = torch.tensor([o.outputs.embedding for o in llm.embed(SENTENCES)])
+    assert torch.nn.functional.cosine_similarity(got, want).min() >= 0.9999
 
 
 def test_no_compiler_builds_nothing_and_an_unusable_cache_falls_back_to_the_temp_dir(tmp_path, monkeypatch):

@@ -11,6 +11,7 @@ from torch import nn
 
 from engine.attention import Attention
 from engine.context import get_context
+from engine.layer_ops import EncoderLayerOps
 from engine.models.jina import jina_to_hf
 from engine.models.weights import load_into
 
@@ -47,6 +48,10 @@ class EncoderSpec:
                    roberta=roberta, position_offset=c.pad_token_id + 1 if roberta else 0,
                    num_labels=c.num_labels if arch.endswith("SequenceClassification") else None)
 
+    @property
+    def activation(self):
+        return ACTIVATIONS[self.act]
+
 
 def named_module(**children: nn.Module) -> nn.Module:
     m = nn.Module()
@@ -68,21 +73,22 @@ class EncoderLayer(nn.Module):
         self.output = named_module(dense=nn.Linear(s.intermediate_size, h), LayerNorm=nn.LayerNorm(h, s.eps))
         self.attn = Attention(s.num_heads, s.num_heads, h // s.num_heads, (h // s.num_heads) ** -0.5)
 
-    def forward(self, x: torch.Tensor, rows: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, ops: EncoderLayerOps, rows: torch.Tensor | None = None) -> torch.Tensor:
         """rows: only those go past attention (the last layer, Context.output_rows)."""
         s, head_dim = self.s, self.s.hidden_size // self.s.num_heads
         q, k, v = self.attention.self.qkv(x).view(-1, 3, s.num_heads, head_dim).unbind(1)
         out, attended = self.attention.output, self.attn(q, k, v)
         if rows is not None:
             x, attended = x[rows], attended[rows]
-        x = out.LayerNorm(x + out.dense(attended))
-        h = ACTIVATIONS[s.act](self.intermediate.dense(x))
-        return self.output.LayerNorm(x + self.output.dense(h))
+        x = ops.add_layer_norm(out.dense(attended), x, out.LayerNorm)
+        h = ops.activation(self.intermediate.dense(x), s.activation)
+        return ops.add_layer_norm(self.output.dense(h), x, self.output.LayerNorm)
 
 
 class EncoderModel(nn.Module):
     is_decoder = False
     computes_output_rows_only = True  # its last layer honours Context.output_rows
+    layer_ops = EncoderLayerOps()  # the model runner sets the device's (engine.kernels)
 
     def __init__(self, config, max_model_len: int):
         super().__init__()
@@ -114,7 +120,7 @@ class EncoderModel(nn.Module):
         x = e.LayerNorm(x)
         rows, last = get_context().output_rows, len(self.encoder.layer) - 1
         for i, layer in enumerate(self.encoder.layer):
-            x = layer(x, rows if i == last else None)
+            x = layer(x, self.layer_ops, rows if i == last else None)
         return x
 
     def classify(self, cls_hidden: torch.Tensor) -> torch.Tensor:
