@@ -18,6 +18,7 @@ from engine.quantization import compile_quantized_layers, quantize_decoder
 from engine.request import Request
 from engine.sampler import Sampler, SamplerOutput, TokenLogprobs
 from engine.scheduler import SchedulerOutput
+from engine.step_padding import pad_context, pad_inputs, padded_size
 from engine.transfer import to_device, to_host
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,7 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         self.compiled: CompiledModel | None = None
+        self.pad_steps_to = 0  # the CPU's steps of prefills only are padded up to sizes of at most this many tokens
         # The latest step's sampled tokens, still on the device, and the requests of its rows: with async
         # scheduling the next step takes its inputs from there before the host has them.
         self._last_sampled: torch.Tensor | None = None
@@ -217,7 +219,10 @@ class ModelRunner:
                 forward = self.prefill_graphs
             else:
                 forward = self.compiled if one_kind and self.compiled is not None else self.model
-            ctx = self._context(reqs, counts, decodes, rows, pos)
+            pad_to = padded_size(ends[-1], self.pad_steps_to) if self.pad_steps_to and not any(decodes) else 0
+            ctx = self._context(reqs, counts, decodes, rows, pos, pad_to)
+            if pad_to > ends[-1]:
+                input_ids, pos, token_types = pad_inputs(pad_to, input_ids, pos, token_types)
             # A compiled graph's step kind always takes the rows or never does (its warm-up's), so no recompile.
             compiled = forward is self.compiled
             if finished is not None and self.prunes_output_rows and not (compiled and all_decode):
@@ -272,7 +277,9 @@ class ModelRunner:
         return table[rows, positions // bs] * bs + positions % bs
 
     def _context(self, reqs: list[Request], counts: list[int], decodes: list[bool], rows: torch.Tensor,
-                 pos: torch.Tensor) -> Context:
+                 pos: torch.Tensor, pad_to: int) -> Context:
+        """The step's attention context; a step of prefills only padded up to pad_to tokens (engine.step_padding;
+        0: not padded)."""
         ctx = Context(causal=self.is_decoder)
         start = 0
         if not self.is_decoder:
@@ -280,6 +287,7 @@ class ModelRunner:
                 ctx.prefills.append(PrefillSpan(start, start + n, n))
                 start += n
             ctx.num_prefill_tokens = start
+            pad_context(ctx, pad_to, 0, self.block_size)
             self.attention_backend.prepare(ctx, self.block_size)
             return ctx
         # One padded block table for the step; every slot below is looked up in it, vectorised.
@@ -310,6 +318,7 @@ class ModelRunner:
             lengths = [r.num_computed_tokens + 1 for r in reqs[num_prefills:]]
             ctx.decode_block_table = table[num_prefills:, :-(-max(lengths) // bs)]
             ctx.decode_context_lens = to_device(lengths, dev, torch.int32)
+        pad_context(ctx, pad_to, self.scratch_block * bs, bs)
         self.attention_backend.prepare(ctx, bs)
         return ctx
 
