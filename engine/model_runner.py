@@ -75,7 +75,7 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         self.compiled: CompiledModel | None = None
-        self.pad_steps_to = 0  # the CPU's steps of prefills only are padded up to sizes of at most this many tokens
+        self.pad_steps_to = 0  # the CPU's steps (but all-decode ones) are padded to sizes of at most this many tokens
         # The latest step's sampled tokens, still on the device, and the requests of its rows: with async
         # scheduling the next step takes its inputs from there before the host has them.
         self._last_sampled: torch.Tensor | None = None
@@ -219,7 +219,7 @@ class ModelRunner:
                 forward = self.prefill_graphs
             else:
                 forward = self.compiled if one_kind and self.compiled is not None else self.model
-            pad_to = padded_size(ends[-1], self.pad_steps_to) if self.pad_steps_to and not any(decodes) else 0
+            pad_to = padded_size(ends[-1], self.pad_steps_to) if self.pad_steps_to and not all_decode else 0
             ctx = self._context(reqs, counts, decodes, rows, pos, pad_to)
             if pad_to > ends[-1]:
                 input_ids, pos, token_types = pad_inputs(pad_to, input_ids, pos, token_types)
@@ -278,8 +278,7 @@ class ModelRunner:
 
     def _context(self, reqs: list[Request], counts: list[int], decodes: list[bool], rows: torch.Tensor,
                  pos: torch.Tensor, pad_to: int) -> Context:
-        """The step's attention context; a step of prefills only padded up to pad_to tokens (engine.step_padding;
-        0: not padded)."""
+        """The step's attention context, padded up to pad_to tokens (engine.step_padding; 0: not padded)."""
         ctx = Context(causal=self.is_decoder)
         start = 0
         if not self.is_decoder:
@@ -318,7 +317,7 @@ class ModelRunner:
             lengths = [r.num_computed_tokens + 1 for r in reqs[num_prefills:]]
             ctx.decode_block_table = table[num_prefills:, :-(-max(lengths) // bs)]
             ctx.decode_context_lens = to_device(lengths, dev, torch.int32)
-        pad_context(ctx, pad_to, self.scratch_block * bs, bs)
+        pad_context(ctx, pad_to, self.scratch_block, bs)
         self.attention_backend.prepare(ctx, bs)
         return ctx
 

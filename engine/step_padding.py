@@ -5,8 +5,9 @@ of every linear layer: each prefill step of a new count paid that again for each
 all-MiniLM-L6-v2 in bf16 on a 2-core AMX Xeon: 12-15% of the time to embed documents not seen before). Padded up
 to one of eight sizes an octave (the engine's max_num_batched_tokens the largest), counts repeat and each product
 is built once per size, for at most an eighth more rows a step. Padding tokens (id 0 at position 0) form spans of
-their own, their keys and values written to the pool's scratch block: rows never mix outside attention and no
-output reads them. Steps with decodes keep their count (decodes sit last in a step, after its prefills)."""
+their own, or in a step with decodes are decodes of their own, their keys and values written to the pool's
+scratch block: rows never mix outside attention and no output reads them. All-decode steps keep their count (at
+most max_num_seqs counts, each built once)."""
 import torch
 
 from engine.context import Context, PrefillSpan
@@ -20,18 +21,24 @@ def padded_size(tokens: int, most: int) -> int:
     return max(tokens, min(-(-tokens // step) * step, most))
 
 
-def pad_context(ctx: Context, size: int, scratch_slot: int, block_size: int) -> None:
-    """A step of prefills only, its spans and (with a pool) slots extended to `size` tokens by padding spans (none
-    where size is not above its token count)."""
-    tokens = ctx.num_prefill_tokens
+def pad_context(ctx: Context, size: int, scratch_block: int, block_size: int) -> None:
+    """A step (not all decodes) extended to `size` tokens (none where that is not more than it has): a step of
+    prefills only by padding spans; a step with decodes, which sit last, by padding decodes, each reading one key
+    of the scratch block. With a pool, padding tokens write their keys and values to the scratch block."""
+    table = ctx.decode_block_table
+    tokens = ctx.num_prefill_tokens + (0 if table is None else table.shape[0])
     if size <= tokens:
         return
-    for start in range(tokens, size, PADDING_SPAN):
-        end = min(start + PADDING_SPAN, size)
-        ctx.prefills.append(PrefillSpan(start, end, end - start))
-    ctx.num_prefill_tokens = size
+    if table is not None:
+        ctx.decode_block_table = torch.cat([table, table.new_full((size - tokens, table.shape[1]), scratch_block)])
+        ctx.decode_context_lens = torch.cat([ctx.decode_context_lens, ctx.decode_context_lens.new_ones(size - tokens)])
+    else:
+        for start in range(tokens, size, PADDING_SPAN):
+            end = min(start + PADDING_SPAN, size)
+            ctx.prefills.append(PrefillSpan(start, end, end - start))
+        ctx.num_prefill_tokens = size
     if ctx.slot_mapping is not None:
-        scratch = torch.arange(size - tokens, device=ctx.slot_mapping.device) % block_size + scratch_slot
+        scratch = torch.arange(size - tokens, device=ctx.slot_mapping.device) % block_size + scratch_block * block_size
         ctx.slot_mapping = torch.cat([ctx.slot_mapping, scratch])
 
 

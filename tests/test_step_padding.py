@@ -1,6 +1,7 @@
-"""The CPU's steps of prefills only padded to a few token counts (engine.step_padding): the sizes, and engines
-whose steps are padded giving what the same engines unpadded give, with every padded token's key and value in
-the pool's scratch block (no block left, prefix hits and chunks read what the real tokens wrote)."""
+"""The CPU's steps (but all-decode ones) padded to a few token counts (engine.step_padding): the sizes, the
+padding spans and decodes, and engines whose steps are padded giving what the same engines unpadded give, with
+every padding token's key and value in the pool's scratch block (no block left, prefix hits and chunks read what
+the real tokens wrote)."""
 import pytest
 import torch
 
@@ -53,9 +54,9 @@ def test_embeddings_of_padded_steps_are_the_unpadded_ones(dtype, tiny_model):
 
 
 def test_generation_on_padded_steps_is_the_unpadded_engines(tiny_model):
-    """Chunked prompts, prefix hits (the second batch shares the first's prompts) and steps mixing decodes (not
-    padded) with chunks: the same greedy tokens and logprobs; padding keys and values go to the scratch block
-    only, so no cached block is overwritten and none is left."""
+    """Chunked prompts, prefix hits (the second batch shares the first's prompts) and steps mixing decodes with
+    chunks (padded by decodes; all-decode steps not padded): the same greedy tokens and logprobs; padding keys and
+    values go to the scratch block only, so no cached block is overwritten and none is left."""
     kwargs = dict(dtype="float32", block_size=8, max_num_batched_tokens=40, long_prefill_token_threshold=13)
     padded, plain = LLM(tiny_model("llama3-gqa"), **kwargs), unpadded(LLM(tiny_model("llama3-gqa"), **kwargs))
     rows, steps = rows_seen(padded), spy_steps(padded)
@@ -70,9 +71,11 @@ def test_generation_on_padded_steps_is_the_unpadded_engines(tiny_model):
             assert all(abs(x[t].logprob - y[t].logprob) < 1e-4 for t in x)
     steps = [step for step in steps if step]
     totals = [sum(n for _, n, _ in step) for step in steps]
-    decoding = [any(n == 1 and computed > 0 for computed, n, _ in step) for step in steps]
-    assert rows == [t if d else padded_size(t, 40) for t, d in zip(totals, decoding, strict=True)]
-    assert any(n > t for n, t in zip(rows, totals)) and any(decoding)
+    decoding = [[n == 1 and computed > 0 for computed, n, _ in step] for step in steps]
+    assert rows == [t if all(d) else padded_size(t, 40) for t, d in zip(totals, decoding, strict=True)]
+    mixed = [any(d) and not all(d) for d in decoding]
+    assert any(n > t for n, t, m in zip(rows, totals, mixed) if m)  # a step with decodes padded
+    assert any(n > t for n, t, m in zip(rows, totals, decoding) if not any(m))  # a step of prefills only padded
     assert_pool_free(padded)
 
 
@@ -81,8 +84,22 @@ def test_a_padded_span_is_split_so_its_attention_stays_small():
     from engine.step_padding import pad_context
     ctx = Context(causal=True, prefills=[PrefillSpan(0, 5, 5)], num_prefill_tokens=5,
                   slot_mapping=torch.tensor([3, 4, 5, 6, 7]))
-    pad_context(ctx, 5 + PADDING_SPAN + 9, scratch_slot=80, block_size=8)
+    pad_context(ctx, 5 + PADDING_SPAN + 9, scratch_block=10, block_size=8)
     assert [(s.start, s.end, s.context_len) for s in ctx.prefills[1:]] == [(5, 69, 64), (69, 78, 9)]
-    assert ctx.num_prefill_tokens == 78
+    assert ctx.num_prefill_tokens == 78 and ctx.decode_block_table is None
     assert ctx.slot_mapping[:5].tolist() == [3, 4, 5, 6, 7]
     assert all(80 <= s < 88 for s in ctx.slot_mapping[5:].tolist()) and len(ctx.slot_mapping) == 78
+
+
+def test_a_step_with_decodes_is_padded_by_decodes_of_one_scratch_key():
+    """Decodes sit last in a step: padding goes after them as decodes reading the scratch block's first key."""
+    from engine.context import Context, PrefillSpan
+    from engine.step_padding import pad_context
+    ctx = Context(causal=True, prefills=[PrefillSpan(0, 5, 9)], num_prefill_tokens=5,
+                  slot_mapping=torch.arange(7), decode_block_table=torch.tensor([[1, 2], [3, 0]], dtype=torch.int32),
+                  decode_context_lens=torch.tensor([12, 4], dtype=torch.int32))
+    pad_context(ctx, 10, scratch_block=10, block_size=8)
+    assert len(ctx.prefills) == 1 and ctx.num_prefill_tokens == 5
+    assert ctx.decode_block_table.tolist() == [[1, 2], [3, 0], [10, 10], [10, 10], [10, 10]]
+    assert ctx.decode_context_lens.tolist() == [12, 4, 1, 1, 1] and ctx.decode_context_lens.dtype == torch.int32
+    assert ctx.slot_mapping.tolist() == list(range(7)) + [80, 81, 82]
