@@ -1,4 +1,5 @@
-"""A decoder layer's elementwise passes as fused C kernels on the CPU, in bf16 (engine.layer_ops' fused ops).
+"""A decoder layer's elementwise passes as fused C kernels on the CPU, in bf16 (engine.layer_ops' fused ops), and
+an encoder layer's (add + LayerNorm, the activation by a table: engine.layer_ops.CPUEncoderLayerOps).
 
 Op by op, a bf16 layer's norms, rotary, KV writes and gated activation are ~40 PyTorch ops on the CPU, most of
 them on a decode step's few rows, where each op's dispatch costs more than its arithmetic (torch.profiler,
@@ -98,6 +99,8 @@ void gated_activation(const uint16_t *gate_up, uint16_t *out, int64_t rows, int6
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
+#endif
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
 #define WIDE __attribute__((target("prefer-vector-width=512")))  /* gcc's default for this CPU: 256-bit loops */
 #else
 #define WIDE

@@ -286,7 +286,7 @@ class ModelRunner:
                 ctx.prefills.append(PrefillSpan(start, start + n, n))
                 start += n
             ctx.num_prefill_tokens = start
-            pad_context(ctx, pad_to, 0, self.block_size)
+            pad_context(ctx, pad_to, self.scratch_block, self.block_size)
             self.attention_backend.prepare(ctx, self.block_size)
             return ctx
         # One padded block table for the step; every slot below is looked up in it, vectorised.
