@@ -80,8 +80,7 @@ class LLMEngine:
                 self.runner.capture_prefill_graphs(config.max_num_batched_tokens)
             kv = KVCacheManager(num_blocks, config.block_size, config.enable_prefix_caching)
             self.runner.sampler = Sampler(eos, decide_on_host=device.type == "cpu")
-        if device.type == "cpu":  # oneDNN builds a product per row count: steps come in few (engine.step_padding)
-            self.runner.pad_steps_to = config.max_num_batched_tokens
+        self.runner.pad_steps(config.max_num_batched_tokens)  # the CPU's: oneDNN builds a product per row count
         self.kv = kv
         self.scheduler = Scheduler(kv, config.max_num_batched_tokens, config.max_num_seqs,
                                    config.long_prefill_token_threshold)

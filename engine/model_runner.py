@@ -75,7 +75,7 @@ class ModelRunner:
         self.decode_graphs: DecodeGraphs | None = None
         self.prefill_graphs: PrefillGraphs | None = None
         self.compiled: CompiledModel | None = None
-        self.pad_steps_to = 0  # the CPU's steps (but all-decode ones) are padded to sizes of at most this many tokens
+        self.pad_steps_to = 0  # pad_steps: steps padded to sizes of at most this many tokens; 0: not padded
         # The latest step's sampled tokens, still on the device, and the requests of its rows: with async
         # scheduling the next step takes its inputs from there before the host has them.
         self._last_sampled: torch.Tensor | None = None
@@ -142,6 +142,13 @@ class ModelRunner:
         elif size < max_tokens:
             graphs.keep_up_to(size)
             log.info("prefill steps of up to %d tokens replay CUDA graphs; longer ones run eagerly, faster there", size)
+
+    def pad_steps(self, max_tokens: int) -> None:
+        """On the CPU, steps (but all-decode ones) padded to a few sizes of at most max_tokens tokens
+        (engine.step_padding). Not a model with attention of its own (DeBERTa: it lays a step out as a padded
+        batch of the sequences its positions delimit, so each padding span would cost a whole padded sequence)."""
+        if self.device.type == "cpu" and self.model.attention_layers:
+            self.pad_steps_to = max_tokens
 
     def compile(self, decode: bool, prefill_tokens: int, decode_rows: int) -> None:
         """Engine option torch_compile, compiled here rather than on the first request: quantized layers take

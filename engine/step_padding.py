@@ -4,7 +4,7 @@ oneDNN builds (JIT-compiles) a product for every new shape it is given, and a st
 of every linear layer: each prefill step of a new count paid that again for each layer shape (~1-8 ms a shape;
 all-MiniLM-L6-v2 in bf16 on a 2-core AMX Xeon: 12-15% of the time to embed documents not seen before). Padded up
 to one of eight sizes an octave (the engine's max_num_batched_tokens the largest), counts repeat and each product
-is built once per size, for at most an eighth more rows a step. Padding tokens (id 0 at position 0) form spans of
+is built once per size, for at most an eighth more rows a step. Padding tokens (id 0) form spans of
 their own, or in a step with decodes are decodes of their own, their keys and values written to the pool's
 scratch block: rows never mix outside attention and no output reads them. All-decode steps keep their count (at
 most max_num_seqs counts, each built once)."""
@@ -42,6 +42,12 @@ def pad_context(ctx: Context, size: int, scratch_block: int, block_size: int) ->
         ctx.slot_mapping = torch.cat([ctx.slot_mapping, scratch])
 
 
-def pad_inputs(size: int, *inputs: torch.Tensor | None) -> list[torch.Tensor | None]:
-    """Token ids, positions (and token types) of a step, zeros appended up to `size` tokens."""
-    return [None if x is None else torch.cat([x, x.new_zeros(size - x.shape[0])]) for x in inputs]
+def pad_inputs(size: int, input_ids: torch.Tensor, positions: torch.Tensor,
+               token_types: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """A step's token ids, positions and token types up to `size` tokens: padding tokens are id 0, type 0, at their
+    place in their padding span (a model that finds sequences by their positions starting at 0 sees the spans)."""
+    pad = size - input_ids.shape[0]
+    zeros = input_ids.new_zeros(pad)
+    positions = torch.cat([positions, torch.arange(pad, device=positions.device) % PADDING_SPAN])
+    return (torch.cat([input_ids, zeros]), positions,
+            None if token_types is None else torch.cat([token_types, zeros.to(token_types.dtype)]))

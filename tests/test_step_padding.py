@@ -103,3 +103,20 @@ def test_a_step_with_decodes_is_padded_by_decodes_of_one_scratch_key():
     assert ctx.decode_block_table.tolist() == [[1, 2], [3, 0], [10, 10], [10, 10], [10, 10]]
     assert ctx.decode_context_lens.tolist() == [12, 4, 1, 1, 1] and ctx.decode_context_lens.dtype == torch.int32
     assert ctx.slot_mapping.tolist() == list(range(7)) + [80, 81, 82]
+
+
+def test_padding_tokens_sit_at_their_place_in_their_span():
+    from engine.step_padding import pad_inputs
+    ids, pos, types = pad_inputs(5 + PADDING_SPAN + 3, torch.tensor([7, 8, 9, 10, 11]), torch.tensor([0, 1, 2, 0, 1]),
+                                 torch.tensor([0, 0, 1, 0, 1]))
+    assert ids.tolist() == [7, 8, 9, 10, 11] + [0] * (PADDING_SPAN + 3)
+    assert pos.tolist() == [0, 1, 2, 0, 1] + list(range(PADDING_SPAN)) + [0, 1, 2]
+    assert types.tolist() == [0, 0, 1, 0, 1] + [0] * (PADDING_SPAN + 3)
+    assert pad_inputs(6, ids[:4], pos[:4], None)[2] is None
+
+
+def test_a_model_with_attention_of_its_own_is_not_padded(tiny_model):
+    """DeBERTa lays a step out as a padded batch of the sequences its positions delimit: padding spans would each
+    cost a whole padded sequence there."""
+    assert LLM(tiny_model("deberta-v3-cls1"), task="classify").engine.runner.pad_steps_to == 0
+    assert LLM(tiny_model("bert"), task="embed").engine.runner.pad_steps_to > 0
