@@ -18,7 +18,7 @@ from engine.quantization import compile_quantized_layers, quantize_decoder
 from engine.request import Request
 from engine.sampler import Sampler, SamplerOutput, TokenLogprobs
 from engine.scheduler import SchedulerOutput
-from engine.step_padding import pad_context, pad_inputs, padded_size
+from engine.step_padding import PADDING_SPAN, pad_context, pad_inputs, padded_size
 from engine.transfer import to_device, to_host
 
 log = logging.getLogger(__name__)
@@ -76,6 +76,7 @@ class ModelRunner:
         self.prefill_graphs: PrefillGraphs | None = None
         self.compiled: CompiledModel | None = None
         self.pad_steps_to = 0  # pad_steps: steps padded to sizes of at most this many tokens; 0: not padded
+        self.padding_span = PADDING_SPAN  # tokens a padding span holds (positions stay inside max_model_len)
         # The latest step's sampled tokens, still on the device, and the requests of its rows: with async
         # scheduling the next step takes its inputs from there before the host has them.
         self._last_sampled: torch.Tensor | None = None
@@ -148,7 +149,7 @@ class ModelRunner:
         (engine.step_padding). Not a model with attention of its own (DeBERTa: it lays a step out as a padded
         batch of the sequences its positions delimit, so each padding span would cost a whole padded sequence)."""
         if self.device.type == "cpu" and self.model.attention_layers:
-            self.pad_steps_to = max_tokens
+            self.pad_steps_to, self.padding_span = max_tokens, min(PADDING_SPAN, self.max_model_len)
 
     def compile(self, decode: bool, prefill_tokens: int, decode_rows: int) -> None:
         """Engine option torch_compile, compiled here rather than on the first request: quantized layers take
@@ -229,7 +230,7 @@ class ModelRunner:
             pad_to = padded_size(ends[-1], self.pad_steps_to) if self.pad_steps_to and not all_decode else 0
             ctx = self._context(reqs, counts, decodes, rows, pos, pad_to)
             if pad_to > ends[-1]:
-                input_ids, pos, token_types = pad_inputs(pad_to, input_ids, pos, token_types)
+                input_ids, pos, token_types = pad_inputs(pad_to, self.padding_span, input_ids, pos, token_types)
             # A compiled graph's step kind always takes the rows or never does (its warm-up's), so no recompile.
             compiled = forward is self.compiled
             if finished is not None and self.prunes_output_rows and not (compiled and all_decode):
@@ -293,7 +294,7 @@ class ModelRunner:
                 ctx.prefills.append(PrefillSpan(start, start + n, n))
                 start += n
             ctx.num_prefill_tokens = start
-            pad_context(ctx, pad_to, self.scratch_block, self.block_size)
+            pad_context(ctx, pad_to, self.padding_span, self.scratch_block, self.block_size)
             self.attention_backend.prepare(ctx, self.block_size)
             return ctx
         # One padded block table for the step; every slot below is looked up in it, vectorised.
@@ -324,7 +325,7 @@ class ModelRunner:
             lengths = [r.num_computed_tokens + 1 for r in reqs[num_prefills:]]
             ctx.decode_block_table = table[num_prefills:, :-(-max(lengths) // bs)]
             ctx.decode_context_lens = to_device(lengths, dev, torch.int32)
-        pad_context(ctx, pad_to, self.scratch_block, bs)
+        pad_context(ctx, pad_to, self.padding_span, self.scratch_block, bs)
         self.attention_backend.prepare(ctx, bs)
         return ctx
 

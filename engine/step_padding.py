@@ -12,7 +12,7 @@ import torch
 
 from engine.context import Context, PrefillSpan
 
-PADDING_SPAN = 64  # tokens a padding span holds at most: attention among them stays small
+PADDING_SPAN = 64  # tokens a padding span holds at most (and max_model_len): attention among them stays small
 
 
 def padded_size(tokens: int, most: int) -> int:
@@ -21,10 +21,11 @@ def padded_size(tokens: int, most: int) -> int:
     return max(tokens, min(-(-tokens // step) * step, most))
 
 
-def pad_context(ctx: Context, size: int, scratch_block: int, block_size: int) -> None:
+def pad_context(ctx: Context, size: int, span: int, scratch_block: int, block_size: int) -> None:
     """A step (not all decodes) extended to `size` tokens (none where that is not more than it has): a step of
-    prefills only by padding spans; a step with decodes, which sit last, by padding decodes, each reading one key
-    of the scratch block. With a pool, padding tokens write their keys and values to the scratch block."""
+    prefills only by padding spans of `span` tokens; a step with decodes, which sit last, by padding decodes, each
+    reading one key of the scratch block. With a pool, padding tokens write their keys and values to the scratch
+    block."""
     table = ctx.decode_block_table
     tokens = ctx.num_prefill_tokens + (0 if table is None else table.shape[0])
     if size <= tokens:
@@ -33,8 +34,8 @@ def pad_context(ctx: Context, size: int, scratch_block: int, block_size: int) ->
         ctx.decode_block_table = torch.cat([table, table.new_full((size - tokens, table.shape[1]), scratch_block)])
         ctx.decode_context_lens = torch.cat([ctx.decode_context_lens, ctx.decode_context_lens.new_ones(size - tokens)])
     else:
-        for start in range(tokens, size, PADDING_SPAN):
-            end = min(start + PADDING_SPAN, size)
+        for start in range(tokens, size, span):
+            end = min(start + span, size)
             ctx.prefills.append(PrefillSpan(start, end, end - start))
         ctx.num_prefill_tokens = size
     if ctx.slot_mapping is not None:
@@ -42,12 +43,12 @@ def pad_context(ctx: Context, size: int, scratch_block: int, block_size: int) ->
         ctx.slot_mapping = torch.cat([ctx.slot_mapping, scratch])
 
 
-def pad_inputs(size: int, input_ids: torch.Tensor, positions: torch.Tensor,
+def pad_inputs(size: int, span: int, input_ids: torch.Tensor, positions: torch.Tensor,
                token_types: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """A step's token ids, positions and token types up to `size` tokens: padding tokens are id 0, type 0, at their
-    place in their padding span (a model that finds sequences by their positions starting at 0 sees the spans)."""
+    place in their padding span of `span` tokens (inside the model's positions)."""
     pad = size - input_ids.shape[0]
     zeros = input_ids.new_zeros(pad)
-    positions = torch.cat([positions, torch.arange(pad, device=positions.device) % PADDING_SPAN])
+    positions = torch.cat([positions, torch.arange(pad, device=positions.device) % span])
     return (torch.cat([input_ids, zeros]), positions,
             None if token_types is None else torch.cat([token_types, zeros.to(token_types.dtype)]))

@@ -84,7 +84,7 @@ def test_a_padded_span_is_split_so_its_attention_stays_small():
     from engine.step_padding import pad_context
     ctx = Context(causal=True, prefills=[PrefillSpan(0, 5, 5)], num_prefill_tokens=5,
                   slot_mapping=torch.tensor([3, 4, 5, 6, 7]))
-    pad_context(ctx, 5 + PADDING_SPAN + 9, scratch_block=10, block_size=8)
+    pad_context(ctx, 5 + PADDING_SPAN + 9, PADDING_SPAN, scratch_block=10, block_size=8)
     assert [(s.start, s.end, s.context_len) for s in ctx.prefills[1:]] == [(5, 69, 64), (69, 78, 9)]
     assert ctx.num_prefill_tokens == 78 and ctx.decode_block_table is None
     assert ctx.slot_mapping[:5].tolist() == [3, 4, 5, 6, 7]
@@ -98,7 +98,7 @@ def test_a_step_with_decodes_is_padded_by_decodes_of_one_scratch_key():
     ctx = Context(causal=True, prefills=[PrefillSpan(0, 5, 9)], num_prefill_tokens=5,
                   slot_mapping=torch.arange(7), decode_block_table=torch.tensor([[1, 2], [3, 0]], dtype=torch.int32),
                   decode_context_lens=torch.tensor([12, 4], dtype=torch.int32))
-    pad_context(ctx, 10, scratch_block=10, block_size=8)
+    pad_context(ctx, 10, PADDING_SPAN, scratch_block=10, block_size=8)
     assert len(ctx.prefills) == 1 and ctx.num_prefill_tokens == 5
     assert ctx.decode_block_table.tolist() == [[1, 2], [3, 0], [10, 10], [10, 10], [10, 10]]
     assert ctx.decode_context_lens.tolist() == [12, 4, 1, 1, 1] and ctx.decode_context_lens.dtype == torch.int32
@@ -107,12 +107,12 @@ def test_a_step_with_decodes_is_padded_by_decodes_of_one_scratch_key():
 
 def test_padding_tokens_sit_at_their_place_in_their_span():
     from engine.step_padding import pad_inputs
-    ids, pos, types = pad_inputs(5 + PADDING_SPAN + 3, torch.tensor([7, 8, 9, 10, 11]), torch.tensor([0, 1, 2, 0, 1]),
-                                 torch.tensor([0, 0, 1, 0, 1]))
+    ids, pos, types = pad_inputs(5 + PADDING_SPAN + 3, PADDING_SPAN, torch.tensor([7, 8, 9, 10, 11]),
+                                 torch.tensor([0, 1, 2, 0, 1]), torch.tensor([0, 0, 1, 0, 1]))
     assert ids.tolist() == [7, 8, 9, 10, 11] + [0] * (PADDING_SPAN + 3)
     assert pos.tolist() == [0, 1, 2, 0, 1] + list(range(PADDING_SPAN)) + [0, 1, 2]
     assert types.tolist() == [0, 0, 1, 0, 1] + [0] * (PADDING_SPAN + 3)
-    assert pad_inputs(6, ids[:4], pos[:4], None)[2] is None
+    assert pad_inputs(6, PADDING_SPAN, ids[:4], pos[:4], None)[2] is None
 
 
 def test_a_model_with_attention_of_its_own_is_not_padded(tiny_model):
@@ -120,3 +120,14 @@ def test_a_model_with_attention_of_its_own_is_not_padded(tiny_model):
     cost a whole padded sequence there."""
     assert LLM(tiny_model("deberta-v3-cls1"), task="classify").engine.runner.pad_steps_to == 0
     assert LLM(tiny_model("bert"), task="embed").engine.runner.pad_steps_to > 0
+
+
+def test_padding_spans_stay_inside_a_short_max_model_len(tiny_model):
+    """max_model_len 16: padding spans of 16 tokens, positions 0..15 (a decoder's rotary table holds 16); a step of
+    18 prompts of 15 tokens (270) pads by 18."""
+    llm = LLM(tiny_model("llama3-gqa"), dtype="float32", block_size=8, max_model_len=16, max_num_batched_tokens=512)
+    assert llm.engine.runner.padding_span == 16
+    rows = rows_seen(llm)
+    outs = llm.generate([[5 + i] * 15 for i in range(18)], SamplingParams(temperature=0.0, max_tokens=1))
+    assert all(len(o.outputs[0].token_ids) == 1 for o in outs) and rows == [padded_size(270, 512)] == [288]
+    assert_pool_free(llm)
