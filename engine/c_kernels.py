@@ -32,6 +32,16 @@ INLINE uint16_t bf16_round(float f) {
 """
 
 
+@functools.cache
+def cpu_flags() -> frozenset[str]:
+    """The CPU's feature flags as /proc/cpuinfo names them (avx512_bf16, amx_bf16, ...); none where unreadable."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return frozenset(next((line.split(":", 1)[1].split() for line in f if line.startswith("flags")), []))
+    except OSError:
+        return frozenset()
+
+
 def _cpu_identity() -> str:
     """What -march=native compiles for: the CPU's model and flags."""
     try:

@@ -5,6 +5,7 @@ from dataclasses import dataclass
 
 import torch
 
+from engine.c_kernels import cpu_flags
 from engine.quantization import FP8, QUANTIZATION_METHODS
 
 TASKS = ("auto", "generate", "embed", "score", "classify")
@@ -127,12 +128,7 @@ def bf16_is_fast(device: torch.device) -> bool:
     """bf16 pays only with hardware support; on a CPU without it bf16 matmuls are ~500x slower."""
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
-    try:
-        with open("/proc/cpuinfo") as f:
-            flags = f.read()
-    except OSError:
-        return False
-    return "avx512_bf16" in flags or "amx_bf16" in flags
+    return bool({"avx512_bf16", "amx_bf16"} & cpu_flags())
 
 
 def keep_freed_memory() -> None:
