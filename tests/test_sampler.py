@@ -8,7 +8,7 @@ from hypothesis import strategies as st
 
 from engine.params import SamplingParams
 from engine.request import Request
-from engine.sampler import RACE_CANDIDATES, TOP_P_CANDIDATES, Sampler, apply_penalties, uniform
+from engine.sampler import RACE_CANDIDATES, TOP_P_CANDIDATES, Sampler, apply_penalties, greedy_ids, uniform
 
 V = 64
 EOS = 3
@@ -328,3 +328,15 @@ def test_uniform_draws_stay_inside_the_open_interval():
     u = uniform(torch.tensor([-1, 0, (1 << 63) - 1, -(1 << 63)], dtype=torch.long))
     assert ((u > 0) & (u < 1)).all() and (-u.log() > 0).all()
 
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_greedy_ids_are_argmax_first_maxima_and_nan_included(dtype):
+    x = torch.randn(8, 1000, generator=torch.Generator().manual_seed(3))
+    x[1, 10] = x[1, 20] = x[1].max() + 1  # equal maxima: the first
+    x[2, 5] = x[2, 9] = float("nan")  # NaN counts largest: the first
+    x[3] = 0.0
+    x[4, -1] = float("inf")
+    x = x.to(dtype)
+    assert torch.equal(greedy_ids(x), x.argmax(-1))
+    assert greedy_ids(x)[1:5].tolist() == [10, 5, 0, 999]
