@@ -21,6 +21,9 @@ MAX_ROW = sys.maxsize  # rows of any width: add_rms_norm loops over a row, holdi
 
 _SOURCE = BF16 + r"""
 #include <math.h>
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
 
 /* rows x n: res_out = bf16(x + residual) (no residual: x itself), out = bf16(res_out * rstd * (w or 1 + w)). */
 void add_rms_norm(const uint16_t *x, const uint16_t *res, const uint16_t *w, uint16_t *out, uint16_t *res_out,
@@ -82,14 +85,47 @@ void rotate_qk(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, co
     }
 }
 
-/* rows x [gate | up] (n each, row stride sg) -> bf16(act(gate) * up): SiLU, or tanh-approximated GELU. */
+#if defined(__AVX512BF16__)
+/* 16 bf16 words to float32: a bf16 is the high half of its float32. */
+INLINE __m512 bf16x16_load(const uint16_t *p) {
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+}
+
+/* e^x: 2^n by scalef (0 below float32's range, inf above) times a degree-5 polynomial for 2^f, f in [-1/2, 1/2]
+   (relative error ~2e-7: float32's own, where the product is then rounded to bf16). */
+INLINE __m512 exp_ps(__m512 x) {
+    const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
+    const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(y, n);
+    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.33335581e-3f), f, _mm512_set1_ps(9.61812911e-3f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.55041087e-2f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40226507e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93147182e-1f));
+    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
+    return _mm512_scalef_ps(p, n);
+}
+#endif
+
+/* rows x [gate | up] (n each, row stride sg) -> bf16(act(gate) * up): SiLU, or tanh-approximated GELU. With
+   AVX512-BF16, 16 columns a time by vectors (libm's expf does not vectorize: a SmolLM2 decode step at 32
+   sequences spent 11% of its time here). */
 void gated_activation(const uint16_t *gate_up, uint16_t *out, int64_t rows, int64_t n, int64_t sg, int64_t so,
                       int gelu, int threads) {
     #pragma omp parallel for num_threads(threads) if (rows * n > 32768)
     for (int64_t r = 0; r < rows; r++) {
         const uint16_t *g = gate_up + r * sg, *u = g + n;
-        #pragma omp simd
-        for (int64_t c = 0; c < n; c++) {
+        int64_t c = 0;
+#if defined(__AVX512BF16__)
+        for (; c + 16 <= n; c += 16) {
+            const __m512 x = bf16x16_load(g + c), x3 = _mm512_mul_ps(_mm512_mul_ps(x, x), x);
+            const __m512 z = gelu ? _mm512_mul_ps(_mm512_set1_ps(2.0f * 0.7978845608028654f),
+                                                  _mm512_fmadd_ps(_mm512_set1_ps(0.044715f), x3, x)) : x;
+            const __m512 act = _mm512_div_ps(x, _mm512_add_ps(_mm512_set1_ps(1.0f), exp_ps(_mm512_sub_ps(
+                                                 _mm512_setzero_ps(), z))));
+            _mm256_storeu_si256((__m256i *)(out + r * so + c),
+                                (__m256i)_mm512_cvtneps_pbh(_mm512_mul_ps(act, bf16x16_load(u + c))));
+        }
+#endif
+        for (; c < n; c++) {
             const float x = bf16_load(g[c]);
             const float z = gelu ? 2.0f * 0.7978845608028654f * (x + 0.044715f * x * x * x) : x;
             out[r * so + c] = bf16_round(x / (1.0f + expf(-z)) * bf16_load(u[c]));
@@ -97,9 +133,6 @@ void gated_activation(const uint16_t *gate_up, uint16_t *out, int64_t rows, int6
     }
 }
 
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
 #define WIDE __attribute__((target("prefer-vector-width=512")))  /* gcc's default for this CPU: 256-bit loops */
 #else
