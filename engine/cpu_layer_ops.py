@@ -24,27 +24,31 @@ _SOURCE = BF16 + r"""
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
+#define WIDE __attribute__((target("prefer-vector-width=512")))  /* gcc's default for this CPU: 256-bit loops */
+#else
+#define WIDE
+#endif
 
 /* rows x n: res_out = bf16(x + residual) (no residual: x itself), out = bf16(res_out * rstd * (w or 1 + w)). */
-void add_rms_norm(const uint16_t *x, const uint16_t *res, const uint16_t *w, uint16_t *out, uint16_t *res_out,
-                  int64_t rows, int64_t n, int64_t sx, int64_t sr, int64_t so, int64_t sro, float eps, int plus_one,
-                  int threads) {
+WIDE void add_rms_norm(const uint16_t *x, const uint16_t *res, const uint16_t *w, uint16_t *out, uint16_t *res_out,
+                       int64_t rows, int64_t n, int64_t sx, int64_t sr, int64_t so, int64_t sro, float eps,
+                       int plus_one, int threads) {
     #pragma omp parallel for num_threads(threads) if (rows > 1)
     for (int64_t r = 0; r < rows; r++) {
         float sum = 0.0f;
-        for (int64_t c = 0; c < n; c++) {
-            float v = bf16_load(x[r * sx + c]);
-            if (res) {
-                const uint16_t rounded = bf16_round(v + bf16_load(res[r * sr + c]));  /* as an add kernel stores it */
-                res_out[r * sro + c] = rounded;
-                v = bf16_load(rounded);
-            }
-            sum += v * v;
-        }
-        const float rstd = 1.0f / sqrtf(sum / n + eps);
         const uint16_t *src = res ? res_out + r * sro : x + r * sx;
+        if (res) {
+            #pragma omp simd
+            for (int64_t c = 0; c < n; c++)  /* the sum rounded as an add kernel stores it */
+                res_out[r * sro + c] = bf16_round(bf16_load(x[r * sx + c]) + bf16_load(res[r * sr + c]));
+        }
+        #pragma omp simd reduction(+:sum)
+        for (int64_t c = 0; c < n; c++) sum += bf16_load(src[c]) * bf16_load(src[c]);
+        const float rstd = 1.0f / sqrtf(sum / n + eps), one = plus_one ? 1.0f : 0.0f;
+        #pragma omp simd
         for (int64_t c = 0; c < n; c++)
-            out[r * so + c] = bf16_round(bf16_load(src[c]) * rstd * (bf16_load(w[c]) + (plus_one ? 1.0f : 0.0f)));
+            out[r * so + c] = bf16_round(bf16_load(src[c]) * rstd * (bf16_load(w[c]) + one));
     }
 }
 
@@ -133,11 +137,6 @@ void gated_activation(const uint16_t *gate_up, uint16_t *out, int64_t rows, int6
     }
 }
 
-#if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
-#define WIDE __attribute__((target("prefer-vector-width=512")))  /* gcc's default for this CPU: 256-bit loops */
-#else
-#define WIDE
-#endif
 
 /* rows x n: out = bf16(LayerNorm(bf16(x + residual)) * w + b), the sum rounded as an add kernel stores it. */
 WIDE void add_layer_norm(const uint16_t *x, const uint16_t *res, const uint16_t *w, const uint16_t *b, uint16_t *out,
