@@ -18,7 +18,6 @@ GROUP = 32  # input channels a scale and zero point cover: the C code's constant
 
 _SOURCE = BF16 + r"""
 #if defined(__AVX512BF16__)
-#include <immintrin.h>
 /* A group's 32 bf16 weights from its 16 bytes, as the scalar code rounds them (RNE after the scale and after the
    zero point): the even channels (low nibbles) and the odd ones as two vectors, interleaved at the store. */
 static inline void group_bf16(const uint8_t *c, float scale, float zero, uint16_t *o) {
@@ -28,9 +27,8 @@ static inline void group_bf16(const uint8_t *c, float scale, float zero, uint16_
     const __m512 odd = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_srli_epi32(bytes, 4)), eight);
     const __m512i scaled = (__m512i)_mm512_cvtne2ps_pbh(_mm512_mul_ps(odd, s), _mm512_mul_ps(even, s));
     /* back to float32 (a bf16 is the high half of its float32), then the zero point and the second rounding */
-    const __m256i even_words = _mm512_castsi512_si256(scaled), odd_words = _mm512_extracti64x4_epi64(scaled, 1);
-    const __m512 even2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(even_words), 16));
-    const __m512 odd2 = _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(odd_words), 16));
+    const __m512 even2 = bf16_to_f32(_mm512_castsi512_si256(scaled));
+    const __m512 odd2 = bf16_to_f32(_mm512_extracti64x4_epi64(scaled, 1));
     const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(odd2, z), _mm512_add_ps(even2, z));
     const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                            21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);

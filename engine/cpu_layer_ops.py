@@ -21,9 +21,6 @@ MAX_ROW = sys.maxsize  # rows of any width: add_rms_norm loops over a row, holdi
 
 _SOURCE = BF16 + r"""
 #include <math.h>
-#if defined(__AVX512F__)
-#include <immintrin.h>
-#endif
 #if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
 #define WIDE __attribute__((target("prefer-vector-width=512")))  /* gcc's default for this CPU: 256-bit loops */
 #else
@@ -90,9 +87,8 @@ void rotate_qk(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, co
 }
 
 #if defined(__AVX512BF16__)
-/* 16 bf16 words to float32: a bf16 is the high half of its float32. */
 INLINE __m512 bf16x16_load(const uint16_t *p) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256((const __m256i *)p)), 16));
+    return bf16_to_f32(_mm256_loadu_si256((const __m256i *)p));
 }
 
 /* e^x: 2^n by scalef (0 below float32's range, inf above) times a degree-5 polynomial for 2^f, f in [-1/2, 1/2]

@@ -26,9 +26,6 @@ log = logging.getLogger(__name__)
 _SOURCE = BF16 + r"""
 #include <math.h>
 #include <stdlib.h>
-#if defined(__AVX512BF16__)
-#include <immintrin.h>
-#endif
 
 /* Rows of the serving dtype to float32 and back: bf16 (is_bf16, 16-bit words) or float32. */
 INLINE void load_row(const void *src, int64_t i, float *dst, int64_t n, int is_bf16) {
@@ -133,10 +130,6 @@ INLINE void scores_bf16(const Task *t, const int64_t dim) {
                 p[r * len + start + i] = _mm512_reduce_add_ps(sum) * t->scale;
             }
         }
-}
-
-INLINE __m512 bf16_to_f32(__m256i words) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16));
 }
 
 INLINE void weighted_values_bf16(const Task *t, const int64_t dim) {

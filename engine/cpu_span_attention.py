@@ -28,7 +28,6 @@ _SOURCE = BF16 + r"""
 #include <stdlib.h>
 
 #if defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
-#include <immintrin.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 #define ROWS 16  /* a tile's rows: the query rows a task takes at a time */
