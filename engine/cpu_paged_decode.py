@@ -171,7 +171,9 @@ INLINE void attend(Task *t, const int64_t dim, int is_bf16, float *work, void *o
 #if defined(__AVX512BF16__)
     const int fast = is_bf16 && dim % 32 == 0;
 #else
-    const int fast = 0;
+    const int fast = 0;  /* no vector paths compiled: their calls below are never taken, and must not be undeclared */
+#define scores_bf16(t, dim) ((void)0)
+#define weighted_values_bf16(t, dim) ((void)0)
 #endif
     if (fast) scores_bf16(t, dim); else scores(t, dim, is_bf16, qf, slot);
     for (int64_t r = 0; r < rows; r++) {  /* softmax, normalized at the end */
