@@ -288,17 +288,22 @@ class ModelRunner:
                  pos: torch.Tensor, pad_to: int) -> Context:
         """The step's attention context, padded up to pad_to tokens (engine.step_padding; 0: not padded)."""
         ctx = Context(causal=self.is_decoder)
-        start = 0
-        if not self.is_decoder:
-            for n in counts:
+        if self.is_decoder:
+            self._decoder_spans(ctx, reqs, counts, decodes, rows, pos)
+        else:
+            for start, n in zip(itertools.accumulate(counts, initial=0), counts):
                 ctx.prefills.append(PrefillSpan(start, start + n, n))
-                start += n
-            ctx.num_prefill_tokens = start
-            pad_context(ctx, pad_to, self.padding_span, self.scratch_block, self.block_size)
-            self.attention_backend.prepare(ctx, self.block_size)
-            return ctx
+            ctx.num_prefill_tokens = sum(counts)
+        pad_context(ctx, pad_to, self.padding_span, self.scratch_block, self.block_size)
+        self.attention_backend.prepare(ctx, self.block_size)
+        return ctx
+
+    def _decoder_spans(self, ctx: Context, reqs: list[Request], counts: list[int], decodes: list[bool],
+                       rows: torch.Tensor, pos: torch.Tensor) -> None:
+        """A decoder step's slots, prefill spans (with the context slots of those after cached or computed tokens)
+        and decode block table, into ctx."""
         # One padded block table for the step; every slot below is looked up in it, vectorised.
-        dev, bs = self.device, self.block_size
+        dev, bs, start = self.device, self.block_size, 0
         table = self._block_table(reqs)
         ctx.slot_mapping = self._slots(table, rows, pos)
         num_prefills = decodes.index(True) if decodes[-1] else len(reqs)  # decodes come last
@@ -325,9 +330,6 @@ class ModelRunner:
             lengths = [r.num_computed_tokens + 1 for r in reqs[num_prefills:]]
             ctx.decode_block_table = table[num_prefills:, :-(-max(lengths) // bs)]
             ctx.decode_context_lens = to_device(lengths, dev, torch.int32)
-        pad_context(ctx, pad_to, self.padding_span, self.scratch_block, bs)
-        self.attention_backend.prepare(ctx, bs)
-        return ctx
 
     def _outputs(self, hidden, input_ids, reqs, finished, output_rows: torch.Tensor | None) -> StepResult:
         """finished: _finished_rows of the step (None: steady decoding, every row samples); output_rows: the rows
