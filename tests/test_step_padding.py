@@ -7,7 +7,8 @@ import torch
 
 from conftest import assert_pool_free, sentence
 from engine import LLM, PoolingParams, SamplingParams
-from engine.step_padding import PADDING_SPAN, padded_size
+from engine.context import Context, PrefillSpan
+from engine.step_padding import PADDING_SPAN, pad_context, pad_inputs, padded_size
 
 from test_decoders import PROMPTS, spy_steps
 
@@ -80,8 +81,6 @@ def test_generation_on_padded_steps_is_the_unpadded_engines(tiny_model):
 
 
 def test_a_padded_span_is_split_so_its_attention_stays_small():
-    from engine.context import Context, PrefillSpan
-    from engine.step_padding import pad_context
     ctx = Context(causal=True, prefills=[PrefillSpan(0, 5, 5)], num_prefill_tokens=5,
                   slot_mapping=torch.tensor([3, 4, 5, 6, 7]))
     pad_context(ctx, 5 + PADDING_SPAN + 9, PADDING_SPAN, scratch_block=10, block_size=8)
@@ -93,8 +92,6 @@ def test_a_padded_span_is_split_so_its_attention_stays_small():
 
 def test_a_step_with_decodes_is_padded_by_decodes_of_one_scratch_key():
     """Decodes sit last in a step: padding goes after them as decodes reading the scratch block's first key."""
-    from engine.context import Context, PrefillSpan
-    from engine.step_padding import pad_context
     ctx = Context(causal=True, prefills=[PrefillSpan(0, 5, 9)], num_prefill_tokens=5,
                   slot_mapping=torch.arange(7), decode_block_table=torch.tensor([[1, 2], [3, 0]], dtype=torch.int32),
                   decode_context_lens=torch.tensor([12, 4], dtype=torch.int32))
@@ -106,7 +103,6 @@ def test_a_step_with_decodes_is_padded_by_decodes_of_one_scratch_key():
 
 
 def test_padding_tokens_sit_at_their_place_in_their_span():
-    from engine.step_padding import pad_inputs
     ids, pos, types = pad_inputs(5 + PADDING_SPAN + 3, PADDING_SPAN, torch.tensor([7, 8, 9, 10, 11]),
                                  torch.tensor([0, 1, 2, 0, 1]), torch.tensor([0, 0, 1, 0, 1]))
     assert ids.tolist() == [7, 8, 9, 10, 11] + [0] * (PADDING_SPAN + 3)
