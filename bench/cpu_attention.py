@@ -1,6 +1,15 @@
-"""Prefill attention on the CPU in bf16: a step's spans in one call of the AMX C kernel (engine/cpu_span_attention.py)
-against the portable backend's SDPA call per span (PyTorch's CPU flash kernel), on the packed q, k, v views the
-models pass, at the shapes of the models it serves. Needs a CPU with AMX-BF16 (and a C compiler) for the kernel.
+"""Attention on the CPU in bf16, at the shapes of the models the engine serves.
+
+Prefill: a step's spans in one call of the AMX C kernel (engine/cpu_span_attention.py) against the portable
+backend's SDPA call per span (PyTorch's CPU flash kernel), on the packed q, k, v views the models pass. Needs a
+CPU with AMX-BF16 (and a C compiler) for the kernel.
+
+Decode: a step's decodes read in place from the paged pool by the C kernel (engine/cpu_paged_decode.py) against
+the portable backend (GatherDecode: the blocks copied out, one masked SDPA), contexts in blocks scattered through
+a pool of 512 MiB; warm (the same call again: K/V in the caches) and cold (512 MiB read before each call, as a
+decode step's products stream the weights through the caches between a layer's calls; this evicts the code and
+the Python objects too, so a 16-token context then takes ~0.15 ms here). The limit: K/V bytes at the DRAM's
+read rate.
 
     python bench/cpu_attention.py [--spans 32] [--repeats 20]"""
 import argparse
@@ -10,8 +19,9 @@ import time
 import torch
 
 import common  # noqa: F401 (puts the repository on sys.path)
-from engine import cpu_span_attention
-from engine.attention_backends import PerSequencePrefill
+from engine import cpu_paged_decode, cpu_span_attention
+from engine.attention import Attention
+from engine.attention_backends import GatherDecode, PerSequencePrefill
 from engine.context import Context, PrefillSpan
 
 SHAPES = [  # name, query heads, kv heads, head size, causal
@@ -22,14 +32,59 @@ SHAPES = [  # name, query heads, kv heads, head size, causal
 ]
 
 
-def median_seconds(fn, repeats: int) -> float:
+DECODES = [(1, 512), (1, 4096), (32, 512)]  # sequences, context tokens each
+POOL_BYTES, BLOCK = 512 << 20, 16
+
+
+def median_seconds(fn, repeats: int, before=lambda: None) -> float:
     fn()
     times = []
     for _ in range(repeats):
+        before()
         start = time.perf_counter()
         fn()
         times.append(time.perf_counter() - start)
     return sorted(times)[repeats // 2]
+
+
+def dram_read_rate(flush: torch.Tensor) -> float:
+    """Bytes/s of one pass summing a buffer far larger than the caches."""
+    return flush.numel() * flush.element_size() / median_seconds(lambda: flush.sum(), 5)
+
+
+def decode(repeats: int) -> None:
+    """The decode table (module docstring)."""
+    if cpu_paged_decode.library() is None:
+        raise SystemExit("the paged decode kernel did not build here (no C compiler)")
+    flush = torch.ones(256 << 20, dtype=torch.bfloat16)  # 512 MiB
+    rate = dram_read_rate(flush)
+    print(f"\nDecode from a paged pool (blocks of {BLOCK}, scattered in {POOL_BYTES >> 20} MiB), bf16, warm / cold "
+          f"caches; DRAM read rate here {rate / 1e9:.1f} GB/s (a sum over 512 MiB)\n")
+    print("| shape | sequences x context | GatherDecode (baseline) warm / cold | C paged kernel warm / cold "
+          "| kernel / baseline warm / cold | limit (K/V bytes / DRAM rate) | max abs diff |")
+    print("|---|---|---|---|---|---|---|")
+    for name, heads, kv_heads, dim, causal in SHAPES:
+        if not causal:
+            continue
+        attn = Attention(heads, kv_heads, dim, dim ** -0.5)
+        slots = POOL_BYTES // (2 * kv_heads * dim * 2) // BLOCK * BLOCK
+        attn.k_cache, attn.v_cache = (torch.randn(slots, kv_heads, dim).bfloat16() for _ in range(2))
+        attn.block_size = BLOCK
+        for batch, length in DECODES:
+            width = -(-length // BLOCK)
+            table = torch.randperm(slots // BLOCK)[:batch * width].view(batch, width)
+            ctx = Context(decode_block_table=table, decode_context_lens=torch.full((batch,), length, dtype=torch.int32))
+            gather = GatherDecode(torch.bfloat16)
+            ctx.decode_meta = gather.prepare(ctx, BLOCK)
+            q = torch.randn(batch, heads, dim).bfloat16()
+            kernel = cpu_paged_decode.CPUPagedDecode()
+            base, fast = ([median_seconds(lambda: fn(attn, q, ctx), repeats, before)
+                           for before in (lambda: None, flush.sum)] for fn in (gather, kernel))
+            diff = (gather(attn, q, ctx).float() - kernel(attn, q, ctx).float()).abs().max()
+            kv_bytes = 2 * batch * length * kv_heads * dim * 2
+            print(f"| {name.split(' (')[0]} | {batch} x {length} | {base[0] * 1e6:.0f} / {base[1] * 1e6:.0f} us | "
+                  f"{fast[0] * 1e6:.0f} / {fast[1] * 1e6:.0f} us | {base[0] / fast[0]:.2f}x / "
+                  f"{base[1] / fast[1]:.2f}x | {kv_bytes / rate * 1e6:.0f} us | {diff:.4f} |")
 
 
 def main() -> None:
@@ -38,7 +93,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=20)
     args = ap.parse_args()
     if cpu_span_attention.library() is None:
-        raise SystemExit("the AMX span kernel did not build here (no AMX-BF16, or no C compiler)")
+        print("the AMX span kernel did not build here (no AMX-BF16, or no C compiler): no prefill table")
+        return decode(args.repeats)
     random.seed(0)
     lengths = [random.randint(120, 256) for _ in range(args.spans)]
     tokens = sum(lengths)
@@ -66,6 +122,7 @@ def main() -> None:
         flops = sum(4 * n * (n + 1) / 2 if causal else 4 * n * n for n in lengths) * heads * dim
         print(f"| {name} | {heads} / {kv_heads} x {dim} | {'yes' if causal else 'no'} | {baseline * 1e3:.2f} ms | "
               f"{kernel * 1e3:.2f} ms | {baseline / kernel:.2f}x | {flops / kernel / 1e9:.0f} | {diff:.4f} |")
+    decode(args.repeats)
 
 
 if __name__ == "__main__":

@@ -90,19 +90,6 @@ void rotate_qk(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, co
 INLINE __m512 bf16x16_load(const uint16_t *p) {
     return bf16_to_f32(_mm256_loadu_si256((const __m256i *)p));
 }
-
-/* e^x: 2^n by scalef (0 below float32's range, inf above) times a degree-5 polynomial for 2^f, f in [-1/2, 1/2]
-   (relative error ~2e-7: float32's own, where the product is then rounded to bf16). */
-INLINE __m512 exp_ps(__m512 x) {
-    const __m512 y = _mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f));
-    const __m512 n = _mm512_roundscale_ps(y, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC), f = _mm512_sub_ps(y, n);
-    __m512 p = _mm512_fmadd_ps(_mm512_set1_ps(1.33335581e-3f), f, _mm512_set1_ps(9.61812911e-3f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(5.55041087e-2f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(2.40226507e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93147182e-1f));
-    p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
-    return _mm512_scalef_ps(p, n);
-}
 #endif
 
 /* rows x [gate | up] (n each, row stride sg) -> bf16(act(gate) * up): SiLU, or tanh-approximated GELU. With

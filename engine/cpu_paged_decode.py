@@ -49,25 +49,25 @@ INLINE void prefetch_block(const void *start, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)start + b);
 }
 
-/* A task: one sequence's kv heads [head / dim, + kv_count) and their query heads (group each), rows of them;
-   p [rows, len] the scores, then the softmax weights; acc [rows, dim] the weighted values. Each slot's kv_count
-   heads are one contiguous run of the pool. */
+/* A task: a stretch of one sequence's context (len slots from the first of its blocks), all its kv heads and
+   their query heads (group each), rows of them; p [rows, len] the scores, then the softmax weights; acc [rows,
+   dim] the weighted values. A task reads whole blocks: each is one contiguous run of the pool. */
 typedef struct {
     const void *q, *k, *v;
     const int64_t *blocks;
-    int64_t q_row, q_h, head, len, block_size, slot_stride, kv_count, group, rows, bytes;
+    int64_t q_row, q_h, len, block_size, slot_stride, kv_heads, group, rows, bytes;
     float scale, *p, *acc;
 } Task;
 
-/* The pool element (at the task's first kv head) of the block holding context slot start, and how many of its
-   slots hold context (n); the next block's lines prefetched: blocks are scattered through the pool, so the
-   hardware's stride prefetchers lose the stream at each block's end. */
+/* The pool element of the block holding context slot start, and how many of its slots hold context (n); the
+   next block prefetched: blocks are scattered through the pool, so the hardware's stride prefetchers lose the
+   stream at each block's end. */
 INLINE int64_t block_at(const Task *t, const void *pool, int64_t start, int64_t *n) {
     const int64_t block = start / t->block_size, elements = t->block_size * t->slot_stride;
     *n = t->len - start < t->block_size ? t->len - start : t->block_size;
     if (start + t->block_size < t->len)
         prefetch_block((const char *)pool + t->blocks[block + 1] * elements * t->bytes, elements * t->bytes);
-    return t->blocks[block] * elements + t->head;
+    return t->blocks[block] * elements;
 }
 
 #define FOR_EACH_BLOCK(pool)                                                                                    \
@@ -78,7 +78,7 @@ INLINE int64_t block_at(const Task *t, const void *pool, int64_t start, int64_t 
     const int64_t group = t->group;                                                                             \
     float *p = t->p, *acc = t->acc
 
-/* Portable: rows converted to float32 (slot: kv_count * dim scratch), then products. */
+/* Portable: rows converted to float32 (slot: a slot's kv heads, kv_heads * dim scratch), then products. */
 INLINE void scores(const Task *t, const int64_t dim, int is_bf16, float *qf, float *slot) {
     TASK_FIELDS(t);
     for (int64_t r = 0; r < rows; r++) {
@@ -87,7 +87,7 @@ INLINE void scores(const Task *t, const int64_t dim, int is_bf16, float *qf, flo
     }
     FOR_EACH_BLOCK(t->k)
         for (int64_t i = 0; i < n; i++) {
-            load_row(t->k, base + i * slot_stride, slot, t->kv_count * dim, is_bf16);
+            load_row(t->k, base + i * slot_stride, slot, slot_stride, is_bf16);
             for (int64_t r = 0; r < rows; r++) {
                 const float *key = slot + r / group * dim, *qr = qf + r * dim;
                 float dot = 0.0f;
@@ -103,7 +103,7 @@ INLINE void weighted_values(const Task *t, const int64_t dim, int is_bf16, float
     memset(acc, 0, sizeof(float) * rows * dim);
     FOR_EACH_BLOCK(t->v)
         for (int64_t i = 0; i < n; i++) {
-            load_row(t->v, base + i * slot_stride, slot, t->kv_count * dim, is_bf16);
+            load_row(t->v, base + i * slot_stride, slot, slot_stride, is_bf16);
             for (int64_t r = 0; r < rows; r++) {
                 const float w = p[r * len + start + i], *value = slot + r / group * dim;
                 float *ar = acc + r * dim;
@@ -114,33 +114,81 @@ INLINE void weighted_values(const Task *t, const int64_t dim, int is_bf16, float
 }
 
 #if defined(__AVX512BF16__)
+/* Lane j: the sum of v[SUM16_SLOT[j]]'s lanes. Halves of 512, then 256 bits added across pairs of vectors, then
+   pairs of lanes, then lanes: ~45 vector ops for 16 sums, where one sum alone takes ~8. */
+static const int SUM16_SLOT[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+INLINE __m512 sum16(const __m512 *v) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xee));
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x88), _mm512_shuffle_f32x4(a[i], a[i + 4], 0xdd));
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[i], b[i + 2]), _mm512_unpackhi_ps(b[i], b[i + 2]));
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))));
+}
+
+INLINE __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
+
 /* bf16 with AVX512-BF16, dim a multiple of 32: products of bf16 pairs summed in float32 (keys never converted),
-   and each 32 columns of a kv head's query rows summed in registers over the whole context. */
+   16 slots' scores at a time for each query row, their sums added across lanes together (sum16). */
 INLINE void scores_bf16(const Task *t, const int64_t dim) {
     TASK_FIELDS(t);
     FOR_EACH_BLOCK(t->k)
-        for (int64_t i = 0; i < n; i++) {
-            const uint16_t *key = (const uint16_t *)t->k + base + i * slot_stride;
+        for (int64_t i0 = 0; i0 < n; i0 += 16) {
+            const int64_t m = n - i0 < 16 ? n - i0 : 16;
             for (int64_t r = 0; r < rows; r++) {
-                const uint16_t *qr = (const uint16_t *)t->q + t->q_row + r * t->q_h, *kr = key + r / group * dim;
-                __m512 sum = _mm512_setzero_ps();
-                for (int64_t d = 0; d < dim; d += 32)
-                    sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(qr + d),
-                                           (__m512bh)_mm512_loadu_si512(kr + d));
-                p[r * len + start + i] = _mm512_reduce_add_ps(sum) * t->scale;
+                const uint16_t *qr = (const uint16_t *)t->q + t->q_row + r * t->q_h;
+                const uint16_t *kr = (const uint16_t *)t->k + base + i0 * slot_stride + r / group * dim;
+                __m512 dots[16];
+                for (int j = 0; j < 16; j++) {
+                    __m512 sum = _mm512_setzero_ps();
+                    for (int64_t d = 0; j < m && d < dim; d += 32)
+                        sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(qr + d),
+                                               (__m512bh)_mm512_loadu_si512(kr + j * slot_stride + d));
+                    dots[SUM16_SLOT[j]] = sum;
+                }
+                _mm512_mask_storeu_ps(p + r * len + start + i0, first_lanes(m),
+                                      _mm512_mul_ps(sum16(dots), _mm512_set1_ps(t->scale)));
             }
         }
 }
 
+/* Each row's scores -> e^(score - the row's max), 16 at a time; top[r]: the max, total[r]: their sum. */
+INLINE void exp_rows_avx512(float *p, int64_t rows, int64_t len, float *top_out, float *total) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *pr = p + r * len;
+        __m512 top = _mm512_set1_ps(-INFINITY), sum = _mm512_setzero_ps();
+        for (int64_t i = 0; i < len; i += 16)
+            top = _mm512_max_ps(top, _mm512_mask_loadu_ps(top, first_lanes(len - i), pr + i));
+        top_out[r] = _mm512_reduce_max_ps(top);
+        const __m512 max = _mm512_set1_ps(top_out[r]);
+        for (int64_t i = 0; i < len; i += 16) {
+            const __mmask16 lanes = first_lanes(len - i);
+            const __m512 e = exp_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(lanes, pr + i), max));
+            _mm512_mask_storeu_ps(pr + i, lanes, e);
+            sum = _mm512_mask_add_ps(sum, lanes, sum, e);
+        }
+        total[r] = _mm512_reduce_add_ps(sum);
+    }
+}
+
 INLINE void weighted_values_bf16(const Task *t, const int64_t dim) {
     TASK_FIELDS(t);
-    for (int64_t r0 = 0, nr; r0 < rows; r0 += nr) {  /* up to 4 query rows of one kv head at a time */
-        const int64_t kv = r0 / group;
-        nr = (kv + 1) * group - r0 < 4 ? (kv + 1) * group - r0 : 4;
-        for (int64_t c = 0; c < dim; c += 32) {
-            __m512 lo[4], hi[4];
-            for (int64_t j = 0; j < 4; j++) lo[j] = hi[j] = _mm512_setzero_ps();
-            FOR_EACH_BLOCK(t->v)
+    memset(acc, 0, sizeof(float) * rows * dim);
+    /* Blocks outermost: each is read from memory once (a walk of the whole stretch per kv head and 32 columns
+       read it from memory as often where the stretch outgrew the caches). */
+    FOR_EACH_BLOCK(t->v)
+        for (int64_t r0 = 0, nr; r0 < rows; r0 += nr) {  /* up to 4 query rows of one kv head at a time */
+            const int64_t kv = r0 / group;
+            nr = (kv + 1) * group - r0 < 4 ? (kv + 1) * group - r0 : 4;
+            for (int64_t c = 0; c < dim; c += 32) {
+                __m512 lo[4], hi[4];
+                for (int64_t j = 0; j < nr; j++) {
+                    lo[j] = _mm512_loadu_ps(acc + (r0 + j) * dim + c);
+                    hi[j] = _mm512_loadu_ps(acc + (r0 + j) * dim + c + 16);
+                }
                 for (int64_t i = 0; i < n; i++) {
                     const __m512i words = _mm512_loadu_si512((const uint16_t *)t->v + base + i * slot_stride
                                                              + kv * dim + c);
@@ -152,78 +200,110 @@ INLINE void weighted_values_bf16(const Task *t, const int64_t dim) {
                         hi[j] = _mm512_fmadd_ps(w, b, hi[j]);
                     }
                 }
-            for (int64_t j = 0; j < nr; j++) {
-                _mm512_storeu_ps(acc + (r0 + j) * dim + c, lo[j]);
-                _mm512_storeu_ps(acc + (r0 + j) * dim + c + 16, hi[j]);
+                for (int64_t j = 0; j < nr; j++) {
+                    _mm512_storeu_ps(acc + (r0 + j) * dim + c, lo[j]);
+                    _mm512_storeu_ps(acc + (r0 + j) * dim + c + 16, hi[j]);
+                }
             }
         }
-    }
 }
 #endif
 
-/* dim is a constant where the caller names one, so the head loops unroll into whole vectors. work: scratch,
-   rows * (2 * dim + len) + kv_count * dim floats. */
-INLINE void attend(Task *t, const int64_t dim, int is_bf16, float *work, void *out, int64_t out_row) {
+/* Each row's scores -> e^(score - the row's max); top[r]: the max, total[r]: their sum. */
+INLINE void exp_rows(float *p, int64_t rows, int64_t len, float *top, float *total) {
+    for (int64_t r = 0; r < rows; r++) {
+        float *pr = p + r * len;
+        top[r] = -INFINITY, total[r] = 0.0f;
+        for (int64_t i = 0; i < len; i++) top[r] = fmaxf(top[r], pr[i]);
+        for (int64_t i = 0; i < len; i++) total[r] += pr[i] = expf(pr[i] - top[r]);
+    }
+}
+
+/* The task's rows of attention, not yet normalized: acc (set here, in work), and each row's top score and sum of
+   e^(score - top). dim is a constant where the caller names one, so the head loops unroll into whole vectors.
+   work: scratch, rows * (2 * dim + len + 2) + kv_heads * dim floats. */
+INLINE void attend(Task *t, const int64_t dim, int is_bf16, float *work, float *top, float *total) {
     const int64_t rows = t->rows, len = t->len;
     float *qf = work, *slot = qf + rows * dim;
-    t->acc = slot + t->kv_count * dim;
+    t->acc = slot + t->kv_heads * dim;
     t->p = t->acc + rows * dim;
 #if defined(__AVX512BF16__)
     const int fast = is_bf16 && dim % 32 == 0;
 #else
     const int fast = 0;  /* no vector paths compiled: their calls below are never taken, and must not be undeclared */
 #define scores_bf16(t, dim) ((void)0)
+#define exp_rows_avx512(p, rows, len, top, total) ((void)0)
 #define weighted_values_bf16(t, dim) ((void)0)
 #endif
     if (fast) scores_bf16(t, dim); else scores(t, dim, is_bf16, qf, slot);
-    for (int64_t r = 0; r < rows; r++) {  /* softmax, normalized at the end */
-        float *pr = t->p + r * len, top = -INFINITY;
-        for (int64_t i = 0; i < len; i++) top = fmaxf(top, pr[i]);
-        for (int64_t i = 0; i < len; i++) pr[i] = expf(pr[i] - top);
-    }
+    if (fast) exp_rows_avx512(t->p, rows, len, top, total); else exp_rows(t->p, rows, len, top, total);
     if (fast) weighted_values_bf16(t, dim); else weighted_values(t, dim, is_bf16, slot);
-    for (int64_t r = 0; r < rows; r++) {
-        float total = 0.0f;
-        for (int64_t i = 0; i < len; i++) total += t->p[r * len + i];
-        store_row(out, out_row + r * dim, t->acc + r * dim, dim, 1.0f / total, is_bf16);
-    }
 }
 
 /* q [batch, heads, dim] (strides q_b, q_h; dim contiguous); k, v: the pool [slots, kv_heads, dim] contiguous;
    table [batch, table_stride] int64 blocks; lens [batch] int32 context lengths; out [batch, heads, dim]
-   contiguous. One task per sequence (per_sequence), else per (sequence, kv head) where sequences are too few to
-   keep the threads busy. */
+   contiguous. Each sequence's context in `splits` stretches of whole blocks, a task each (more than one where
+   sequences are too few to keep the threads busy), their rows merged after by their tops: a task reads whole
+   blocks (a task per kv head read 1/kv_heads of each slot, scattered: 3-5x slower from DRAM). */
 INLINE void paged_decode(const void *q, const void *k, const void *v, const int64_t *table, const int32_t *lens,
                          void *out, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
-                         int64_t q_b, int64_t q_h, int64_t table_stride, float scale, int per_sequence, int threads,
+                         int64_t q_b, int64_t q_h, int64_t table_stride, float scale, int64_t splits, int threads,
                          int is_bf16) {
-    const int64_t group = heads / kv_heads, kv_count = per_sequence ? kv_heads : 1, splits = kv_heads / kv_count;
-    #pragma omp parallel for schedule(dynamic, 1) num_threads(threads)
-    for (int64_t task = 0; task < batch * splits; task++) {
-        const int64_t s = task / splits, h = task % splits * kv_count, len = lens[s];
-        float *work = malloc(sizeof(float) * (kv_count * group * (2 * dim + len) + kv_count * dim));
-        Task t = {q, k, v, table + s * table_stride, s * q_b + h * group * q_h, q_h, h * dim, len, block_size,
-                  kv_heads * dim, kv_count, group, kv_count * group, is_bf16 ? 2 : 4, scale, NULL, NULL};
-        const int64_t out_row = (s * heads + h * group) * dim;
-        if (dim == 64) attend(&t, 64, is_bf16, work, out, out_row);
-        else if (dim == 128) attend(&t, 128, is_bf16, work, out, out_row);
-        else attend(&t, dim, is_bf16, work, out, out_row);
-        free(work);
+    /* A task's rows: acc [heads, dim], then top [heads] and total [heads]. */
+    const int64_t part = heads * (dim + 2);
+    float *parts = malloc(sizeof(float) * batch * splits * part);
+    #pragma omp parallel num_threads(threads)
+    {
+        #pragma omp for schedule(dynamic, 1)
+        for (int64_t task = 0; task < batch * splits; task++) {
+            const int64_t s = task / splits, len = lens[s];
+            const int64_t stretch = ((len + splits - 1) / splits + block_size - 1) / block_size * block_size;
+            const int64_t from = task % splits * stretch, n = len - from < stretch ? len - from : stretch;
+            float *rows = parts + task * part, *top = rows + heads * dim, *total = top + heads;
+            if (n <= 0) {  /* a stretch past a short context: nothing in the merge */
+                for (int64_t r = 0; r < heads; r++) top[r] = -INFINITY, total[r] = 0.0f;
+                memset(rows, 0, sizeof(float) * heads * dim);
+                continue;
+            }
+            float *work = malloc(sizeof(float) * (heads * (2 * dim + n + 2) + kv_heads * dim));
+            Task t = {q, k, v, table + s * table_stride + from / block_size, s * q_b, q_h, n, block_size,
+                      kv_heads * dim, kv_heads, heads / kv_heads, heads, is_bf16 ? 2 : 4, scale, NULL, NULL};
+            if (dim == 64) attend(&t, 64, is_bf16, work, top, total);
+            else if (dim == 128) attend(&t, 128, is_bf16, work, top, total);
+            else attend(&t, dim, is_bf16, work, top, total);
+            memcpy(rows, t.acc, sizeof(float) * heads * dim);
+            free(work);
+        }
+        #pragma omp for
+        for (int64_t row = 0; row < batch * heads; row++) {  /* a sequence's stretches: rescaled to one top */
+            const int64_t s = row / heads, r = row % heads;
+            const float *first = parts + s * splits * part;
+            float top = -INFINITY, total = 0.0f, acc[dim];
+            for (int64_t i = 0; i < splits; i++) top = fmaxf(top, first[i * part + heads * dim + r]);
+            memset(acc, 0, sizeof(float) * dim);
+            for (int64_t i = 0; i < splits; i++) {
+                const float *rows = first + i * part, w = expf(rows[heads * dim + r] - top);
+                total += w * rows[heads * dim + heads + r];
+                for (int64_t d = 0; d < dim; d++) acc[d] += w * rows[r * dim + d];
+            }
+            store_row(out, row * dim, acc, dim, 1.0f / total, is_bf16);
+        }
     }
+    free(parts);
 }
 
 #define ENTRY(NAME, IS_BF16)                                                                                    \
     void NAME(const void *q, const void *k, const void *v, const int64_t *table, const int32_t *lens, void *out, \
               int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size, int64_t q_b,     \
-              int64_t q_h, int64_t table_stride, float scale, int per_sequence, int threads) {                 \
+              int64_t q_h, int64_t table_stride, float scale, int64_t splits, int threads) {                   \
         paged_decode(q, k, v, table, lens, out, batch, heads, kv_heads, dim, block_size, q_b, q_h, table_stride, \
-                     scale, per_sequence, threads, IS_BF16);                                                    \
+                     scale, splits, threads, IS_BF16);                                                          \
     }
 ENTRY(paged_decode_f32, 0)
 ENTRY(paged_decode_bf16, 1)
 """
 _ENTRY = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
-_SIGNATURE = (PTR,) * 6 + (I64,) * 8 + (F32, INT, INT)
+_SIGNATURE = (PTR,) * 6 + (I64,) * 8 + (F32, I64, INT)
 
 
 def library() -> ctypes.CDLL | None:
@@ -234,15 +314,15 @@ def library() -> ctypes.CDLL | None:
 def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
                   lens: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
     """q [batch, heads, dim]; the pool's views [slots, kv_heads, dim]; table [batch, width] int64 blocks; lens
-    [batch] int32 -> [batch, heads, dim]. A task per sequence reads each slot's kv heads as one run; with fewer
-    sequences than two per thread, a task per (sequence, kv head) keeps the threads busy."""
-    threads = torch.get_num_threads()
-    return launch(q, k_cache, v_cache, table, lens, scale, block_size, q.shape[0] >= 2 * threads, threads)
+    [batch] int32 -> [batch, heads, dim]. A task per sequence; with fewer sequences than two per thread, each
+    context in stretches, a task each, to keep the threads busy."""
+    threads, batch = torch.get_num_threads(), q.shape[0]
+    return launch(q, k_cache, v_cache, table, lens, scale, block_size, -(-2 * threads // batch), threads)
 
 
 def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
-           scale: float, block_size: int, per_sequence: bool, threads: int) -> torch.Tensor:
-    """The kernel with its task layout and thread count named."""
+           scale: float, block_size: int, splits: int, threads: int) -> torch.Tensor:
+    """The kernel with its tasks (splits: stretches of each context) and thread count named."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     # The C code reads raw memory: indices in the widths it declares, the pool as whole rows.
@@ -254,7 +334,7 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table:
     getattr(library(), _ENTRY[q.dtype])(
         q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(), lens.data_ptr(), out.data_ptr(),
         b, heads, k_cache.shape[1], dim, block_size, q.stride(0), q.stride(1), table.stride(0), scale,
-        per_sequence, threads)
+        splits, threads)
     return out
 
 
@@ -276,8 +356,8 @@ class CPUPagedDecode:
 
 @functools.cache  # once per dtype, head size and process
 def checks_out(dtype: torch.dtype, head_dim: int) -> bool:
-    """The kernel compiles and, on a small ragged batch over shuffled blocks with grouped query heads, in both task
-    layouts, matches attention computed densely in float64: to float32's accuracy, or within one bfloat16 step
+    """The kernel compiles and, on a small ragged batch over shuffled blocks with grouped query heads, each context
+    whole and in 3 stretches, matches attention computed densely in float64: to float32's accuracy, or within one bfloat16 step
     of the output."""
     if dtype not in _ENTRY or library() is None:
         return False
@@ -289,7 +369,7 @@ def checks_out(dtype: torch.dtype, head_dim: int) -> bool:
     k, v = (torch.randn((len(blocks) * block_size, kv_heads, dim), generator=gen).to(dtype) for _ in range(2))
     q = torch.randn((len(lens), kv_heads * group, dim), generator=gen).to(dtype)
     lengths = torch.tensor(lens, dtype=torch.int32)
-    runs = [launch(q, k, v, table, lengths, dim ** -0.5, block_size, per_sequence, 2) for per_sequence in (True, False)]
+    runs = [launch(q, k, v, table, lengths, dim ** -0.5, block_size, splits, 2) for splits in (1, 3)]
     for (s, n), got in itertools.product(enumerate(lens), runs):
         slots = (table[s, :, None] * block_size + torch.arange(block_size)).flatten()[:n]
         keys, values = (x[slots].double().repeat_interleave(group, 1).transpose(0, 1) for x in (k, v))
