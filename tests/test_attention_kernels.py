@@ -411,11 +411,11 @@ def test_compiled_model_in_the_decode_graph_buffers_with_the_paged_kernel_matche
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("splits", [1, 3, 40])
-@pytest.mark.parametrize("shape", [(4, 4, 8), (6, 2, 12), (9, 3, 64), (16, 8, 128), (4, 1, 96)])
+@pytest.mark.parametrize("shape", [(4, 4, 8), (6, 2, 12), (9, 3, 64), (16, 8, 128), (4, 1, 96), (16, 2, 64)])
 def test_cpu_paged_decode_matches_dense_attention(shape, dtype, splits):
     """The compiled C kernel with each context whole, in 3 stretches, and in more stretches than most contexts have
     blocks (empty ones merged in), head sizes on its unrolled (64, 128), AVX512-BF16 (multiples of 32, where the
-    CPU has it) and generic paths, against dense attention."""
+    CPU has it) and generic paths, groups of 1 to 8 query heads a kv head, against dense attention."""
     require_c_kernels(cpu_paged_decode.library())
     attn, q, ctx, want = paged_decode_case(*shape, lengths=[1, 4, 5, 37, 16, 70, 300], seed=sum(shape))
     attn.k_cache, attn.v_cache, q = attn.k_cache.to(dtype), attn.v_cache.to(dtype), q.to(dtype)
