@@ -3,10 +3,11 @@
 PyTorch has no CPU kernel that reads keys through a block table, so the portable decode (GatherDecode) copies
 every decode's whole blocks into a dense batch and runs one masked SDPA over it: at 32 SmolLM2 decodes of ~140
 tokens the copies and the padded attention were ~30% of a bf16 step on a 2-core Xeon (README). Here one OpenMP task per
-sequence (per sequence and kv head where sequences are few) walks its context through the block table: each
-slot's keys are read once from the pool and multiplied with their kv head's query rows (GQA without copies),
-then the softmax, then the values are read: no copy, no padding. float32 and bfloat16 pools (the CPU's serving
-dtypes), products and softmax in float32, the output rounded once.
+sequence (where sequences are few, per stretch of whole blocks of a context, merged after) walks its context
+through the block table: each block's keys are read once from the pool and multiplied with their kv head's query
+rows (GQA without copies), then the softmax, then the values are read block by block: no copy, no padding. float32
+and bfloat16 pools (the CPU's serving dtypes), products and softmax in float32, the output rounded once; AVX-512
+vectors for float32, and for bf16 where the CPU has AVX512-BF16 (head sizes of 32s), portable loops elsewhere.
 
 The C source is compiled on the machine (engine.c_kernels); where no compiler builds it or the kernel does not
 match dense attention at start-up, the engine keeps GatherDecode."""
@@ -113,7 +114,7 @@ INLINE void weighted_values(const Task *t, const int64_t dim, int is_bf16, float
         }
 }
 
-#if defined(__AVX512BF16__)
+#if defined(__AVX512F__)
 /* Lane j: the sum of v[SUM16_SLOT[j]]'s lanes. Halves of 512, then 256 bits added across pairs of vectors, then
    pairs of lanes, then lanes: ~45 vector ops for 16 sums, where one sum alone takes ~8. */
 static const int SUM16_SLOT[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
@@ -131,24 +132,49 @@ INLINE __m512 sum16(const __m512 *v) {
 
 INLINE __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
 
-/* bf16 with AVX512-BF16, dim a multiple of 32: products of bf16 pairs summed in float32 (keys never converted),
-   16 slots' scores at a time for each query row, their sums added across lanes together (sum16). */
-INLINE void scores_bf16(const Task *t, const int64_t dim) {
+/* A query row's products with one key row: bf16 pairs summed in float32 by AVX512-BF16 (keys never converted),
+   or float32 by fused multiply-adds; dim a multiple of 32. */
+INLINE __m512 dot_avx512(const void *q, const void *k, const int64_t dim, int is_bf16) {
+    __m512 sum = _mm512_setzero_ps();
+#if defined(__AVX512BF16__)
+    if (is_bf16) {
+        for (int64_t d = 0; d < dim; d += 32)
+            sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512((const uint16_t *)q + d),
+                                   (__m512bh)_mm512_loadu_si512((const uint16_t *)k + d));
+        return sum;
+    }
+#endif
+    for (int64_t d = 0; d < dim; d += 16)
+        sum = _mm512_fmadd_ps(_mm512_loadu_ps((const float *)q + d), _mm512_loadu_ps((const float *)k + d), sum);
+    return sum;
+}
+
+/* 32 columns of a value row in float32: bf16 widened, or float32 as it is. */
+INLINE void value_avx512(const void *v, int64_t i, int is_bf16, __m512 *lo, __m512 *hi) {
+    if (is_bf16) {
+        const __m512i words = _mm512_loadu_si512((const uint16_t *)v + i);
+        *lo = bf16_to_f32(_mm512_castsi512_si256(words));
+        *hi = bf16_to_f32(_mm512_extracti64x4_epi64(words, 1));
+    } else {
+        *lo = _mm512_loadu_ps((const float *)v + i);
+        *hi = _mm512_loadu_ps((const float *)v + i + 16);
+    }
+}
+
+/* AVX-512 (bf16 pools with AVX512-BF16 only), dim a multiple of 32: 16 slots' scores at a time for each query
+   row, their sums added across lanes together (sum16). */
+INLINE void scores_avx512(const Task *t, const int64_t dim, int is_bf16) {
     TASK_FIELDS(t);
     FOR_EACH_BLOCK(t->k)
         for (int64_t i0 = 0; i0 < n; i0 += 16) {
             const int64_t m = n - i0 < 16 ? n - i0 : 16;
             for (int64_t r = 0; r < rows; r++) {
-                const uint16_t *qr = (const uint16_t *)t->q + t->q_row + r * t->q_h;
-                const uint16_t *kr = (const uint16_t *)t->k + base + i0 * slot_stride + r / group * dim;
+                const char *qr = (const char *)t->q + (t->q_row + r * t->q_h) * t->bytes;
+                const char *kr = (const char *)t->k + (base + i0 * slot_stride + r / group * dim) * t->bytes;
                 __m512 dots[16];
-                for (int j = 0; j < 16; j++) {
-                    __m512 sum = _mm512_setzero_ps();
-                    for (int64_t d = 0; j < m && d < dim; d += 32)
-                        sum = _mm512_dpbf16_ps(sum, (__m512bh)_mm512_loadu_si512(qr + d),
-                                               (__m512bh)_mm512_loadu_si512(kr + j * slot_stride + d));
-                    dots[SUM16_SLOT[j]] = sum;
-                }
+                for (int j = 0; j < 16; j++)
+                    dots[SUM16_SLOT[j]] = j < m ? dot_avx512(qr, kr + j * slot_stride * t->bytes, dim, is_bf16)
+                                                : _mm512_setzero_ps();
                 _mm512_mask_storeu_ps(p + r * len + start + i0, first_lanes(m),
                                       _mm512_mul_ps(sum16(dots), _mm512_set1_ps(t->scale)));
             }
@@ -174,7 +200,7 @@ INLINE void exp_rows_avx512(float *p, int64_t rows, int64_t len, float *top_out,
     }
 }
 
-INLINE void weighted_values_bf16(const Task *t, const int64_t dim) {
+INLINE void weighted_values_avx512(const Task *t, const int64_t dim, int is_bf16) {
     TASK_FIELDS(t);
     memset(acc, 0, sizeof(float) * rows * dim);
     /* Blocks outermost: each is read from memory once (a walk of the whole stretch per kv head and 32 columns
@@ -190,10 +216,8 @@ INLINE void weighted_values_bf16(const Task *t, const int64_t dim) {
                     hi[j] = _mm512_loadu_ps(acc + (r0 + j) * dim + c + 16);
                 }
                 for (int64_t i = 0; i < n; i++) {
-                    const __m512i words = _mm512_loadu_si512((const uint16_t *)t->v + base + i * slot_stride
-                                                             + kv * dim + c);
-                    const __m512 a = bf16_to_f32(_mm512_castsi512_si256(words));
-                    const __m512 b = bf16_to_f32(_mm512_extracti64x4_epi64(words, 1));
+                    __m512 a, b;
+                    value_avx512(t->v, base + i * slot_stride + kv * dim + c, is_bf16, &a, &b);
                     for (int64_t j = 0; j < nr; j++) {
                         const __m512 w = _mm512_set1_ps(p[(r0 + j) * len + start + i]);
                         lo[j] = _mm512_fmadd_ps(w, a, lo[j]);
@@ -228,16 +252,18 @@ INLINE void attend(Task *t, const int64_t dim, int is_bf16, float *work, float *
     t->acc = slot + t->kv_heads * dim;
     t->p = t->acc + rows * dim;
 #if defined(__AVX512BF16__)
-    const int fast = is_bf16 && dim % 32 == 0;
+    const int fast = dim % 32 == 0;
+#elif defined(__AVX512F__)
+    const int fast = !is_bf16 && dim % 32 == 0;
 #else
     const int fast = 0;  /* no vector paths compiled: their calls below are never taken, and must not be undeclared */
-#define scores_bf16(t, dim) ((void)0)
+#define scores_avx512(t, dim, is_bf16) ((void)0)
 #define exp_rows_avx512(p, rows, len, top, total) ((void)0)
-#define weighted_values_bf16(t, dim) ((void)0)
+#define weighted_values_avx512(t, dim, is_bf16) ((void)0)
 #endif
-    if (fast) scores_bf16(t, dim); else scores(t, dim, is_bf16, qf, slot);
+    if (fast) scores_avx512(t, dim, is_bf16); else scores(t, dim, is_bf16, qf, slot);
     if (fast) exp_rows_avx512(t->p, rows, len, top, total); else exp_rows(t->p, rows, len, top, total);
-    if (fast) weighted_values_bf16(t, dim); else weighted_values(t, dim, is_bf16, slot);
+    if (fast) weighted_values_avx512(t, dim, is_bf16); else weighted_values(t, dim, is_bf16, slot);
 }
 
 /* q [batch, heads, dim] (strides q_b, q_h; dim contiguous); k, v: the pool [slots, kv_heads, dim] contiguous;
