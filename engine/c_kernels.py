@@ -19,7 +19,7 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPI
 I64, PTR, F32, INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 
 # Shared by the sources: bf16 words to float32 and back (to nearest even, as torch rounds; NaN stays NaN), and
-# with AVX-512 sixteen at a time to float32, and a vector exp.
+# with AVX-512 sixteen at a time to float32, a vector exp, 16 vectors' sums at once and a 16 x 16 transpose.
 BF16 = r"""
 #include <stdint.h>
 #include <string.h>
@@ -48,6 +48,71 @@ INLINE __m512 exp_ps(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(6.93147182e-1f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
+}
+
+/* Lane j: the sum of v[SUM16_SLOT[j]]'s lanes. Halves of 512, then 256 bits added across pairs of vectors, then
+   pairs of lanes, then lanes: ~45 vector ops for 16 sums, where one sum alone takes ~8. */
+static const int SUM16_SLOT[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+INLINE __m512 sum16(const __m512 *v) {
+    __m512 a[8], b[4], c[2];
+    for (int i = 0; i < 8; i++)
+        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xee));
+    for (int i = 0; i < 4; i++)
+        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x88), _mm512_shuffle_f32x4(a[i], a[i + 4], 0xdd));
+    for (int i = 0; i < 2; i++)
+        c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[i], b[i + 2]), _mm512_unpackhi_ps(b[i], b[i + 2]));
+    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))),
+                         _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))));
+}
+
+/* A 16 x 16 block of 32-bit words transposed in registers: 4 x 4 blocks within each 128-bit lane, then the lanes. */
+INLINE void transpose_16x16(__m512i r[16]) {
+    __m512i t[16];
+    for (int i = 0; i < 16; i += 2) {
+        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
+        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
+    }
+    for (int i = 0; i < 16; i += 4) {  /* r[i + c], lane L: column 4 L + c of rows i to i + 3 */
+        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
+        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
+        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
+        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
+    }
+    for (int c = 0; c < 4; c++) {  /* row 4 L + c: lane L of r[c], r[4 + c], r[8 + c], r[12 + c] */
+        const __m512i ab_lo = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44);
+        const __m512i ab_hi = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xee);
+        const __m512i cd_lo = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
+        const __m512i cd_hi = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xee);
+        t[c] = _mm512_shuffle_i32x4(ab_lo, cd_lo, 0x88);
+        t[4 + c] = _mm512_shuffle_i32x4(ab_lo, cd_lo, 0xdd);
+        t[8 + c] = _mm512_shuffle_i32x4(ab_hi, cd_hi, 0x88);
+        t[12 + c] = _mm512_shuffle_i32x4(ab_hi, cd_hi, 0xdd);
+    }
+    for (int i = 0; i < 16; i++) r[i] = t[i];
+}
+#endif
+"""
+
+# For sources with AMX tile products (after BF16): AMX is compiled where the CPU has AMX-BF16 and AVX512-BF16 (on
+# Linux, which lends the tiles), and every tile is 16 rows of 64 bytes.
+AMX = r"""
+#if defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#define AMX 1
+#include <sys/syscall.h>
+#include <unistd.h>
+
+/* Linux lends the AMX tile registers to a process that asks (torch's oneDNN asks too; asking again is free). */
+INLINE int amx_permitted(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) == 0; }
+
+/* Every tile 16 rows of 64 bytes: 16 x 32 bf16, 16 x 16 bf16 pairs or 16 x 16 float32. */
+typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileConfig;
+
+INLINE void configure_tiles(void) {  /* per thread: the tile configuration is a thread's state */
+    TileConfig c;
+    memset(&c, 0, sizeof c);
+    c.palette = 1;
+    for (int t = 0; t < 8; t++) { c.colsb[t] = 64; c.rows[t] = 16; }
+    _tile_loadconfig(&c);
 }
 #endif
 """

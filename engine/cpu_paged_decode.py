@@ -115,21 +115,6 @@ INLINE void weighted_values(const Task *t, const int64_t dim, int is_bf16, float
 }
 
 #if defined(__AVX512F__)
-/* Lane j: the sum of v[SUM16_SLOT[j]]'s lanes. Halves of 512, then 256 bits added across pairs of vectors, then
-   pairs of lanes, then lanes: ~45 vector ops for 16 sums, where one sum alone takes ~8. */
-static const int SUM16_SLOT[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
-INLINE __m512 sum16(const __m512 *v) {
-    __m512 a[8], b[4], c[2];
-    for (int i = 0; i < 8; i++)
-        a[i] = _mm512_add_ps(_mm512_shuffle_f32x4(v[i], v[i + 8], 0x44), _mm512_shuffle_f32x4(v[i], v[i + 8], 0xee));
-    for (int i = 0; i < 4; i++)
-        b[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[i], a[i + 4], 0x88), _mm512_shuffle_f32x4(a[i], a[i + 4], 0xdd));
-    for (int i = 0; i < 2; i++)
-        c[i] = _mm512_add_ps(_mm512_unpacklo_ps(b[i], b[i + 2]), _mm512_unpackhi_ps(b[i], b[i + 2]));
-    return _mm512_add_ps(_mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))),
-                         _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(c[0]), _mm512_castps_pd(c[1]))));
-}
-
 INLINE __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
 
 /* A query row's products with one key row: bf16 pairs summed in float32 by AVX512-BF16 (keys never converted),

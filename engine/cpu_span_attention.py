@@ -18,33 +18,19 @@ import logging
 import torch
 
 from engine.attention import read_kv
-from engine.c_kernels import BF16, F32, I64, INT, PTR, build
+from engine.c_kernels import AMX, BF16, F32, I64, INT, PTR, build
 from engine.context import Context
 
 log = logging.getLogger(__name__)
 
-_SOURCE = BF16 + r"""
+_SOURCE = BF16 + AMX + r"""
 #include <math.h>
 #include <stdlib.h>
 
-#if defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
-#include <sys/syscall.h>
-#include <unistd.h>
+#if defined(AMX)
 #define ROWS 16  /* a tile's rows: the query rows a task takes at a time */
 
-/* Linux lends the AMX tile registers to a process that asks (torch's oneDNN asks too; asking again is free). */
-int span_attention_built(void) { return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18) == 0; }
-
-/* Every tile 16 rows of 64 bytes: 16 x 32 bf16, 16 x 16 bf16 pairs or 16 x 16 float32. */
-typedef struct { uint8_t palette, start_row, reserved[14]; uint16_t colsb[16]; uint8_t rows[16]; } TileConfig;
-
-INLINE void configure_tiles(void) {
-    TileConfig c;
-    memset(&c, 0, sizeof c);
-    c.palette = 1;
-    for (int t = 0; t < 8; t++) { c.colsb[t] = 64; c.rows[t] = 16; }
-    _tile_loadconfig(&c);
-}
+int span_attention_built(void) { return amx_permitted(); }
 
 /* 2^y for y <= 0: 2^floor(y) by scalef (0 below the smallest float) times a cubic for 2^f, f in [0, 1):
    relative error 7.5e-5, where the weights are then rounded to bf16 (3.9e-3). */
@@ -54,32 +40,6 @@ INLINE __m512 exp2_ps(__m512 y) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.6958351187f));
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(0.9999249175f));
     return _mm512_scalef_ps(p, n);
-}
-
-/* A 16 x 16 block of 32-bit words transposed in registers: 4 x 4 blocks within each 128-bit lane, then the lanes. */
-INLINE void transpose_16x16(__m512i r[16]) {
-    __m512i t[16];
-    for (int i = 0; i < 16; i += 2) {
-        t[i] = _mm512_unpacklo_epi32(r[i], r[i + 1]);
-        t[i + 1] = _mm512_unpackhi_epi32(r[i], r[i + 1]);
-    }
-    for (int i = 0; i < 16; i += 4) {  /* r[i + c], lane L: column 4 L + c of rows i to i + 3 */
-        r[i] = _mm512_unpacklo_epi64(t[i], t[i + 2]);
-        r[i + 1] = _mm512_unpackhi_epi64(t[i], t[i + 2]);
-        r[i + 2] = _mm512_unpacklo_epi64(t[i + 1], t[i + 3]);
-        r[i + 3] = _mm512_unpackhi_epi64(t[i + 1], t[i + 3]);
-    }
-    for (int c = 0; c < 4; c++) {  /* row 4 L + c: lane L of r[c], r[4 + c], r[8 + c], r[12 + c] */
-        const __m512i ab_lo = _mm512_shuffle_i32x4(r[c], r[4 + c], 0x44);
-        const __m512i ab_hi = _mm512_shuffle_i32x4(r[c], r[4 + c], 0xee);
-        const __m512i cd_lo = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0x44);
-        const __m512i cd_hi = _mm512_shuffle_i32x4(r[8 + c], r[12 + c], 0xee);
-        t[c] = _mm512_shuffle_i32x4(ab_lo, cd_lo, 0x88);
-        t[4 + c] = _mm512_shuffle_i32x4(ab_lo, cd_lo, 0xdd);
-        t[8 + c] = _mm512_shuffle_i32x4(ab_hi, cd_hi, 0x88);
-        t[12 + c] = _mm512_shuffle_i32x4(ab_hi, cd_hi, 0xdd);
-    }
-    for (int i = 0; i < 16; i++) r[i] = t[i];
 }
 
 /* Lanes [0, 16) of a 16-key block from key `first` that are keys below `valid`. */
@@ -215,11 +175,11 @@ void span_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v
                          const int64_t *starts, const int64_t *key_starts, int64_t spans, int64_t heads,
                          int64_t kv_heads, int64_t dim, int64_t q_t, int64_t k_t, int64_t v_t, float scale, int causal,
                          int threads) {
-#if defined(__AMX_BF16__) && defined(__AVX512BF16__) && defined(__linux__)
+#if defined(AMX)
     const int64_t group = heads / kv_heads;
     #pragma omp parallel num_threads(threads)
     {
-        configure_tiles();  /* per thread: the tile configuration is a thread's state */
+        configure_tiles();
         #pragma omp for schedule(dynamic, 1)
         for (int64_t task = 0; task < spans * kv_heads; task++) {
             const int64_t sp = task / kv_heads, g = task % kv_heads, first = starts[sp], kfirst = key_starts[sp];

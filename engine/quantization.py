@@ -26,6 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from engine import cpu_int8
 from engine.int4_linear import Int4Linear
 from engine.opaque_op import opaque_op
 from engine.row_count_branch import by_row_count
@@ -44,6 +45,10 @@ INT_MM_ALIGNMENT = 8
 # Rows up to which the CPU int8 x bf16 kernel beats dequantize + fp32 matmul (2 threads, SmolLM2's shapes:
 # the kernel wins up to 64 rows for every projection and the logits head, they tie at 128; README).
 CPU_INT8_KERNEL_MAX_ROWS = 64
+# bf16 layers on a CPU with AMX (engine.cpu_int8): torch's kernel up to 4 rows, the AMX kernel up to 512, the
+# dequantized product above (2-core AMX Xeon, SmolLM2's shapes: torch's kernel 1.1-2.3x faster at 1-4 rows, the AMX
+# one 1.1-1.9x at 8 and 5-10x at 32-128; it ties the dequantized product at ~1,024 rows, 0.3-0.8x at 2,048-8,192).
+CPU_AMX_INT8_ROWS = (4, 512)
 
 
 def quantize_int8(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -96,6 +101,18 @@ def _int8_kernel_mm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
 def _cpu_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
     out = by_row_count(CPU_INT8_KERNEL_MAX_ROWS, _int8_kernel_mm, _dequantized_mm, x.reshape(-1, x.shape[-1]),
                        layer.qweight, layer.scale, layer.scale_bf16)
+    return out.view(*x.shape[:-1], -1)
+
+
+def _amx_int8_or_dequantized_mm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                                scale_bf16: torch.Tensor) -> torch.Tensor:
+    return by_row_count(CPU_AMX_INT8_ROWS[1], lambda r, q, s, _: cpu_int8.matmul(r, q, s), _dequantized_mm, rows,
+                        qweight, scale, scale_bf16)
+
+
+def _cpu_amx_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
+    out = by_row_count(CPU_AMX_INT8_ROWS[0], _int8_kernel_mm, _amx_int8_or_dequantized_mm,
+                       x.reshape(-1, x.shape[-1]), layer.qweight, layer.scale, layer.scale_bf16)
     return out.view(*x.shape[:-1], -1)
 
 
@@ -230,7 +247,10 @@ def select_matmul(layer: "QuantizedLinear", compiled: bool = False):
         if not on_cpu:
             return _gpu_w8a8_matmul if layer.int_mm else _portable_w8a8_matmul
         return _cpu_fused_w8a8_matmul if compiled else _cpu_w8a8_matmul
-    return _cpu_matmul if on_cpu else _portable_matmul
+    if not on_cpu:
+        return _portable_matmul
+    amx = layer.dtype == torch.bfloat16 and layer.qweight.shape[1] % 32 == 0 and cpu_int8.checks_out()
+    return _cpu_amx_matmul if amx else _cpu_matmul
 
 
 class QuantizedLinear(nn.Module):

@@ -8,8 +8,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers as T
-from conftest import assert_pool_free, require_c_kernels, sentence
-from engine import LLM, EngineConfig, SamplingParams, cpu_int4
+from conftest import assert_pool_free, require_amx_kernel, require_c_kernels, sentence
+from engine import LLM, EngineConfig, SamplingParams, cpu_int4, cpu_int8
 from engine import int4_linear as I4
 from engine import quantization as Q
 
@@ -179,6 +179,40 @@ def test_int8_linear_matches_its_dequantized_weights_on_cpu(rows, monkeypatch):
     assert got.dtype == x.dtype and got.shape == (rows, 48)
 
 
+@pytest.mark.parametrize("out_features, in_features", [(40, 96), (100, 64), (32, 32)])
+def test_the_amx_int8_kernel_gives_the_float_product(out_features, in_features):
+    """int8 weights x bf16 rows by AMX tiles (engine.cpu_int8): a partial block of channels, one tile of inputs or
+    several, 1 to 33 rows (one tile of rows, one more), strided rows; one bf16 rounding from the exact product."""
+    require_amx_kernel(cpu_int8.library())
+    assert cpu_int8.checks_out()
+    gen = torch.Generator().manual_seed(out_features)
+    q = torch.randint(-128, 128, (out_features, in_features), generator=gen, dtype=torch.int8)
+    scale = torch.rand(out_features, generator=gen) / 64
+    for rows in (1, 5, 16, 17, 33):
+        x = torch.randn(rows, in_features + 32, generator=gen).bfloat16()[:, 16:16 + in_features]
+        want = (x.double() @ q.double().t()) * scale.double()
+        torch.testing.assert_close(cpu_int8.matmul(x, q, scale).double(), want, rtol=2 ** -8, atol=1e-6)
+
+
+def test_bf16_int8_layers_on_amx_take_torchs_kernel_then_the_amx_one_then_the_dequantized_product(monkeypatch):
+    require_amx_kernel(cpu_int8.library())
+    torch.manual_seed(0)
+    w, b = torch.randn(48, 64).bfloat16(), torch.randn(48).bfloat16()
+    layer = Q.QuantizedLinear(w, b)
+    calls = []
+    torch_kernel, amx_kernel = torch._weight_int8pack_mm, cpu_int8.matmul
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append("torch") or torch_kernel(*a))
+    monkeypatch.setattr(cpu_int8, "matmul", lambda *a: calls.append("amx") or amx_kernel(*a))
+    small, large = Q.CPU_AMX_INT8_ROWS
+    for rows, path in ((1, "torch"), (small, "torch"), (small + 1, "amx"), (large, "amx"), (large + 1, None)):
+        calls.clear()
+        x = torch.randn(rows, 64).bfloat16()
+        got = layer(x)
+        assert calls == ([path] if path else []) and got.dtype == torch.bfloat16 and got.shape == (rows, 48)
+        want = F.linear(x.float(), layer.weight.float(), b.float())  # got: the product rounded, then the bias added
+        torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=1e-1)
+
+
 def test_portable_int8_matmul_matches_dequantized_weights():
     torch.manual_seed(0)
     w, x = torch.randn(32, 40), torch.randn(5, 40)
@@ -304,14 +338,16 @@ def test_quantized_activations_scale_each_token_alone(method):
     assert torch.equal(together, alone) if method == "w8a8" else torch.allclose(together, alone, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("method", Q.QUANTIZATION_METHODS)
-def test_compiled_quantized_layers_compute_the_same_numbers(method):
+@pytest.mark.parametrize("method, dtype", [*((m, torch.float32) for m in Q.QUANTIZATION_METHODS),
+                                           ("int8", torch.bfloat16), ("int4", torch.bfloat16)])
+def test_compiled_quantized_layers_compute_the_same_numbers(method, dtype):
     """torch_compile compiles these layers inside the decode graph, and w8a8's alone for prefill-sized
-    inputs: the activations' scales and quantized values, and the rescaled product, stay bit for bit eager's."""
+    inputs: the activations' scales and quantized values, and the rescaled product, stay bit for bit eager's
+    (int8 in bf16 on each of its three branches on the row count where the CPU has AMX)."""
     torch.manual_seed(2)
-    layer = Q.quantized_linear(torch.randn(48, 64), torch.randn(48), method)
-    inputs = [torch.randn(rows, 64) * torch.logspace(-2, 2, rows)[:, None]
-              for rows in (1, 5, 3 * max(Q.CPU_INT8_KERNEL_MAX_ROWS, I4.CPU_INT4_KERNEL_MAX_ROWS))]
+    layer = Q.quantized_linear(torch.randn(48, 64).to(dtype), torch.randn(48).to(dtype), method)
+    inputs = [(torch.randn(rows, 64) * torch.logspace(-2, 2, rows)[:, None]).to(dtype)
+              for rows in (1, 5, 3 * max(Q.CPU_INT8_KERNEL_MAX_ROWS, I4.CPU_INT4_KERNEL_MAX_ROWS), 600)]
     eager = [layer(x) for x in inputs]
     in_a_graph = torch.compile(layer.forward, dynamic=True)
     assert all(torch.equal(in_a_graph(x), want) for x, want in zip(inputs[:2], eager))
