@@ -16,11 +16,12 @@ from engine.c_kernels import BF16, I64, INT, PTR, build
 
 GROUP = 32  # input channels a scale and zero point cover: the C code's constant
 
-_SOURCE = BF16 + r"""
+# A group's weights in bf16 as vectors: shared with the AMX products of int4 weights (engine.cpu_amx_matmul).
+GROUP_WORDS = r"""
 #if defined(__AVX512BF16__)
-/* A group's 32 bf16 weights from its 16 bytes, as the scalar code rounds them (RNE after the scale and after the
-   zero point): the even channels (low nibbles) and the odd ones as two vectors, interleaved at the store. */
-static inline void group_bf16(const uint8_t *c, float scale, float zero, uint16_t *o) {
+/* A group's 32 bf16 weights from its 16 bytes, in channel order, as the scalar code rounds them (RNE after the scale
+   and after the zero point): the even channels (low nibbles) and the odd ones as two vectors, then interleaved. */
+INLINE __m512i group_words(const uint8_t *c, float scale, float zero) {
     const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128((const __m128i *)c));
     const __m512 eight = _mm512_set1_ps(8.0f), s = _mm512_set1_ps(scale), z = _mm512_set1_ps(zero);
     const __m512 even = _mm512_sub_ps(_mm512_cvtepi32_ps(_mm512_and_si512(bytes, _mm512_set1_epi32(15))), eight);
@@ -32,9 +33,12 @@ static inline void group_bf16(const uint8_t *c, float scale, float zero, uint16_
     const __m512i both = (__m512i)_mm512_cvtne2ps_pbh(_mm512_add_ps(odd2, z), _mm512_add_ps(even2, z));
     const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22, 6,
                                            21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
-    _mm512_storeu_si512(o, _mm512_permutexvar_epi16(order, both));
+    return _mm512_permutexvar_epi16(order, both);
 }
 #endif
+"""
+
+_SOURCE = BF16 + GROUP_WORDS + r"""
 
 /* codes [rows, in / 2] (low nibble: the even channel), scales [rows, in / GROUP, 2] float32 (scale, zero) ->
    out [rows, in]: (q - 8) * scale + zero, rounded to bf16 after each step as PyTorch's bf16 ops round, or float32.
@@ -50,8 +54,8 @@ void dequantize_int4(const uint8_t *codes, const float *scales, void *out, int64
             float w[GROUP];
 #if defined(__AVX512BF16__)
             if (is_bf16) {
-                group_bf16(c, bf16_load(bf16_round(scale)), bf16_load(bf16_round(zero)),
-                           (uint16_t *)out + r * in + g * GROUP);
+                _mm512_storeu_si512((uint16_t *)out + r * in + g * GROUP,
+                                    group_words(c, bf16_load(bf16_round(scale)), bf16_load(bf16_round(zero))));
                 continue;
             }
 #endif

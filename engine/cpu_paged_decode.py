@@ -368,8 +368,8 @@ class CPUPagedDecode:
 @functools.cache  # once per dtype, head size and process
 def checks_out(dtype: torch.dtype, head_dim: int) -> bool:
     """The kernel compiles and, on a small ragged batch over shuffled blocks with grouped query heads, each context
-    whole and in 3 stretches, matches attention computed densely in float64: to float32's accuracy, or within one bfloat16 step
-    of the output."""
+    whole and in 3 stretches, matches attention computed densely in float64: to float32's accuracy, or within one
+    bfloat16 step of the output."""
     if dtype not in _ENTRY or library() is None:
         return False
     gen = torch.Generator().manual_seed(0)

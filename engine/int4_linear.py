@@ -7,15 +7,16 @@ A decode step of a small batch on a CPU is bound by reading the weights, and 4 b
 
 On a CPU, up to CPU_INT4_KERNEL_MAX_ROWS rows take torch's int4 x bf16 kernel on its packed copy of the codes;
 its time grows with the rows much faster than a float matmul's, so more rows (prefill) dequantize the codes
-for one matmul in the serving dtype. Elsewhere (GPUs, a torch whose kernel is missing or computes otherwise)
-every call dequantizes: correct, not faster. Resident: the codes and the kernel's copy, a byte a weight."""
+for one matmul in the serving dtype; with AMX (bf16), rows between the two take engine.cpu_amx_matmul's tiles.
+Elsewhere (GPUs, a torch whose kernel is missing or computes otherwise) every call dequantizes: correct, not
+faster. Resident: the codes and the kernel's copy, a byte a weight."""
 import functools
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import cpu_int4
+from engine import cpu_amx_matmul, cpu_int4
 from engine.c_kernels import cpu_flags
 from engine.opaque_op import opaque_op
 from engine.row_count_branch import by_row_count
@@ -26,6 +27,11 @@ KERNEL_ROW_MULTIPLE = 16  # the CPU kernel takes output sizes in multiples of 16
 # an AMD EPYC with AVX512-BF16 (README); on a Xeon with AMX, whose bf16 products are ~5x faster, 16 (kernel
 # against dequantized product at 3,072 x 576: 346 / 333 us at 16 rows, 687 / 344 at 32).
 CPU_INT4_KERNEL_MAX_ROWS = 16 if "amx_bf16" in cpu_flags() else 64
+# bf16 layers where the AMX kernel checks out (engine.cpu_amx_matmul): torch's kernel up to 8 rows, the AMX one up to
+# 256, the dequantized product above (SmolLM2's projections, 2-core AMX Xeon: torch's kernel 1.2-1.3x faster at 8
+# rows, the AMX one 1.4-1.5x at 16 and 1.4-3x at 32-64 (against the dequantized product then), 1.03-1.17x at 256,
+# 0.5-1.3x from 1,024).
+CPU_INT4_AMX_ROWS = (8, 256)
 
 
 def quantize_int4(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -98,6 +104,12 @@ def _dequantized_mm(rows: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
     return F.linear(rows, dequantize_int4(codes, scales, rows.dtype))
 
 
+def _amx_or_dequantized_mm(rows: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
+                           *kernel_operands) -> torch.Tensor:
+    return by_row_count(CPU_INT4_AMX_ROWS[1], lambda r, c, s, *_: cpu_amx_matmul.int4_matmul(r, c, s), _dequantized_mm,
+                        rows, codes, scales, *kernel_operands)
+
+
 @functools.cache
 def cpu_kernel_checks_out() -> bool:
     """torch's CPU int4 kernel computes (q - 8) * scale + zero products (its packing and zero point convention
@@ -134,6 +146,8 @@ class Int4Linear(nn.Module):
             self.register_buffer("kernel_scales", kernel_scales)
             # Both paths compute the same weights: the kernel's bf16 scales.
             self.scales = kernel_scales[:, :weight.shape[0]].transpose(0, 1).float().contiguous()
+        # More rows than torch's kernel is fast at: AMX tiles where they check out, else the dequantized product.
+        self.amx = self.on_kernel and self.dtype == torch.bfloat16 and cpu_amx_matmul.checks_out()
 
     @property
     def emulated(self) -> bool:
@@ -147,7 +161,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if self.on_kernel:
+        if self.amx:
+            out = by_row_count(CPU_INT4_AMX_ROWS[0], _kernel_mm, _amx_or_dequantized_mm, rows, self.codes,
+                               self.scales, self.packed, self.kernel_scales)
+        elif self.on_kernel:
             out = by_row_count(CPU_INT4_KERNEL_MAX_ROWS, _kernel_mm, _dequantized_mm, rows, self.codes, self.scales,
                                self.packed, self.kernel_scales)
         else:

@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from engine import cpu_int8
+from engine import cpu_amx_matmul
 from engine.int4_linear import Int4Linear
 from engine.opaque_op import opaque_op
 from engine.row_count_branch import by_row_count
@@ -45,7 +45,7 @@ INT_MM_ALIGNMENT = 8
 # Rows up to which the CPU int8 x bf16 kernel beats dequantize + fp32 matmul (2 threads, SmolLM2's shapes:
 # the kernel wins up to 64 rows for every projection and the logits head, they tie at 128; README).
 CPU_INT8_KERNEL_MAX_ROWS = 64
-# bf16 layers on a CPU with AMX (engine.cpu_int8): torch's kernel up to 4 rows, the AMX kernel up to 512, the
+# bf16 layers on a CPU with AMX (engine.cpu_amx_matmul): torch's kernel up to 4 rows, the AMX kernel up to 512, the
 # dequantized product above (2-core AMX Xeon, SmolLM2's shapes: torch's kernel 1.1-2.3x faster at 1-4 rows, the AMX
 # one 1.1-1.9x at 8 and 5-10x at 32-128; it ties the dequantized product at ~1,024 rows, 0.3-0.8x at 2,048-8,192).
 CPU_AMX_INT8_ROWS = (4, 512)
@@ -106,8 +106,8 @@ def _cpu_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
 
 def _amx_int8_or_dequantized_mm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
                                 scale_bf16: torch.Tensor) -> torch.Tensor:
-    return by_row_count(CPU_AMX_INT8_ROWS[1], lambda r, q, s, _: cpu_int8.matmul(r, q, s), _dequantized_mm, rows,
-                        qweight, scale, scale_bf16)
+    return by_row_count(CPU_AMX_INT8_ROWS[1], lambda r, q, s, _: cpu_amx_matmul.int8_matmul(r, q, s),
+                        _dequantized_mm, rows, qweight, scale, scale_bf16)
 
 
 def _cpu_amx_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
@@ -249,7 +249,7 @@ def select_matmul(layer: "QuantizedLinear", compiled: bool = False):
         return _cpu_fused_w8a8_matmul if compiled else _cpu_w8a8_matmul
     if not on_cpu:
         return _portable_matmul
-    amx = layer.dtype == torch.bfloat16 and layer.qweight.shape[1] % 32 == 0 and cpu_int8.checks_out()
+    amx = layer.dtype == torch.bfloat16 and layer.qweight.shape[1] % 32 == 0 and cpu_amx_matmul.checks_out()
     return _cpu_amx_matmul if amx else _cpu_matmul
 
 

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 import transformers as T
 from conftest import assert_pool_free, require_amx_kernel, require_c_kernels, sentence
-from engine import LLM, EngineConfig, SamplingParams, cpu_int4, cpu_int8
+from engine import LLM, EngineConfig, SamplingParams, cpu_amx_matmul, cpu_int4
 from engine import int4_linear as I4
 from engine import quantization as Q
 
@@ -180,29 +180,36 @@ def test_int8_linear_matches_its_dequantized_weights_on_cpu(rows, monkeypatch):
 
 
 @pytest.mark.parametrize("out_features, in_features", [(40, 96), (100, 64), (32, 32)])
-def test_the_amx_int8_kernel_gives_the_float_product(out_features, in_features):
-    """int8 weights x bf16 rows by AMX tiles (engine.cpu_int8): a partial block of channels, one tile of inputs or
-    several, 1 to 33 rows (one tile of rows, one more), strided rows; one bf16 rounding from the exact product."""
-    require_amx_kernel(cpu_int8.library())
-    assert cpu_int8.checks_out()
+def test_the_amx_kernel_gives_the_float_product_of_int8_and_int4_weights(out_features, in_features):
+    """Quantized weights x bf16 rows by AMX tiles (engine.cpu_amx_matmul): a partial block of channels, one tile of
+    inputs or several, 1 to 33 rows (one tile of rows, one more), strided rows; one bf16 rounding from the exact
+    product of int8 weights (times their scales) and of int4's dequantized bf16 weights."""
+    require_amx_kernel(cpu_amx_matmul.library())
+    assert cpu_amx_matmul.checks_out()
     gen = torch.Generator().manual_seed(out_features)
     q = torch.randint(-128, 128, (out_features, in_features), generator=gen, dtype=torch.int8)
     scale = torch.rand(out_features, generator=gen) / 64
+    codes, groups = I4.quantize_int4(torch.randn(out_features, in_features, generator=gen))
+    codes = I4.pack_codes(codes)
+    int4_weights = I4.dequantize_int4(codes, groups, torch.bfloat16).double()
     for rows in (1, 5, 16, 17, 33):
         x = torch.randn(rows, in_features + 32, generator=gen).bfloat16()[:, 16:16 + in_features]
         want = (x.double() @ q.double().t()) * scale.double()
-        torch.testing.assert_close(cpu_int8.matmul(x, q, scale).double(), want, rtol=2 ** -8, atol=1e-6)
+        torch.testing.assert_close(cpu_amx_matmul.int8_matmul(x, q, scale).double(), want, rtol=2 ** -8, atol=1e-6)
+        want = x.double() @ int4_weights.t()
+        torch.testing.assert_close(cpu_amx_matmul.int4_matmul(x, codes, groups).double(), want, rtol=2 ** -8,
+                                   atol=1e-6)
 
 
 def test_bf16_int8_layers_on_amx_take_torchs_kernel_then_the_amx_one_then_the_dequantized_product(monkeypatch):
-    require_amx_kernel(cpu_int8.library())
+    require_amx_kernel(cpu_amx_matmul.library())
     torch.manual_seed(0)
     w, b = torch.randn(48, 64).bfloat16(), torch.randn(48).bfloat16()
     layer = Q.QuantizedLinear(w, b)
     calls = []
-    torch_kernel, amx_kernel = torch._weight_int8pack_mm, cpu_int8.matmul
+    torch_kernel, amx_kernel = torch._weight_int8pack_mm, cpu_amx_matmul.int8_matmul
     monkeypatch.setattr(torch, "_weight_int8pack_mm", lambda *a: calls.append("torch") or torch_kernel(*a))
-    monkeypatch.setattr(cpu_int8, "matmul", lambda *a: calls.append("amx") or amx_kernel(*a))
+    monkeypatch.setattr(cpu_amx_matmul, "int8_matmul", lambda *a: calls.append("amx") or amx_kernel(*a))
     small, large = Q.CPU_AMX_INT8_ROWS
     for rows, path in ((1, "torch"), (small, "torch"), (small + 1, "amx"), (large, "amx"), (large + 1, None)):
         calls.clear()
@@ -267,11 +274,12 @@ def test_int4_refuses_inputs_outside_its_groups():
         I4.Int4Linear(torch.randn(16, 40), None)
 
 
-@pytest.mark.parametrize("rows", [1, 3, I4.CPU_INT4_KERNEL_MAX_ROWS, I4.CPU_INT4_KERNEL_MAX_ROWS + 1, 200])
+@pytest.mark.parametrize("rows", [1, 3, I4.CPU_INT4_KERNEL_MAX_ROWS, I4.CPU_INT4_KERNEL_MAX_ROWS + 1, 200, 300])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int4_linear_matches_its_dequantized_weights_on_cpu(rows, dtype, monkeypatch):
     """Up to the row limit torch's int4 kernel (bf16 activations), above it one matmul on the dequantized
-    weights; 40 outputs, padded to the kernel's multiple of 16 and cut back."""
+    weights (bf16 with AMX: the AMX kernel up to its limit, on the same weights); 40 outputs, padded to the kernel's
+    multiple of 16 and cut back."""
     assert I4.cpu_kernel_checks_out()
     torch.manual_seed(rows)
     w, b, x = torch.randn(40, 96).to(dtype), torch.randn(40).to(dtype), torch.randn(rows, 96).to(dtype)
@@ -283,8 +291,10 @@ def test_int4_linear_matches_its_dequantized_weights_on_cpu(rows, dtype, monkeyp
     got = layer(x)
     want = F.linear(x.float(), layer.weight.float(), b.float())
     assert got.dtype == dtype and got.shape == (rows, 40)
-    if rows <= I4.CPU_INT4_KERNEL_MAX_ROWS or dtype == torch.bfloat16:  # bf16 activations or products
-        assert bool(kernel_calls) == (rows <= I4.CPU_INT4_KERNEL_MAX_ROWS)
+    limit = I4.CPU_INT4_AMX_ROWS[0] if layer.amx else I4.CPU_INT4_KERNEL_MAX_ROWS
+    assert layer.amx == (dtype == torch.bfloat16 and cpu_amx_matmul.library() is not None)
+    if rows <= limit or dtype == torch.bfloat16:  # bf16 activations or products
+        assert bool(kernel_calls) == (rows <= limit)
         assert torch.allclose(got.float(), want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
     else:
         assert not kernel_calls and torch.allclose(got, want, atol=1e-4)

@@ -1,0 +1,183 @@
+"""Quantized weights times bf16 activations on the CPU by AMX tiles: one C kernel (engine.c_kernels) for int8
+weights (engine.quantization: one scale per output channel) and int4 ones (engine.int4_linear: llama.cpp's Q4_1
+groups of 32 inputs).
+
+torch's int8 x bf16 and int4 x bf16 kernels convert every weight again for every row of the input: their time
+grows with the rows (SmolLM2's int8 logits head, 49,152 x 576, on a 2-core AMX Xeon: 0.94 ms at one row, 12 ms at
+32), and the dequantized product above them first writes the whole weight in bf16 (50 ms for that head in int8).
+Here a task takes 32 output channels: their weights are widened to bf16 once (int8 exactly: |q| <= 128 fits bf16's
+8-bit significand; int4 to the dequantized weights of engine.cpu_int4, bit for bit) straight into AMX B tiles
+(pairs of inputs, by in-register transposes), then every 16 rows of the input are multiplied against them as tiles
+(bf16 in, float32 sums), and the output (int8: scaled per channel) rounded to bf16 once. engine.quantization and
+engine.int4_linear use it where it checks out, for row counts between torch's kernel's and the dequantized
+product's."""
+import ctypes
+import functools
+
+import torch
+
+from engine.c_kernels import AMX, BF16, I64, INT, PTR, build
+from engine.cpu_int4 import GROUP_WORDS  # groups of 32 inputs: a tile's
+from engine.opaque_op import opaque_op
+
+_SOURCE = BF16 + AMX + GROUP_WORDS + r"""
+#include <stdlib.h>
+#if defined(AMX)
+int amx_matmul_built(void) { return amx_permitted(); }
+
+/* 32 int8 weights -> 32 bf16, exactly. */
+INLINE __m512i int8_words(const int8_t *src) {
+    const __m512 lo = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)src)));
+    const __m512 hi = _mm512_cvtepi32_ps(_mm512_cvtepi8_epi32(_mm_loadu_si128((const __m128i *)(src + 16))));
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* Output channels [first, first + count) (count <= 16; the rest zeros) -> B tiles bt [in / 32][16 pairs][16
+   channels] bf16: each channel's 32 weights of a tile widened (int4: w its codes [n, in / 2], groups its (scale,
+   zero) [n, in / 32, 2]; int8: w [n, in]), then the 16 x 16 block of pairs transposed so that a tile row holds
+   one pair of inputs for the 16 channels. */
+INLINE void widen(const void *w, const float *groups, int64_t first, int64_t count, int64_t in, uint16_t *bt,
+                  const int int4) {
+    for (int64_t k = 0; k < in; k += 32) {
+        __m512i r[16];
+        for (int64_t j = 0; j < 16; j++) {
+            const int64_t c = first + j;
+            if (j >= count) r[j] = _mm512_setzero_si512();
+            else if (int4) {
+                const float *g = groups + (c * (in / 32) + k / 32) * 2;
+                r[j] = group_words((const uint8_t *)w + c * (in / 2) + k / 2, bf16_load(bf16_round(g[0])),
+                                   bf16_load(bf16_round(g[1])));
+            } else r[j] = int8_words((const int8_t *)w + c * in + k);
+        }
+        transpose_16x16(r);
+        for (int64_t p = 0; p < 16; p++) _mm512_store_si512(bt + (k / 32 * 16 + p) * 32, r[p]);
+    }
+}
+
+INLINE __mmask16 lanes(int64_t n) { return n <= 0 ? 0 : n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
+
+/* out [rows, n] bf16 (row stride so) = x [rows, in] bf16 . the weights (int8: times scale [n] float32), in a
+   multiple of 32; xp: x copied into [ceil(rows / 16) * 16, in], the missing rows zeros. A task per 32 output
+   channels: their B tiles once, then every 16 rows of x by AMX (A: 16 rows x 32 inputs; two float32 tiles of 16
+   rows x 16 channels). */
+INLINE void amx_matmul(const uint16_t *xp, const void *w, const float *scale, uint16_t *out, int64_t rows, int64_t n,
+                       int64_t in, int64_t so, int threads, const int int4) {
+    const int64_t steps = in / 32, padded = (rows + 15) / 16 * 16;
+    #pragma omp parallel num_threads(threads)
+    {
+        configure_tiles();
+        uint16_t *bt = aligned_alloc(64, sizeof(uint16_t) * 2 * 16 * in);  /* two blocks' B tiles */
+        float *c = aligned_alloc(64, sizeof(float) * 16 * 32);
+        #pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < n; n0 += 32) {
+            const int64_t nb = n - n0 < 32 ? n - n0 : 32;
+            widen(w, scale, n0, nb < 16 ? nb : 16, in, bt, int4);
+            widen(w, scale, n0 + 16, nb - 16, in, bt + 16 * in, int4);
+            const __mmask16 first = lanes(nb), second = lanes(nb - 16);
+            const __m512 one = _mm512_set1_ps(1.0f);
+            const __m512 s0 = int4 ? one : _mm512_maskz_loadu_ps(first, scale + n0);
+            const __m512 s1 = int4 ? one : _mm512_maskz_loadu_ps(second, scale + n0 + 16);
+            for (int64_t m0 = 0; m0 < padded; m0 += 16) {
+                _tile_zero(2);
+                _tile_zero(3);
+                for (int64_t i = 0; i < steps; i++) {
+                    _tile_loadd(0, xp + m0 * in + i * 32, in * 2);
+                    _tile_loadd(1, bt + i * 512, 64);
+                    _tile_dpbf16ps(2, 0, 1);
+                    _tile_loadd(1, bt + 16 * in + i * 512, 64);
+                    _tile_dpbf16ps(3, 0, 1);
+                }
+                _tile_stored(2, c, 128);
+                _tile_stored(3, c + 16, 128);
+                for (int64_t r = 0; r < 16 && m0 + r < rows; r++) {
+                    uint16_t *o = out + (m0 + r) * so + n0;
+                    _mm256_mask_storeu_epi16(o, first, (__m256i)_mm512_cvtneps_pbh(
+                        _mm512_mul_ps(_mm512_load_ps(c + r * 32), s0)));
+                    _mm256_mask_storeu_epi16(o + 16, second, (__m256i)_mm512_cvtneps_pbh(
+                        _mm512_mul_ps(_mm512_load_ps(c + r * 32 + 16), s1)));
+                }
+            }
+        }
+        free(bt);
+        free(c);
+        _tile_release();
+    }
+}
+#else
+int amx_matmul_built(void) { return 0; }  /* not compiled here: the entry points do nothing */
+#define amx_matmul(...) ((void)0)
+#endif
+
+/* int8: q [n, in], scale [n] float32. */
+void int8_matmul_bf16(const uint16_t *xp, const int8_t *q, const float *scale, uint16_t *out, int64_t rows,
+                      int64_t n, int64_t in, int64_t so, int threads) {
+    amx_matmul(xp, q, scale, out, rows, n, in, so, threads, 0);
+}
+
+/* int4: codes [n, in / 2] (low nibble: the even input), groups [n, in / 32, 2] float32 (scale, zero). */
+void int4_matmul_bf16(const uint16_t *xp, const uint8_t *codes, const float *groups, uint16_t *out, int64_t rows,
+                      int64_t n, int64_t in, int64_t so, int threads) {
+    amx_matmul(xp, codes, groups, out, rows, n, in, so, threads, 1);
+}
+"""
+_SIGNATURE = (PTR,) * 4 + (I64,) * 4 + (INT,)
+
+
+def library() -> ctypes.CDLL | None:
+    """The compiled kernel where this CPU has AMX-BF16 and the process may use it; None elsewhere."""
+    lib = build("cpu_amx_matmul", _SOURCE, (("int8_matmul_bf16", _SIGNATURE), ("int4_matmul_bf16", _SIGNATURE),
+                                            ("amx_matmul_built", (), ctypes.c_int)))
+    return lib if lib is not None and lib.amx_matmul_built() else None
+
+
+def _launch(entry: str, rows: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, out_features: int,
+            in_features: int) -> torch.Tensor:
+    count = rows.shape[0]
+    padded = rows.new_zeros(-(-count // 16) * 16, in_features)  # whole tiles of rows
+    padded[:count] = rows
+    out = rows.new_empty(count, out_features)
+    getattr(library(), entry)(padded.data_ptr(), weights.data_ptr(), scales.data_ptr(), out.data_ptr(), count,
+                              out_features, in_features, out.stride(0), torch.get_num_threads())
+    return out
+
+
+def _int8_matmul(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    return _launch("int8_matmul_bf16", rows, qweight, scale, *qweight.shape)
+
+
+def _int4_matmul(rows: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
+    return _launch("int4_matmul_bf16", rows, codes, scales, codes.shape[0], codes.shape[1] * 2)
+
+
+# Opaque ops inside a compiled graph. rows: bf16 [count, in]; int8: qweight [n, in], scale [n] float32; int4: codes
+# [n, in / 2] uint8, scales [n, in / 32, 2] float32 (engine.int4_linear's, contiguous).
+int8_matmul = opaque_op("cpu_amx_int8_matmul", _int8_matmul,
+                        lambda rows, qweight, scale: rows.new_empty(rows.shape[0], qweight.shape[0]))
+int4_matmul = opaque_op("cpu_amx_int4_matmul", _int4_matmul,
+                        lambda rows, codes, scales: rows.new_empty(rows.shape[0], codes.shape[0]))
+
+
+@functools.cache  # once per process
+def checks_out() -> bool:
+    """The kernel builds and gives the float products (to bf16's rounding) of 1, 5 and 33 rows, strided ones too,
+    with a partial block of channels, for int8 and int4 weights: else torch's kernels stay."""
+    from engine.int4_linear import dequantize_int4, pack_codes, quantize_int4
+    try:
+        if library() is None:
+            return False
+        gen = torch.Generator().manual_seed(0)
+        q = torch.randint(-128, 128, (40, 96), generator=gen, dtype=torch.int8)
+        scale = torch.rand(40, generator=gen) / 64
+        codes, groups = quantize_int4(torch.randn(40, 96, generator=gen))
+        codes = pack_codes(codes)
+        int4_weights = dequantize_int4(codes, groups, torch.bfloat16).double()
+        for count in (1, 5, 33):
+            x = torch.randn(count, 128, generator=gen).bfloat16()[:, :96]
+            for got, want in ((int8_matmul(x, q, scale), (x.double() @ q.double().t()) * scale.double()),
+                              (int4_matmul(x, codes, groups), x.double() @ int4_weights.t())):
+                if not torch.allclose(got.double(), want, atol=1e-2, rtol=1e-2):
+                    return False
+        return True
+    except Exception:  # noqa: BLE001 (any failure to build or run: torch's kernels stay)
+        return False
+
