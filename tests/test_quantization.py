@@ -425,6 +425,33 @@ def test_quantized_generation_follows_hf_on_the_dequantized_weights(arch, method
     assert_pool_free(llm)
 
 
+@pytest.mark.parametrize("method", ["int8", "int4"])
+def test_bf16_quantized_generation_on_amx_tiles_as_on_the_dequantized_product(method, tiny_model, monkeypatch):
+    """A bf16 engine whose int8 / int4 layers take the AMX kernel for its prefill rows (30 tokens; torch's kernel for
+    its decodes) generates what the same engine does with the dequantized product there: the same tokens, their
+    logprobs within bf16's rounding."""
+    require_amx_kernel(cpu_amx_matmul.library())
+    calls = []
+    for name in ("int8_matmul", "int4_matmul"):
+        kernel = getattr(cpu_amx_matmul, name)
+        monkeypatch.setattr(cpu_amx_matmul, name, lambda *a, kernel=kernel: calls.append(a[0].shape[0]) or kernel(*a))
+    params = SamplingParams(temperature=0.0, max_tokens=8, logprobs=1, ignore_eos=True)
+    prompt = [sentence(700, 30)]
+    llm = LLM(tiny_model("llama"), dtype="bfloat16", block_size=8, quantization=method,
+              enable_prefix_caching=False)  # both runs compute the whole prompt
+    calls.clear()  # the start-up checks'
+    amx = llm.generate(prompt, params)[0].outputs[0]
+    assert calls and min(calls) > Q.CPU_AMX_INT8_ROWS[0]  # the prefill's products (the logits head: one row)
+    monkeypatch.setattr(Q, "CPU_AMX_INT8_ROWS", (4, 0))  # every row count above torch's kernel: dequantized
+    monkeypatch.setattr(I4, "CPU_INT4_AMX_ROWS", (8, 0))
+    calls.clear()
+    dequantized = llm.generate(prompt, params)[0].outputs[0]
+    assert not calls and amx.token_ids == dequantized.token_ids
+    for a, d, tok in zip(amx.logprobs, dequantized.logprobs, amx.token_ids):
+        assert abs(a[tok].logprob - d[tok].logprob) < 0.05
+    assert_pool_free(llm)
+
+
 @pytest.mark.parametrize("method", Q.QUANTIZATION_METHODS)
 def test_quantized_yes_no_reranker_matches_hf_on_the_dequantized_weights(method, tiny_model):
     template = "question : {query} document : {document} answer :"
