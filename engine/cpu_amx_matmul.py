@@ -133,12 +133,12 @@ def library() -> ctypes.CDLL | None:
 def _launch(entry: str, rows: torch.Tensor, weights: torch.Tensor, scales: torch.Tensor, out_features: int,
             in_features: int) -> torch.Tensor:
     count = rows.shape[0]
-    padded = rows.new_zeros(-(-count // 16) * 16, in_features)  # whole tiles of rows
+    padded = rows.new_zeros(-(-count // 16) * 16, in_features, dtype=torch.bfloat16)  # whole tiles of bf16 rows
     padded[:count] = rows
-    out = rows.new_empty(count, out_features)
+    out = padded.new_empty(count, out_features)
     getattr(library(), entry)(padded.data_ptr(), weights.data_ptr(), scales.data_ptr(), out.data_ptr(), count,
                               out_features, in_features, out.stride(0), torch.get_num_threads())
-    return out
+    return out.to(rows.dtype)
 
 
 def _int8_matmul(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
@@ -149,8 +149,9 @@ def _int4_matmul(rows: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) 
     return _launch("int4_matmul_bf16", rows, codes, scales, codes.shape[0], codes.shape[1] * 2)
 
 
-# Opaque ops inside a compiled graph. rows: bf16 [count, in]; int8: qweight [n, in], scale [n] float32; int4: codes
-# [n, in / 2] uint8, scales [n, in / 32, 2] float32 (engine.int4_linear's, contiguous).
+# Opaque ops inside a compiled graph. rows: [count, in] (taken in bf16; the output in their dtype); int8: qweight
+# [n, in], scale [n] float32; int4: codes [n, in / 2] uint8, scales [n, in / 32, 2] float32 (engine.int4_linear's,
+# contiguous).
 int8_matmul = opaque_op("cpu_amx_int8_matmul", _int8_matmul,
                         lambda rows, qweight, scale: rows.new_empty(rows.shape[0], qweight.shape[0]))
 int4_matmul = opaque_op("cpu_amx_int4_matmul", _int4_matmul,
