@@ -19,7 +19,8 @@ FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPI
 I64, PTR, F32, INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 
 # Shared by the sources: bf16 words to float32 and back (to nearest even, as torch rounds; NaN stays NaN), and
-# with AVX-512 sixteen at a time to float32, a vector exp, 16 vectors' sums at once and a 16 x 16 transpose.
+# with AVX-512 sixteen at a time to float32, a vector exp, lane masks, 16 vectors' sums at once and a 16 x 16
+# transpose.
 BF16 = r"""
 #include <stdint.h>
 #include <string.h>
@@ -49,6 +50,9 @@ INLINE __m512 exp_ps(__m512 x) {
     p = _mm512_fmadd_ps(p, f, _mm512_set1_ps(1.0f));
     return _mm512_scalef_ps(p, n);
 }
+
+/* The first n of 16 lanes (none for n <= 0, all from 16). */
+INLINE __mmask16 first_lanes(int64_t n) { return n <= 0 ? 0 : n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
 
 /* Lane j: the sum of v[SUM16_SLOT[j]]'s lanes. Halves of 512, then 256 bits added across pairs of vectors, then
    pairs of lanes, then lanes: ~45 vector ops for 16 sums, where one sum alone takes ~8. */

@@ -54,8 +54,6 @@ INLINE void widen(const void *w, const float *groups, int64_t first, int64_t cou
     }
 }
 
-INLINE __mmask16 lanes(int64_t n) { return n <= 0 ? 0 : n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
-
 /* out [rows, n] bf16 (row stride so) = x [rows, in] bf16 . the weights (int8: times scale [n] float32), in a
    multiple of 32; xp: x copied into [ceil(rows / 16) * 16, in], the missing rows zeros. A task per 32 output
    channels: their B tiles once, then every 16 rows of x by AMX (A: 16 rows x 32 inputs; two float32 tiles of 16
@@ -73,7 +71,7 @@ INLINE void amx_matmul(const uint16_t *xp, const void *w, const float *scale, ui
             const int64_t nb = n - n0 < 32 ? n - n0 : 32;
             widen(w, scale, n0, nb < 16 ? nb : 16, in, bt, int4);
             widen(w, scale, n0 + 16, nb - 16, in, bt + 16 * in, int4);
-            const __mmask16 first = lanes(nb), second = lanes(nb - 16);
+            const __mmask16 first = first_lanes(nb), second = first_lanes(nb - 16);
             const __m512 one = _mm512_set1_ps(1.0f);
             const __m512 s0 = int4 ? one : _mm512_maskz_loadu_ps(first, scale + n0);
             const __m512 s1 = int4 ? one : _mm512_maskz_loadu_ps(second, scale + n0 + 16);

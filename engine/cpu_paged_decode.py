@@ -115,8 +115,6 @@ INLINE void weighted_values(const Task *t, const int64_t dim, int is_bf16, float
 }
 
 #if defined(__AVX512F__)
-INLINE __mmask16 first_lanes(int64_t n) { return n >= 16 ? 0xffff : (__mmask16)((1u << n) - 1); }
-
 /* A query row's products with one key row: bf16 pairs summed in float32 by AVX512-BF16 (keys never converted),
    or float32 by fused multiply-adds; dim a multiple of 32. */
 INLINE __m512 dot_avx512(const void *q, const void *k, const int64_t dim, int is_bf16) {

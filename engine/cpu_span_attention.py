@@ -42,12 +42,6 @@ INLINE __m512 exp2_ps(__m512 y) {
     return _mm512_scalef_ps(p, n);
 }
 
-/* Lanes [0, 16) of a 16-key block from key `first` that are keys below `valid`. */
-INLINE __mmask16 below(int64_t first, int64_t valid) {
-    const int64_t n = valid - first;
-    return n >= 16 ? (__mmask16)0xffff : n <= 0 ? (__mmask16)0 : (__mmask16)((1u << n) - 1u);
-}
-
 /* The largest of a row's first `valid` scores. */
 INLINE float row_max(const float *sx, int64_t valid) {
     const int64_t full = valid & ~(int64_t)15;
@@ -61,7 +55,7 @@ INLINE float row_max(const float *sx, int64_t valid) {
     }
     for (; j < full; j += 16) top = _mm512_max_ps(top, _mm512_load_ps(sx + j));
     top = _mm512_max_ps(_mm512_max_ps(top, top1), _mm512_max_ps(top2, top3));
-    if (full < valid) top = _mm512_mask_max_ps(top, below(full, valid), top, _mm512_load_ps(sx + full));
+    if (full < valid) top = _mm512_mask_max_ps(top, first_lanes(valid - full), top, _mm512_load_ps(sx + full));
     return _mm512_reduce_max_ps(top);
 }
 
@@ -75,8 +69,8 @@ INLINE float softmax_row(const float *sx, uint16_t *wx, int64_t span, int64_t va
         __m512 lo = exp2_ps(_mm512_fmsub_ps(_mm512_load_ps(sx + j), a, b));
         __m512 hi = exp2_ps(_mm512_fmsub_ps(_mm512_load_ps(sx + j + 16), a, b));
         if (j + 32 > valid) {
-            lo = _mm512_maskz_mov_ps(below(j, valid), lo);
-            hi = _mm512_maskz_mov_ps(below(j + 16, valid), hi);
+            lo = _mm512_maskz_mov_ps(first_lanes(valid - j), lo);
+            hi = _mm512_maskz_mov_ps(first_lanes(valid - j - 16), hi);
         }
         sum = _mm512_add_ps(sum, _mm512_add_ps(lo, hi));
         _mm512_store_si512(wx + j, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
