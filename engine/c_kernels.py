@@ -56,7 +56,7 @@ INLINE __mmask16 first_lanes(int64_t n) { return n <= 0 ? 0 : n >= 16 ? 0xffff :
 
 /* Lane j: the sum of v[SUM16_SLOT[j]]'s lanes. Halves of 512, then 256 bits added across pairs of vectors, then
    pairs of lanes, then lanes: ~45 vector ops for 16 sums, where one sum alone takes ~8. */
-static const int SUM16_SLOT[16] = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
+static const int SUM16_SLOT[16] __attribute__((unused)) = {0, 2, 1, 3, 8, 10, 9, 11, 4, 6, 5, 7, 12, 14, 13, 15};
 INLINE __m512 sum16(const __m512 *v) {
     __m512 a[8], b[4], c[2];
     for (int i = 0; i < 8; i++)
@@ -117,6 +117,24 @@ INLINE void configure_tiles(void) {  /* per thread: the tile configuration is a 
     c.palette = 1;
     for (int t = 0; t < 8; t++) { c.colsb[t] = 64; c.rows[t] = 16; }
     _tile_loadconfig(&c);
+}
+
+/* c and c + 64 bytes (16 x 16 float32, or int32 where int8; rows c_stride bytes apart) = the sum over `steps` of A
+   times B and A times B': A the 16-row tile at a + i * a_step (32 bf16 or 64 int8 a row), B and B' the tiles at
+   b + i * b_step and 64 bytes on (16 pairs of bf16, or 16 groups of 4 int8, a row). */
+INLINE void products(const char *a, int64_t a_step, int64_t a_stride, const char *b, int64_t b_step, int64_t b_stride,
+                     int64_t steps, void *c, int64_t c_stride, const int int8) {
+    _tile_zero(2);
+    _tile_zero(3);
+    for (int64_t i = 0; i < steps; i++) {
+        _tile_loadd(0, a + i * a_step, a_stride);
+        _tile_loadd(1, b + i * b_step, b_stride);
+        if (int8) _tile_dpbssd(2, 0, 1); else _tile_dpbf16ps(2, 0, 1);
+        _tile_loadd(1, b + i * b_step + 64, b_stride);
+        if (int8) _tile_dpbssd(3, 0, 1); else _tile_dpbf16ps(3, 0, 1);
+    }
+    _tile_stored(2, c, c_stride);
+    _tile_stored(3, (char *)c + 64, c_stride);
 }
 #endif
 """

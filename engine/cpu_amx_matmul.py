@@ -32,10 +32,11 @@ INLINE __m512i int8_words(const int8_t *src) {
     return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
 }
 
-/* Output channels [first, first + count) (count <= 16; the rest zeros) -> B tiles bt [in / 32][16 pairs][16
-   channels] bf16: each channel's 32 weights of a tile widened (int4: w its codes [n, in / 2], groups its (scale,
-   zero) [n, in / 32, 2]; int8: w [n, in]), then the 16 x 16 block of pairs transposed so that a tile row holds
-   one pair of inputs for the 16 channels. */
+/* Output channels [first, first + count) (count <= 16; the rest zeros) -> B tiles at bt, tile i's row p at
+   bt + (i * 16 + p) * 64 (rows of two blocks' tiles side by side): [16 pairs][16 channels] bf16, each channel's 32
+   weights of a tile widened (int4: w its codes [n, in / 2], groups its (scale, zero) [n, in / 32, 2]; int8: w [n,
+   in]), then the 16 x 16 block of pairs transposed so that a tile row holds one pair of inputs for the 16
+   channels. */
 INLINE void widen(const void *w, const float *groups, int64_t first, int64_t count, int64_t in, uint16_t *bt,
                   const int int4) {
     for (int64_t k = 0; k < in; k += 32) {
@@ -50,7 +51,7 @@ INLINE void widen(const void *w, const float *groups, int64_t first, int64_t cou
             } else r[j] = int8_words((const int8_t *)w + c * in + k);
         }
         transpose_16x16(r);
-        for (int64_t p = 0; p < 16; p++) _mm512_store_si512(bt + (k / 32 * 16 + p) * 32, r[p]);
+        for (int64_t p = 0; p < 16; p++) _mm512_store_si512(bt + (k / 32 * 16 + p) * 64, r[p]);
     }
 }
 
@@ -64,29 +65,19 @@ INLINE void amx_matmul(const uint16_t *xp, const void *w, const float *scale, ui
     #pragma omp parallel num_threads(threads)
     {
         configure_tiles();
-        uint16_t *bt = aligned_alloc(64, sizeof(uint16_t) * 2 * 16 * in);  /* two blocks' B tiles */
+        uint16_t *bt = aligned_alloc(64, sizeof(uint16_t) * 2 * 16 * in);  /* two blocks' B tiles, side by side */
         float *c = aligned_alloc(64, sizeof(float) * 16 * 32);
         #pragma omp for schedule(static)
         for (int64_t n0 = 0; n0 < n; n0 += 32) {
             const int64_t nb = n - n0 < 32 ? n - n0 : 32;
             widen(w, scale, n0, nb < 16 ? nb : 16, in, bt, int4);
-            widen(w, scale, n0 + 16, nb - 16, in, bt + 16 * in, int4);
+            widen(w, scale, n0 + 16, nb - 16, in, bt + 32, int4);
             const __mmask16 first = first_lanes(nb), second = first_lanes(nb - 16);
             const __m512 one = _mm512_set1_ps(1.0f);
             const __m512 s0 = int4 ? one : _mm512_maskz_loadu_ps(first, scale + n0);
             const __m512 s1 = int4 ? one : _mm512_maskz_loadu_ps(second, scale + n0 + 16);
             for (int64_t m0 = 0; m0 < padded; m0 += 16) {
-                _tile_zero(2);
-                _tile_zero(3);
-                for (int64_t i = 0; i < steps; i++) {
-                    _tile_loadd(0, xp + m0 * in + i * 32, in * 2);
-                    _tile_loadd(1, bt + i * 512, 64);
-                    _tile_dpbf16ps(2, 0, 1);
-                    _tile_loadd(1, bt + 16 * in + i * 512, 64);
-                    _tile_dpbf16ps(3, 0, 1);
-                }
-                _tile_stored(2, c, 128);
-                _tile_stored(3, c + 16, 128);
+                products((const char *)(xp + m0 * in), 64, in * 2, (const char *)bt, 2048, 128, steps, c, 128, 0);
                 for (int64_t r = 0; r < 16 && m0 + r < rows; r++) {
                     uint16_t *o = out + (m0 + r) * so + n0;
                     _mm256_mask_storeu_epi16(o, first, (__m256i)_mm512_cvtneps_pbh(
@@ -101,9 +92,75 @@ INLINE void amx_matmul(const uint16_t *xp, const void *w, const float *scale, ui
         _tile_release();
     }
 }
+
+/* w8a8: each row of x [rows, in] float32 quantized to int8 by its own scale (absmax / 127, as
+   engine.quantization.quantize_int8: the quotient correctly rounded, then to nearest even) into xq [ceil(rows / 16)
+   * 16, in] (the missing rows zeros) and xscale [rows]; then int8 tiles (AMX-INT8, int32 sums, exact) against q [n,
+   in] int8 (64 inputs a tile: 16 groups of 4 per channel, by the same transposes, no widening), and out [rows, n]
+   float32 = float(sum) * scale[n] * xscale[m], in that order. in: a multiple of 64. */
+INLINE void quantize_rows(const float *x, int64_t rows, int64_t in, int8_t *xq, float *xscale) {
+    for (int64_t m = 0; m < rows; m++) {
+        const float *row = x + m * in;
+        __m512 top = _mm512_setzero_ps();
+        for (int64_t k = 0; k < in; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+        const float amax = _mm512_reduce_max_ps(top), scale = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
+        const __m512 s = _mm512_set1_ps(scale);
+        for (int64_t k = 0; k < in; k += 16) {
+            const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(row + k), s),
+                                                  _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+            _mm_storeu_si128((__m128i *)(xq + m * in + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)));
+        }
+        xscale[m] = scale;
+    }
+}
+
+void w8a8_matmul(const float *x, int8_t *xq, float *xscale, const int8_t *q, const float *scale, float *out,
+                 int64_t rows, int64_t n, int64_t in, int threads) {
+    const int64_t steps = in / 64, padded = (rows + 15) / 16 * 16;
+    quantize_rows(x, rows, in, xq, xscale);
+    #pragma omp parallel num_threads(threads)
+    {
+        configure_tiles();
+        int8_t *bt = aligned_alloc(64, 2 * 16 * in);  /* two blocks' B tiles, side by side (as widen's) */
+        int32_t *c = aligned_alloc(64, sizeof(int32_t) * 16 * 32);
+        #pragma omp for schedule(static)
+        for (int64_t n0 = 0; n0 < n; n0 += 32) {
+            const int64_t nb = n - n0 < 32 ? n - n0 : 32;
+            for (int64_t half = 0; half < 2; half++)
+                for (int64_t k = 0; k < in; k += 64) {
+                    __m512i r[16];
+                    for (int64_t j = 0; j < 16; j++)
+                        r[j] = half * 16 + j < nb ? _mm512_loadu_si512(q + (n0 + half * 16 + j) * in + k)
+                                                  : _mm512_setzero_si512();
+                    transpose_16x16(r);
+                    for (int64_t g = 0; g < 16; g++)
+                        _mm512_store_si512(bt + (k / 64 * 16 + g) * 128 + half * 64, r[g]);
+                }
+            const __mmask16 first = first_lanes(nb), second = first_lanes(nb - 16);
+            const __m512 s0 = _mm512_maskz_loadu_ps(first, scale + n0);
+            const __m512 s1 = _mm512_maskz_loadu_ps(second, scale + n0 + 16);
+            for (int64_t m0 = 0; m0 < padded; m0 += 16) {
+                products((const char *)(xq + m0 * in), 64, in, (const char *)bt, 2048, 128, steps, c, 128, 1);
+                for (int64_t r = 0; r < 16 && m0 + r < rows; r++) {
+                    const __m512 xs = _mm512_set1_ps(xscale[m0 + r]);
+                    float *o = out + (m0 + r) * n + n0;
+                    _mm512_mask_storeu_ps(o, first, _mm512_mul_ps(_mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_load_si512(c + r * 32)), s0), xs));
+                    _mm512_mask_storeu_ps(o + 16, second, _mm512_mul_ps(_mm512_mul_ps(
+                        _mm512_cvtepi32_ps(_mm512_load_si512(c + r * 32 + 16)), s1), xs));
+                }
+            }
+        }
+        free(bt);
+        free(c);
+        _tile_release();
+    }
+}
 #else
 int amx_matmul_built(void) { return 0; }  /* not compiled here: the entry points do nothing */
 #define amx_matmul(...) ((void)0)
+void w8a8_matmul(const float *x, int8_t *xq, float *xscale, const int8_t *q, const float *scale, float *out,
+                 int64_t rows, int64_t n, int64_t in, int threads) {}
 #endif
 
 /* int8: q [n, in], scale [n] float32. */
@@ -124,6 +181,7 @@ _SIGNATURE = (PTR,) * 4 + (I64,) * 4 + (INT,)
 def library() -> ctypes.CDLL | None:
     """The compiled kernel where this CPU has AMX-BF16 and the process may use it; None elsewhere."""
     lib = build("cpu_amx_matmul", _SOURCE, (("int8_matmul_bf16", _SIGNATURE), ("int4_matmul_bf16", _SIGNATURE),
+                                            ("w8a8_matmul", (PTR,) * 6 + (I64,) * 3 + (INT,)),
                                             ("amx_matmul_built", (), ctypes.c_int)))
     return lib if lib is not None and lib.amx_matmul_built() else None
 
@@ -143,6 +201,17 @@ def _int8_matmul(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor)
     return _launch("int8_matmul_bf16", rows, qweight, scale, *qweight.shape)
 
 
+def _w8a8_matmul(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """The rows quantized per row to int8 and multiplied by int8 tiles: float32 [count, n]."""
+    count, (n, k) = rows.shape[0], qweight.shape
+    x = rows.float().contiguous()
+    xq = torch.zeros(-(-count // 16) * 16, k, dtype=torch.int8)  # whole tiles of rows
+    xscale, out = x.new_empty(count), x.new_empty(count, n)
+    library().w8a8_matmul(x.data_ptr(), xq.data_ptr(), xscale.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
+                          out.data_ptr(), count, n, k, torch.get_num_threads())
+    return out
+
+
 def _int4_matmul(rows: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) -> torch.Tensor:
     return _launch("int4_matmul_bf16", rows, codes, scales, codes.shape[0], codes.shape[1] * 2)
 
@@ -152,6 +221,9 @@ def _int4_matmul(rows: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor) 
 # contiguous).
 int8_matmul = opaque_op("cpu_amx_int8_matmul", _int8_matmul,
                         lambda rows, qweight, scale: rows.new_empty(rows.shape[0], qweight.shape[0]))
+w8a8_matmul = opaque_op("cpu_amx_w8a8_matmul", _w8a8_matmul,
+                        lambda rows, qweight, scale: rows.new_empty(rows.shape[0], qweight.shape[0],
+                                                                    dtype=torch.float32))
 int4_matmul = opaque_op("cpu_amx_int4_matmul", _int4_matmul,
                         lambda rows, codes, scales: rows.new_empty(rows.shape[0], codes.shape[0]))
 
@@ -159,8 +231,10 @@ int4_matmul = opaque_op("cpu_amx_int4_matmul", _int4_matmul,
 @functools.cache  # once per process
 def checks_out() -> bool:
     """The kernel builds and gives the float products (to bf16's rounding) of 1, 5 and 33 rows, strided ones too,
-    with a partial block of channels, for int8 and int4 weights: else torch's kernels stay."""
+    with a partial block of channels, for int8 and int4 weights, and w8a8's integer products exactly: else torch's
+    kernels stay."""
     from engine.int4_linear import dequantize_int4, pack_codes, quantize_int4
+    from engine.quantization import quantize_int8
     try:
         if library() is None:
             return False
@@ -176,6 +250,10 @@ def checks_out() -> bool:
                               (int4_matmul(x, codes, groups), x.double() @ int4_weights.t())):
                 if not torch.allclose(got.double(), want, atol=1e-2, rtol=1e-2):
                     return False
+            xq, xscale = quantize_int8(x[:, :64])  # w8a8: exact integer sums, then the same float32 rescaling
+            if not torch.equal(w8a8_matmul(x[:, :64], q[:, :64].contiguous(), scale),
+                               (xq.double() @ q[:, :64].double().t()).float() * scale * xscale):
+                return False
         return True
     except Exception:  # noqa: BLE001 (any failure to build or run: torch's kernels stay)
         return False

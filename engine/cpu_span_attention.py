@@ -78,23 +78,6 @@ INLINE float softmax_row(const float *sx, uint16_t *wx, int64_t span, int64_t va
     return _mm512_reduce_add_ps(sum);
 }
 
-/* c and c + 16 (float32, rows c_stride bytes apart) = the sum over `steps` of A times B and A times B': A the
-   16 x 32 bf16 tile at a + i * a_step, B and B' the 16 x 16 pair tiles at b + i * b_step and 64 bytes on. */
-INLINE void products(const char *a, int64_t a_step, int64_t a_stride, const char *b, int64_t b_step, int64_t b_stride,
-                     int64_t steps, float *c, int64_t c_stride) {
-    _tile_zero(2);
-    _tile_zero(3);
-    for (int64_t i = 0; i < steps; i++) {
-        _tile_loadd(0, a + i * a_step, a_stride);
-        _tile_loadd(1, b + i * b_step, b_stride);
-        _tile_dpbf16ps(2, 0, 1);
-        _tile_loadd(1, b + i * b_step + 64, b_stride);
-        _tile_dpbf16ps(3, 0, 1);
-    }
-    _tile_stored(2, c, c_stride);
-    _tile_stored(3, c + 16, c_stride);
-}
-
 /* One span (len queries from row `first`, klen keys from row `kfirst`: its context, the queries' own keys last)
    and one kv head (g) with its query heads, ROWS query rows at a time; causal: query i sees keys up to
    klen - len + i. Scratch: kt [dim/2][padded] key pairs per dimension pair (the products' B tiles),
@@ -136,7 +119,7 @@ static void span_head(const uint16_t *q, const uint16_t *k, const uint16_t *v, u
             }
             for (int64_t j = 0; j < span; j += 32)  /* scores of keys j to j + 32 */
                 products((const char *)qb, 64, dim * 2, (const char *)(kt + j), 64 * padded, padded * 4, dim / 32,
-                         s + j, padded * 4);
+                         s + j, padded * 4, 0);
             /* All rows' maxima first: a row's weights wait on its maximum's chain of loads and reductions, and
                taken row by row those chains were ~15% of the kernel's time (MiniLM's shape). */
             float top[ROWS], total[ROWS];
@@ -147,7 +130,7 @@ static void span_head(const uint16_t *q, const uint16_t *k, const uint16_t *v, u
             for (int64_t x = rows; x < ROWS; x++) memset(w + x * padded, 0, span * 2);
             for (int64_t c = 0; c < dim; c += 32)  /* outputs of columns c to c + 32 */
                 products((const char *)w, 64, padded * 2, (const char *)(vp + c), 64 * dim, dim * 4, span / 32, o + c,
-                         dim * 4);
+                         dim * 4, 0);
             for (int64_t x = 0; x < rows; x++) {
                 const __m512 norm = _mm512_set1_ps(1.0f / total[x]);
                 uint16_t *dst = out + ((first + i0 + x) * heads + h) * dim;

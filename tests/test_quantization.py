@@ -317,20 +317,24 @@ def w8a8_reference(x: torch.Tensor, layer: Q.QuantizedLinear) -> torch.Tensor:
     return ((xq.double() @ layer.qweight.double().t()) * layer.scale.double() * xscale.double()).float()
 
 
-@pytest.mark.parametrize("rows, in_features", [(1, 80), (3, 37), (200, 64)])
+@pytest.mark.parametrize("rows, in_features", [(1, 80), (3, 37), (200, 64), (1, 128), (33, 192)])
 def test_w8a8_linear_is_exact_integer_arithmetic_on_both_paths(rows, in_features, monkeypatch):
     torch.manual_seed(rows)
     w, b = torch.randn(48, in_features), torch.randn(48)
     x = torch.randn(rows, in_features) * torch.logspace(-2, 2, rows)[:, None]  # tokens of very different ranges
     layer = Q.QuantizedLinear(w, b, "w8a8")
     kernel_calls = []
-    real = torch._int_mm
-    monkeypatch.setattr(torch, "_int_mm", lambda *a: kernel_calls.append(1) or real(*a))
+    real, amx = torch._int_mm, cpu_amx_matmul.w8a8_matmul
+    monkeypatch.setattr(torch, "_int_mm", lambda *a: kernel_calls.append("torch") or real(*a))
+    monkeypatch.setattr(cpu_amx_matmul, "w8a8_matmul", lambda *a: kernel_calls.append("amx") or amx(*a))
     want = w8a8_reference(x, layer) + b
     got = layer(x)
-    assert kernel_calls and got.dtype == x.dtype and got.shape == (rows, 48)
+    on_amx = in_features % 64 == 0 and cpu_amx_matmul.library() is not None  # AMX-INT8 tiles, else torch._int_mm
+    assert kernel_calls == ["amx" if on_amx else "torch"] and got.dtype == x.dtype and got.shape == (rows, 48)
     assert torch.allclose(got, want, rtol=1e-5, atol=1e-5)
     assert torch.allclose(Q._portable_w8a8_matmul(x, layer) + b, want, rtol=1e-5, atol=1e-5)
+    if on_amx:  # the same numbers as torch._int_mm's path, bit for bit
+        assert torch.equal(Q._cpu_amx_w8a8_matmul(x, layer), Q._cpu_w8a8_matmul(x, layer))
     # Within a step of its own scale of the unquantized product.
     assert torch.allclose(got, F.linear(x, w, b), rtol=0.1, atol=0.05 * x.abs().amax().item())
 
