@@ -104,10 +104,8 @@ def _dequantized_mm(rows: torch.Tensor, codes: torch.Tensor, scales: torch.Tenso
     return F.linear(rows, dequantize_int4(codes, scales, rows.dtype))
 
 
-def _amx_or_dequantized_mm(rows: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor,
-                           *kernel_operands) -> torch.Tensor:
-    return by_row_count(CPU_INT4_AMX_ROWS[1], lambda r, c, s, *_: cpu_amx_matmul.int4_matmul(r, c, s), _dequantized_mm,
-                        rows, codes, scales, *kernel_operands)
+def _amx_mm(rows: torch.Tensor, codes: torch.Tensor, scales: torch.Tensor, *kernel_operands) -> torch.Tensor:
+    return cpu_amx_matmul.int4_matmul(rows, codes, scales)
 
 
 @functools.cache
@@ -161,12 +159,10 @@ class Int4Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         rows = x.reshape(-1, x.shape[-1])
-        if self.amx:
-            out = by_row_count(CPU_INT4_AMX_ROWS[0], _kernel_mm, _amx_or_dequantized_mm, rows, self.codes,
-                               self.scales, self.packed, self.kernel_scales)
-        elif self.on_kernel:
-            out = by_row_count(CPU_INT4_KERNEL_MAX_ROWS, _kernel_mm, _dequantized_mm, rows, self.codes, self.scales,
-                               self.packed, self.kernel_scales)
+        if self.on_kernel:
+            limits, kernels = ((CPU_INT4_AMX_ROWS, (_kernel_mm, _amx_mm, _dequantized_mm)) if self.amx else
+                               ((CPU_INT4_KERNEL_MAX_ROWS,), (_kernel_mm, _dequantized_mm)))
+            out = by_row_count(limits, kernels, rows, self.codes, self.scales, self.packed, self.kernel_scales)
         else:
             out = _dequantized_mm(rows, self.codes, self.scales)
         out = out.view(*x.shape[:-1], -1)

@@ -98,22 +98,22 @@ def _int8_kernel_mm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tens
     return torch._weight_int8pack_mm(rows.to(torch.bfloat16), qweight, scale_bf16).to(rows.dtype)
 
 
-def _cpu_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
-    out = by_row_count(CPU_INT8_KERNEL_MAX_ROWS, _int8_kernel_mm, _dequantized_mm, x.reshape(-1, x.shape[-1]),
-                       layer.qweight, layer.scale, layer.scale_bf16)
+def _amx_int8_mm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
+                 scale_bf16: torch.Tensor) -> torch.Tensor:
+    return cpu_amx_matmul.int8_matmul(rows, qweight, scale)
+
+
+def _by_rows(x: torch.Tensor, layer: "QuantizedLinear", limits: tuple[int, ...], kernels: tuple) -> torch.Tensor:
+    out = by_row_count(limits, kernels, x.reshape(-1, x.shape[-1]), layer.qweight, layer.scale, layer.scale_bf16)
     return out.view(*x.shape[:-1], -1)
 
 
-def _amx_int8_or_dequantized_mm(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,
-                                scale_bf16: torch.Tensor) -> torch.Tensor:
-    return by_row_count(CPU_AMX_INT8_ROWS[1], lambda r, q, s, _: cpu_amx_matmul.int8_matmul(r, q, s),
-                        _dequantized_mm, rows, qweight, scale, scale_bf16)
+def _cpu_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
+    return _by_rows(x, layer, (CPU_INT8_KERNEL_MAX_ROWS,), (_int8_kernel_mm, _dequantized_mm))
 
 
 def _cpu_amx_matmul(x: torch.Tensor, layer: "QuantizedLinear") -> torch.Tensor:
-    out = by_row_count(CPU_AMX_INT8_ROWS[0], _int8_kernel_mm, _amx_int8_or_dequantized_mm,
-                       x.reshape(-1, x.shape[-1]), layer.qweight, layer.scale, layer.scale_bf16)
-    return out.view(*x.shape[:-1], -1)
+    return _by_rows(x, layer, CPU_AMX_INT8_ROWS, (_int8_kernel_mm, _amx_int8_mm, _dequantized_mm))
 
 
 def _int8_activations_product(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor,

@@ -220,6 +220,18 @@ def test_bf16_int8_layers_on_amx_take_torchs_kernel_then_the_amx_one_then_the_de
         torch.testing.assert_close(got.float(), want, rtol=2e-2, atol=1e-1)
 
 
+def test_by_row_count_takes_the_kernel_of_the_first_limit_not_exceeded_eager_and_compiled():
+    from engine.row_count_branch import by_row_count
+    kernels = tuple((lambda rows, k=k: rows.sum(-1) * 0 + k) for k in range(3))
+
+    def branch(rows: torch.Tensor) -> torch.Tensor:
+        return by_row_count((4, 16), kernels, rows)
+    compiled = torch.compile(branch, dynamic=True)
+    for count, kernel in ((1, 0), (4, 0), (5, 1), (16, 1), (17, 2), (40, 2)):
+        rows = torch.randn(count, 8)
+        assert branch(rows).tolist() == [kernel] * count == compiled(rows).tolist()
+
+
 def test_portable_int8_matmul_matches_dequantized_weights():
     torch.manual_seed(0)
     w, x = torch.randn(32, 40), torch.randn(5, 40)
