@@ -258,9 +258,9 @@ INLINE void paged_decode(const void *q, const void *k, const void *v, const int6
                          void *out, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
                          int64_t q_b, int64_t q_h, int64_t table_stride, float scale, int64_t splits, int threads,
                          int is_bf16) {
-    /* A task's rows: acc [heads, dim], then top [heads] and total [heads]. */
+    /* Where contexts are split, each task's rows to merge: acc [heads, dim], then top [heads] and total [heads]. */
     const int64_t part = heads * (dim + 2);
-    float *parts = malloc(sizeof(float) * batch * splits * part);
+    float *parts = splits > 1 ? malloc(sizeof(float) * batch * splits * part) : NULL;
     #pragma omp parallel num_threads(threads)
     {
         #pragma omp for schedule(dynamic, 1)
@@ -268,34 +268,43 @@ INLINE void paged_decode(const void *q, const void *k, const void *v, const int6
             const int64_t s = task / splits, len = lens[s];
             const int64_t stretch = ((len + splits - 1) / splits + block_size - 1) / block_size * block_size;
             const int64_t from = task % splits * stretch, n = len - from < stretch ? len - from : stretch;
-            float *rows = parts + task * part, *top = rows + heads * dim, *total = top + heads;
-            if (n <= 0) {  /* a stretch past a short context: nothing in the merge */
-                for (int64_t r = 0; r < heads; r++) top[r] = -INFINITY, total[r] = 0.0f;
-                memset(rows, 0, sizeof(float) * heads * dim);
+            float *rows = parts ? parts + task * part : NULL;
+            if (n <= 0) {  /* a stretch past a short context (split contexts only): nothing in the merge */
+                memset(rows, 0, sizeof(float) * part);  /* acc and total 0 */
+                for (int64_t r = 0; r < heads; r++) rows[heads * dim + r] = -INFINITY;  /* top */
                 continue;
             }
             float *work = malloc(sizeof(float) * (heads * (2 * dim + n + 2) + kv_heads * dim));
+            float *top = work + heads * (2 * dim + n) + kv_heads * dim, *total = top + heads;  /* after attend's */
             Task t = {q, k, v, table + s * table_stride + from / block_size, s * q_b, q_h, n, block_size,
                       kv_heads * dim, kv_heads, heads / kv_heads, heads, is_bf16 ? 2 : 4, scale, NULL, NULL};
             if (dim == 64) attend(&t, 64, is_bf16, work, top, total);
             else if (dim == 128) attend(&t, 128, is_bf16, work, top, total);
             else attend(&t, dim, is_bf16, work, top, total);
-            memcpy(rows, t.acc, sizeof(float) * heads * dim);
+            if (rows) {
+                memcpy(rows, t.acc, sizeof(float) * heads * dim);
+                memcpy(rows + heads * dim, top, sizeof(float) * 2 * heads);  /* top, then total */
+            } else {  /* the whole context: normalized here */
+                for (int64_t r = 0; r < heads; r++)
+                    store_row(out, (s * heads + r) * dim, t.acc + r * dim, dim, 1.0f / total[r], is_bf16);
+            }
             free(work);
         }
-        #pragma omp for
-        for (int64_t row = 0; row < batch * heads; row++) {  /* a sequence's stretches: rescaled to one top */
-            const int64_t s = row / heads, r = row % heads;
-            const float *first = parts + s * splits * part;
-            float top = -INFINITY, total = 0.0f, acc[dim];
-            for (int64_t i = 0; i < splits; i++) top = fmaxf(top, first[i * part + heads * dim + r]);
-            memset(acc, 0, sizeof(float) * dim);
-            for (int64_t i = 0; i < splits; i++) {
-                const float *rows = first + i * part, w = expf(rows[heads * dim + r] - top);
-                total += w * rows[heads * dim + heads + r];
-                for (int64_t d = 0; d < dim; d++) acc[d] += w * rows[r * dim + d];
+        if (parts) {
+            #pragma omp for
+            for (int64_t row = 0; row < batch * heads; row++) {  /* a sequence's stretches: rescaled to one top */
+                const int64_t s = row / heads, r = row % heads;
+                const float *first = parts + s * splits * part;
+                float top = -INFINITY, total = 0.0f, acc[dim];
+                for (int64_t i = 0; i < splits; i++) top = fmaxf(top, first[i * part + heads * dim + r]);
+                memset(acc, 0, sizeof(float) * dim);
+                for (int64_t i = 0; i < splits; i++) {
+                    const float *rows = first + i * part, w = expf(rows[heads * dim + r] - top);
+                    total += w * rows[heads * dim + heads + r];
+                    for (int64_t d = 0; d < dim; d++) acc[d] += w * rows[r * dim + d];
+                }
+                store_row(out, row * dim, acc, dim, 1.0f / total, is_bf16);
             }
-            store_row(out, row * dim, acc, dim, 1.0f / total, is_bf16);
         }
     }
     free(parts);
