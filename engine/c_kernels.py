@@ -38,6 +38,8 @@ INLINE __m512 bf16_to_f32(__m256i words) {
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(words), 16));
 }
 
+INLINE __m512 bf16x16_load(const uint16_t *p) { return bf16_to_f32(_mm256_loadu_si256((const __m256i *)p)); }
+
 /* e^x: 2^n by scalef (0 below float32's range, inf above) times a degree-5 polynomial for 2^f, f in [-1/2, 1/2]
    (relative error ~2e-7, float32's own; libm's expf does not vectorize). */
 INLINE __m512 exp_ps(__m512 x) {

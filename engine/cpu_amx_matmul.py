@@ -95,20 +95,23 @@ INLINE void amx_matmul(const uint16_t *xp, const void *w, const float *scale, ui
     }
 }
 
-/* w8a8: each row of x [rows, in] float32 quantized to int8 by its own scale (absmax / 127, as
+/* w8a8: each row of x [rows, in] (bf16, or float32) quantized to int8 by its own scale (absmax / 127, as
    engine.quantization.quantize_int8: the quotient correctly rounded, then to nearest even) into xq [ceil(rows / 16)
    * 16, in] (the missing rows zeros) and xscale [rows]; then int8 tiles (AMX-INT8, int32 sums, exact) against q [n,
    in] int8 (64 inputs a tile: 16 groups of 4 per channel, by the same transposes, no widening), and out [rows, n]
    float32 = float(sum) * scale[n] * xscale[m], in that order. in: a multiple of 64. */
-INLINE void quantize_rows(const float *x, int64_t rows, int64_t in, int8_t *xq, float *xscale) {
+INLINE __m512 load16(const void *x, int64_t i, int is_bf16) {  /* float32, exactly (a bf16 widened) */
+    return is_bf16 ? bf16x16_load((const uint16_t *)x + i) : _mm512_loadu_ps((const float *)x + i);
+}
+
+INLINE void quantize_rows(const void *x, int is_bf16, int64_t rows, int64_t in, int8_t *xq, float *xscale) {
     for (int64_t m = 0; m < rows; m++) {
-        const float *row = x + m * in;
         __m512 top = _mm512_setzero_ps();
-        for (int64_t k = 0; k < in; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(_mm512_loadu_ps(row + k)));
+        for (int64_t k = 0; k < in; k += 16) top = _mm512_max_ps(top, _mm512_abs_ps(load16(x, m * in + k, is_bf16)));
         const float amax = _mm512_reduce_max_ps(top), scale = (amax > 1e-12f ? amax : 1e-12f) / 127.0f;
         const __m512 s = _mm512_set1_ps(scale);
         for (int64_t k = 0; k < in; k += 16) {
-            const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(_mm512_loadu_ps(row + k), s),
+            const __m512 q = _mm512_roundscale_ps(_mm512_div_ps(load16(x, m * in + k, is_bf16), s),
                                                   _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
             _mm_storeu_si128((__m128i *)(xq + m * in + k), _mm512_cvtsepi32_epi8(_mm512_cvtps_epi32(q)));
         }
@@ -116,10 +119,10 @@ INLINE void quantize_rows(const float *x, int64_t rows, int64_t in, int8_t *xq, 
     }
 }
 
-void w8a8_matmul(const float *x, int8_t *xq, float *xscale, const int8_t *q, const float *scale, float *out,
-                 int64_t rows, int64_t n, int64_t in, int threads) {
+void w8a8_matmul(const void *x, int is_bf16, int8_t *xq, float *xscale, const int8_t *q, const float *scale,
+                 float *out, int64_t rows, int64_t n, int64_t in, int threads) {
     const int64_t steps = in / 64, padded = (rows + 15) / 16 * 16;
-    quantize_rows(x, rows, in, xq, xscale);
+    quantize_rows(x, is_bf16, rows, in, xq, xscale);
     #pragma omp parallel num_threads(threads)
     {
         configure_tiles();
@@ -161,8 +164,8 @@ void w8a8_matmul(const float *x, int8_t *xq, float *xscale, const int8_t *q, con
 #else
 int amx_matmul_built(void) { return 0; }  /* not compiled here: the entry points do nothing */
 #define amx_matmul(...) ((void)0)
-void w8a8_matmul(const float *x, int8_t *xq, float *xscale, const int8_t *q, const float *scale, float *out,
-                 int64_t rows, int64_t n, int64_t in, int threads) {}
+void w8a8_matmul(const void *x, int is_bf16, int8_t *xq, float *xscale, const int8_t *q, const float *scale,
+                 float *out, int64_t rows, int64_t n, int64_t in, int threads) {}
 #endif
 
 /* int8: q [n, in], scale [n] float32. */
@@ -183,7 +186,7 @@ _SIGNATURE = (PTR,) * 4 + (I64,) * 4 + (INT,)
 def library() -> ctypes.CDLL | None:
     """The compiled kernel where this CPU has AMX-BF16 and the process may use it; None elsewhere."""
     lib = build("cpu_amx_matmul", _SOURCE, (("int8_matmul_bf16", _SIGNATURE), ("int4_matmul_bf16", _SIGNATURE),
-                                            ("w8a8_matmul", (PTR,) * 6 + (I64,) * 3 + (INT,)),
+                                            ("w8a8_matmul", (PTR, INT) + (PTR,) * 5 + (I64,) * 3 + (INT,)),
                                             ("amx_matmul_built", (), ctypes.c_int)))
     return lib if lib is not None and lib.amx_matmul_built() else None
 
@@ -206,11 +209,11 @@ def _int8_matmul(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor)
 def _w8a8_matmul(rows: torch.Tensor, qweight: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The rows quantized per row to int8 and multiplied by int8 tiles: float32 [count, n]."""
     count, (n, k) = rows.shape[0], qweight.shape
-    x = rows.float().contiguous()
+    x = (rows if rows.dtype == torch.bfloat16 else rows.float()).contiguous()  # read as they are: bf16 or float32
     xq = torch.zeros(-(-count // 16) * 16, k, dtype=torch.int8)  # whole tiles of rows
-    xscale, out = x.new_empty(count), x.new_empty(count, n)
-    library().w8a8_matmul(x.data_ptr(), xq.data_ptr(), xscale.data_ptr(), qweight.data_ptr(), scale.data_ptr(),
-                          out.data_ptr(), count, n, k, torch.get_num_threads())
+    xscale, out = torch.empty(count), torch.empty(count, n)
+    library().w8a8_matmul(x.data_ptr(), x.dtype == torch.bfloat16, xq.data_ptr(), xscale.data_ptr(),
+                          qweight.data_ptr(), scale.data_ptr(), out.data_ptr(), count, n, k, torch.get_num_threads())
     return out
 
 

@@ -86,12 +86,6 @@ void rotate_qk(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, co
     }
 }
 
-#if defined(__AVX512BF16__)
-INLINE __m512 bf16x16_load(const uint16_t *p) {
-    return bf16_to_f32(_mm256_loadu_si256((const __m256i *)p));
-}
-#endif
-
 /* rows x [gate | up] (n each, row stride sg) -> bf16(act(gate) * up): SiLU, or tanh-approximated GELU. With
    AVX512-BF16, 16 columns a time by vectors (libm's expf does not vectorize: a SmolLM2 decode step at 32
    sequences spent 11% of its time here). */
