@@ -237,6 +237,8 @@ def main() -> None:
     ap.add_argument("--quantization", nargs="+", default=["none"], choices=["none", *QUANTIZATION_METHODS],
                     help="engine weight modes to run, each at every concurrency (int8, int4: weight-only; w8a8: int8 "
                          "activations too)")
+    ap.add_argument("--kv-cache-dtype", nargs="+", default=["auto"], choices=["auto", "fp8"],
+                    help="KV pools to run each weight mode on (fp8: float8 e4m3, a scale per token and kv head)")
     ap.add_argument("--torch-compile", action="store_true",
                     help="also run each weight mode with torch_compile=True (decode steps as one torch.compile "
                          "graph, fused w8a8 prefill layers; compiled at start): eager and compiled rows, same run")
@@ -255,12 +257,12 @@ def main() -> None:
 
     context = 8192 if args.context_docs else 2048  # SmolLM2's own limit for the long prompts
 
-    def make_engine(quantization: str | None, compiled: bool) -> AsyncLLM:
+    def make_engine(quantization: str | None, kv_cache_dtype: str, compiled: bool) -> AsyncLLM:
         return AsyncLLM(EngineConfig(model=MODEL, max_model_len=context, quantization=quantization,
-                                     max_num_batched_tokens=args.max_num_batched_tokens,
+                                     max_num_batched_tokens=args.max_num_batched_tokens, kv_cache_dtype=kv_cache_dtype,
                                      max_num_seqs=args.max_num_seqs, torch_compile=compiled))
 
-    modes = [(None if q == "none" else q, compiled) for q in args.quantization
+    modes = [(None if q == "none" else q, kv, compiled) for q in args.quantization for kv in args.kv_cache_dtype
              for compiled in ((False, True) if args.torch_compile else (False,))]
     engine = make_engine(*modes[0])
     dtype = engine.engine.runner.dtype
@@ -275,7 +277,8 @@ def main() -> None:
                     f"greedy, max_tokens={args.max_tokens}, ignore_eos; level 1 = 8 requests, level C = "
                     f"{args.waves} x C requests, closed loop (C in flight)",
         "engine": f"AsyncLLM, max_num_batched_tokens={args.max_num_batched_tokens}, max_num_seqs={args.max_num_seqs}, "
-                  f"prefix caching on, block_size 16, weights: {', '.join(args.quantization)} "
+                  f"prefix caching on, block_size 16, weights: {', '.join(args.quantization)}, "
+                  f"KV pool: {', '.join(args.kv_cache_dtype)} "
                   f"(int8, int4: weight-only; w8a8: int8 weights and per-token int8 activations; engine.quantization)",
         "baselines": f"HF transformers generate ({dname}, the engine's dtype; sdpa, DynamicCache) on the engine's "
                      f"converted checkpoint; "
@@ -285,13 +288,14 @@ def main() -> None:
     results: list[Result] = []
     with quiet_transformers():
         sync_engine = None
-        for mode, compiled in modes:
+        for mode, kv, compiled in modes:
             if sync_engine is not None:
                 started = time.perf_counter()
-                engine = make_engine(mode, compiled)
+                engine = make_engine(mode, kv, compiled)
                 if compiled:
                     print(f"torch_compile: engine started in {time.perf_counter() - started:.0f} s")
-            label = "engine AsyncLLM" + (f" {mode}" if mode else "") + (" torch_compile" if compiled else "")
+            label = "engine AsyncLLM" + (f" {mode}" if mode else "") + (" fp8 KV" if kv == "fp8" else "") \
+                + (" torch_compile" if compiled else "")
             # Warm-up: short requests alone and two at a time through the whole path.
             short = levels[args.concurrency[0]][0][:40]
             for c in (1, 2):

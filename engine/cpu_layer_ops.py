@@ -14,7 +14,7 @@ import sys
 
 import torch
 
-from engine.attention import CacheWrite
+from engine.attention import CacheWrite, write_kv
 from engine.c_kernels import BF16, F32, I64, INT, PTR, build
 
 MAX_ROW = sys.maxsize  # rows of any width: add_rms_norm loops over a row, holding none of it
@@ -187,9 +187,14 @@ def rotate_qk(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.T
               q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
               cache: CacheWrite | None) -> torch.Tensor:
     """qkv [tokens, heads + 2 kv heads, dim] -> rotated queries and keys [tokens, heads + kv heads, dim]; cos, sin
-    [tokens, 1, dim]; with a cache (a bf16 pool), keys and values written to its slots too."""
+    [tokens, 1, dim]; with a cache, keys and values written to its slots too (a float8 pool's quantized by
+    engine.attention.write_kv)."""
     t, _, dim = qkv.shape
     num_qk = num_heads + num_kv_heads
+    if cache is not None and cache.k_scale is not None:
+        out = rotate_qk(qkv, num_heads, num_kv_heads, cos, sin, q_weight, k_weight, eps, None)
+        write_kv(cache, out[:, num_heads:], qkv[:, num_qk:])
+        return out
     out = torch.empty((t, num_qk, dim), dtype=qkv.dtype)
     # The C code reads bf16 words: tables and head norms in the activations' dtype (a no-op as the model passes them).
     cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)

@@ -7,7 +7,10 @@ sequence (where sequences are few, per stretch of whole blocks of a context, mer
 through the block table: each block's keys are read once from the pool and multiplied with their kv head's query
 rows (GQA without copies), then the softmax, then the values are read block by block: no copy, no padding. float32
 and bfloat16 pools (the CPU's serving dtypes), products and softmax in float32, the output rounded once; AVX-512
-vectors for float32, and for bf16 where the CPU has AVX512-BF16 (head sizes of 32s), portable loops elsewhere.
+vectors for float32, and for bf16 where the CPU has AVX512-BF16 (head sizes of 32s), portable loops elsewhere. A
+float8 pool (kv_cache_dtype fp8) is read a block at a time, widened into the serving dtype in the task's scratch
+(the numbers a float pool of its dequantized values holds): the block gather widened the whole batch's contexts
+every layer, 5-10x the bf16 pool's step (README).
 
 The C source is compiled on the machine (engine.c_kernels); where no compiler builds it or the kernel does not
 match dense attention at start-up, the engine keeps GatherDecode."""
@@ -15,12 +18,15 @@ import ctypes
 import functools
 import itertools
 import logging
+from typing import Optional
 
 import torch
 
+from engine.attention import dequantized_kv, quantize_kv
 from engine.c_kernels import BF16, F32, I64, INT, PTR, build
 from engine.context import Context
 from engine.opaque_op import opaque_op
+from engine.quantization import FP8
 
 log = logging.getLogger(__name__)
 
@@ -50,33 +56,92 @@ INLINE void prefetch_block(const void *start, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)start + b);
 }
 
+/* A float8 e4m3 byte's value (kv_cache_dtype fp8). */
+INLINE float e4m3_value(uint8_t b) {
+    const int e = (b >> 3) & 15, m = b & 7;
+    const float magnitude = e ? ldexpf(8 + m, e - 10) : ldexpf(m, -9);
+    return b & 0x80 ? -magnitude : magnitude;
+}
+
+/* rows float8 rows of dim (src), each times its scale -> the serving dtype (dst): the product in float32, rounded
+   once, as engine.attention.dequantized_kv computes it, so the kernel reads the numbers a float pool would hold. */
+INLINE void widen_rows(const uint8_t *src, const float *scales, int64_t rows, int64_t dim, void *dst, int is_bf16) {
+#if defined(__AVX512BF16__)
+    const int vectors = 1;
+#elif defined(__AVX512F__)
+    const int vectors = !is_bf16;  /* bf16 rounding by vector needs AVX512-BF16 (and so does the bf16 decode) */
+#endif
+    for (int64_t r = 0; r < rows; r++) {
+        const uint8_t *x = src + r * dim;
+        int64_t d = 0;
+#if defined(__AVX512F__)
+        /* 32 at a time: e4m3 bits seeeemmm sign-extended to 16 and shifted under fp16's (s eeeee mmmmmmmmmm, the
+           exponent's top bit cleared): a value 2^-8 of e4m3's, subnormals too, exactly widened by vcvtph2ps; the
+           2^8 goes into the scale (a power of two: the same single rounding). */
+        const __m512 times = _mm512_set1_ps(scales[r] * 256.0f);
+        for (; vectors && d + 32 <= dim; d += 32) {
+            const __m512i half = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(
+                _mm256_loadu_si256((const __m256i *)(x + d))), 7), _mm512_set1_epi16((short)0xbf80));
+            const __m512 lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(half)), times);
+            const __m512 hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(half, 1)), times);
+#if defined(__AVX512BF16__)
+            if (is_bf16) {  /* no subnormal products: a scale is at least 1e-12 / 448 */
+                _mm512_storeu_si512((uint16_t *)dst + r * dim + d, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));
+                continue;
+            }
+#endif
+            _mm512_storeu_ps((float *)dst + r * dim + d, lo);
+            _mm512_storeu_ps((float *)dst + r * dim + d + 16, hi);
+        }
+#endif
+        for (; d < dim; d++) {
+            const float f = e4m3_value(x[d]) * scales[r];
+            if (is_bf16) ((uint16_t *)dst)[r * dim + d] = bf16_round(f);
+            else ((float *)dst)[r * dim + d] = f;
+        }
+    }
+}
+
 /* A task: a stretch of one sequence's context (len slots from the first of its blocks), all its kv heads and
    their query heads (group each), rows of them; p [rows, len] the scores, then the softmax weights; acc [rows,
-   dim] the weighted values. A task reads whole blocks: each is one contiguous run of the pool. */
+   dim] the weighted values. A task reads whole blocks: each is one contiguous run of the pool. A float8 pool
+   (k_scale, v_scale: a float32 scale per slot and kv head; else NULL) is read a block at a time, widened into
+   the task's scratch block of the serving dtype (widened). */
 typedef struct {
     const void *q, *k, *v;
+    const float *k_scale, *v_scale;
     const int64_t *blocks;
     int64_t q_row, q_h, len, block_size, slot_stride, kv_heads, group, rows, bytes;
     float scale, *p, *acc;
+    void *widened;
 } Task;
 
-/* The pool element of the block holding context slot start, and how many of its slots hold context (n); the
-   next block prefetched: blocks are scattered through the pool, so the hardware's stride prefetchers lose the
-   stream at each block's end. */
-INLINE int64_t block_at(const Task *t, const void *pool, int64_t start, int64_t *n) {
+/* The block holding context slot start as rows of the serving dtype (the pool's own, or a float8 block widened),
+   and how many of its slots hold context (n); the next block prefetched: blocks are scattered through the pool, so
+   the hardware's stride prefetchers lose the stream at each block's end. */
+INLINE const char *block_at(const Task *t, const void *pool, const float *scales, int64_t start, int64_t *n) {
     const int64_t block = start / t->block_size, elements = t->block_size * t->slot_stride;
+    const int64_t bytes = scales ? 1 : t->bytes, slots = t->block_size * t->kv_heads;
     *n = t->len - start < t->block_size ? t->len - start : t->block_size;
-    if (start + t->block_size < t->len)
-        prefetch_block((const char *)pool + t->blocks[block + 1] * elements * t->bytes, elements * t->bytes);
-    return t->blocks[block] * elements;
+    if (start + t->block_size < t->len) {
+        prefetch_block((const char *)pool + t->blocks[block + 1] * elements * bytes, elements * bytes);
+        if (scales) prefetch_block(scales + t->blocks[block + 1] * slots, sizeof(float) * slots);
+    }
+    const char *rows = (const char *)pool + t->blocks[block] * elements * bytes;
+    if (!scales) return rows;
+    widen_rows((const uint8_t *)rows, scales + t->blocks[block] * slots, *n * t->kv_heads,
+               t->slot_stride / t->kv_heads, t->widened, t->bytes == 2);
+    return t->widened;
 }
 
-#define FOR_EACH_BLOCK(pool)                                                                                    \
-    for (int64_t start = 0, n, base; start < len && (base = block_at(t, pool, start, &n), 1); start += block_size)
+/* Each block of the task's stretch: src its first slot's row in the serving dtype, n its slots of context. */
+#define FOR_EACH_BLOCK(pool, scales)                                                                           \
+    for (int64_t start = 0, n; start < len && (src = block_at(t, pool, scales, start, &n)); start += block_size)
 
 #define TASK_FIELDS(t)                                                                                          \
     const int64_t len = t->len, block_size = t->block_size, slot_stride = t->slot_stride, rows = t->rows;      \
     const int64_t group = t->group;                                                                             \
+    const char *src;                                                                                            \
     float *p = t->p, *acc = t->acc
 
 /* Portable: rows converted to float32 (slot: a slot's kv heads, kv_heads * dim scratch), then products. */
@@ -86,9 +151,9 @@ INLINE void scores(const Task *t, const int64_t dim, int is_bf16, float *qf, flo
         load_row(t->q, t->q_row + r * t->q_h, qf + r * dim, dim, is_bf16);
         for (int64_t d = 0; d < dim; d++) qf[r * dim + d] *= t->scale;
     }
-    FOR_EACH_BLOCK(t->k)
+    FOR_EACH_BLOCK(t->k, t->k_scale)
         for (int64_t i = 0; i < n; i++) {
-            load_row(t->k, base + i * slot_stride, slot, slot_stride, is_bf16);
+            load_row(src, i * slot_stride, slot, slot_stride, is_bf16);
             for (int64_t r = 0; r < rows; r++) {
                 const float *key = slot + r / group * dim, *qr = qf + r * dim;
                 float dot = 0.0f;
@@ -102,9 +167,9 @@ INLINE void scores(const Task *t, const int64_t dim, int is_bf16, float *qf, flo
 INLINE void weighted_values(const Task *t, const int64_t dim, int is_bf16, float *slot) {
     TASK_FIELDS(t);
     memset(acc, 0, sizeof(float) * rows * dim);
-    FOR_EACH_BLOCK(t->v)
+    FOR_EACH_BLOCK(t->v, t->v_scale)
         for (int64_t i = 0; i < n; i++) {
-            load_row(t->v, base + i * slot_stride, slot, slot_stride, is_bf16);
+            load_row(src, i * slot_stride, slot, slot_stride, is_bf16);
             for (int64_t r = 0; r < rows; r++) {
                 const float w = p[r * len + start + i], *value = slot + r / group * dim;
                 float *ar = acc + r * dim;
@@ -148,12 +213,12 @@ INLINE void value_avx512(const void *v, int64_t i, int is_bf16, __m512 *lo, __m5
    row, their sums added across lanes together (sum16). */
 INLINE void scores_avx512(const Task *t, const int64_t dim, int is_bf16) {
     TASK_FIELDS(t);
-    FOR_EACH_BLOCK(t->k)
+    FOR_EACH_BLOCK(t->k, t->k_scale)
         for (int64_t i0 = 0; i0 < n; i0 += 16) {
             const int64_t m = n - i0 < 16 ? n - i0 : 16;
             for (int64_t r = 0; r < rows; r++) {
                 const char *qr = (const char *)t->q + (t->q_row + r * t->q_h) * t->bytes;
-                const char *kr = (const char *)t->k + (base + i0 * slot_stride + r / group * dim) * t->bytes;
+                const char *kr = src + (i0 * slot_stride + r / group * dim) * t->bytes;
                 __m512 dots[16];
                 for (int j = 0; j < 16; j++)
                     dots[SUM16_SLOT[j]] = j < m ? dot_avx512(qr, kr + j * slot_stride * t->bytes, dim, is_bf16)
@@ -188,7 +253,7 @@ INLINE void weighted_values_avx512(const Task *t, const int64_t dim, int is_bf16
     memset(acc, 0, sizeof(float) * rows * dim);
     /* Blocks outermost: each is read from memory once (a walk of the whole stretch per kv head and 32 columns
        read it from memory as often where the stretch outgrew the caches). */
-    FOR_EACH_BLOCK(t->v)
+    FOR_EACH_BLOCK(t->v, t->v_scale)
         for (int64_t r0 = 0, nr; r0 < rows; r0 += nr) {  /* up to 4 query rows of one kv head at a time */
             const int64_t kv = r0 / group;
             nr = (kv + 1) * group - r0 < 4 ? (kv + 1) * group - r0 : 4;
@@ -200,7 +265,7 @@ INLINE void weighted_values_avx512(const Task *t, const int64_t dim, int is_bf16
                 }
                 for (int64_t i = 0; i < n; i++) {
                     __m512 a, b;
-                    value_avx512(t->v, base + i * slot_stride + kv * dim + c, is_bf16, &a, &b);
+                    value_avx512(src, i * slot_stride + kv * dim + c, is_bf16, &a, &b);
                     for (int64_t j = 0; j < nr; j++) {
                         const __m512 w = _mm512_set1_ps(p[(r0 + j) * len + start + i]);
                         lo[j] = _mm512_fmadd_ps(w, a, lo[j]);
@@ -249,15 +314,16 @@ INLINE void attend(Task *t, const int64_t dim, int is_bf16, float *work, float *
     if (fast) weighted_values_avx512(t, dim, is_bf16); else weighted_values(t, dim, is_bf16, slot);
 }
 
-/* q [batch, heads, dim] (strides q_b, q_h; dim contiguous); k, v: the pool [slots, kv_heads, dim] contiguous;
-   table [batch, table_stride] int64 blocks; lens [batch] int32 context lengths; out [batch, heads, dim]
-   contiguous. Each sequence's context in `splits` stretches of whole blocks, a task each (more than one where
-   sequences are too few to keep the threads busy), their rows merged after by their tops: a task reads whole
-   blocks (a task per kv head read 1/kv_heads of each slot, scattered: 3-5x slower from DRAM). */
-INLINE void paged_decode(const void *q, const void *k, const void *v, const int64_t *table, const int32_t *lens,
-                         void *out, int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size,
-                         int64_t q_b, int64_t q_h, int64_t table_stride, float scale, int64_t splits, int threads,
-                         int is_bf16) {
+/* q [batch, heads, dim] (strides q_b, q_h; dim contiguous); k, v: the pool [slots, kv_heads, dim] contiguous,
+   in the queries' dtype, or float8 with k_scale, v_scale [slots, kv_heads] (else NULL); table [batch,
+   table_stride] int64 blocks; lens [batch] int32 context lengths; out [batch, heads, dim] contiguous. Each
+   sequence's context in `splits` stretches of whole blocks, a task each (more than one where sequences are too
+   few to keep the threads busy), their rows merged after by their tops: a task reads whole blocks (a task per kv
+   head read 1/kv_heads of each slot, scattered: 3-5x slower from DRAM). */
+INLINE void paged_decode(const void *q, const void *k, const void *v, const float *k_scale, const float *v_scale,
+                         const int64_t *table, const int32_t *lens, void *out, int64_t batch, int64_t heads,
+                         int64_t kv_heads, int64_t dim, int64_t block_size, int64_t q_b, int64_t q_h,
+                         int64_t table_stride, float scale, int64_t splits, int threads, int is_bf16) {
     /* Where contexts are split, each task's rows to merge: acc [heads, dim], then top [heads] and total [heads]. */
     const int64_t part = heads * (dim + 2);
     float *parts = splits > 1 ? malloc(sizeof(float) * batch * splits * part) : NULL;
@@ -274,10 +340,12 @@ INLINE void paged_decode(const void *q, const void *k, const void *v, const int6
                 for (int64_t r = 0; r < heads; r++) rows[heads * dim + r] = -INFINITY;  /* top */
                 continue;
             }
-            float *work = malloc(sizeof(float) * (heads * (2 * dim + n + 2) + kv_heads * dim));
+            const int64_t widened = k_scale ? block_size * kv_heads * dim : 0;  /* floats: room for either dtype */
+            float *work = malloc(sizeof(float) * (heads * (2 * dim + n + 2) + kv_heads * dim + widened));
             float *top = work + heads * (2 * dim + n) + kv_heads * dim, *total = top + heads;  /* after attend's */
-            Task t = {q, k, v, table + s * table_stride + from / block_size, s * q_b, q_h, n, block_size,
-                      kv_heads * dim, kv_heads, heads / kv_heads, heads, is_bf16 ? 2 : 4, scale, NULL, NULL};
+            Task t = {q, k, v, k_scale, v_scale, table + s * table_stride + from / block_size, s * q_b, q_h, n,
+                      block_size, kv_heads * dim, kv_heads, heads / kv_heads, heads, is_bf16 ? 2 : 4, scale, NULL,
+                      NULL, total + heads};
             if (dim == 64) attend(&t, 64, is_bf16, work, top, total);
             else if (dim == 128) attend(&t, 128, is_bf16, work, top, total);
             else attend(&t, dim, is_bf16, work, top, total);
@@ -311,17 +379,18 @@ INLINE void paged_decode(const void *q, const void *k, const void *v, const int6
 }
 
 #define ENTRY(NAME, IS_BF16)                                                                                    \
-    void NAME(const void *q, const void *k, const void *v, const int64_t *table, const int32_t *lens, void *out, \
-              int64_t batch, int64_t heads, int64_t kv_heads, int64_t dim, int64_t block_size, int64_t q_b,     \
-              int64_t q_h, int64_t table_stride, float scale, int64_t splits, int threads) {                   \
-        paged_decode(q, k, v, table, lens, out, batch, heads, kv_heads, dim, block_size, q_b, q_h, table_stride, \
-                     scale, splits, threads, IS_BF16);                                                          \
+    void NAME(const void *q, const void *k, const void *v, const float *k_scale, const float *v_scale,        \
+              const int64_t *table, const int32_t *lens, void *out, int64_t batch, int64_t heads,              \
+              int64_t kv_heads, int64_t dim, int64_t block_size, int64_t q_b, int64_t q_h, int64_t table_stride, \
+              float scale, int64_t splits, int threads) {                                                       \
+        paged_decode(q, k, v, k_scale, v_scale, table, lens, out, batch, heads, kv_heads, dim, block_size, q_b, q_h, \
+                     table_stride, scale, splits, threads, IS_BF16);                                           \
     }
 ENTRY(paged_decode_f32, 0)
 ENTRY(paged_decode_bf16, 1)
 """
 _ENTRY = {torch.float32: "paged_decode_f32", torch.bfloat16: "paged_decode_bf16"}
-_SIGNATURE = (PTR,) * 6 + (I64,) * 8 + (F32, I64, INT)
+_SIGNATURE = (PTR,) * 8 + (I64,) * 8 + (F32, I64, INT)
 
 
 def library() -> ctypes.CDLL | None:
@@ -329,36 +398,43 @@ def library() -> ctypes.CDLL | None:
     return build("cpu_paged_decode", _SOURCE, tuple((name, _SIGNATURE) for name in _ENTRY.values()))
 
 
-def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor,
-                  lens: torch.Tensor, scale: float, block_size: int) -> torch.Tensor:
-    """q [batch, heads, dim]; the pool's views [slots, kv_heads, dim]; table [batch, width] int64 blocks; lens
-    [batch] int32 -> [batch, heads, dim]. A task per sequence; with fewer sequences than two per thread, each
-    context in stretches, a task each, to keep the threads busy."""
+def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: Optional[torch.Tensor],
+                  v_scale: Optional[torch.Tensor], table: torch.Tensor, lens: torch.Tensor, scale: float,
+                  block_size: int) -> torch.Tensor:
+    """q [batch, heads, dim]; the pool's views [slots, kv_heads, dim] (a float8 pool's scales [slots, kv_heads],
+    else None); table [batch, width] int64 blocks; lens [batch] int32 -> [batch, heads, dim]. A task per sequence;
+    with fewer sequences than two per thread, each context in stretches, a task each, to keep the threads busy."""
     threads, batch = torch.get_num_threads(), q.shape[0]
-    return launch(q, k_cache, v_cache, table, lens, scale, block_size, -(-2 * threads // batch), threads)
+    return launch(q, k_cache, v_cache, table, lens, scale, block_size, -(-2 * threads // batch), threads,
+                  k_scale, v_scale)
 
 
 def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table: torch.Tensor, lens: torch.Tensor,
-           scale: float, block_size: int, splits: int, threads: int) -> torch.Tensor:
+           scale: float, block_size: int, splits: int, threads: int, k_scale: torch.Tensor | None = None,
+           v_scale: torch.Tensor | None = None) -> torch.Tensor:
     """The kernel with its tasks (splits: stretches of each context) and thread count named."""
     if q.stride(-1) != 1:
         q = q.contiguous()
     # The C code reads raw memory: indices in the widths it declares, the pool as whole rows.
     table, lens = table.to(torch.int64).contiguous(), lens.to(torch.int32).contiguous()
-    if not (k_cache.is_contiguous() and v_cache.is_contiguous() and k_cache.dtype == v_cache.dtype == q.dtype):
-        raise ValueError("the paged decode kernel takes contiguous pools in the queries' dtype")
+    pool_dtype = FP8 if k_scale is not None else q.dtype
+    scales = (k_scale, v_scale) if k_scale is not None else ()
+    if not (all(x.is_contiguous() for x in (k_cache, v_cache, *scales)) and k_cache.dtype == v_cache.dtype == pool_dtype
+            and all(x.dtype == torch.float32 for x in scales)):
+        raise ValueError("the paged decode kernel takes contiguous pools in the queries' dtype, or float8 ones with "
+                         "float32 scales")
     b, heads, dim = q.shape
     out = q.new_empty(q.shape)
     getattr(library(), _ENTRY[q.dtype])(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), table.data_ptr(), lens.data_ptr(), out.data_ptr(),
-        b, heads, k_cache.shape[1], dim, block_size, q.stride(0), q.stride(1), table.stride(0), scale,
-        splits, threads)
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *(x.data_ptr() if x is not None else None
+                                                                for x in (k_scale, v_scale)),
+        table.data_ptr(), lens.data_ptr(), out.data_ptr(), b, heads, k_cache.shape[1], dim, block_size, q.stride(0),
+        q.stride(1), table.stride(0), scale, splits, threads)
     return out
 
 
 # An opaque op inside a compiled decode graph; the pool's views are arguments, so it runs after the step's writes.
-_paged_decode_op = opaque_op("cpu_paged_decode", _paged_decode,
-                             lambda q, k_cache, v_cache, table, lens, scale, block_size: q.new_empty(q.shape))
+_paged_decode_op = opaque_op("cpu_paged_decode", _paged_decode, lambda q, *pool_and_table: q.new_empty(q.shape))
 
 
 class CPUPagedDecode:
@@ -368,16 +444,16 @@ class CPUPagedDecode:
         return None
 
     def __call__(self, layer, q: torch.Tensor, ctx: Context) -> torch.Tensor:
-        return _paged_decode_op(q, layer.k_cache, layer.v_cache, ctx.decode_block_table, ctx.decode_context_lens,
-                                layer.scale, layer.block_size)
+        return _paged_decode_op(q, layer.k_cache, layer.v_cache, layer.k_scale, layer.v_scale, ctx.decode_block_table,
+                                ctx.decode_context_lens, layer.scale, layer.block_size)
 
 
-@functools.cache  # once per dtype, head size and process
-def checks_out(dtype: torch.dtype, head_dim: int) -> bool:
+@functools.cache  # once per dtype, head size, pool dtype and process
+def checks_out(dtype: torch.dtype, head_dim: int, kv_dtype: torch.dtype | None = None) -> bool:
     """The kernel compiles and, on a small ragged batch over shuffled blocks with grouped query heads, each context
-    whole and in 3 stretches, matches attention computed densely in float64: to float32's accuracy, or within one
-    bfloat16 step of the output."""
-    if dtype not in _ENTRY or library() is None:
+    whole and in 3 stretches, matches attention computed densely in float64 (over a float8 pool's dequantized
+    values; kv_dtype None: the queries' dtype): to float32's accuracy, or within one bfloat16 step of the output."""
+    if dtype not in _ENTRY or (kv_dtype or dtype) not in (dtype, FP8) or library() is None:
         return False
     gen = torch.Generator().manual_seed(0)
     block_size, kv_heads, group, dim, lens = 4, 2, 3, head_dim, [1, 7, 12, 5]
@@ -387,14 +463,18 @@ def checks_out(dtype: torch.dtype, head_dim: int) -> bool:
     k, v = (torch.randn((len(blocks) * block_size, kv_heads, dim), generator=gen).to(dtype) for _ in range(2))
     q = torch.randn((len(lens), kv_heads * group, dim), generator=gen).to(dtype)
     lengths = torch.tensor(lens, dtype=torch.int32)
-    runs = [launch(q, k, v, table, lengths, dim ** -0.5, block_size, splits, 2) for splits in (1, 3)]
+    pool = (k, v)
+    if kv_dtype == FP8:
+        (kq, k_scale), (vq, v_scale) = quantize_kv(k), quantize_kv(v)
+        pool, k, v = (kq, vq, k_scale, v_scale), dequantized_kv(kq, k_scale, dtype), dequantized_kv(vq, v_scale, dtype)
+    runs = [launch(q, *pool[:2], table, lengths, dim ** -0.5, block_size, splits, 2, *pool[2:]) for splits in (1, 3)]
     for (s, n), got in itertools.product(enumerate(lens), runs):
         slots = (table[s, :, None] * block_size + torch.arange(block_size)).flatten()[:n]
         keys, values = (x[slots].double().repeat_interleave(group, 1).transpose(0, 1) for x in (k, v))
         want = (torch.softmax(q[s].double()[:, None] @ keys.transpose(1, 2) * dim ** -0.5, -1) @ values)[:, 0]
         tolerance = 1e-5 + (2 ** -7 if dtype == torch.bfloat16 else 1e-5) * want.abs()  # one bf16 step
         if not ((got[s].double() - want).abs() <= tolerance).all():
-            log.warning("the CPU paged decode kernel differs from dense attention in %s at head size %d; decode "
-                        "copies the context's blocks", dtype, head_dim)
+            log.warning("the CPU paged decode kernel differs from dense attention in %s at head size %d over a %s "
+                        "pool; decode copies the context's blocks", dtype, head_dim, kv_dtype or dtype)
             return False
     return True

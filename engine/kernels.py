@@ -27,10 +27,11 @@ def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim:
     memory-efficient one in float32), else FlexAttention; decode: the paged Triton kernel. On the CPU: in bf16
     with AMX every span of a step in one call of the compiled C kernel where it checks out for the head size
     (engine.cpu_span_attention), else one SDPA call per span; and for a model that decodes (generates), decode in
-    place by the compiled C kernel where it checks out for a pool in the serving dtype (engine.cpu_paged_decode)."""
+    place by the compiled C kernel where it checks out for the pool's dtype, the serving one or float8
+    (engine.cpu_paged_decode)."""
     if device.type != "cuda":
         cpu = device.type == "cpu"
-        in_place = cpu and decodes and (kv_dtype or dtype) == dtype and cpu_decode_checks_out(dtype, head_dim or 64)
+        in_place = cpu and decodes and cpu_decode_checks_out(dtype, head_dim or 64, kv_dtype)
         spans = cpu and dtype == torch.bfloat16 and head_dim is not None and cpu_span_checks_out(head_dim)
         return AttentionBackend(CPUSpanPrefill() if spans else PerSequencePrefill(),
                                 CPUPagedDecode() if in_place else GatherDecode(dtype))
@@ -49,7 +50,7 @@ def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim:
 
 
 def select_layer_ops(device: torch.device, dtype: torch.dtype, spec, kv_dtype: torch.dtype | None = None) -> LayerOps:
-    """Fused Triton kernels on CUDA in fp16 / bf16, fused C kernels on the CPU in bf16 (a pool in bf16 too), where
+    """Fused Triton kernels on CUDA in fp16 / bf16, fused C kernels on the CPU in bf16 (a bf16 or float8 pool), where
     they check out for the model's shapes (spec: its DecoderSpec) and KV cache dtype; float32 keeps Hugging Face's
     roundings, op by op."""
     from engine.triton_decode import triton_available
@@ -57,7 +58,8 @@ def select_layer_ops(device: torch.device, dtype: torch.dtype, spec, kv_dtype: t
         if fused_ops_check_out(device, dtype, spec, kv_dtype):
             return FusedLayerOps()
         log.warning("the fused layer ops differ from PyTorch's on this device; decoder layers run op by op")
-    if device.type == "cpu" and dtype == torch.bfloat16 == (kv_dtype or dtype) and cpu_layer_ops.library() is not None:
+    if device.type == "cpu" and dtype == torch.bfloat16 and (kv_dtype or dtype) in (dtype, FP8) \
+            and cpu_layer_ops.library() is not None:
         if fused_ops_check_out(device, dtype, spec, kv_dtype, CPUFusedLayerOps()):
             return CPUFusedLayerOps()
         log.warning("the fused C layer ops differ from PyTorch's on this CPU; decoder layers run op by op")

@@ -409,26 +409,30 @@ def test_compiled_model_in_the_decode_graph_buffers_with_the_paged_kernel_matche
     assert prefill > 4 and decodes and set(decodes) <= {1, 2, 4}  # every decode step: the compiled model on padded buffers
 
 
+@pytest.mark.parametrize("pool_dtype", [None, torch.float8_e4m3fn])  # kv_cache_dtype auto, fp8
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("splits", [1, 3, 40])
 @pytest.mark.parametrize("shape", [(4, 4, 8), (6, 2, 12), (9, 3, 64), (16, 8, 128), (4, 1, 96), (16, 2, 64)])
-def test_cpu_paged_decode_matches_dense_attention(shape, dtype, splits):
+def test_cpu_paged_decode_matches_dense_attention(shape, dtype, splits, pool_dtype):
     """The compiled C kernel with each context whole, in 3 stretches, and in more stretches than most contexts have
     blocks (empty ones merged in), head sizes on its unrolled (64, 128), AVX512-BF16 (multiples of 32, where the
-    CPU has it) and generic paths, groups of 1 to 8 query heads a kv head, against dense attention."""
+    CPU has it) and generic paths (a float8 pool's widening: vectors of 16 and the loop after them), groups of 1
+    to 8 query heads a kv head, against dense attention."""
     require_c_kernels(cpu_paged_decode.library())
-    attn, q, ctx, want = paged_decode_case(*shape, lengths=[1, 4, 5, 37, 16, 70, 300], seed=sum(shape))
-    attn.k_cache, attn.v_cache, q = attn.k_cache.to(dtype), attn.v_cache.to(dtype), q.to(dtype)
+    attn, q, ctx, want = paged_decode_case(*shape, lengths=[1, 4, 5, 37, 16, 70, 300], seed=sum(shape),
+                                           pool_dtype=pool_dtype)
+    attn.k_cache, attn.v_cache, q = attn.k_cache.to(pool_dtype or dtype), attn.v_cache.to(pool_dtype or dtype), \
+        q.to(dtype)
     got = cpu_paged_decode.launch(q, attn.k_cache, attn.v_cache, ctx.decode_block_table, ctx.decode_context_lens,
-                                  attn.scale, BLOCK, splits, threads=2)
+                                  attn.scale, BLOCK, splits, 2, attn.k_scale, attn.v_scale)
     tol = dict(atol=2e-5, rtol=1e-4) if dtype == torch.float32 else dict(atol=2e-2, rtol=2e-2)
     torch.testing.assert_close(got.float(), want, **tol)
     torch.testing.assert_close(CPUPagedDecode()(attn, q, ctx).float(), want, **tol)  # the engine's call
 
 
 def test_cpu_engines_decode_in_place_where_the_kernel_builds(tiny_model, ref):  # noqa: F811
-    """With a C compiler, CPU decoders decode through the kernel (greedy tokens as Hugging Face's); a float8 pool
-    keeps the block gather, and so does a reranker, which never decodes (without a compiler nothing is built:
+    """With a C compiler, CPU decoders decode through the kernel (greedy tokens as Hugging Face's), over a float8
+    pool too; a reranker, which never decodes, keeps the block gather (without a compiler nothing is built:
     test_cpu_kernels.py)."""
     require_c_kernels(cpu_paged_decode.library())
     arch = "llama3-gqa"
@@ -438,7 +442,7 @@ def test_cpu_engines_decode_in_place_where_the_kernel_builds(tiny_model, ref):  
     for out in llm.generate(PROMPTS[:3], greedy()):
         ref(arch).check(out)
     fp8 = LLM(tiny_model(arch), kv_cache_dtype="fp8", **cpu)
-    assert isinstance(fp8.engine.runner.attention_backend.decode, GatherDecode)
+    assert isinstance(fp8.engine.runner.attention_backend.decode, CPUPagedDecode)
     scorer = LLM(tiny_model(arch), task="score", **cpu)
     assert isinstance(scorer.engine.runner.attention_backend.decode, GatherDecode)  # it never decodes
 

@@ -1,7 +1,7 @@
 """kv_cache_dtype fp8: a float8 paged pool with one scale per (token, kv head). Every reader dequantizes its
 blocks into the queries' dtype, so an engine on an fp8 pool computes exactly what one computes whose float pool
 holds the same dequantized values, through every attention path (prefill with cached and chunked context,
-decode, the Triton paged kernel in Triton's interpreter)."""
+decode, the CPU's C paged kernel, the Triton paged kernel in Triton's interpreter)."""
 import os
 
 import pytest
@@ -9,8 +9,9 @@ import torch
 from conftest import assert_pool_free, sentence
 
 from engine import LLM, EngineConfig, SamplingParams
-from engine import attention, layer_ops
+from engine import attention, cpu_paged_decode, layer_ops
 from engine.attention_backends import AttentionBackend, GatherDecode, PerSequencePrefill
+from engine.cpu_paged_decode import CPUPagedDecode
 from engine.varlen_prefill import VarlenPrefill, reference_attend
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -27,6 +28,8 @@ def backends() -> dict:
     """name -> backend(device)"""
     out = {"per-sequence + gather": lambda dev: AttentionBackend(PerSequencePrefill(), GatherDecode()),
            "varlen + gather": lambda dev: AttentionBackend(VarlenPrefill(dev, reference_attend), GatherDecode())}
+    if cpu_paged_decode.library() is not None:
+        out["per-sequence + C paged"] = lambda dev: AttentionBackend(PerSequencePrefill(), CPUPagedDecode())
     if os.environ.get("TRITON_INTERPRET") == "1" or torch.cuda.is_available():
         from engine.triton_decode import TritonPagedDecode
         out["per-sequence + triton paged"] = lambda dev: AttentionBackend(PerSequencePrefill(), TritonPagedDecode())
