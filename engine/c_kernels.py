@@ -141,6 +141,40 @@ INLINE void products(const char *a, int64_t a_step, int64_t a_stride, const char
 #endif
 """
 
+# For sources that read or write a float8 KV pool (after BF16): e4m3 bytes (kv_cache_dtype fp8) to float32 and back.
+E4M3 = r"""
+#include <math.h>
+INLINE float e4m3_value(uint8_t b) {
+    const int e = (b >> 3) & 15, m = b & 7;
+    const float magnitude = e ? ldexpf(8 + m, e - 10) : ldexpf(m, -9);
+    return b & 0x80 ? -magnitude : magnitude;
+}
+
+/* x (|x| <= 448) to the nearest e4m3, ties to even, as torch's cast rounds: below 2^-6 the multiples of 2^-9,
+   else three bits of mantissa (a carry into the exponent is the next power of two). */
+INLINE uint8_t e4m3_round(float x) {
+    uint32_t u;
+    memcpy(&u, &x, 4);
+    const uint8_t sign = (uint8_t)((u >> 24) & 0x80);
+    u &= 0x7fffffffu;
+    if (u < (121u << 23)) return sign | (uint8_t)nearbyintf(fabsf(x) * 512.0f);
+    u += 0x7ffffu + ((u >> 20) & 1u);
+    return sign | (uint8_t)((u >> 20) - (120u << 3));
+}
+#if defined(__AVX512F__)
+/* e4m3_round of 16 lanes (the small ones by vcvtps2dq: to nearest even under the default rounding mode). */
+INLINE __m128i e4m3x16_round(__m512 x) {
+    const __m512i u = _mm512_castps_si512(x), a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));
+    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(a, 20), _mm512_set1_epi32(1));
+    const __m512i normal = _mm512_sub_epi32(_mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(a, odd),
+        _mm512_set1_epi32(0x7ffff)), 20), _mm512_set1_epi32(120 << 3));
+    const __m512i small = _mm512_cvtps_epi32(_mm512_mul_ps(_mm512_castsi512_ps(a), _mm512_set1_ps(512.0f)));
+    const __m512i bits = _mm512_mask_blend_epi32(_mm512_cmplt_epi32_mask(a, _mm512_set1_epi32(121 << 23)), normal,
+                                                 small);
+    return _mm512_cvtepi32_epi8(_mm512_or_si512(bits, _mm512_srli_epi32(_mm512_andnot_si512(a, u), 24)));
+}
+#endif
+"""
 
 @functools.cache
 def cpu_flags() -> frozenset[str]:

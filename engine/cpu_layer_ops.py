@@ -14,12 +14,13 @@ import sys
 
 import torch
 
-from engine.attention import CacheWrite, write_kv
-from engine.c_kernels import BF16, F32, I64, INT, PTR, build
+from engine.attention import CacheWrite
+from engine.c_kernels import BF16, E4M3, F32, I64, INT, PTR, build
+from engine.quantization import FP8
 
 MAX_ROW = sys.maxsize  # rows of any width: add_rms_norm loops over a row, holding none of it
 
-_SOURCE = BF16 + r"""
+_SOURCE = BF16 + E4M3 + r"""
 #include <math.h>
 #if defined(__AVX512F__) && defined(__GNUC__) && !defined(__clang__)
 #define WIDE __attribute__((target("prefer-vector-width=512")))  /* gcc's default for this CPU: 256-bit loops */
@@ -49,14 +50,49 @@ WIDE void add_rms_norm(const uint16_t *x, const uint16_t *res, const uint16_t *w
     }
 }
 
+/* A head's dim bf16 values -> e4m3 bytes and their scale, absmax / 448 (at least 1e-12 / 448), as
+   engine.quantization.quantize_fp8 computes them: each value divided by the scale, clamped to 448, rounded once.
+   A row with a NaN gets a NaN scale and NaN bytes, as there. */
+INLINE void quantize_e4m3(const uint16_t *x, int64_t dim, uint8_t *dst, float *scale) {
+    float amax = 0.0f;
+    int64_t d = 0, nan = 0;
+#if defined(__AVX512F__)
+    __m512 top = _mm512_setzero_ps();
+    __mmask16 nans = 0;
+    for (; d + 16 <= dim; d += 16) {
+        const __m512 v = bf16x16_load(x + d);
+        top = _mm512_max_ps(top, _mm512_abs_ps(v));
+        nans |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+    }
+    amax = _mm512_reduce_max_ps(top), nan = nans != 0;
+#endif
+    for (; d < dim; d++) {
+        const float v = bf16_load(x[d]);
+        amax = fmaxf(amax, fabsf(v)), nan |= v != v;
+    }
+    const float s = fmaxf(amax, 1e-12f) / 448.0f;
+    *scale = nan ? NAN : s;
+    if (nan) { memset(dst, 0x7f, dim); return; }
+    d = 0;
+#if defined(__AVX512F__)
+    for (const __m512 sv = _mm512_set1_ps(s); d + 16 <= dim; d += 16) {
+        const __m512 q = _mm512_div_ps(bf16x16_load(x + d), sv);
+        _mm_storeu_si128((__m128i *)(dst + d), e4m3x16_round(_mm512_min_ps(_mm512_max_ps(q, _mm512_set1_ps(-448.0f)),
+                                                                             _mm512_set1_ps(448.0f))));
+    }
+#endif
+    for (; d < dim; d++) dst[d] = e4m3_round(fminf(fmaxf(bf16_load(x[d]) / s, -448.0f), 448.0f));
+}
+
 /* One token's heads [num_qk, dim] of qkv (strides st, sh): Qwen3's per-head norm where qw (query heads) / kw (key
    heads) are given, rounded as its output is, then rotated with the token's tables (sin signed for the rotated
    halves: x1 cos - x2 sin, x2 cos + x1 sin) into out [tokens, num_qk, dim]; with slots, the rotated keys and the
-   values (heads num_qk.. of qkv) also go to the token's slot of the pool [slots, kv heads, dim]. */
+   values (heads num_qk.. of qkv) also go to the token's slot of the pool [slots, kv heads, dim]: bf16, or float8
+   with k_scale, v_scale [slots, kv heads] (quantize_e4m3). */
 void rotate_qk(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, const uint16_t *qw, const uint16_t *kw,
-               uint16_t *out, const int64_t *slots, uint16_t *k_cache, uint16_t *v_cache, int64_t tokens,
-               int64_t num_q, int64_t num_qk, int64_t dim, int64_t st, int64_t sh, int64_t sc, float eps,
-               int threads) {
+               uint16_t *out, const int64_t *slots, void *k_cache, void *v_cache, float *k_scale, float *v_scale,
+               int64_t tokens, int64_t num_q, int64_t num_qk, int64_t dim, int64_t st, int64_t sh, int64_t sc,
+               float eps, int threads) {
     const int64_t half = dim / 2, kv = num_qk - num_q;
     #pragma omp parallel for num_threads(threads) if (tokens > 1)
     for (int64_t t = 0; t < tokens; t++) {
@@ -78,9 +114,15 @@ void rotate_qk(const uint16_t *qkv, const uint16_t *cos, const uint16_t *sin, co
                 dst[d + half] = bf16_round(x[d + half] * bf16_load(c[d + half]) + x[d] * bf16_load(s[d + half]));
             }
             if (slots && h >= num_q) {
-                const int64_t at = (slots[t] * kv + h - num_q) * dim;
-                memcpy(k_cache + at, dst, dim * 2);
-                memcpy(v_cache + at, qkv + t * st + (num_qk + h - num_q) * sh, dim * 2);
+                const int64_t row = slots[t] * kv + h - num_q;
+                const uint16_t *value = qkv + t * st + (num_qk + h - num_q) * sh;
+                if (k_scale) {
+                    quantize_e4m3(dst, dim, (uint8_t *)k_cache + row * dim, k_scale + row);
+                    quantize_e4m3(value, dim, (uint8_t *)v_cache + row * dim, v_scale + row);
+                } else {
+                    memcpy((uint16_t *)k_cache + row * dim, dst, dim * 2);
+                    memcpy((uint16_t *)v_cache + row * dim, value, dim * 2);
+                }
             }
         }
     }
@@ -154,7 +196,7 @@ void lookup_bf16(const uint16_t *x, uint16_t *out, const uint16_t *table, int64_
 }
 """
 _SIGNATURES = (("add_rms_norm", (PTR,) * 5 + (I64,) * 6 + (F32, INT, INT)),
-               ("rotate_qk", (PTR,) * 9 + (I64,) * 7 + (F32, INT)),
+               ("rotate_qk", (PTR,) * 11 + (I64,) * 7 + (F32, INT)),
                ("gated_activation", (PTR,) * 2 + (I64,) * 4 + (INT, INT)),
                ("add_layer_norm", (PTR,) * 5 + (I64,) * 5 + (F32, INT)),
                ("lookup_bf16", (PTR,) * 3 + (I64, INT)))
@@ -187,29 +229,34 @@ def rotate_qk(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.T
               q_weight: torch.Tensor | None, k_weight: torch.Tensor | None, eps: float,
               cache: CacheWrite | None) -> torch.Tensor:
     """qkv [tokens, heads + 2 kv heads, dim] -> rotated queries and keys [tokens, heads + kv heads, dim]; cos, sin
-    [tokens, 1, dim]; with a cache, keys and values written to its slots too (a float8 pool's quantized by
-    engine.attention.write_kv)."""
+    [tokens, 1, dim]; with a cache (a bf16 pool, or a float8 one with its scales), keys and values written to its
+    slots too."""
     t, _, dim = qkv.shape
     num_qk = num_heads + num_kv_heads
-    if cache is not None and cache.k_scale is not None:
-        out = rotate_qk(qkv, num_heads, num_kv_heads, cos, sin, q_weight, k_weight, eps, None)
-        write_kv(cache, out[:, num_heads:], qkv[:, num_qk:])
-        return out
     out = torch.empty((t, num_qk, dim), dtype=qkv.dtype)
     # The C code reads bf16 words: tables and head norms in the activations' dtype (a no-op as the model passes them).
     cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
     q_weight, k_weight = (None if w is None else w.to(qkv.dtype).contiguous() for w in (q_weight, k_weight))
     if qkv.stride(2) != 1 or cos.stride() != sin.stride() or cos.stride(2) != 1:
         raise ValueError("rotate_qk takes heads and tables with contiguous dims")
-    if cache is not None and not (cache.k_cache.is_contiguous() and cache.v_cache.is_contiguous()
-                                  and cache.k_cache.dtype == qkv.dtype and cache.k_scale is None):
-        raise ValueError("rotate_qk writes whole rows of a contiguous pool in the activations' dtype")
+    if cache is not None and not _writable(cache, qkv.dtype):
+        raise ValueError("rotate_qk writes whole rows of a contiguous pool in the activations' dtype, or of a float8 "
+                         "one with float32 scales")
     slots = cache.slots.to(torch.int64).contiguous() if cache is not None else None
+    pool = (cache.k_cache, cache.v_cache, cache.k_scale, cache.v_scale) if cache is not None else (None,) * 4
     library().rotate_qk(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), _ptr(q_weight), _ptr(k_weight),
-                        out.data_ptr(), _ptr(slots), _ptr(cache and cache.k_cache), _ptr(cache and cache.v_cache), t,
+                        out.data_ptr(), _ptr(slots), *map(_ptr, pool), t,
                         num_heads, num_qk, dim, qkv.stride(0), qkv.stride(1), cos.stride(0), eps,
                         torch.get_num_threads())
     return out
+
+
+def _writable(cache: CacheWrite, dtype: torch.dtype) -> bool:
+    pools, scales = (cache.k_cache, cache.v_cache), (cache.k_scale, cache.v_scale)
+    if cache.k_scale is None:
+        return all(p.is_contiguous() and p.dtype == dtype for p in pools)
+    return all(p.is_contiguous() and p.dtype == FP8 for p in pools) and \
+        all(s.is_contiguous() and s.dtype == torch.float32 for s in scales)
 
 
 def gated_activation(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:

@@ -23,14 +23,14 @@ from typing import Optional
 import torch
 
 from engine.attention import dequantized_kv, quantize_kv
-from engine.c_kernels import BF16, F32, I64, INT, PTR, build
+from engine.c_kernels import BF16, E4M3, F32, I64, INT, PTR, build
 from engine.context import Context
 from engine.opaque_op import opaque_op
 from engine.quantization import FP8
 
 log = logging.getLogger(__name__)
 
-_SOURCE = BF16 + r"""
+_SOURCE = BF16 + E4M3 + r"""
 #include <math.h>
 #include <stdlib.h>
 
@@ -54,13 +54,6 @@ INLINE void store_row(void *dst, int64_t i, const float *src, int64_t n, float t
 
 INLINE void prefetch_block(const void *start, int64_t bytes) {
     for (int64_t b = 0; b < bytes; b += 64) __builtin_prefetch((const char *)start + b);
-}
-
-/* A float8 e4m3 byte's value (kv_cache_dtype fp8). */
-INLINE float e4m3_value(uint8_t b) {
-    const int e = (b >> 3) & 15, m = b & 7;
-    const float magnitude = e ? ldexpf(8 + m, e - 10) : ldexpf(m, -9);
-    return b & 0x80 ? -magnitude : magnitude;
 }
 
 /* rows float8 rows of dim (src), each times its scale -> the serving dtype (dst): the product in float32, rounded

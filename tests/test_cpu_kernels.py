@@ -84,24 +84,39 @@ def test_rotary_and_cache_write_match_op_by_op(heads, qk_norm):
     torch.testing.assert_close(got_k, want_k, **CLOSE)
 
 
+@pytest.mark.parametrize("heads", [(9, 3, 64), (6, 2, 12)])  # vectors of 16 / the loop after them
 @pytest.mark.parametrize("qk_norm", [False, True])
-def test_a_float8_pool_holds_the_fused_keys_as_pytorch_writes_them(qk_norm):
+def test_a_float8_pool_holds_the_fused_keys_as_pytorch_writes_them(heads, qk_norm):
     """kv_cache_dtype fp8: the fused rotary's keys and the values quantized into their slots as
-    engine.attention.write_kv quantizes them (values and scales bit for bit), other slots untouched."""
-    h, kv, dim = heads = (9, 3, 64)
-    qkv, tables, norms, slots = rotary_case(heads, qk_norm)
+    engine.attention.write_kv quantizes them (values and scales bit for bit), other slots untouched; a row with a
+    NaN: a NaN scale."""
+    h, kv, dim = heads
+    qkv, tables, norms, slots = rotary_case(heads, qk_norm, t=40, num_slots=48)
+    # The values' rows: 448 first (a scale of 1), then every finite float8, the midpoints between neighbours (ties
+    # to even, subnormals and zero among them) and their negatives, through the same rounding as PyTorch's cast.
+    every = torch.arange(127, dtype=torch.uint8).view(torch.float8_e4m3fn).float()
+    grid = torch.cat((every, (every[:-1] + every[1:]) / 2))
+    grid = torch.cat((grid, -grid)).to(BF16)
+    values = qkv[:, h + kv:].reshape(-1, dim)  # a copy
+    rest = values[:, 1:].flatten()
+    rest[:grid.numel()] = grid
+    values[:, 0], values[:, 1:] = 448, rest.view(-1, dim - 1)
+    values[-1, 3] = float("nan")
+    qkv[:, h + kv:] = values.view(-1, kv, dim)
 
     def pool():
-        return CacheWrite(*(torch.zeros(40, kv, dim, dtype=torch.float8_e4m3fn) for _ in range(2)), slots,
-                          *(torch.full((40, kv), 0.5) for _ in range(2)))
+        return CacheWrite(*(torch.zeros(48, kv, dim, dtype=torch.float8_e4m3fn) for _ in range(2)), slots,
+                          *(torch.full((48, kv), 0.5) for _ in range(2)))
     got, want = pool(), pool()
     q, k, v = CPUFusedLayerOps().attention_inputs(qkv, h, kv, tables, *norms, cache=got)
     write_kv(want, k, v)
+    nan_row = slots[-1], kv - 1
+    assert got.v_scale[nan_row].isnan() and got.v_cache[nan_row].float().isnan().all()
     for g, w in zip(got[:2], want[:2]):
-        assert torch.equal(g.view(torch.uint8), w.view(torch.uint8))
-    assert torch.equal(got.k_scale, want.k_scale) and torch.equal(got.v_scale, want.v_scale)
+        assert torch.equal(g.view(torch.uint8) & 0x7f, w.view(torch.uint8) & 0x7f)  # a NaN's sign aside
+    assert torch.equal(got.k_scale, want.k_scale) and torch.equal(got.v_scale.nan_to_num(), want.v_scale.nan_to_num())
     for g, w in zip((q, k, v), LayerOps().attention_inputs(qkv, h, kv, tables, *norms), strict=True):
-        torch.testing.assert_close(g, w, **CLOSE)
+        torch.testing.assert_close(g, w, equal_nan=True, **CLOSE)
 
 
 @pytest.mark.parametrize("width", [40, 1536])
