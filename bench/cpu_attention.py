@@ -9,9 +9,11 @@ the portable backend (GatherDecode: the blocks copied out, one masked SDPA), con
 a pool of 512 MiB; warm (the same call again: K/V in the caches) and cold (512 MiB read before each call, as a
 decode step's products stream the weights through the caches between a layer's calls; this evicts the code and
 the Python objects too, so a 16-token context then takes ~0.15 ms here). The limit: K/V bytes at the DRAM's
-read rate.
+read rate. --kv-cache-dtype fp8: the pool in float8 with a scale per slot and kv head (both sides read it, the
+gather dequantizing what it copies, the kernel widening each block as it reads it), and the bf16 pool's kernel
+beside them.
 
-    python bench/cpu_attention.py [--spans 32] [--repeats 20]"""
+    python bench/cpu_attention.py [--spans 32] [--repeats 20] [--kv-cache-dtype fp8]"""
 import argparse
 import random
 import time
@@ -20,7 +22,7 @@ import torch
 
 import common  # noqa: F401 (puts the repository on sys.path)
 from engine import cpu_paged_decode, cpu_span_attention
-from engine.attention import Attention
+from engine.attention import Attention, quantize_kv
 from engine.attention_backends import GatherDecode, PerSequencePrefill
 from engine.context import Context, PrefillSpan
 
@@ -52,24 +54,30 @@ def dram_read_rate(flush: torch.Tensor) -> float:
     return flush.numel() * flush.element_size() / median_seconds(lambda: flush.sum(), 5)
 
 
-def decode(repeats: int) -> None:
+def decode(repeats: int, fp8: bool) -> None:
     """The decode table (module docstring)."""
     if cpu_paged_decode.library() is None:
         raise SystemExit("the paged decode kernel did not build here (no C compiler)")
     flush = torch.ones(256 << 20, dtype=torch.bfloat16)  # 512 MiB
     rate = dram_read_rate(flush)
-    print(f"\nDecode from a paged pool (blocks of {BLOCK}, scattered in {POOL_BYTES >> 20} MiB), bf16, warm / cold "
-          f"caches; DRAM read rate here {rate / 1e9:.1f} GB/s (a sum over 512 MiB)\n")
+    pool = "float8 e4m3 + float32 scales" if fp8 else "bf16"
+    print(f"\nDecode from a paged pool (blocks of {BLOCK}, scattered in {POOL_BYTES >> 20} MiB), bf16 queries, {pool} "
+          f"pool, warm / cold caches; DRAM read rate here {rate / 1e9:.1f} GB/s (a sum over 512 MiB)\n")
     print("| shape | sequences x context | GatherDecode (baseline) warm / cold | C paged kernel warm / cold "
-          "| kernel / baseline warm / cold | limit (K/V bytes / DRAM rate) | max abs diff |")
-    print("|---|---|---|---|---|---|---|")
+          "| kernel / baseline warm / cold | limit (K/V bytes / DRAM rate) | max abs diff |"
+          + (" C kernel on a bf16 pool warm / cold |" if fp8 else ""))
+    print("|---|---|---|---|---|---|---|" + ("---|" if fp8 else ""))
     for name, heads, kv_heads, dim, causal in SHAPES:
         if not causal:
             continue
         attn = Attention(heads, kv_heads, dim, dim ** -0.5)
-        slots = POOL_BYTES // (2 * kv_heads * dim * 2) // BLOCK * BLOCK
+        slot_bytes = 2 * kv_heads * (dim + 4 if fp8 else dim * 2)
+        slots = POOL_BYTES // slot_bytes // BLOCK * BLOCK
         attn.k_cache, attn.v_cache = (torch.randn(slots, kv_heads, dim).bfloat16() for _ in range(2))
         attn.block_size = BLOCK
+        bf16_pool = attn.k_cache, attn.v_cache
+        if fp8:
+            (attn.k_cache, attn.k_scale), (attn.v_cache, attn.v_scale) = map(quantize_kv, bf16_pool)
         for batch, length in DECODES:
             width = -(-length // BLOCK)
             table = torch.randperm(slots // BLOCK)[:batch * width].view(batch, width)
@@ -81,20 +89,28 @@ def decode(repeats: int) -> None:
             base, fast = ([median_seconds(lambda: fn(attn, q, ctx), repeats, before)
                            for before in (lambda: None, flush.sum)] for fn in (gather, kernel))
             diff = (gather(attn, q, ctx).float() - kernel(attn, q, ctx).float()).abs().max()
-            kv_bytes = 2 * batch * length * kv_heads * dim * 2
-            print(f"| {name.split(' (')[0]} | {batch} x {length} | {base[0] * 1e6:.0f} / {base[1] * 1e6:.0f} us | "
-                  f"{fast[0] * 1e6:.0f} / {fast[1] * 1e6:.0f} us | {base[0] / fast[0]:.2f}x / "
-                  f"{base[1] / fast[1]:.2f}x | {kv_bytes / rate * 1e6:.0f} us | {diff:.4f} |")
+            kv_bytes = batch * length * slot_bytes
+            row = (f"| {name.split(' (')[0]} | {batch} x {length} | {base[0] * 1e6:.0f} / {base[1] * 1e6:.0f} us | "
+                   f"{fast[0] * 1e6:.0f} / {fast[1] * 1e6:.0f} us | {base[0] / fast[0]:.2f}x / "
+                   f"{base[1] / fast[1]:.2f}x | {kv_bytes / rate * 1e6:.0f} us | {diff:.4f} |")
+            if fp8:
+                bf16 = Attention(heads, kv_heads, dim, dim ** -0.5)
+                (bf16.k_cache, bf16.v_cache), bf16.block_size = bf16_pool, BLOCK
+                plain = [median_seconds(lambda: kernel(bf16, q, ctx), repeats, before) for before in
+                         (lambda: None, flush.sum)]
+                row += f" {plain[0] * 1e6:.0f} / {plain[1] * 1e6:.0f} us |"
+            print(row)
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spans", type=int, default=32, help="spans a step (default 32, lengths 120-256 tokens)")
     ap.add_argument("--repeats", type=int, default=20)
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="the decode table's pool")
     args = ap.parse_args()
     if cpu_span_attention.library() is None:
         print("the AMX span kernel did not build here (no AMX-BF16, or no C compiler): no prefill table")
-        return decode(args.repeats)
+        return decode(args.repeats, args.kv_cache_dtype == "fp8")
     random.seed(0)
     lengths = [random.randint(120, 256) for _ in range(args.spans)]
     tokens = sum(lengths)
@@ -122,7 +138,7 @@ def main() -> None:
         flops = sum(4 * n * (n + 1) / 2 if causal else 4 * n * n for n in lengths) * heads * dim
         print(f"| {name} | {heads} / {kv_heads} x {dim} | {'yes' if causal else 'no'} | {baseline * 1e3:.2f} ms | "
               f"{kernel * 1e3:.2f} ms | {baseline / kernel:.2f}x | {flops / kernel / 1e9:.0f} | {diff:.4f} |")
-    decode(args.repeats)
+    decode(args.repeats, args.kv_cache_dtype == "fp8")
 
 
 if __name__ == "__main__":
