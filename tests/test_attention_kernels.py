@@ -495,6 +495,29 @@ def test_cpu_span_attention_matches_dense_attention(shape, case):
     assert torch.equal(CPUSpanPrefill()(q, k, v, pool, dim ** -0.5, ctx), got)
 
 
+@pytest.mark.parametrize("threads", [2, 3])
+@pytest.mark.parametrize("case", ["own keys", "causal", "causal after context"])
+def test_cpu_span_attention_cuts_few_spans_rows_into_parts(case, threads):
+    """Where (span, kv head) tasks are fewer than four a thread, each takes a part per thread of its rows, parts
+    of equal work (causal: later rows see more keys), some empty for short spans: float64 dense attention within
+    bf16's roundings, as whole."""
+    require_amx_kernel(cpu_span_attention.library())
+    heads, kv_heads, dim = 9, 3, 64
+    lengths, context = [300, 17], [0 if case != "causal after context" else 40, 5 if case != "own keys" else 0]
+    q, k, v, starts = span_case(heads, kv_heads, dim, lengths, seed=threads)
+    g = torch.Generator().manual_seed(2)
+    ctx = [(torch.randn(c, kv_heads, dim, generator=g).bfloat16(), torch.randn(c, kv_heads, dim, generator=g)
+            .bfloat16()) for c in context]
+    keys = torch.cat([t for (ck, _), a, b in zip(ctx, starts[:-1], starts[1:]) for t in (ck, k[a:b])])
+    values = torch.cat([t for (_, cv), a, b in zip(ctx, starts[:-1], starts[1:]) for t in (cv, v[a:b])])
+    key_starts = torch.tensor([0] + [n + c for n, c in zip(lengths, context)]).cumsum(0)
+    got = cpu_span_attention.launch(q, keys, values, starts, key_starts, dim ** -0.5, case != "own keys", threads)
+    for i in range(len(lengths)):
+        (a, b), (ka, kb) = starts[i:i + 2].tolist(), key_starts[i:i + 2].tolist()
+        want = cpu_span_attention.dense_attention(q[a:b], keys[ka:kb], values[ka:kb], case != "own keys")
+        assert ((got[a:b].double() - want).abs() <= 1e-2 + 2 ** -7 * want.abs()).all()
+
+
 def test_cpu_bf16_encoders_attend_in_one_call_per_layer():
     """all-MiniLM-L6-v2 (32-wide heads) in bf16 takes the kernel; its embeddings are the per-span SDPA's to
     bf16's rounding (cosine >= 0.9999); float32 keeps the SDPA."""
