@@ -162,6 +162,17 @@ INLINE uint8_t e4m3_round(float x) {
     return sign | (uint8_t)((u >> 20) - (120u << 3));
 }
 #if defined(__AVX512F__)
+/* 32 e4m3 bytes times scale in float32, exactly (lo: the first 16): each sign-extended to 16 bits and shifted under
+   fp16's (s eeeee mmmmmmmmmm, the exponent's top bit cleared) is 2^-8 of its value, subnormals too, widened by
+   vcvtph2ps; the 2^8 goes into the scale (a power of two: the product is still rounded once). */
+INLINE void e4m3x32_widen(const uint8_t *x, float scale, __m512 *lo, __m512 *hi) {
+    const __m512i half = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(_mm256_loadu_si256(
+        (const __m256i *)x)), 7), _mm512_set1_epi16((short)0xbf80));
+    const __m512 times = _mm512_set1_ps(scale * 256.0f);
+    *lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(half)), times);
+    *hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(half, 1)), times);
+}
+
 /* e4m3_round of 16 lanes (the small ones by vcvtps2dq: to nearest even under the default rounding mode). */
 INLINE __m128i e4m3x16_round(__m512 x) {
     const __m512i u = _mm512_castps_si512(x), a = _mm512_and_si512(u, _mm512_set1_epi32(0x7fffffff));

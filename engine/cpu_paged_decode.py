@@ -68,15 +68,9 @@ INLINE void widen_rows(const uint8_t *src, const float *scales, int64_t rows, in
         const uint8_t *x = src + r * dim;
         int64_t d = 0;
 #if defined(__AVX512F__)
-        /* 32 at a time: e4m3 bits seeeemmm sign-extended to 16 and shifted under fp16's (s eeeee mmmmmmmmmm, the
-           exponent's top bit cleared): a value 2^-8 of e4m3's, subnormals too, exactly widened by vcvtph2ps; the
-           2^8 goes into the scale (a power of two: the same single rounding). */
-        const __m512 times = _mm512_set1_ps(scales[r] * 256.0f);
         for (; vectors && d + 32 <= dim; d += 32) {
-            const __m512i half = _mm512_and_si512(_mm512_slli_epi16(_mm512_cvtepi8_epi16(
-                _mm256_loadu_si256((const __m256i *)(x + d))), 7), _mm512_set1_epi16((short)0xbf80));
-            const __m512 lo = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_castsi512_si256(half)), times);
-            const __m512 hi = _mm512_mul_ps(_mm512_cvtph_ps(_mm512_extracti64x4_epi64(half, 1)), times);
+            __m512 lo, hi;
+            e4m3x32_widen(x + d, scales[r], &lo, &hi);
 #if defined(__AVX512BF16__)
             if (is_bf16) {  /* no subnormal products: a scale is at least 1e-12 / 448 */
                 _mm512_storeu_si512((uint16_t *)dst + r * dim + d, (__m512i)_mm512_cvtne2ps_pbh(hi, lo));

@@ -17,13 +17,14 @@ import logging
 
 import torch
 
-from engine.attention import read_kv
-from engine.c_kernels import AMX, BF16, F32, I64, INT, PTR, build
+from engine.attention import dequantized_kv, quantize_kv
+from engine.c_kernels import AMX, BF16, E4M3, F32, I64, INT, PTR, build
 from engine.context import Context
+from engine.quantization import FP8
 
 log = logging.getLogger(__name__)
 
-_SOURCE = BF16 + AMX + r"""
+_SOURCE = BF16 + E4M3 + AMX + r"""
 #include <math.h>
 #include <stdlib.h>
 
@@ -79,19 +80,39 @@ INLINE float softmax_row(const float *sx, uint16_t *wx, int64_t span, int64_t va
     return _mm512_reduce_add_ps(sum);
 }
 
-/* One span's keys and values of kv head g (klen rows from row kfirst of k and v, or where key_rows names them)
-   laid out for the tile products: kt
+/* 32 values from column `at` of row `row` of keys or values x (token stride t) in bf16: as stored, or a float8
+   pool's (scales [rows, kv_heads], else NULL) times the row's scale of kv head g, rounded once, as
+   engine.attention.dequantized_kv rounds them (no subnormal products: a scale is at least 1e-12 / 448). */
+INLINE __m512i row32(const void *x, const float *scales, int64_t row, int64_t t, int64_t kv_heads, int64_t g,
+                     int64_t at) {
+    if (!scales) return _mm512_loadu_si512((const uint16_t *)x + row * t + at);
+    __m512 lo, hi;
+    e4m3x32_widen((const uint8_t *)x + row * t + at, scales[row * kv_heads + g], &lo, &hi);
+    return (__m512i)_mm512_cvtne2ps_pbh(hi, lo);
+}
+
+/* Where a step's keys and values are: k, v with token strides k_t, v_t (bf16, or float8 with k_scale, v_scale);
+   rows: each key's row of them (a paged pool's slots), or NULL: key j is row j. */
+typedef struct {
+    const void *k, *v;
+    const float *k_scale, *v_scale;
+    const int64_t *rows;
+    int64_t k_t, v_t, kv_heads;
+} Keys;
+
+/* One span's keys and values of kv head g (klen of them from key kfirst) laid out for the tile products: kt
    [dim/2][padded] key pairs per dimension pair (the B tiles of the scores), vp [padded/2][dim] value pairs per key
    pair (the B tiles of the outputs); padded = klen rounded up to 32, the keys past klen zeros. */
-static void lay_out_keys(const uint16_t *k, const uint16_t *v, const int64_t *key_rows, int64_t kfirst, int64_t klen,
-                         int64_t g, int64_t dim, int64_t k_t, int64_t v_t, uint32_t *kt, uint32_t *vp) {
-#define KEY_ROW(j) (key_rows ? key_rows[kfirst + (j)] : kfirst + (j))
+static void lay_out_keys(const Keys *in, int64_t kfirst, int64_t klen, int64_t g, int64_t dim, uint32_t *kt,
+                         uint32_t *vp) {
+#define KEY_ROW(j) (in->rows ? in->rows[kfirst + (j)] : kfirst + (j))
     const int64_t padded = (klen + 31) & ~(int64_t)31, pairs = dim / 2;
     for (int64_t j = 0; j < padded; j += 16)  /* 16 keys' 16 dimension pairs at a time */
         for (int64_t r = 0; r < pairs; r += 16) {
             __m512i block[16];
             for (int64_t x = 0; x < 16; x++)
-                block[x] = j + x < klen ? _mm512_loadu_si512(k + KEY_ROW(j + x) * k_t + g * dim + 2 * r)
+                block[x] = j + x < klen ? row32(in->k, in->k_scale, KEY_ROW(j + x), in->k_t, in->kv_heads, g,
+                                                g * dim + 2 * r)
                                         : _mm512_setzero_si512();
             transpose_16x16(block);
             for (int64_t x = 0; x < 16; x++) _mm512_store_si512(kt + (r + x) * padded + j, block[x]);
@@ -102,8 +123,10 @@ static void lay_out_keys(const uint16_t *k, const uint16_t *v, const int64_t *ke
     const __m512i next16 = _mm512_add_epi16(first16, _mm512_set1_epi16(16));
     for (int64_t j = 0; j < padded; j += 2)
         for (int64_t c = 0; c < dim; c += 32) {
-            const __m512i a = j < klen ? _mm512_loadu_si512(v + KEY_ROW(j) * v_t + g * dim + c) : _mm512_setzero_si512();
-            const __m512i b = j + 1 < klen ? _mm512_loadu_si512(v + KEY_ROW(j + 1) * v_t + g * dim + c)
+            const __m512i a = j < klen ? row32(in->v, in->v_scale, KEY_ROW(j), in->v_t, in->kv_heads, g, g * dim + c)
+                                       : _mm512_setzero_si512();
+            const __m512i b = j + 1 < klen ? row32(in->v, in->v_scale, KEY_ROW(j + 1), in->v_t, in->kv_heads, g,
+                                                   g * dim + c)
                                            : _mm512_setzero_si512();
             _mm512_storeu_si512(vp + j / 2 * dim + c, _mm512_permutex2var_epi16(a, first16, b));
             _mm512_storeu_si512(vp + j / 2 * dim + c + 16, _mm512_permutex2var_epi16(a, next16, b));
@@ -149,10 +172,6 @@ static void attend_rows(const uint16_t *q, uint16_t *out, int64_t first, int64_t
         }
     }
 }
-#else
-int span_attention_built(void) { return 0; }
-#endif
-
 /* The work of a span's first `rows` rows (products per kv head): causal, row i attends to the `before` keys of
    context and the span's keys up to its own; else to all klen keys. */
 INLINE double rows_work(int64_t rows, int64_t before, int64_t klen, int causal) {
@@ -171,20 +190,26 @@ INLINE void part_rows(int64_t len, int64_t klen, int causal, int64_t part, int64
     *from = edge[0], *to = edge[1];
 }
 
+#else
+int span_attention_built(void) { return 0; }
+#endif
+
 /* q [tokens, heads, dim], k and v [keys, kv_heads, dim], bf16, each token's heads contiguous (token strides
-   q_t, k_t, v_t); starts [spans + 1] the spans' first queries and the end, key_starts the same for their keys
-   (rows of k and v, or of key_rows, which names each key's row: a paged pool's slots);
-   out [tokens, heads, dim] contiguous. dim: a multiple of 32. A task per (span, kv head, part of the span's rows)
-   lays out the keys and values its rows see, then takes its query heads' rows (the keys stay in its core's
-   caches). A span's rows are cut into parts of equal work where a (span, kv head) would hold more than
-   1 / TASKS_A_THREAD of a thread's share of the step's work: a task per (span, kv head) left a thread of two
-   idle a third of the time on one long span with 3 kv heads (SmolLM2, 2,600 tokens: 10.5 -> 7.3 ms a layer). */
-void span_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v, const int64_t *key_rows,
-                         uint16_t *out, const int64_t *starts, const int64_t *key_starts, int64_t spans, int64_t heads,
-                         int64_t kv_heads, int64_t dim, int64_t q_t, int64_t k_t, int64_t v_t, float scale, int causal,
-                         int threads) {
+   q_t, k_t, v_t; k and v bf16, or float8 with k_scale, v_scale [rows, kv_heads], else NULL); starts [spans + 1]
+   the spans' first queries and the end, key_starts the same for their keys (rows of k and v, or of key_rows,
+   which names each key's row: a paged pool's slots); out [tokens, heads, dim] contiguous. dim: a multiple of
+   32. A task per (span, kv head, part of the span's rows) lays out the keys and values its rows see, then takes
+   its query heads' rows (the keys stay in its core's caches). A span's rows are cut into parts of equal work where
+   a (span, kv head) would hold more than 1 / TASKS_A_THREAD of a thread's share of the step's work: a task per
+   (span, kv head) left a thread of two idle a third of the time on one long span with 3 kv heads (SmolLM2, 2,600
+   tokens: 10.5 -> 7.3 ms a layer). */
+void span_attention_bf16(const uint16_t *q, const void *k, const void *v, const float *k_scale, const float *v_scale,
+                         const int64_t *key_rows, uint16_t *out, const int64_t *starts, const int64_t *key_starts,
+                         int64_t spans, int64_t heads, int64_t kv_heads, int64_t dim, int64_t q_t, int64_t k_t,
+                         int64_t v_t, float scale, int causal, int threads) {
 #if defined(AMX)
     const int64_t group = heads / kv_heads;
+    const Keys in = {k, v, k_scale, v_scale, key_rows, k_t, v_t, kv_heads};
     int64_t *parts = malloc(sizeof(int64_t) * spans), *first_task = malloc(sizeof(int64_t) * (spans + 1));
     double *work = malloc(sizeof(double) * spans), total = 0.0;
     for (int64_t sp = 0; sp < spans; sp++) {
@@ -217,7 +242,7 @@ void span_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v
             uint32_t *kt = aligned_alloc(64, sizeof(uint32_t) * padded * dim);  /* kt, then vp: dim / 2 * padded each */
             uint16_t *qb = aligned_alloc(64, sizeof(uint16_t) * ROWS * (dim + padded));  /* qb, then w */
             float *s = aligned_alloc(64, sizeof(float) * ROWS * (padded + dim));  /* s, then o */
-            lay_out_keys(k, v, key_rows, key_starts[sp], seen, g, dim, k_t, v_t, kt, kt + dim / 2 * padded);
+            lay_out_keys(&in, key_starts[sp], seen, g, dim, kt, kt + dim / 2 * padded);
             for (int64_t h = g * group; h < (g + 1) * group; h++)
                 for (int64_t i0 = from; i0 < to; i0 += ROWS)
                     attend_rows(q, out, first, len, klen, i0, h, heads, dim, q_t, scale, causal, kt,
@@ -234,7 +259,7 @@ void span_attention_bf16(const uint16_t *q, const uint16_t *k, const uint16_t *v
 #endif
 }
 """
-_SIGNATURE = (PTR,) * 7 + (I64,) * 7 + (F32, INT, INT)
+_SIGNATURE = (PTR,) * 9 + (I64,) * 7 + (F32, INT, INT)
 
 
 @functools.cache  # its start asks Linux for the tile registers once
@@ -246,14 +271,18 @@ def library() -> ctypes.CDLL | None:
 
 
 def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tensor, key_starts: torch.Tensor,
-           scale: float, causal: bool, threads: int, key_rows: torch.Tensor | None = None) -> torch.Tensor:
-    """q [tokens, heads, dim], k and v [keys, kv_heads, dim] in bf16; starts and key_starts [spans + 1] int64, where
-    each span's queries and keys begin (a span's keys: its context, its own last) -> [tokens, heads, dim]; with
-    key_rows, k and v's row of each key (k and v a paged pool, key_rows slots). Strided token rows are read in place
-    (q, k and v as views of one projection)."""
+           scale: float, causal: bool, threads: int, key_rows: torch.Tensor | None = None,
+           k_scale: torch.Tensor | None = None, v_scale: torch.Tensor | None = None) -> torch.Tensor:
+    """q [tokens, heads, dim], k and v [keys, kv_heads, dim] in bf16 (or float8 with their scales [keys, kv_heads]:
+    a float8 pool's); starts and key_starts [spans + 1] int64, where each span's queries and keys begin (a span's
+    keys: its context, its own last) -> [tokens, heads, dim]; with key_rows, k and v's row of each key (k and v a
+    paged pool, key_rows slots). Strided token rows are read in place (q, k and v as views of one projection)."""
     q, k, v = (x if x.stride(2) == 1 and x.stride(1) == x.shape[2] else x.contiguous() for x in (q, k, v))
-    if not q.dtype == k.dtype == v.dtype == torch.bfloat16:
-        raise ValueError("the span attention kernel takes bf16 queries, keys and values")
+    scales = () if k_scale is None else (k_scale.contiguous(), v_scale.contiguous())
+    if not (q.dtype == torch.bfloat16 and k.dtype == v.dtype == (FP8 if scales else torch.bfloat16)
+            and all(x.dtype == torch.float32 for x in scales)):
+        raise ValueError("the span attention kernel takes bf16 queries, and bf16 keys and values or float8 ones "
+                         "with float32 scales")
     starts, key_starts = starts.to(torch.int64).contiguous(), key_starts.to(torch.int64).contiguous()
     if key_rows is not None:
         key_rows = key_rows.to(torch.int64).contiguous()
@@ -263,18 +292,19 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tens
     heads, dim = q.shape[1:]
     out = q.new_empty(q.shape)
     library().span_attention_bf16(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), key_rows.data_ptr() if key_rows is not None else None,
-        out.data_ptr(), starts.data_ptr(), key_starts.data_ptr(), starts.shape[0] - 1, heads, k.shape[1], dim,
-        q.stride(0), k.stride(0), v.stride(0), scale, causal, threads)
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), *([x.data_ptr() for x in scales] or [None, None]),
+        key_rows.data_ptr() if key_rows is not None else None, out.data_ptr(), starts.data_ptr(),
+        key_starts.data_ptr(), starts.shape[0] - 1, heads, k.shape[1], dim, q.stride(0), k.stride(0), v.stride(0),
+        scale, causal, threads)
     return out
 
 
 class CPUSpanPrefill:
     """The prefill half of the CPU's attention backend where the kernel checks out (engine.kernels): one call for a
     step's spans; where a span reads cached context (a chunk, a prefix-cache hit), every span's keys are read in
-    place from the pool through their slots (a float8 pool's gathered and dequantized first): gathering each span's
+    place from the pool through their slots (a float8 pool's widened as they are read): gathering each span's
     context and concatenating the step's keys every layer was a quarter of a step of 16 prompts of 2,600 cached
-    and 100 new tokens."""
+    and 100 new tokens (a float8 pool's dequantized gather two thirds)."""
     name = "C span attention (AMX)"
 
     def prepare(self, ctx: Context) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
@@ -291,10 +321,8 @@ class CPUSpanPrefill:
         threads = torch.get_num_threads()
         if key_slots is None:
             return launch(q, k, v, starts, key_starts, scale, ctx.causal, threads)
-        k_cache, v_cache, k_scale, _ = pool
-        if k_scale is None:
-            return launch(q, k_cache, v_cache, starts, key_starts, scale, ctx.causal, threads, key_slots)
-        return launch(q, *read_kv(pool, key_slots, q.dtype), starts, key_starts, scale, ctx.causal, threads)
+        k_cache, v_cache, k_scale, v_scale = pool
+        return launch(q, k_cache, v_cache, starts, key_starts, scale, ctx.causal, threads, key_slots, k_scale, v_scale)
 
 
 def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool) -> torch.Tensor:
@@ -308,12 +336,13 @@ def dense_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: b
     return (torch.softmax(scores, -1) @ values).transpose(0, 1)
 
 
-@functools.cache  # once per head size and process
-def checks_out(head_dim: int) -> bool:
+@functools.cache  # once per head size, pool dtype and process
+def checks_out(head_dim: int, kv_dtype: torch.dtype | None = None) -> bool:
     """The kernel builds for this CPU and, on ragged spans (one shorter than a block of rows, one longer than 32
-    keys) with grouped query heads, not causal on their own keys and causal after cached context, matches
-    attention computed densely in float64 within bf16's rounding of the weights and the output."""
-    if head_dim % 32 or library() is None:
+    keys) with grouped query heads, not causal on their own keys, and causal after cached context read in place
+    from a pool (bf16, or float8 where kv_dtype is), matches attention computed densely in float64 (over the pool's
+    dequantized values) within bf16's rounding of the weights and the output."""
+    if head_dim % 32 or kv_dtype not in (None, torch.bfloat16, FP8) or library() is None:
         return False
     gen = torch.Generator().manual_seed(0)
     lens, context, kv_heads, group = [3, 37, 70, 1], [0, 5, 0, 40], 2, 3
@@ -321,13 +350,22 @@ def checks_out(head_dim: int) -> bool:
     key_starts = torch.tensor([0] + [n + c for n, c in zip(lens, context)]).cumsum(0)
     q = torch.randn((starts[-1], kv_heads * group, head_dim), generator=gen).bfloat16()
     k, v = (torch.randn((key_starts[-1], kv_heads, head_dim), generator=gen).bfloat16() for _ in range(2))
-    for causal, keys_at in ((False, starts), (True, key_starts)):
-        got = launch(q, k, v, starts, keys_at, head_dim ** -0.5, causal, 2)
+    slots = torch.randperm(len(k) + 7, generator=gen)[:len(k)]  # the keys' rows of a pool, others between
+    pool = [torch.zeros((len(k) + 7, kv_heads, head_dim), dtype=torch.bfloat16) for _ in range(2)]
+    pool[0][slots], pool[1][slots] = k, v
+    if kv_dtype == FP8:
+        (kq, k_scale), (vq, v_scale) = quantize_kv(pool[0]), quantize_kv(pool[1])
+        pool = [kq, vq, slots, k_scale, v_scale]
+        k, v = dequantized_kv(kq, k_scale, torch.bfloat16)[slots], dequantized_kv(vq, v_scale, torch.bfloat16)[slots]
+    else:
+        pool.append(slots)
+    for causal, keys_at, read in ((False, starts, (k, v)), (True, key_starts, pool)):
+        got = launch(q, *read[:2], starts, keys_at, head_dim ** -0.5, causal, 2, *read[2:])
         for i in range(len(lens)):
             (a, b), (ka, kb) = starts[i:i + 2].tolist(), keys_at[i:i + 2].tolist()
             want = dense_attention(q[a:b], k[ka:kb], v[ka:kb], causal)
             if not ((got[a:b].double() - want).abs() <= 1e-2 + 2 ** -7 * want.abs()).all():
-                log.warning("the CPU span attention kernel differs from dense attention at head size %d; prefill "
-                            "runs an SDPA call per span", head_dim)
+                log.warning("the CPU span attention kernel differs from dense attention at head size %d (a %s pool); "
+                            "prefill runs an SDPA call per span", head_dim, kv_dtype or "bf16")
                 return False
     return True

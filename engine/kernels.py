@@ -32,7 +32,7 @@ def select_attention_backend(device: torch.device, dtype: torch.dtype, head_dim:
     if device.type != "cuda":
         cpu = device.type == "cpu"
         in_place = cpu and decodes and cpu_decode_checks_out(dtype, head_dim or 64, kv_dtype)
-        spans = cpu and dtype == torch.bfloat16 and head_dim is not None and cpu_span_checks_out(head_dim)
+        spans = cpu and dtype == torch.bfloat16 and head_dim is not None and cpu_span_checks_out(head_dim, kv_dtype)
         return AttentionBackend(CPUSpanPrefill() if spans else PerSequencePrefill(),
                                 CPUPagedDecode() if in_place else GatherDecode(dtype))
     from engine.flex_prefill import FlexPrefill, flex_available

@@ -518,9 +518,11 @@ def test_cpu_span_attention_cuts_few_spans_rows_into_parts(case, threads):
         assert ((got[a:b].double() - want).abs() <= 1e-2 + 2 ** -7 * want.abs()).all()
 
 
-def test_cpu_span_attention_reads_keys_in_place_through_slots():
-    """key_rows: each key read from its row of a pool (slots shuffled through it, rows of other sequences between):
-    bit for bit the kernel's result on the same keys packed in order."""
+@pytest.mark.parametrize("pool_dtype", [None, torch.float8_e4m3fn])  # kv_cache_dtype auto, fp8
+def test_cpu_span_attention_reads_keys_in_place_through_slots(pool_dtype):
+    """key_rows: each key read from its row of a pool (slots shuffled through it, rows of other sequences between;
+    a float8 pool's widened as read): bit for bit the kernel's result on the same keys (dequantized) packed in
+    order."""
     require_amx_kernel(cpu_span_attention.library())
     heads, kv_heads, dim = 9, 3, 64
     q, k, v, starts = span_case(heads, kv_heads, dim, [5, 40, 17], seed=3)
@@ -528,12 +530,17 @@ def test_cpu_span_attention_reads_keys_in_place_through_slots():
     slots = torch.randperm(200, generator=g)[:k.shape[0]]
     k_pool, v_pool = (torch.randn(200, kv_heads, dim, generator=g).bfloat16() for _ in range(2))
     k_pool[slots], v_pool[slots] = k, v
+    scales = ()
+    if pool_dtype is not None:
+        (k_pool, k_scale), (v_pool, v_scale) = quantize_kv(k_pool), quantize_kv(v_pool)
+        scales = k_scale, v_scale
+        k, v = (dequantized_kv(x, s, torch.bfloat16)[slots] for x, s in ((k_pool, k_scale), (v_pool, v_scale)))
     for causal in (False, True):
         want = cpu_span_attention.launch(q, k, v, starts, starts, dim ** -0.5, causal, 2)
-        got = cpu_span_attention.launch(q, k_pool, v_pool, starts, starts, dim ** -0.5, causal, 2, key_rows=slots)
+        got = cpu_span_attention.launch(q, k_pool, v_pool, starts, starts, dim ** -0.5, causal, 2, slots, *scales)
         assert torch.equal(got, want)
     with pytest.raises(ValueError, match="key_rows must name a row"):
-        cpu_span_attention.launch(q, k_pool, v_pool, starts, starts, dim ** -0.5, True, 2, key_rows=slots + 200)
+        cpu_span_attention.launch(q, k_pool, v_pool, starts, starts, dim ** -0.5, True, 2, slots + 200, *scales)
 
 
 def test_cpu_bf16_encoders_attend_in_one_call_per_layer():

@@ -2,6 +2,13 @@
 (engine.cpu_layer_ops) against the op-by-op PyTorch ones they replace, the start-up checks that decide, and
 engines generating and embedding on them (their hidden states against Hugging Face's: test_decoders.py); the
 build's fallback where no compiler runs. (The attention kernels are in test_attention_kernels.py.)"""
+import concurrent.futures
+import importlib
+import itertools
+import os
+import platform
+import subprocess
+
 import pytest
 import torch
 import transformers as T
@@ -242,3 +249,26 @@ def test_no_compiler_builds_nothing_and_an_unusable_cache_falls_back_to_the_temp
     (tmp_path / "a-file").write_text("")
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "a-file"))  # no directory can be made under it
     assert c_kernels.build.__wrapped__(*probe)._name.startswith(c_kernels._cache_dirs()[1])
+
+
+@pytest.mark.skipif(platform.machine() not in ("x86_64", "AMD64"), reason="x86 CPU targets")
+def test_every_source_compiles_for_other_x86_cpus(tmp_path):
+    """Each C source compiles for CPUs other than this one (no AVX-512, AVX-512 without BF16 or AMX, AMX), every
+    vector path behind its feature test: where one failed, that CPU would fall back to the slower PyTorch ops."""
+    sources = {name: importlib.import_module(f"engine.{name}")._SOURCE
+               for name in ("cpu_layer_ops", "cpu_paged_decode", "cpu_span_attention", "cpu_amx_matmul", "cpu_int4")}
+    flags = [f for f in c_kernels.FLAGS if f not in ("-march=native", "-O3", "-shared")]
+
+    for name, source in sources.items():
+        (tmp_path / f"{name}.c").write_text(source)
+
+    def compile_for(job):
+        name, march = job
+        run = subprocess.run([os.environ.get("CC", "cc"), "-O1", f"-march={march}", *flags, "-c",
+                              "-Werror=implicit-function-declaration", str(tmp_path / f"{name}.c"), "-o",
+                              str(tmp_path / f"{name}-{march}.o")], capture_output=True, text=True)
+        return name, march, run.returncode, run.stderr[-400:]
+    jobs = itertools.product(sources, ("x86-64", "x86-64-v3", "skylake-avx512", "sapphirerapids"))
+    with concurrent.futures.ThreadPoolExecutor(4) as pool:
+        failed = [result for result in pool.map(compile_for, jobs) if result[2] != 0]
+    assert not failed
