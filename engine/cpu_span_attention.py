@@ -172,6 +172,7 @@ static void attend_rows(const uint16_t *q, uint16_t *out, int64_t first, int64_t
         }
     }
 }
+
 /* The work of a span's first `rows` rows (products per kv head): causal, row i attends to the `before` keys of
    context and the span's keys up to its own; else to all klen keys. */
 INLINE double rows_work(int64_t rows, int64_t before, int64_t klen, int causal) {
@@ -189,7 +190,6 @@ INLINE void part_rows(int64_t len, int64_t klen, int causal, int64_t part, int64
     }
     *from = edge[0], *to = edge[1];
 }
-
 #else
 int span_attention_built(void) { return 0; }
 #endif
