@@ -89,6 +89,7 @@ def test_rotary_and_cache_write_match_op_by_op(heads, qk_norm):
     untouched = torch.ones(num_slots, dtype=torch.bool).index_fill_(0, slots, False)
     assert torch.equal(got_k[untouched], pools[0][untouched]) and torch.equal(got_v[untouched], pools[1][untouched])
     torch.testing.assert_close(got_k, want_k, **CLOSE)
+    assert torch.equal(got_v, want_v)  # values are copied as they are
 
 
 @pytest.mark.parametrize("heads", [(9, 3, 64), (6, 2, 12)])  # vectors of 16 / the loop after them
