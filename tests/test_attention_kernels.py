@@ -559,11 +559,13 @@ def test_cpu_bf16_encoders_attend_in_one_call_per_layer():
     assert isinstance(fp32.engine.runner.attention_backend.prefill, PerSequencePrefill)
 
 
-def test_cpu_bf16_decoders_prefill_through_the_kernel_with_chunks_and_cache_hits(tiny_model, monkeypatch):
+@pytest.mark.parametrize("kv_cache_dtype", ["auto", "fp8"])
+def test_cpu_bf16_decoders_prefill_through_the_kernel_with_chunks_and_cache_hits(kv_cache_dtype, tiny_model,
+                                                                                  monkeypatch):
     """A bf16 decoder with 32-wide heads: several prompts' spans in one call, long prompts in chunks (each after
-    its earlier chunks' keys in the pool) and prefix-cache hits through the kernel too (the per-span SDPA never
-    runs); the last-token hidden states are the SDPA's to bf16's rounding, and generation ends with no block
-    left."""
+    its earlier chunks' keys in the pool, read in place: bf16 or float8) and prefix-cache hits through the kernel
+    too (the per-span SDPA never runs); the last-token hidden states are the SDPA's (over the same dequantized
+    context) to bf16's rounding, and generation ends with no block left."""
     require_amx_kernel(cpu_span_attention.library())
     path = tiny_model("qwen3-hd32")
     calls, sdpa_calls = [], []
@@ -572,13 +574,14 @@ def test_cpu_bf16_decoders_prefill_through_the_kernel_with_chunks_and_cache_hits
                         lambda *a, **kw: calls.append(a[3].numel() - 1) or launch(*a, **kw))
     monkeypatch.setattr(PerSequencePrefill, "__call__", lambda self, *a: sdpa_calls.append(1) or per_span(self, *a))
     prompts = PROMPTS + [sentence(410, 40), SHARED[0], SHARED[1]]
-    llm = LLM(path, task="embed", dtype="bfloat16", block_size=8, max_num_batched_tokens=16)
+    kw = dict(dtype="bfloat16", block_size=8, max_num_batched_tokens=16, kv_cache_dtype=kv_cache_dtype)
+    llm = LLM(path, task="embed", **kw)
     got = torch.tensor([o.outputs.embedding for o in llm.embed(prompts)])
     assert calls and max(calls) > 1 and not sdpa_calls  # several spans a call; chunks and hits in the kernel
     llm.engine.runner.attention_backend.prefill = PerSequencePrefill()  # every layer's Attention holds it
     want = torch.tensor([o.outputs.embedding for o in llm.embed(prompts)])
     assert sdpa_calls and F.cosine_similarity(got, want).min() >= 0.999
-    gen = LLM(path, dtype="bfloat16", block_size=8, max_num_batched_tokens=16)
+    gen = LLM(path, **kw)
     outs = gen.generate([sentence(410, 40), SHARED[0], SHARED[1]], greedy(4))
     assert all(len(o.outputs[0].token_ids) == 4 for o in outs) and outs[-1].num_cached_tokens > 0
     assert_pool_free(gen)
