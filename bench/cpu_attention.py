@@ -13,6 +13,11 @@ read rate. --kv-cache-dtype fp8: the pool in float8 with a scale per slot and kv
 gather dequantizing what it copies, the kernel widening each block as it reads it), and the bf16 pool's kernel
 beside them.
 
+Cached context: a step of 16 spans of 100 new tokens, each after 2,600 tokens of its own cached context in a paged
+pool (blocks of 16, scattered; bf16, or float8 with --kv-cache-dtype fp8), as a prefix-cache hit or a long
+prompt's later chunk: the C kernel reading every key in place through its slot (CPUSpanPrefill) against the
+per-span SDPA, which gathers (and dequantizes) each span's context first.
+
     python bench/cpu_attention.py [--spans 32] [--repeats 20] [--kv-cache-dtype fp8]"""
 import argparse
 import random
@@ -25,6 +30,7 @@ from engine import cpu_paged_decode, cpu_span_attention
 from engine.attention import Attention, quantize_kv
 from engine.attention_backends import GatherDecode, PerSequencePrefill
 from engine.context import Context, PrefillSpan
+from engine.cpu_span_attention import CPUSpanPrefill
 
 SHAPES = [  # name, query heads, kv heads, head size, causal
     ("all-MiniLM-L6-v2 / bge-small (encoder)", 12, 12, 32, False),
@@ -35,6 +41,7 @@ SHAPES = [  # name, query heads, kv heads, head size, causal
 
 
 DECODES = [(1, 512), (1, 4096), (32, 512)]  # sequences, context tokens each
+CACHED = (16, 2600, 100)  # spans, cached tokens each, new tokens each
 POOL_BYTES, BLOCK = 512 << 20, 16
 
 
@@ -102,11 +109,45 @@ def decode(repeats: int, fp8: bool) -> None:
             print(row)
 
 
+def cached_context(repeats: int, fp8: bool) -> None:
+    """The cached-context table (module docstring)."""
+    spans, cached, new = CACHED
+    width = -(-(cached + new) // BLOCK)
+    print(f"\n{spans} spans of {new} new tokens, each after {cached:,} cached tokens of its own in a paged pool "
+          f"({'float8 + scales' if fp8 else 'bf16'}, blocks of {BLOCK} scattered), bf16 queries, causal, median of "
+          f"{repeats}\n")
+    print("| shape | SDPA per span, context gathered (baseline) | C span kernel, keys read in place | kernel / baseline "
+          "| max abs diff |")
+    print("|---|---|---|---|---|")
+    for name, heads, kv_heads, dim, causal in SHAPES:
+        if not causal:
+            continue
+        table = torch.randperm(spans * width + 8)[:spans * width].view(spans, width)
+        slots = (table[:, :, None] * BLOCK + torch.arange(BLOCK)).flatten(1)[:, :cached + new]
+        pool = [torch.randn((spans * width + 8) * BLOCK, kv_heads, dim).bfloat16() for _ in range(2)]
+        own = slots[:, cached:].flatten()  # the step's own keys, written to the pool before attention
+        k, v = pool[0][own], pool[1][own]
+        scales = [None, None]
+        if fp8:
+            (pool[0], scales[0]), (pool[1], scales[1]) = quantize_kv(pool[0]), quantize_kv(pool[1])
+        q = torch.randn(spans * new, heads, dim).bfloat16()
+        ctx = Context(causal=True, num_prefill_tokens=spans * new, slot_mapping=own,
+                      prefills=[PrefillSpan(i * new, (i + 1) * new, cached + new, slots[i]) for i in range(spans)])
+        times, outs = [], []
+        for backend in (PerSequencePrefill(), CPUSpanPrefill()):
+            ctx.prefill_meta = backend.prepare(ctx)
+            times.append(median_seconds(lambda: backend(q, k, v, (*pool, *scales), dim ** -0.5, ctx), repeats))
+            outs.append(backend(q, k, v, (*pool, *scales), dim ** -0.5, ctx).float())
+        print(f"| {name.split(' (')[0]} ({heads} / {kv_heads} x {dim}) | {times[0] * 1e3:.2f} ms | "
+              f"{times[1] * 1e3:.2f} ms | {times[0] / times[1]:.2f}x | {(outs[0] - outs[1]).abs().max():.4f} |")
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--spans", type=int, default=32, help="spans a step (default 32, lengths 120-256 tokens)")
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto", help="the decode table's pool")
+    ap.add_argument("--kv-cache-dtype", choices=["auto", "fp8"], default="auto",
+                    help="the pool of the cached-context and decode tables")
     args = ap.parse_args()
     if cpu_span_attention.library() is None:
         print("the AMX span kernel did not build here (no AMX-BF16, or no C compiler): no prefill table")
@@ -138,6 +179,7 @@ def main() -> None:
         flops = sum(4 * n * (n + 1) / 2 if causal else 4 * n * n for n in lengths) * heads * dim
         print(f"| {name} | {heads} / {kv_heads} x {dim} | {'yes' if causal else 'no'} | {baseline * 1e3:.2f} ms | "
               f"{kernel * 1e3:.2f} ms | {baseline / kernel:.2f}x | {flops / kernel / 1e9:.0f} | {diff:.4f} |")
+    cached_context(args.repeats, args.kv_cache_dtype == "fp8")
     decode(args.repeats, args.kv_cache_dtype == "fp8")
 
 
