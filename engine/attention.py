@@ -10,7 +10,7 @@ from torch import nn
 
 from engine.context import get_context
 from engine.opaque_op import opaque_op
-from engine.quantization import quantize_fp8
+from engine.quantization import FP8, quantize_fp8
 
 
 class CacheWrite(NamedTuple):
@@ -45,6 +45,15 @@ def quantize_kv(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 # A layer's pool as the prefill kernels get it: (k_cache, v_cache, k_scale, v_scale), the scales None but for a
 # float8 pool.
 Pool = tuple
+
+
+def in_whole_rows(pool: Pool, dtype: torch.dtype) -> bool:
+    """The pool as the CPU's C kernels read it, by raw pointers: contiguous keys and values in dtype, or float8
+    ones with contiguous float32 scales."""
+    k_cache, v_cache, k_scale, v_scale = pool
+    scales = () if k_scale is None else (k_scale, v_scale)
+    return all(x.is_contiguous() for x in (k_cache, v_cache, *scales)) and \
+        k_cache.dtype == v_cache.dtype == (FP8 if scales else dtype) and all(s.dtype == torch.float32 for s in scales)
 
 
 def read_kv(pool: Pool, slots: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:

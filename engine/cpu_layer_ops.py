@@ -14,9 +14,8 @@ import sys
 
 import torch
 
-from engine.attention import CacheWrite
+from engine.attention import CacheWrite, in_whole_rows
 from engine.c_kernels import BF16, E4M3, F32, I64, INT, PTR, build
-from engine.quantization import FP8
 
 MAX_ROW = sys.maxsize  # rows of any width: add_rms_norm loops over a row, holding none of it
 
@@ -239,24 +238,16 @@ def rotate_qk(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.T
     q_weight, k_weight = (None if w is None else w.to(qkv.dtype).contiguous() for w in (q_weight, k_weight))
     if qkv.stride(2) != 1 or cos.stride() != sin.stride() or cos.stride(2) != 1:
         raise ValueError("rotate_qk takes heads and tables with contiguous dims")
-    if cache is not None and not _writable(cache, qkv.dtype):
+    pool = (cache.k_cache, cache.v_cache, cache.k_scale, cache.v_scale) if cache is not None else (None,) * 4
+    if cache is not None and not in_whole_rows(pool, qkv.dtype):
         raise ValueError("rotate_qk writes whole rows of a contiguous pool in the activations' dtype, or of a float8 "
                          "one with float32 scales")
     slots = cache.slots.to(torch.int64).contiguous() if cache is not None else None
-    pool = (cache.k_cache, cache.v_cache, cache.k_scale, cache.v_scale) if cache is not None else (None,) * 4
     library().rotate_qk(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), _ptr(q_weight), _ptr(k_weight),
                         out.data_ptr(), _ptr(slots), *map(_ptr, pool), t,
                         num_heads, num_qk, dim, qkv.stride(0), qkv.stride(1), cos.stride(0), eps,
                         torch.get_num_threads())
     return out
-
-
-def _writable(cache: CacheWrite, dtype: torch.dtype) -> bool:
-    pools, scales = (cache.k_cache, cache.v_cache), (cache.k_scale, cache.v_scale)
-    if cache.k_scale is None:
-        return all(p.is_contiguous() and p.dtype == dtype for p in pools)
-    return all(p.is_contiguous() and p.dtype == FP8 for p in pools) and \
-        all(s.is_contiguous() and s.dtype == torch.float32 for s in scales)
 
 
 def gated_activation(gate_up: torch.Tensor, gelu: bool) -> torch.Tensor:

@@ -22,7 +22,7 @@ from typing import Optional
 
 import torch
 
-from engine.attention import dequantized_kv, quantize_kv
+from engine.attention import dequantized_kv, in_whole_rows, quantize_kv
 from engine.c_kernels import BF16, E4M3, F32, I64, INT, PTR, build
 from engine.context import Context
 from engine.opaque_op import opaque_op
@@ -404,10 +404,7 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table:
         q = q.contiguous()
     # The C code reads raw memory: indices in the widths it declares, the pool as whole rows.
     table, lens = table.to(torch.int64).contiguous(), lens.to(torch.int32).contiguous()
-    pool_dtype = FP8 if k_scale is not None else q.dtype
-    scales = (k_scale, v_scale) if k_scale is not None else ()
-    if not (all(x.is_contiguous() for x in (k_cache, v_cache, *scales)) and k_cache.dtype == v_cache.dtype == pool_dtype
-            and all(x.dtype == torch.float32 for x in scales)):
+    if not in_whole_rows((k_cache, v_cache, k_scale, v_scale), q.dtype):
         raise ValueError("the paged decode kernel takes contiguous pools in the queries' dtype, or float8 ones with "
                          "float32 scales")
     b, heads, dim = q.shape
