@@ -100,14 +100,27 @@ typedef struct {
     int64_t k_t, v_t, kv_heads;
 } Keys;
 
+/* Row `row`'s kv head g of x (token stride t; float8 where scales) into L2. */
+INLINE void prefetch_head(const void *x, const float *scales, int64_t row, int64_t t, int64_t g, int64_t dim) {
+    const int64_t bytes = scales ? 1 : 2;
+    const char *p = (const char *)x + (row * t + g * dim) * bytes;
+    for (int64_t b = 0; b < dim * bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
+}
+
 /* One span's keys and values of kv head g (klen of them from key kfirst) laid out for the tile products: kt
    [dim/2][padded] key pairs per dimension pair (the B tiles of the scores), vp [padded/2][dim] value pairs per key
-   pair (the B tiles of the outputs); padded = klen rounded up to 32, the keys past klen zeros. */
+   pair (the B tiles of the outputs); padded = klen rounded up to 32, the keys past klen zeros. The rows 32 keys on
+   are prefetched (keys and values): a short span's task reads a few scattered rows each and the hardware's
+   prefetchers never catch up (Qwen3-0.6B's shape, 32 spans of 120-256 tokens: a quarter of the kernel's time). */
 static void lay_out_keys(const Keys *in, int64_t kfirst, int64_t klen, int64_t g, int64_t dim, uint32_t *kt,
                          uint32_t *vp) {
 #define KEY_ROW(j) (in->rows ? in->rows[kfirst + (j)] : kfirst + (j))
     const int64_t padded = (klen + 31) & ~(int64_t)31, pairs = dim / 2;
-    for (int64_t j = 0; j < padded; j += 16)  /* 16 keys' 16 dimension pairs at a time */
+    for (int64_t j = 0; j < padded; j += 16) {  /* 16 keys' 16 dimension pairs at a time */
+        for (int64_t x = j + 32; x < j + 48 && x < klen; x++) {
+            prefetch_head(in->k, in->k_scale, KEY_ROW(x), in->k_t, g, dim);
+            prefetch_head(in->v, in->v_scale, KEY_ROW(x), in->v_t, g, dim);
+        }
         for (int64_t r = 0; r < pairs; r += 16) {
             __m512i block[16];
             for (int64_t x = 0; x < 16; x++)
@@ -117,6 +130,7 @@ static void lay_out_keys(const Keys *in, int64_t kfirst, int64_t klen, int64_t g
             transpose_16x16(block);
             for (int64_t x = 0; x < 16; x++) _mm512_store_si512(kt + (r + x) * padded + j, block[x]);
         }
+    }
     /* Two keys' values interleaved: (a[0], b[0], a[1], b[1], ...) for 16 columns at a time. */
     const __m512i first16 = _mm512_set_epi16(47, 15, 46, 14, 45, 13, 44, 12, 43, 11, 42, 10, 41, 9, 40, 8, 39, 7, 38,
                                              6, 37, 5, 36, 4, 35, 3, 34, 2, 33, 1, 32, 0);
@@ -137,7 +151,7 @@ static void lay_out_keys(const Keys *in, int64_t kfirst, int64_t klen, int64_t g
 /* Query head h's rows i0.. (up to ROWS) of a span (len queries from row `first`, klen keys: its context, its own
    keys last), the keys they see laid out in kt, vp (padded: their count rounded up to 32); causal: query i sees
    keys up to klen - len + i. Scratch: qb [ROWS][dim] the rows' queries, s [ROWS][padded] scores, w [ROWS][padded]
-   bf16 weights, o [ROWS][dim] float32 outputs. */
+   bf16 weights, o [ROWS][dim] float32 outputs. The next rows' queries are prefetched. */
 static void attend_rows(const uint16_t *q, uint16_t *out, int64_t first, int64_t len, int64_t klen, int64_t i0,
                         int64_t h, int64_t heads, int64_t dim, int64_t q_t, float scale, int causal,
                         const uint32_t *kt, const uint32_t *vp, int64_t padded, uint16_t *qb, float *s, uint16_t *w,
@@ -149,6 +163,7 @@ static void attend_rows(const uint16_t *q, uint16_t *out, int64_t first, int64_t
         if (x < rows) memcpy(qb + x * dim, q + (first + i0 + x) * q_t + h * dim, dim * 2);
         else memset(qb + x * dim, 0, dim * 2);
     }
+    for (int64_t x = i0 + ROWS; x < i0 + 2 * ROWS && x < len; x++) prefetch_head(q, NULL, first + x, q_t, h, dim);
     for (int64_t j = 0; j < span; j += 32)  /* scores of keys j to j + 32 */
         products((const char *)qb, 64, dim * 2, (const char *)(kt + j), 64 * padded, padded * 4, dim / 32, s + j,
                  padded * 4, 0);
