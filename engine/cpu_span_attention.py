@@ -101,10 +101,10 @@ typedef struct {
     int64_t k_t, v_t, kv_heads;
 } Keys;
 
-/* Row `row`'s kv head g of x (token stride t; float8 where scales) into L2. */
-INLINE void prefetch_head(const void *x, const float *scales, int64_t row, int64_t t, int64_t g, int64_t dim) {
+/* Head `head` (dim values) of row `row` of x (token stride t; float8 where scales, else bf16) into L2. */
+INLINE void prefetch_head(const void *x, const float *scales, int64_t row, int64_t t, int64_t head, int64_t dim) {
     const int64_t bytes = scales ? 1 : 2;
-    const char *p = (const char *)x + (row * t + g * dim) * bytes;
+    const char *p = (const char *)x + (row * t + head * dim) * bytes;
     for (int64_t b = 0; b < dim * bytes; b += 64) _mm_prefetch(p + b, _MM_HINT_T1);
 }
 
