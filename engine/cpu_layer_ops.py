@@ -65,9 +65,9 @@ INLINE void quantize_e4m3(const uint16_t *x, int64_t dim, uint8_t *dst, float *s
     }
     amax = _mm512_reduce_max_ps(top), nan = nans != 0;
 #endif
-    for (; d < dim; d++) {
-        const float v = bf16_load(x[d]);
-        amax = fmaxf(amax, fabsf(v)), nan |= v != v;
+    for (; d < dim; d++) {  /* not fmaxf: gcc 12's aarch64 vectorizer crashes on that reduction (an ICE) */
+        const float v = bf16_load(x[d]), magnitude = fabsf(v);
+        amax = magnitude > amax ? magnitude : amax, nan |= v != v;  /* a NaN leaves amax (as fmaxf) and sets nan */
     }
     const float s = fmaxf(amax, 1e-12f) / 448.0f;
     *scale = nan ? NAN : s;
