@@ -18,6 +18,11 @@ log = logging.getLogger(__name__)
 FLAGS = ("-O3", "-march=native", "-fopenmp", "-fno-math-errno", "-shared", "-fPIC")
 I64, PTR, F32, INT = ctypes.c_int64, ctypes.c_void_p, ctypes.c_float, ctypes.c_int
 
+
+def pointer(tensor) -> int | None:
+    """A tensor's data as a PTR argument; NULL (None) for no tensor."""
+    return None if tensor is None else tensor.data_ptr()
+
 # Shared by the sources: bf16 words to float32 and back (to nearest even, as torch rounds; NaN stays NaN), and
 # with AVX-512 sixteen at a time to float32, a vector exp, lane masks, 16 vectors' sums at once and a 16 x 16
 # transpose.

@@ -15,7 +15,7 @@ import sys
 import torch
 
 from engine.attention import CacheWrite, in_whole_rows
-from engine.c_kernels import BF16, E4M3, F32, I64, INT, PTR, build
+from engine.c_kernels import BF16, E4M3, F32, I64, INT, PTR, build, pointer
 
 MAX_ROW = sys.maxsize  # rows of any width: add_rms_norm loops over a row, holding none of it
 
@@ -205,10 +205,6 @@ def library() -> ctypes.CDLL | None:
     return build("cpu_layer_ops", _SOURCE, _SIGNATURES)
 
 
-def _ptr(t: torch.Tensor | None) -> int | None:
-    return None if t is None else t.data_ptr()
-
-
 def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
                  plus_one: bool) -> tuple[torch.Tensor, torch.Tensor]:
     """(RMSNorm(x + residual), x + residual) over bf16 rows [tokens, hidden]; without a residual, x is the sum."""
@@ -218,7 +214,7 @@ def add_rms_norm(x: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     if x.stride(1) != 1 or (residual is not None and residual.stride(1) != 1):
         raise ValueError("add_rms_norm takes rows with contiguous columns")
     weight = weight.to(x.dtype).contiguous()  # the C code reads bf16 words
-    library().add_rms_norm(x.data_ptr(), _ptr(residual), weight.data_ptr(), out.data_ptr(),
+    library().add_rms_norm(x.data_ptr(), pointer(residual), weight.data_ptr(), out.data_ptr(),
                            res_out.data_ptr(), rows, n, x.stride(0), residual.stride(0) if residual is not None else 0,
                            out.stride(0), res_out.stride(0), eps, plus_one, torch.get_num_threads())
     return out, res_out
@@ -243,8 +239,8 @@ def rotate_qk(qkv: torch.Tensor, num_heads: int, num_kv_heads: int, cos: torch.T
         raise ValueError("rotate_qk writes whole rows of a contiguous pool in the activations' dtype, or of a float8 "
                          "one with float32 scales")
     slots = cache.slots.to(torch.int64).contiguous() if cache is not None else None
-    library().rotate_qk(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), _ptr(q_weight), _ptr(k_weight),
-                        out.data_ptr(), _ptr(slots), *map(_ptr, pool), t,
+    library().rotate_qk(qkv.data_ptr(), cos.data_ptr(), sin.data_ptr(), pointer(q_weight), pointer(k_weight),
+                        out.data_ptr(), pointer(slots), *map(pointer, pool), t,
                         num_heads, num_qk, dim, qkv.stride(0), qkv.stride(1), cos.stride(0), eps,
                         torch.get_num_threads())
     return out

@@ -18,12 +18,11 @@ import ctypes
 import functools
 import itertools
 import logging
-from typing import Optional
 
 import torch
 
 from engine.attention import dequantized_kv, in_whole_rows, quantize_kv
-from engine.c_kernels import BF16, E4M3, F32, I64, INT, PTR, build
+from engine.c_kernels import BF16, E4M3, F32, I64, INT, PTR, build, pointer
 from engine.context import Context
 from engine.opaque_op import opaque_op
 from engine.quantization import FP8
@@ -385,8 +384,8 @@ def library() -> ctypes.CDLL | None:
     return build("cpu_paged_decode", _SOURCE, tuple((name, _SIGNATURE) for name in _ENTRY.values()))
 
 
-def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: Optional[torch.Tensor],
-                  v_scale: Optional[torch.Tensor], table: torch.Tensor, lens: torch.Tensor, scale: float,
+def _paged_decode(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, k_scale: torch.Tensor | None,
+                  v_scale: torch.Tensor | None, table: torch.Tensor, lens: torch.Tensor, scale: float,
                   block_size: int) -> torch.Tensor:
     """q [batch, heads, dim]; the pool's views [slots, kv_heads, dim] (a float8 pool's scales [slots, kv_heads],
     else None); table [batch, width] int64 blocks; lens [batch] int32 -> [batch, heads, dim]. A task per sequence;
@@ -410,8 +409,7 @@ def launch(q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor, table:
     b, heads, dim = q.shape
     out = q.new_empty(q.shape)
     getattr(library(), _ENTRY[q.dtype])(
-        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), *(x.data_ptr() if x is not None else None
-                                                                for x in (k_scale, v_scale)),
+        q.data_ptr(), k_cache.data_ptr(), v_cache.data_ptr(), pointer(k_scale), pointer(v_scale),
         table.data_ptr(), lens.data_ptr(), out.data_ptr(), b, heads, k_cache.shape[1], dim, block_size, q.stride(0),
         q.stride(1), table.stride(0), scale, splits, threads)
     return out

@@ -18,7 +18,7 @@ import logging
 import torch
 
 from engine.attention import dequantized_kv, quantize_kv
-from engine.c_kernels import AMX, BF16, E4M3, F32, I64, INT, PTR, build
+from engine.c_kernels import AMX, BF16, E4M3, F32, I64, INT, PTR, build, pointer
 from engine.context import Context
 from engine.quantization import FP8
 
@@ -308,8 +308,8 @@ def launch(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, starts: torch.Tens
     heads, dim = q.shape[1:]
     out = q.new_empty(q.shape)
     library().span_attention_bf16(
-        q.data_ptr(), k.data_ptr(), v.data_ptr(), *([x.data_ptr() for x in scales] or [None, None]),
-        key_rows.data_ptr() if key_rows is not None else None, out.data_ptr(), starts.data_ptr(),
+        q.data_ptr(), k.data_ptr(), v.data_ptr(), *map(pointer, scales or (None, None)), pointer(key_rows),
+        out.data_ptr(), starts.data_ptr(),
         key_starts.data_ptr(), starts.shape[0] - 1, heads, k.shape[1], dim, q.stride(0), k.stride(0), v.stride(0),
         scale, causal, threads)
     return out
